@@ -1,0 +1,187 @@
+"""The classify flow: discover new images → cut shards → classify each shard → one Parquet file per shard.
+
+Incremental: images already in the output for this model revision and fingerprint are skipped, so the
+nightly run only classifies what is new or changed. Run it with `oncoflow classify` or
+`python -m flows.classify`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NONE
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.params import ClassifyParams
+from tasks.images import DEFAULT_MAX_PIXELS
+from tasks.inference import EngineOptions, classify_files, progress_listeners
+from tasks.model import DEFAULT_MODEL, LoadedModel, ModelError, load_model
+from tasks.sink import model_slug, read_index, select_new, shard_id, shard_path, write_shard
+from tasks.storage import DiscoveredFile, list_images, open_location
+
+SHARDS_IN_FLIGHT = 2  # shards classified at once: one computes while the other reads, decodes or writes
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry storage and network hiccups; never bad models, bad arguments or bugs."""
+    error = state.data if isinstance(state.data, BaseException) else None
+    return isinstance(error, OSError | TimeoutError | ConnectionError) and not isinstance(error, ModelError)
+
+
+@dataclass
+class ShardManifest:
+    """What a shard task returns: where its rows went and how many of each kind (never the rows)."""
+
+    shard: str
+    path: str
+    rows: int
+    ok: int
+    malignant: int
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient, cache_policy=NONE)
+def discover_new_images(params: ClassifyParams, revision: str) -> tuple[int, list[DiscoveredFile]]:
+    """List the source and drop what the output already holds for this revision."""
+    listed = list(list_images(open_location(params.source)))
+    index = read_index(open_location(params.output), revision)
+    return len(listed), select_new(listed, index)
+
+
+@task(
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_transient,
+    cache_policy=NONE,
+    task_run_name="classify-shard-{number}",
+)
+def classify_shard(
+    number: int, files: list[DiscoveredFile], params: ClassifyParams, run_id: str, day: datetime
+) -> ShardManifest:
+    """Classify one shard and write its rows as one Parquet file, atomically."""
+    model = load_classifier(params)
+    shard = shard_id(files, model.revision)
+    options = EngineOptions(batch_size=params.batch_size, threshold=params.threshold, max_pixels=params.max_pixels)
+    table = classify_files(files, open_location(params.source).fs, model, options, run_id, shard)
+    path = write_shard(open_location(params.output), shard_path(model_slug(params.model, model.revision), day, shard), table)
+    statuses = table.column("status").to_pylist()
+    errors = Counter(e.split(":", 1)[0] for e in table.column("error").to_pylist() if e)
+    return ShardManifest(
+        shard=shard,
+        path=path,
+        rows=table.num_rows,
+        ok=statuses.count("ok"),
+        malignant=table.column("label").to_pylist().count("Malignant"),
+        errors=dict(errors),
+    )
+
+
+def load_classifier(params: ClassifyParams) -> LoadedModel:
+    return load_model(params.model, params.revision, params.device, params.precision)
+
+
+def cut_shards(files: list[DiscoveredFile], size: int) -> list[list[DiscoveredFile]]:
+    """Consecutive runs of `size` files, in discovery order (deterministic)."""
+    return [files[start : start + size] for start in range(0, len(files), size)]
+
+
+def run_shards(shards: list[list[DiscoveredFile]], params: ClassifyParams, run_id: str) -> list[ShardManifest]:
+    """Submit shards with a bounded window, so pending work never grows with the archive."""
+    day = datetime.now(UTC)
+    manifests: list[ShardManifest] = []
+    pending: deque[PrefectFuture[ShardManifest]] = deque()
+    for number, files in enumerate(shards):
+        pending.append(classify_shard.submit(number, files, params, run_id, day))
+        if len(pending) >= SHARDS_IN_FLIGHT * 2:
+            manifests.append(pending.popleft().result())
+    manifests.extend(future.result() for future in pending)
+    return manifests
+
+
+def summarize(found: int, new: int, manifests: list[ShardManifest], seconds: float) -> dict[str, Any]:
+    classified = sum(m.rows for m in manifests)
+    ok = sum(m.ok for m in manifests)
+    malignant = sum(m.malignant for m in manifests)
+    errors: Counter[str] = Counter()
+    for manifest in manifests:
+        errors.update(manifest.errors)
+    return {
+        "images_found": found,
+        "images_new": new,
+        "images_classified": classified,
+        "ok": ok,
+        "errors": sum(errors.values()),
+        "errors_by_category": dict(sorted(errors.items())),
+        "malignant": malignant,
+        "malignant_share": round(malignant / ok, 4) if ok else 0.0,
+        "images_per_second": round(classified / seconds, 2) if seconds > 0 and classified else 0.0,
+        "seconds": round(seconds, 2),
+        "output_files": [m.path for m in manifests],
+    }
+
+
+def publish_summary(summary: dict[str, Any], params: ClassifyParams, model: LoadedModel) -> None:
+    """A table artifact in the Prefect UI (research use only, not a diagnosis)."""
+    rows = [
+        {"metric": key, "value": str(value)}
+        for key, value in summary.items()
+        if key not in {"output_files", "errors_by_category"}
+    ]
+    rows += [{"metric": f"errors: {k}", "value": str(v)} for k, v in summary["errors_by_category"].items()]
+    rows += [
+        {"metric": "output_files_written", "value": str(len(summary["output_files"]))},
+        {"metric": "model", "value": f"{params.model} @ {model.revision} ({model.precision}, {model.device})"},
+        {"metric": "output", "value": params.output},
+    ]
+    create_table_artifact(
+        rows,
+        key="classify-summary",
+        description="oncoflow classify run. Research use only, not a diagnosis: see the model card's error rates.",
+    )
+
+
+@flow(name="classify", task_runner=ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT), log_prints=True)
+def classify(
+    source: str,
+    output: str,
+    model: str = DEFAULT_MODEL,
+    revision: str | None = None,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+    batch_size: int = 32,
+    threshold: float = 0.5,
+    shard_size: int = 1000,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict[str, Any]:
+    """Classify every new or changed image under SOURCE into the Parquet dataset at OUTPUT."""
+    params = ClassifyParams(**{k: v for k, v in locals().items()})
+    started = time.perf_counter()
+    loaded = load_classifier(params)
+    found, new_files = discover_new_images(params, loaded.revision)
+    for listener in progress_listeners:
+        listener("total", len(new_files))
+    run_id = str(flow_run.get_id() or uuid.uuid4())
+    manifests = run_shards(cut_shards(new_files, params.shard_size), params, run_id)
+    summary = summarize(found, len(new_files), manifests, time.perf_counter() - started)
+    summary.update(run_id=run_id, model=params.model, model_revision=loaded.revision)
+    publish_summary(summary, params, loaded)
+    print(
+        f"classified {summary['images_classified']} of {found} images ({summary['errors']} errors, "
+        f"{summary['malignant']} Malignant) at {summary['images_per_second']} img/s"
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    from flows.cli import classify_command_app
+
+    classify_command_app()

@@ -1,0 +1,148 @@
+"""The `oncoflow` command line: thin wrappers that validate arguments, then run the flows.
+
+Research use only: oncoflow's labels are model outputs, not diagnoses.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from flows.params import ClassifyParams, describe_validation_error
+from tasks.images import DEFAULT_MAX_PIXELS
+from tasks.inference import progress_listeners
+from tasks.model import DEFAULT_MODEL, ModelError
+
+app = typer.Typer(
+    help="Batch classification of medical images (Normal / Malignant) with a ViT, as Prefect flows. "
+    "For research, not diagnosis.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+EXPECTED_ERRORS = (ModelError, FileNotFoundError, PermissionError, NotADirectoryError, ValueError)
+
+
+def fail(message: str, code: int = 1) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def validated(factory: Callable[..., Any], **values: Any) -> Any:
+    """Build a parameter object, turning validation problems into one clear message and exit code 2."""
+    try:
+        return factory(**values)
+    except ValidationError as exc:
+        fail(describe_validation_error(exc), code=2)
+
+
+@contextmanager
+def progress_bar() -> Iterator[None]:
+    """A progress bar on a terminal; nothing when output is redirected (logs stay clean)."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    with Progress(
+        TextColumn("classifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+    ) as progress:
+        bar = progress.add_task("classify", total=None)
+
+        def listen(event: str, count: int) -> None:
+            if event == "total":
+                progress.update(bar, total=count)
+            else:
+                progress.advance(bar, count)
+
+        progress_listeners.append(listen)
+        try:
+            yield
+        finally:
+            progress_listeners.remove(listen)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    table = Table(title="oncoflow run summary (research use only, not a diagnosis)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in (
+        "images_found",
+        "images_new",
+        "images_classified",
+        "ok",
+        "errors",
+        "malignant",
+        "malignant_share",
+        "images_per_second",
+        "seconds",
+    ):
+        table.add_row(key, str(summary.get(key)))
+    for category, count in summary.get("errors_by_category", {}).items():
+        table.add_row(f"errors: {category}", str(count))
+    table.add_row("output_files", str(len(summary.get("output_files", []))))
+    table.add_row("model_revision", str(summary.get("model_revision")))
+    table.add_row("run_id", str(summary.get("run_id")))
+    Console().print(table)
+
+
+Source = Annotated[str, typer.Argument(help="Folder, file:// URI or s3://bucket/prefix holding the images.")]
+Output = Annotated[
+    str, typer.Option("--output", "-o", help="Output dataset: a folder or s3:// prefix (Hive-partitioned Parquet).")
+]
+ModelOption = Annotated[
+    str, typer.Option(help="Hugging Face Hub id, or a local folder saved with save_pretrained (safetensors).")
+]
+RevisionOption = Annotated[
+    str | None, typer.Option(help="Hub branch, tag or commit to pin (hub models only). Default: main.")
+]
+DeviceOption = Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")]
+PrecisionOption = Annotated[
+    str, typer.Option(help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16 (GPU only).")
+]
+BatchOption = Annotated[int, typer.Option(help="Images per forward pass (GPU: 256 and more).")]
+ThresholdOption = Annotated[
+    float,
+    typer.Option(help="Decision threshold on prob_malignant: label is Malignant iff prob >= threshold."),
+]
+ShardOption = Annotated[int, typer.Option(help="Images per task and per output Parquet file.")]
+MaxPixelsOption = Annotated[
+    int, typer.Option(help="Images with more pixels become `too_large` error rows (decompression bombs).")
+]
+
+
+def classify_command(
+    source: Source,
+    output: Output,
+    model: ModelOption = DEFAULT_MODEL,
+    revision: RevisionOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    batch_size: BatchOption = 32,
+    threshold: ThresholdOption = 0.5,
+    shard_size: ShardOption = 1000,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+) -> None:
+    """Classify new or changed images under SOURCE; append one Parquet row per image to OUTPUT."""
+    params = validated(ClassifyParams, **{k: v for k, v in locals().items()})
+    from flows.classify import classify
+
+    try:
+        with progress_bar():
+            summary = classify(**params.model_dump())
+    except EXPECTED_ERRORS as exc:
+        fail(str(exc))
+    print_summary(summary)
+
+
+app.command("classify")(classify_command)
+
+classify_command_app = typer.Typer(add_completion=False)
+classify_command_app.command()(classify_command)

@@ -1,0 +1,105 @@
+"""`make demo`: an offline end-to-end run on synthetic images and a small local model.
+
+The demo model is NOT a medical model: it is a tiny ViT built here, and it knows nothing about
+pathology. It exists so the whole pipeline runs without network. For real use, pass
+`--model Shivamnegi92/cancer-classification-vit` (or a local copy of it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+
+import numpy as np
+from PIL import Image
+
+from tasks.model import POSITIVE_LABEL
+
+CLASSES = ("Normal", POSITIVE_LABEL)
+
+
+def write_sample_images(folder: str, count: int, seed: int = 0, size: tuple[int, int] = (320, 240)) -> list[str]:
+    """Synthetic "scans": Normal = smooth pink tissue-like noise, Malignant = the same with dark dense blobs.
+
+    The classes are visibly different so a model trained on them (issue: train) learns an obvious signal.
+    Files go to folder/<class>/<class>_<n>.<ext>, with a mix of JPEG and PNG.
+    """
+    rng = np.random.default_rng(seed)
+    width, height = size
+    paths = []
+    for n in range(count):
+        label = CLASSES[n % 2]
+        base = np.stack(
+            [np.full((height, width), 225), np.full((height, width), 180), np.full((height, width), 200)], axis=-1
+        ).astype(np.float32)
+        base += rng.normal(0, 12, size=(height, width, 3))
+        if label == POSITIVE_LABEL:
+            yy, xx = np.mgrid[0:height, 0:width]
+            for _ in range(int(rng.integers(4, 9))):
+                cy, cx = rng.integers(0, height), rng.integers(0, width)
+                radius = rng.integers(min(size) // 10, min(size) // 5)
+                blob = (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2
+                base[blob] = [90, 30, 110] + rng.normal(0, 10, size=(int(blob.sum()), 3))
+        pixels = np.clip(base, 0, 255).astype(np.uint8)
+        extension = "jpg" if n % 3 else "png"
+        path = os.path.join(folder, label, f"{label.lower()}_{n:04d}.{extension}")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+def build_tiny_model(folder: str, seed: int = 0, image_size: int = 224) -> str:
+    """A tiny ViT (hidden 32, 2 layers) with Normal/Malignant labels and a ViT image processor, saved as
+    safetensors with `save_pretrained`. Random weights unless trained afterwards."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=image_size,
+        patch_size=16,
+        num_labels=2,
+        id2label=dict(enumerate(CLASSES)),
+        label2id={name: i for i, name in enumerate(CLASSES)},
+    )
+    ViTForImageClassification(config).save_pretrained(folder, safe_serialization=True)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default="demo-output", help="where the demo writes everything")
+    parser.add_argument("--images", type=int, default=60, help="how many synthetic images to make")
+    args = parser.parse_args()
+
+    workdir = os.path.abspath(args.workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
+    images, model_dir, output = (os.path.join(workdir, name) for name in ("images", "model", "predictions"))
+    write_sample_images(images, args.images)
+    build_tiny_model(model_dir)
+    print(f"made {args.images} synthetic images in {images} and a tiny demo model in {model_dir}")
+    print("NOTE: the demo model is not a medical model; its labels mean nothing. Research use only.")
+
+    from flows.classify import classify
+
+    summary = classify(images, output, model=model_dir, device="cpu")
+    again = classify(images, output, model=model_dir, device="cpu")
+    print(f"\nfirst run classified {summary['images_classified']} images; a second run classified "
+          f"{again['images_classified']} (incremental: nothing new)")
+    print(f"Parquet dataset: {output}")
+    print("Query it with DuckDB:")
+    print(
+        f"  python -c \"import duckdb; duckdb.sql(\\\"select label, count(*) n, avg(confidence) conf from "
+        f"read_parquet('{output}/**/*.parquet', hive_partitioning=true) group by label\\\").show()\""
+    )
+
+
+if __name__ == "__main__":
+    main()

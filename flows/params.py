@@ -1,0 +1,62 @@
+"""Validated parameters shared by the CLI and the flows: bad input fails here, before any work starts."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.images import DEFAULT_MAX_PIXELS
+from tasks.model import DEFAULT_MODEL
+
+
+def _normalized(location: str) -> str:
+    """Comparable form of a location: absolute local path, or the URI without a trailing slash."""
+    if "://" not in location:
+        return os.path.abspath(os.path.expanduser(location)).rstrip("/") + "/"
+    if location.startswith("file://"):
+        return os.path.abspath(location[len("file://") :]).rstrip("/") + "/"
+    return location.rstrip("/") + "/"
+
+
+class ClassifyParams(BaseModel):
+    """Everything one classify (or reprocess) run needs to know."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1, description="Folder, file:// URI or s3://bucket/prefix to classify")
+    output: str = Field(min_length=1, description="Output dataset folder or s3:// prefix (Hive Parquet)")
+    model: str = Field(DEFAULT_MODEL, min_length=1, description="Hub id or local save_pretrained folder")
+    revision: str | None = Field(None, description="Hub branch, tag or commit (hub models only)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    batch_size: int = Field(32, ge=1, le=4096, description="Images per forward pass")
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="Malignant iff prob_malignant >= threshold")
+    shard_size: int = Field(1000, ge=1, le=100_000, description="Images per task and per output file")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger images become too_large rows")
+
+    @model_validator(mode="after")
+    def _check_locations(self) -> ClassifyParams:
+        source, output = _normalized(self.source), _normalized(self.output)
+        if output.startswith(source) or source.startswith(output):
+            raise ValueError(
+                f"output {self.output!r} and source {self.source!r} overlap; "
+                "choose an output folder outside the source"
+            )
+        if "://" not in self.source or self.source.startswith("file://"):
+            local = source.rstrip("/") or "/"
+            if not os.path.isdir(local):
+                raise ValueError(f"source {self.source!r} is not an existing folder; check the path")
+        return self
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem, naming the CLI option (`--batch-size`) rather than the field."""
+    lines = []
+    for problem in error.errors():
+        field = ".".join(str(part) for part in problem["loc"])
+        where = f"--{field.replace('_', '-')}: " if field else ""
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"invalid {where}{message}")
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""The batched engine: read → decode + preprocess in a bounded worker pool → batched forward → rows.
+
+Reading and decoding run in threads (PIL and storage I/O release the GIL) at most a few batches ahead
+of the model, so memory stays flat however many files a shard holds, and the model never waits for
+the next batch while the pool keeps up. Every file becomes exactly one row: `ok`, or `error` with
+`<category>: <message>`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import torch
+
+from tasks.images import DEFAULT_MAX_PIXELS, ImageError, Preprocessor, decode_image, make_preprocessor
+from tasks.model import LoadedModel
+from tasks.sink import SCHEMA
+from tasks.storage import DiscoveredFile, read_bytes
+
+# Called as listener("total", n) once the work is known and listener("advance", n) after each batch;
+# the CLI's progress bar listens here.
+progress_listeners: list[Callable[[str, int], None]] = []
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    batch_size: int = 32  # CPU: larger batches gain nothing; GPU callers raise it (see bench/README.md)
+    threshold: float = 0.5  # label is Malignant iff prob_malignant >= threshold; 0.5 is the argmax
+    decode_workers: int = field(default_factory=lambda: min(16, os.cpu_count() or 1))
+    prefetch_batches: int = 2  # decoded batches allowed to wait for the model
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class Prepared:
+    """One file after reading and preprocessing: pixels, or the reason there are none."""
+
+    file: DiscoveredFile
+    pixels: np.ndarray | None = None
+    error: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+def prepare(
+    file: DiscoveredFile,
+    fs: fsspec.AbstractFileSystem,
+    preprocess: Callable[..., np.ndarray],
+    max_pixels: int,
+) -> Prepared:
+    """Read, decode and preprocess one file; failures become a Prepared with an error, never raise."""
+    try:
+        data = read_bytes(fs, file.path)
+    except FileNotFoundError as exc:
+        return Prepared(file, error=f"missing: the file vanished after listing ({exc})")
+    except OSError as exc:
+        return Prepared(file, error=f"read_failed: {type(exc).__name__}: {exc}")
+    try:
+        image = decode_image(data, max_pixels)
+        return Prepared(file, preprocess(image), width=image.width, height=image.height)
+    except ImageError as exc:
+        return Prepared(file, error=str(exc))
+    except Exception as exc:  # a decoder bug on one hostile file must not kill the shard
+        return Prepared(file, error=f"unsupported: {type(exc).__name__}: {exc}")
+
+
+def prepared_stream(
+    files: Sequence[DiscoveredFile],
+    fs: fsspec.AbstractFileSystem,
+    preprocess: Preprocessor | Callable[..., np.ndarray],
+    options: EngineOptions,
+) -> Iterator[Prepared]:
+    """Prepared files in input order, with at most a bounded number in flight."""
+    window = options.batch_size * (options.prefetch_batches + 1)
+    with ThreadPoolExecutor(options.decode_workers, thread_name_prefix="oncoflow-decode") as pool:
+        pending: deque[Future[Prepared]] = deque()
+        remaining = iter(files)
+        for file in remaining:
+            pending.append(pool.submit(prepare, file, fs, preprocess, options.max_pixels))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+@torch.inference_mode()
+def predict(model: LoadedModel, pixels: np.ndarray) -> np.ndarray:
+    """Class probabilities (n, num_labels) as float64, softmax computed in fp32."""
+    inputs = torch.from_numpy(pixels)
+    if model.device.type == "cuda":
+        inputs = inputs.pin_memory()
+    inputs = inputs.to(model.device, dtype=model.dtype, non_blocking=True)
+    logits = model.network(pixel_values=inputs).logits
+    return torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float64)
+
+
+def decide(probabilities: np.ndarray, positive_id: int, threshold: float) -> np.ndarray:
+    """Class ids: the positive class iff its probability >= threshold, else the likeliest other class."""
+    others = probabilities.copy()
+    others[:, positive_id] = -1.0
+    return np.where(probabilities[:, positive_id] >= threshold, positive_id, others.argmax(axis=1))
+
+
+class RowBuilder:
+    """Accumulates a shard's rows column by column."""
+
+    def __init__(self, model: LoadedModel, threshold: float, run_id: str, shard: str) -> None:
+        self.model, self.threshold, self.run_id, self.shard = model, threshold, run_id, shard
+        self.columns: dict[str, list[object]] = {name: [] for name in SCHEMA.names}
+
+    def add(self, item: Prepared, probabilities: np.ndarray | None, class_id: int | None) -> None:
+        ok = probabilities is not None and class_id is not None
+        values: dict[str, object] = {
+            "image_uri": item.file.uri,
+            "fingerprint": item.file.fingerprint,
+            "label": self.model.id2label[class_id] if ok else None,
+            "label_id": class_id if ok else None,
+            "confidence": float(probabilities[class_id]) if ok else None,  # type: ignore[index]
+            "prob_malignant": float(probabilities[self.model.positive_id]) if ok else None,  # type: ignore[index]
+            "threshold": self.threshold,
+            "model": self.model.name,
+            "model_revision": self.model.revision,
+            "run_id": self.run_id,
+            "processed_at": datetime.now(UTC),
+            "status": "ok" if ok else "error",
+            "error": None if ok else item.error,
+            "shard_id": self.shard,
+            "precision": self.model.precision,
+            "image_width": item.width,
+            "image_height": item.height,
+        }
+        for name, value in values.items():
+            self.columns[name].append(value)
+
+    def table(self) -> pa.Table:
+        return pa.table(self.columns, schema=SCHEMA)
+
+
+def classify_files(
+    files: Sequence[DiscoveredFile],
+    fs: fsspec.AbstractFileSystem,
+    model: LoadedModel,
+    options: EngineOptions,
+    run_id: str,
+    shard: str,
+) -> pa.Table:
+    """Classify files in batches; one row per file, in input order."""
+    preprocess = make_preprocessor(model.processor_config, model.directory)
+    rows = RowBuilder(model, options.threshold, run_id, shard)
+    batch: list[Prepared] = []
+
+    def flush() -> None:
+        decodable = [item for item in batch if item.pixels is not None]
+        probabilities = predict(model, np.stack([i.pixels for i in decodable])) if decodable else None  # type: ignore[misc]
+        class_ids = decide(probabilities, model.positive_id, options.threshold) if decodable else None
+        position = 0
+        for item in batch:
+            if item.pixels is None:
+                rows.add(item, None, None)
+                continue
+            rows.add(item, probabilities[position], int(class_ids[position]))  # type: ignore[index]
+            position += 1
+        for listener in progress_listeners:
+            listener("advance", len(batch))
+        batch.clear()
+
+    for item in prepared_stream(files, fs, preprocess, options):
+        batch.append(item)
+        if len(batch) >= options.batch_size:
+            flush()
+    if batch:
+        flush()
+    return rows.table()

@@ -1,0 +1,173 @@
+"""Load the classifier once per process: resolve hub id or local folder, device, precision, revision.
+
+Security: weights load from safetensors only (`use_safetensors=True`), never with
+`trust_remote_code`, never through `torch.load` of a pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+DEFAULT_MODEL = "Shivamnegi92/cancer-classification-vit"
+POSITIVE_LABEL = "Malignant"
+
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelError(Exception):
+    """The model cannot be used as given; the message says why and how to fix it. Never retried."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A ready-to-run classifier and the facts every output row records about it."""
+
+    name: str
+    revision: str
+    directory: str
+    network: torch.nn.Module
+    id2label: dict[int, str]
+    positive_id: int
+    processor_config: dict[str, Any]
+    device: torch.device
+    precision: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.precision]
+
+
+def resolve_device(device: Device) -> torch.device:
+    """`auto` picks CUDA when available; asking for `cuda` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was requested but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(device)
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> str:
+    """`auto`: bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU (see bench/README.md)."""
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise ModelError("--precision fp16 is not supported on CPU; use fp32 or bf16")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def weights_revision(directory: str) -> str:
+    """A stable identity for a local model: sha256 over its safetensors files and config."""
+    digest = hashlib.sha256()
+    names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors") or n == "config.json")
+    for name in names:
+        digest.update(name.encode())
+        with open(os.path.join(directory, name), "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def fetch_model(name: str, revision: str | None) -> tuple[str, str]:
+    """Return (local directory, revision) for a local folder or a Hugging Face Hub id."""
+    if os.path.isdir(os.path.expanduser(name)):
+        directory = os.path.abspath(os.path.expanduser(name))
+        if revision:
+            raise ModelError(f"--revision applies to hub models only; {name!r} is a local folder")
+        if not any(n.endswith(".safetensors") for n in os.listdir(directory)):
+            raise ModelError(
+                f"model folder {directory!r} has no .safetensors weights; oncoflow never loads pickled "
+                "weights. Re-save it with `model.save_pretrained(folder, safe_serialization=True)`"
+            )
+        return directory, weights_revision(directory)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelError(
+            f"model {name!r} is neither an existing folder nor a hub id of the form 'org/name'; check the path"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        directory = snapshot_download(
+            name,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.md"],
+        )
+    except Exception as exc:
+        raise ModelError(
+            f"cannot fetch model {name!r} from the Hugging Face Hub ({type(exc).__name__}): no network, "
+            "HF_HUB_OFFLINE=1, or a wrong id/revision. Without network, pass a local folder saved with "
+            "`save_pretrained` (--model /path/to/model), or download it elsewhere with "
+            f"`huggingface-cli download {name}` and copy the cache (HF_HOME)."
+        ) from exc
+    return directory, os.path.basename(directory.rstrip("/"))
+
+
+def positive_class(id2label: dict[int, str], name: str) -> int:
+    """The class id whose label is `Malignant` (case-insensitive)."""
+    for class_id, label in id2label.items():
+        if label.lower() == POSITIVE_LABEL.lower():
+            return class_id
+    raise ModelError(
+        f"model {name!r} has labels {sorted(id2label.values())}, none of them {POSITIVE_LABEL!r}; set "
+        "config.id2label to {0: 'Normal', 1: 'Malignant'} when saving it"
+    )
+
+
+_cache: dict[tuple[str, str | None, str, str], LoadedModel] = {}
+_cache_lock = threading.Lock()
+
+
+def load_model(
+    name: str, revision: str | None = None, device: Device = "auto", precision: Precision = "auto"
+) -> LoadedModel:
+    """Load (once per process) an image classifier ready for inference."""
+    key = (name, revision, device, precision)
+    with _cache_lock:
+        if key not in _cache:
+            _cache[key] = _load(name, revision, device, precision)
+        return _cache[key]
+
+
+def _load(name: str, revision: str | None, device: Device, precision: Precision) -> LoadedModel:
+    from transformers import AutoModelForImageClassification
+
+    torch_device = resolve_device(device)
+    chosen_precision = resolve_precision(precision, torch_device)
+    directory, resolved_revision = fetch_model(name, revision)
+    processor_path = os.path.join(directory, "preprocessor_config.json")
+    if not os.path.exists(processor_path):
+        raise ModelError(
+            f"model {name!r} has no preprocessor_config.json; save the image processor beside the weights "
+            "(`AutoImageProcessor.from_pretrained(base).save_pretrained(folder)`)"
+        )
+    with open(processor_path) as handle:
+        processor_config = json.load(handle)
+    try:
+        network = AutoModelForImageClassification.from_pretrained(
+            directory, use_safetensors=True, trust_remote_code=False
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model {name!r} from {directory!r}: {exc}") from exc
+    network = network.to(device=torch_device, dtype=DTYPES[chosen_precision]).eval()
+    id2label = {int(k): str(v) for k, v in network.config.id2label.items()}
+    return LoadedModel(
+        name=name,
+        revision=resolved_revision,
+        directory=directory,
+        network=network,
+        id2label=id2label,
+        positive_id=positive_class(id2label, name),
+        processor_config=processor_config,
+        device=torch_device,
+        precision=chosen_precision,
+    )

@@ -1,0 +1,115 @@
+"""The output dataset: the row schema (DESIGN.md's contract), shard paths, atomic Parquet writes and the
+incremental index of what DEST already holds.
+
+Layout: DEST/model_slug=<model>-<revision>/date=<YYYY-MM-DD>/part-<shard id>.parquet. The partition key
+is `model_slug`, not `model`, because a Hive partition named like a file column silently replaces that
+column's values in pyarrow and DuckDB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from tasks.storage import DiscoveredFile, Location, write_atomic
+
+SCHEMA_VERSION = "1"
+
+SCHEMA = pa.schema(
+    [
+        ("image_uri", pa.string()),
+        ("fingerprint", pa.string()),
+        ("label", pa.string()),
+        ("label_id", pa.int32()),
+        ("confidence", pa.float64()),
+        ("prob_malignant", pa.float64()),
+        ("threshold", pa.float64()),
+        ("model", pa.string()),
+        ("model_revision", pa.string()),
+        ("run_id", pa.string()),
+        ("processed_at", pa.timestamp("us", tz="UTC")),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        # Beyond the contract: where the row came from and how it was computed.
+        ("shard_id", pa.string()),
+        ("precision", pa.string()),
+        ("image_width", pa.int32()),
+        ("image_height", pa.int32()),
+    ],
+    metadata={"oncoflow.schema_version": SCHEMA_VERSION},
+)
+
+INDEX_COLUMNS = ["image_uri", "fingerprint"]
+
+
+def model_slug(model: str, revision: str) -> str:
+    """A filesystem-safe partition value naming the model and its revision."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", model.rstrip("/").rsplit("/", 1)[-1]).strip("-.") or "model"
+    short = re.sub(r"[^A-Za-z0-9]+", "", revision.split(":")[-1])[:12]
+    return f"{name}-{short}"
+
+
+def shard_id(files: Sequence[DiscoveredFile], revision: str) -> str:
+    """Identity of a shard: its files, their versions and the model revision, nothing else.
+
+    A retried or re-run shard therefore overwrites its own file instead of adding a second one.
+    """
+    digest = hashlib.sha256(revision.encode())
+    for file in files:
+        digest.update(f"\n{file.uri}\t{file.fingerprint}".encode())
+    return digest.hexdigest()[:20]
+
+
+def shard_path(slug: str, day: datetime, shard: str) -> str:
+    return f"model_slug={slug}/date={day:%Y-%m-%d}/part-{shard}.parquet"
+
+
+def write_shard(destination: Location, relative_path: str, table: pa.Table) -> str:
+    """Write one shard's rows as one Parquet file, atomically; return its full path."""
+    buffer = io.BytesIO()
+    pq.write_table(table.cast(SCHEMA), buffer, compression="zstd")
+    return write_atomic(destination, relative_path, buffer.getvalue())
+
+
+def read_index(destination: Location, revision: str) -> pa.Table:
+    """(image_uri, fingerprint) of every row DEST already holds for this model revision."""
+    empty = pa.table({name: pa.array([], pa.string()) for name in INDEX_COLUMNS})
+    fs = destination.fs
+    if not fs.exists(destination.path):
+        return empty
+    dataset = ds.dataset(
+        destination.path,
+        filesystem=fs,
+        format="parquet",
+        partitioning="hive",
+        exclude_invalid_files=False,
+    )
+    if not dataset.files:
+        return empty
+    table = dataset.to_table(columns=INDEX_COLUMNS, filter=pc.field("model_revision") == revision)
+    return table.cast(empty.schema)
+
+
+def select_new(files: Iterable[DiscoveredFile], index: pa.Table) -> list[DiscoveredFile]:
+    """The files whose (uri, fingerprint) pair is not in the index yet, in their original order."""
+    files = list(files)
+    if not files or index.num_rows == 0:
+        return files
+    listed = pa.table(
+        {
+            "image_uri": [f.uri for f in files],
+            "fingerprint": [f.fingerprint for f in files],
+            "position": pa.array(range(len(files)), pa.int64()),
+        }
+    )
+    fresh = listed.join(index, keys=INDEX_COLUMNS, join_type="left anti")
+    positions = sorted(fresh.column("position").to_pylist())
+    return [files[i] for i in positions]

@@ -70,9 +70,13 @@ def classify_shard(
     """Classify one shard and write its rows as one Parquet file, atomically."""
     model = load_classifier(params)
     shard = shard_id(files, model.revision)
-    options = EngineOptions(batch_size=params.batch_size, threshold=params.threshold, max_pixels=params.max_pixels)
+    options = EngineOptions(
+        batch_size=params.batch_size, threshold=params.threshold, max_pixels=params.max_pixels
+    )
     table = classify_files(files, open_location(params.source).fs, model, options, run_id, shard)
-    path = write_shard(open_location(params.output), shard_path(model_slug(params.model, model.revision), day, shard), table)
+    path = write_shard(
+        open_location(params.output), shard_path(model_slug(params.model, model.revision), day, shard), table
+    )
     statuses = table.column("status").to_pylist()
     errors = Counter(e.split(":", 1)[0] for e in table.column("error").to_pylist() if e)
     return ShardManifest(
@@ -94,7 +98,9 @@ def cut_shards(files: list[DiscoveredFile], size: int) -> list[list[DiscoveredFi
     return [files[start : start + size] for start in range(0, len(files), size)]
 
 
-def run_shards(shards: list[list[DiscoveredFile]], params: ClassifyParams, run_id: str) -> list[ShardManifest]:
+def run_shards(
+    shards: list[list[DiscoveredFile]], params: ClassifyParams, run_id: str
+) -> list[ShardManifest]:
     """Submit shards with a bounded window, so pending work never grows with the archive."""
     day = datetime.now(UTC)
     manifests: list[ShardManifest] = []
@@ -139,7 +145,10 @@ def publish_summary(summary: dict[str, Any], params: ClassifyParams, model: Load
     rows += [{"metric": f"errors: {k}", "value": str(v)} for k, v in summary["errors_by_category"].items()]
     rows += [
         {"metric": "output_files_written", "value": str(len(summary["output_files"]))},
-        {"metric": "model", "value": f"{params.model} @ {model.revision} ({model.precision}, {model.device})"},
+        {
+            "metric": "model",
+            "value": f"{params.model} @ {model.revision} ({model.precision}, {model.device})",
+        },
         {"metric": "output", "value": params.output},
     ]
     create_table_artifact(

@@ -29,6 +29,12 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+
+@app.callback()
+def main() -> None:
+    """oncoflow: classify medical images in bulk. Research use only, not a diagnosis."""
+
+
 EXPECTED_ERRORS = (ModelError, FileNotFoundError, PermissionError, NotADirectoryError, ValueError)
 
 
@@ -95,7 +101,10 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 Source = Annotated[str, typer.Argument(help="Folder, file:// URI or s3://bucket/prefix holding the images.")]
 Output = Annotated[
-    str, typer.Option("--output", "-o", help="Output dataset: a folder or s3:// prefix (Hive-partitioned Parquet).")
+    str,
+    typer.Option(
+        "--output", "-o", help="Output dataset: a folder or s3:// prefix (Hive-partitioned Parquet)."
+    ),
 ]
 ModelOption = Annotated[
     str, typer.Option(help="Hugging Face Hub id, or a local folder saved with save_pretrained (safetensors).")

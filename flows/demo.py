@@ -19,7 +19,9 @@ from tasks.model import POSITIVE_LABEL
 CLASSES = ("Normal", POSITIVE_LABEL)
 
 
-def write_sample_images(folder: str, count: int, seed: int = 0, size: tuple[int, int] = (320, 240)) -> list[str]:
+def write_sample_images(
+    folder: str, count: int, seed: int = 0, size: tuple[int, int] = (320, 240)
+) -> list[str]:
     """Synthetic "scans": Normal = smooth pink tissue-like noise, Malignant = the same with dark dense blobs.
 
     The classes are visibly different so a model trained on them (issue: train) learns an obvious signal.
@@ -31,7 +33,8 @@ def write_sample_images(folder: str, count: int, seed: int = 0, size: tuple[int,
     for n in range(count):
         label = CLASSES[n % 2]
         base = np.stack(
-            [np.full((height, width), 225), np.full((height, width), 180), np.full((height, width), 200)], axis=-1
+            [np.full((height, width), 225), np.full((height, width), 180), np.full((height, width), 200)],
+            axis=-1,
         ).astype(np.float32)
         base += rng.normal(0, 12, size=(height, width, 3))
         if label == POSITIVE_LABEL:
@@ -91,12 +94,14 @@ def main() -> None:
 
     summary = classify(images, output, model=model_dir, device="cpu")
     again = classify(images, output, model=model_dir, device="cpu")
-    print(f"\nfirst run classified {summary['images_classified']} images; a second run classified "
-          f"{again['images_classified']} (incremental: nothing new)")
+    print(
+        f"\nfirst run classified {summary['images_classified']} images; a second run classified "
+        f"{again['images_classified']} (incremental: nothing new)"
+    )
     print(f"Parquet dataset: {output}")
     print("Query it with DuckDB:")
     print(
-        f"  python -c \"import duckdb; duckdb.sql(\\\"select label, count(*) n, avg(confidence) conf from "
+        f'  python -c "import duckdb; duckdb.sql(\\"select label, count(*) n, avg(confidence) conf from '
         f"read_parquet('{output}/**/*.parquet', hive_partitioning=true) group by label\\\").show()\""
     )
 

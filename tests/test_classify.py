@@ -1,0 +1,145 @@
+"""The classify flow end to end on local folders: rows, schema, readers, incremental runs, artifacts."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+
+from flows.classify import classify
+from tasks.sink import SCHEMA
+from tests.conftest import make_image
+
+CONTRACT = {
+    "image_uri": pa.string(),
+    "fingerprint": pa.string(),
+    "label": pa.string(),
+    "label_id": pa.int32(),
+    "confidence": pa.float64(),
+    "prob_malignant": pa.float64(),
+    "threshold": pa.float64(),
+    "model": pa.string(),
+    "model_revision": pa.string(),
+    "run_id": pa.string(),
+    "processed_at": pa.timestamp("us", tz="UTC"),
+    "status": pa.string(),
+    "error": pa.string(),
+}
+
+
+def read_rows(output: Path) -> list[dict]:
+    return ds.dataset(str(output), format="parquet", partitioning="hive").to_table().to_pylist()
+
+
+def test_classify_writes_the_contract(image_folder: Path, tmp_path: Path, tiny_model: str) -> None:
+    output = tmp_path / "preds"
+    summary = classify(str(image_folder), str(output), model=tiny_model, device="cpu", shard_size=4)
+
+    assert summary["images_found"] == 6 and summary["images_classified"] == 6
+    assert summary["errors"] == 0 and len(summary["output_files"]) == 2  # 6 images, shards of 4
+    files = sorted(output.rglob("*.parquet"))
+    assert len(files) == 2
+    assert all(
+        f.parent.parent.name.startswith("model_slug=") and f.parent.name.startswith("date=") for f in files
+    )
+    assert not [p for p in output.rglob("*") if p.name.startswith(".")], "no temporary files left behind"
+
+    dataset = ds.dataset(str(output), format="parquet", partitioning="hive")
+    for name, kind in CONTRACT.items():
+        assert dataset.schema.field(name).type == kind, name
+    rows = dataset.to_table().to_pylist()
+    uris = sorted(r["image_uri"] for r in rows)
+    assert uris == sorted(
+        "file://" + str(image_folder / p)
+        for p in ["a.jpg", "b.PNG", "c.png", "sub/d.tif", "sub/deeper/e.jpeg", "sub/f.bmp"]
+    )
+    for row in rows:
+        assert row["status"] == "ok" and row["error"] is None
+        assert row["label"] in {"Normal", "Malignant"}
+        assert row["label_id"] == (1 if row["label"] == "Malignant" else 0)
+        assert (row["label"] == "Malignant") == (row["prob_malignant"] >= row["threshold"])
+        expected_confidence = (
+            row["prob_malignant"] if row["label"] == "Malignant" else 1 - row["prob_malignant"]
+        )
+        assert row["confidence"] == pytest.approx(expected_confidence, abs=1e-9)
+        assert row["model"] == tiny_model and row["model_revision"].startswith("sha256:")
+        assert row["run_id"] == summary["run_id"]
+    assert SCHEMA.metadata[b"oncoflow.schema_version"] == b"1"
+
+
+def test_duckdb_reads_the_dataset(image_folder: Path, tmp_path: Path, tiny_model: str) -> None:
+    output = tmp_path / "preds"
+    classify(str(image_folder), str(output), model=tiny_model, device="cpu")
+    count, labelled, day = duckdb.sql(
+        f"select count(*), count(label), min(date) from read_parquet('{output}/**/*.parquet', hive_partitioning=true)"
+    ).fetchall()[0]
+    assert (count, labelled) == (6, 6)
+    assert str(day) == time.strftime("%Y-%m-%d", time.gmtime())
+
+
+def test_incremental_runs(image_folder: Path, tmp_path: Path, tiny_model: str) -> None:
+    output = tmp_path / "preds"
+    classify(str(image_folder), str(output), model=tiny_model, device="cpu")
+
+    again = classify(str(image_folder), str(output), model=tiny_model, device="cpu")
+    assert again["images_found"] == 6 and again["images_classified"] == 0 and again["output_files"] == []
+
+    for n in range(3):
+        make_image(image_folder / "new" / f"n{n}.jpg", seed=100 + n)
+    changed = image_folder / "a.jpg"
+    make_image(changed, (80, 80), seed=999)
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    third = classify(str(image_folder), str(output), model=tiny_model, device="cpu")
+    assert third["images_found"] == 9 and third["images_classified"] == 4
+
+    rows = read_rows(output)
+    assert len(rows) == 10
+    assert len({(r["image_uri"], r["fingerprint"], r["model_revision"]) for r in rows}) == 10
+    assert sum(r["image_uri"] == "file://" + str(changed) for r in rows) == 2
+
+
+def test_another_model_classifies_everything_again(
+    image_folder: Path, tmp_path: Path, tiny_model: str, tiny_model_imagenet: str
+) -> None:
+    output = tmp_path / "preds"
+    classify(str(image_folder), str(output), model=tiny_model, device="cpu")
+    second = classify(str(image_folder), str(output), model=tiny_model_imagenet, device="cpu")
+    assert second["images_classified"] == 6
+    rows = read_rows(output)
+    assert len(rows) == 12 and len({r["model_revision"] for r in rows}) == 2
+    assert len({r["model_slug"] for r in rows}) == 2
+
+
+def test_threshold_decides_the_label(image_folder: Path, tmp_path: Path, tiny_model: str) -> None:
+    classify(str(image_folder), str(tmp_path / "low"), model=tiny_model, device="cpu", threshold=0.0)
+    classify(str(image_folder), str(tmp_path / "high"), model=tiny_model, device="cpu", threshold=1.0)
+    assert {r["label"] for r in read_rows(tmp_path / "low")} == {"Malignant"}
+    high = read_rows(tmp_path / "high")
+    assert {r["label"] for r in high} == {"Normal"} and {r["threshold"] for r in high} == {1.0}
+    assert all(r["confidence"] == pytest.approx(1 - r["prob_malignant"]) for r in high)
+
+
+def test_summary_artifact_is_published(image_folder: Path, tmp_path: Path, tiny_model: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    summary = classify(str(image_folder), str(tmp_path / "preds"), model=tiny_model, device="cpu")
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["classify-summary"]))
+        )
+    mine = [a for a in artifacts if str(a.flow_run_id) == summary["run_id"]]
+    assert len(mine) == 1
+    table = (
+        {row["metric"]: row["value"] for row in mine[0].data if isinstance(row, dict)}
+        if isinstance(mine[0].data, list)
+        else None
+    )
+    text = str(mine[0].data)
+    assert "images_classified" in text and "malignant_share" in text
+    assert table is None or table["images_classified"] == "6"

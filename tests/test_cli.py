@@ -1,0 +1,108 @@
+"""The `oncoflow` CLI: bad arguments fail before any work, with a message naming the input and the fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--threshold", "1.5"], "--threshold"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--shard-size", "-3"], "--shard-size"),
+        (["--precision", "int4"], "--precision"),
+        (["--device", "tpu"], "--device"),
+    ],
+)
+def test_bad_options_fail_before_any_work(image_folder: Path, tmp_path: Path, args, expected) -> None:
+    output = tmp_path / "preds"
+    result = invoke("classify", str(image_folder), "--output", str(output), *args)
+    assert result.exit_code == 2
+    assert expected in result.output
+    assert not output.exists()
+
+
+def test_missing_source(tmp_path: Path) -> None:
+    result = invoke("classify", str(tmp_path / "nope"), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert "not an existing folder" in result.output and "nope" in result.output
+
+
+def test_output_inside_source(image_folder: Path) -> None:
+    result = invoke("classify", str(image_folder), "--output", str(image_folder / "preds"))
+    assert result.exit_code == 2
+    assert "overlap" in result.output and not (image_folder / "preds").exists()
+
+
+def test_offline_hub_id_says_how_to_use_a_local_folder(image_folder: Path, tmp_path: Path) -> None:
+    result = invoke(
+        "classify", str(image_folder), "--output", str(tmp_path / "out"), "--model", "someorg/some-vit"
+    )
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())
+    assert "someorg/some-vit" in text and "Hugging Face Hub" in text and "local folder" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_folder_without_safetensors_is_refused(image_folder: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    result = invoke("classify", str(image_folder), "--output", str(tmp_path / "out"), "--model", str(folder))
+    assert result.exit_code == 1 and "safetensors" in result.output
+
+
+def test_classify_command_prints_a_summary(image_folder: Path, tmp_path: Path, tiny_model: str) -> None:
+    result = invoke(
+        "classify", str(image_folder), "-o", str(tmp_path / "out"), "--model", tiny_model, "--device", "cpu"
+    )
+    assert result.exit_code == 0, result.output
+    assert "images_classified" in result.output and "research use only" in result.output.lower()
+
+
+@pytest.mark.slow
+def test_module_entry_point_runs_the_same_flow(
+    image_folder: Path, tmp_path: Path, tiny_model: str, prefect_server: str
+) -> None:
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    command = [sys.executable, "-m", "flows.classify", str(image_folder), "-o", str(tmp_path / "out")]
+    done = subprocess.run(
+        [*command, "--model", tiny_model, "--device", "cpu"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "images_classified" in done.stdout
+    assert len(list((tmp_path / "out").rglob("*.parquet"))) == 1
+
+
+def test_help_explains_every_option() -> None:
+    result = invoke("classify", "--help")
+    assert result.exit_code == 0
+    for option in [
+        "--output",
+        "--model",
+        "--revision",
+        "--device",
+        "--precision",
+        "--batch-size",
+        "--threshold",
+    ]:
+        assert option in result.output

@@ -158,7 +158,11 @@ def publish_summary(summary: dict[str, Any], params: ClassifyParams, model: Load
     )
 
 
-@flow(name="classify", task_runner=ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT), log_prints=True)
+@flow(
+    name="classify",
+    task_runner=ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT),  # type: ignore[arg-type]
+    log_prints=True,
+)
 def classify(
     source: str,
     output: str,

@@ -60,7 +60,7 @@ def build_tiny_model(folder: str, seed: int = 0, image_size: int = 224) -> str:
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(seed)
-    config = ViTConfig(
+    config = ViTConfig(  # type: ignore[call-arg]
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,

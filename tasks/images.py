@@ -102,7 +102,7 @@ class Preprocessor:
         """An RGB image → float32 array (3, height, width), ready for the model."""
         if self.do_resize and image.size != (self.width, self.height):
             image = image.resize((self.width, self.height), resample=self.resample)
-        pixels = np.asarray(image, dtype=np.float32)
+        pixels: np.ndarray = np.asarray(image, dtype=np.float32)
         if self.do_rescale:
             pixels = pixels * np.float32(self.rescale_factor)
         if self.do_normalize:

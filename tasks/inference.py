@@ -116,29 +116,35 @@ class RowBuilder:
         self.model, self.threshold, self.run_id, self.shard = model, threshold, run_id, shard
         self.columns: dict[str, list[object]] = {name: [] for name in SCHEMA.names}
 
-    def add(self, item: Prepared, probabilities: np.ndarray | None, class_id: int | None) -> None:
-        ok = probabilities is not None and class_id is not None
+    def add(
+        self, item: Prepared, probabilities: np.ndarray | None = None, class_id: int | None = None
+    ) -> None:
+        """One row: a prediction when probabilities and class_id are given, else an error row."""
         values: dict[str, object] = {
             "image_uri": item.file.uri,
             "fingerprint": item.file.fingerprint,
-            "label": self.model.id2label[class_id] if ok else None,
-            "label_id": class_id if ok else None,
-            "confidence": float(probabilities[class_id]) if ok else None,  # type: ignore[index]
-            "prob_malignant": float(probabilities[self.model.positive_id]) if ok else None,  # type: ignore[index]
             "threshold": self.threshold,
             "model": self.model.name,
             "model_revision": self.model.revision,
             "run_id": self.run_id,
             "processed_at": datetime.now(UTC),
-            "status": "ok" if ok else "error",
-            "error": None if ok else item.error,
             "shard_id": self.shard,
             "precision": self.model.precision,
             "image_width": item.width,
             "image_height": item.height,
         }
-        for name, value in values.items():
-            self.columns[name].append(value)
+        if probabilities is not None and class_id is not None:
+            values.update(
+                label=self.model.id2label[class_id],
+                label_id=class_id,
+                confidence=float(probabilities[class_id]),
+                prob_malignant=float(probabilities[self.model.positive_id]),
+                status="ok",
+            )
+        else:
+            values.update(status="error", error=item.error or "unsupported: no pixels and no reason recorded")
+        for name, column in self.columns.items():
+            column.append(values.get(name))
 
     def table(self) -> pa.Table:
         return pa.table(self.columns, schema=SCHEMA)
@@ -159,15 +165,18 @@ def classify_files(
 
     def flush() -> None:
         decodable = [item for item in batch if item.pixels is not None]
-        probabilities = predict(model, np.stack([i.pixels for i in decodable])) if decodable else None  # type: ignore[misc]
-        class_ids = decide(probabilities, model.positive_id, options.threshold) if decodable else None
-        position = 0
+        predictions: dict[int, tuple[np.ndarray, int]] = {}
+        if decodable:
+            probabilities = predict(model, np.stack([item.pixels for item in decodable]))  # type: ignore[misc]
+            class_ids = decide(probabilities, model.positive_id, options.threshold)
+            predictions = {
+                id(item): (probabilities[n], int(class_ids[n])) for n, item in enumerate(decodable)
+            }
         for item in batch:
-            if item.pixels is None:
-                rows.add(item, None, None)
-                continue
-            rows.add(item, probabilities[position], int(class_ids[position]))  # type: ignore[index]
-            position += 1
+            if id(item) in predictions:
+                rows.add(item, *predictions[id(item)])
+            else:
+                rows.add(item)
         for listener in progress_listeners:
             listener("advance", len(batch))
         batch.clear()

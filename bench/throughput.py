@@ -132,13 +132,13 @@ def bench_model_only(model_dir: str, device: str, precision: str, batch_size: in
 
 
 def bench_engine(
-    model_dir: str, folder: Path, device: str, precision: str, batch_size: int
+    model_dir: str, folder: Path, device: str, precision: str, batch_size: int, decode: str = "cpu"
 ) -> tuple[float, dict[str, float], dict[str, str]]:
     """oncoflow's engine (read → decode → batched forward → rows), without Prefect."""
     model = load_model(model_dir, device=device, precision=precision)  # type: ignore[arg-type]
     location = open_location(str(folder))
     files = list(list_images(location))
-    options = EngineOptions(batch_size=batch_size)
+    options = EngineOptions(batch_size=batch_size, decode=decode)  # type: ignore[arg-type]
     classify_files(files[: min(len(files), batch_size)], location.fs, model, options, "warm-up", "bench")
     table, seconds = timed(lambda: classify_files(files, location.fs, model, options, "bench", "bench"))
     uris = table.column("image_uri").to_pylist()
@@ -337,6 +337,10 @@ def main() -> None:
         else:
             results[f"engine_{precision}_vs_fp32"] = agreement(fp32_probs, probs)
     default_precision = "fp32" if args.device == "cpu" else "bf16"
+    if args.device == "cuda" or args.quick:  # on a CPU the device path only proves it runs
+        speed, probs, _ = bench_engine(model_dir, corpus, args.device, default_precision, batch, decode="gpu")
+        results[f"engine_{default_precision}_decode_gpu_img_s"] = speed
+        results[f"engine_{default_precision}_decode_gpu_vs_fp32"] = agreement(fp32_probs, probs)
     results.update(bench_flow(model_dir, corpus, args.device, default_precision, batch))
     results["flow_precision"] = default_precision
     results["engine_fp32_vs_seed_snippet"] = round(results["engine_fp32_img_s"] / snippet_rate, 2)

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.demo import build_tiny_model
 from tasks.labels import labeled_folder
-from tasks.training import TrainingError, random_resized_crop, split
+from tasks.training import Recipe, TrainingError, fine_tune, random_resized_crop, split
 
 runner = CliRunner()
 
@@ -135,3 +136,15 @@ def test_train_refuses_a_non_empty_output(tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", "--data", str(tmp_path), "-o", str(tmp_path / "model")])
     assert result.exit_code == 2 and "not empty" in result.output
     assert (tmp_path / "model" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_gpu_uses_bf16_autocast_and_learns(tmp_path: Path) -> None:
+    base = build_tiny_model(str(tmp_path / "base"), seed=3, image_size=32)
+    data = write_signal_images(tmp_path / "data", 24, seed=0)
+    recipe = Recipe(epochs=6, batch_size=8, learning_rate=1e-3, val_split=0.25)
+    result = fine_tune(str(data), str(tmp_path / "model"), base, recipe, device="cuda")
+    assert result.validation["accuracy"] > 0.9
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["id2label"] == {"0": "Normal", "1": "Malignant"}

@@ -45,7 +45,7 @@ S3_DEFAULTS: dict[str, Any] = {
     # A long-running worker (`prefect serve`) must see objects added since its last run.
     "use_listings_cache": False,
     # Per-request retries with capped exponential backoff and jitter (botocore's "standard" mode).
-    "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 5}},
+    "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 4}},
 }
 RETRY_ATTEMPTS = 3  # whole-operation attempts in storage_call, on top of the per-request retries
 RETRY_BASE_SECONDS = 0.5
@@ -241,12 +241,13 @@ def check_output(location: Location) -> None:
         return
     fs = location.fs
     bucket = location.path.split("/", 1)[0]
-    storage_call(fs, bucket, lambda: fs.call_s3("head_bucket", Bucket=bucket))
     probe = location.join(WRITE_CHECK_NAME)
-    storage_call(fs, probe, lambda: fs.pipe_file(probe, b""))
+    # Errors name the output as given, not the bucket or the probe.
+    storage_call(fs, location.path, lambda: fs.call_s3("head_bucket", Bucket=bucket))
+    storage_call(fs, location.path, lambda: fs.pipe_file(probe, b""))
     # A store may allow writing but not deleting; the probe has a fixed name, so at most one remains.
     with suppress(PermissionError):
-        storage_call(fs, probe, lambda: fs.rm_file(probe))
+        storage_call(fs, location.path, lambda: fs.rm_file(probe))
 
 
 def storage_call(fs: fsspec.AbstractFileSystem, path: str, operation: Callable[[], T]) -> T:

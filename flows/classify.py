@@ -75,7 +75,10 @@ def classify_shard(
     model = load_classifier(params)
     shard = shard_id(files, model.revision)
     options = EngineOptions(
-        batch_size=params.batch_size, threshold=params.threshold, max_pixels=params.max_pixels
+        batch_size=params.batch_size,
+        threshold=params.threshold,
+        max_pixels=params.max_pixels,
+        decode=params.decode,
     )
     storage = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
     table = classify_files(files, open_location(params.source, storage).fs, model, options, run_id, shard)
@@ -188,6 +191,7 @@ def classify(
     threshold: float = 0.5,
     shard_size: int = 1000,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode: Literal["cpu", "gpu"] = "cpu",
     s3_endpoint_url: str | None = None,
     aws_credentials_block: str | None = None,
 ) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from flows.classify import classify
 from flows.cli import app
 from tasks.storage import open_location, storage_call, write_atomic
 from tests.conftest import make_image
-from tests.s3_fixtures import FaultyProxy, free_port, s3, s3_server, upload_folder  # noqa: F401
+from tests.s3_fixtures import FaultyProxy, free_port, upload_folder
 
 pytestmark = pytest.mark.s3
 
@@ -47,7 +47,7 @@ def run(source: str, output: str, model: str, **options) -> dict:
     return classify(source, output, model=model, device="cpu", shard_size=4, **options)
 
 
-def test_s3_to_s3(image_folder: Path, s3: s3fs.S3FileSystem, tiny_model: str) -> None:  # noqa: F811
+def test_s3_to_s3(image_folder: Path, s3: s3fs.S3FileSystem, tiny_model: str) -> None:
     upload_folder(s3, image_folder, "scans/incoming")
     summary = run("s3://scans/incoming", "s3://preds/out", tiny_model)
 
@@ -65,7 +65,7 @@ def test_s3_to_s3(image_folder: Path, s3: s3fs.S3FileSystem, tiny_model: str) ->
 
 def test_every_mix_of_local_and_s3_gives_the_same_predictions(
     image_folder: Path,
-    s3: s3fs.S3FileSystem,  # noqa: F811
+    s3: s3fs.S3FileSystem,
     tiny_model: str,
     tmp_path: Path,
 ) -> None:
@@ -88,7 +88,7 @@ def test_every_mix_of_local_and_s3_gives_the_same_predictions(
 
 def test_incremental_on_s3(
     image_folder: Path, s3: s3fs.S3FileSystem, tiny_model: str, tmp_path: Path
-) -> None:  # noqa: F811
+) -> None:
     upload_folder(s3, image_folder, "scans/incoming")
     run("s3://scans/incoming", "s3://preds/out", tiny_model)
 
@@ -111,8 +111,8 @@ def test_incremental_on_s3(
 @pytest.mark.slow
 def test_a_network_failing_one_request_in_four_gives_the_clean_output(
     image_folder: Path,
-    s3: s3fs.S3FileSystem,  # noqa: F811
-    s3_server: str,  # noqa: F811
+    s3: s3fs.S3FileSystem,
+    s3_server: str,
     tiny_model: str,
 ) -> None:
     upload_folder(s3, image_folder, "scans/incoming")
@@ -131,8 +131,8 @@ def test_a_network_failing_one_request_in_four_gives_the_clean_output(
 
 
 def test_an_interrupted_upload_leaves_no_object(
-    s3: s3fs.S3FileSystem,  # noqa: F811
-    s3_server: str,  # noqa: F811
+    s3: s3fs.S3FileSystem,
+    s3_server: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(tasks.storage, "RETRY_ATTEMPTS", 1)  # fail quickly: every attempt is cut anyway
@@ -146,7 +146,7 @@ def test_an_interrupted_upload_leaves_no_object(
     assert s3.find("preds") == []
 
 
-def test_storage_call_retries_transient_errors_only(s3: s3fs.S3FileSystem) -> None:  # noqa: F811
+def test_storage_call_retries_transient_errors_only(s3: s3fs.S3FileSystem) -> None:
     fs = open_location("s3://scans").fs
     attempts: list[int] = []
 
@@ -178,7 +178,7 @@ def test_storage_call_retries_transient_errors_only(s3: s3fs.S3FileSystem) -> No
 )
 def test_missing_bucket_or_prefix_fails_before_the_model_loads(
     image_folder: Path,
-    s3: s3fs.S3FileSystem,  # noqa: F811
+    s3: s3fs.S3FileSystem,
     source: str,
     output: str,
     expected: str,
@@ -193,8 +193,8 @@ def test_missing_bucket_or_prefix_fails_before_the_model_loads(
 
 def test_access_denied_fails_before_the_model_loads(
     image_folder: Path,
-    s3: s3fs.S3FileSystem,  # noqa: F811
-    s3_server: str,  # noqa: F811
+    s3: s3fs.S3FileSystem,
+    s3_server: str,
 ) -> None:
     from prefect_aws import AwsCredentials
 
@@ -223,7 +223,7 @@ def test_access_denied_fails_before_the_model_loads(
 
 
 @pytest.mark.slow
-def test_a_wrong_endpoint_fails_fast_naming_it(image_folder: Path, s3: s3fs.S3FileSystem) -> None:  # noqa: F811
+def test_a_wrong_endpoint_fails_fast_naming_it(image_folder: Path, s3: s3fs.S3FileSystem) -> None:
     upload_folder(s3, image_folder, "scans/incoming")
     wrong = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ConnectionError, match=f"cannot connect to the S3 endpoint {wrong}"):
@@ -232,8 +232,8 @@ def test_a_wrong_endpoint_fails_fast_naming_it(image_folder: Path, s3: s3fs.S3Fi
 
 def test_cli_endpoint_option_and_block_keep_secrets_out(
     image_folder: Path,
-    s3: s3fs.S3FileSystem,  # noqa: F811
-    s3_server: str,  # noqa: F811
+    s3: s3fs.S3FileSystem,
+    s3_server: str,
     tiny_model: str,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -20,6 +21,7 @@ from flows.params import ClassifyParams, describe_validation_error
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import progress_listeners
 from tasks.model import DEFAULT_MODEL, ModelError
+from tasks.redaction import redact
 
 app = typer.Typer(
     help="Batch classification of medical images (Normal / Malignant) with a ViT, as Prefect flows. "
@@ -35,11 +37,13 @@ def main() -> None:
     """oncoflow: classify medical images in bulk. Research use only, not a diagnosis."""
 
 
-EXPECTED_ERRORS = (ModelError, FileNotFoundError, PermissionError, NotADirectoryError, ValueError)
+# OSError covers storage failures (full disk, lost output location), whose messages say what to do.
+EXPECTED_ERRORS = (ModelError, OSError, ValueError)
+TOO_MANY_ERRORS_EXIT = 3  # the run completed and wrote its rows, but --max-error-rate was exceeded
 
 
 def fail(message: str, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(redact(message))}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -125,6 +129,15 @@ ShardOption = Annotated[int, typer.Option(help="Images per task and per output P
 MaxPixelsOption = Annotated[
     int, typer.Option(help="Images with more pixels become `too_large` error rows (decompression bombs).")
 ]
+MaxErrorRateOption = Annotated[
+    float | None,
+    typer.Option(
+        help="Exit with code 3 (after writing every row) when the share of error rows exceeds this."
+    ),
+]
+ExifOption = Annotated[
+    bool, typer.Option(help="Rotate images per their EXIF orientation tag (the reference snippet does not).")
+]
 
 
 def classify_command(
@@ -138,14 +151,19 @@ def classify_command(
     threshold: ThresholdOption = 0.5,
     shard_size: ShardOption = 1000,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    max_error_rate: MaxErrorRateOption = None,
+    exif_orientation: ExifOption = False,
 ) -> None:
     """Classify new or changed images under SOURCE; append one Parquet row per image to OUTPUT."""
     params = validated(ClassifyParams, **{k: v for k, v in locals().items()})
-    from flows.classify import classify
+    from flows.classify import TooManyErrors, classify
 
     try:
         with progress_bar():
             summary = classify(**params.model_dump())
+    except TooManyErrors as exc:
+        print_summary(exc.summary)
+        fail(str(exc), code=TOO_MANY_ERRORS_EXIT)
     except EXPECTED_ERRORS as exc:
         fail(str(exc))
     print_summary(summary)

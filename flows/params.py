@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.model import DEFAULT_MODEL
+from tasks.redaction import has_credentials
 
 
 def _normalized(location: str) -> str:
@@ -35,6 +36,26 @@ class ClassifyParams(BaseModel):
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="Malignant iff prob_malignant >= threshold")
     shard_size: int = Field(1000, ge=1, le=100_000, description="Images per task and per output file")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger images become too_large rows")
+    max_error_rate: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Fail the run (after writing) when the share of error rows exceeds this",
+    )
+    exif_orientation: bool = Field(
+        False, description="Rotate JPEGs per their EXIF tag (the reference does not)"
+    )
+
+    @field_validator("source", "output")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        # Parameters are stored in run records and logs; credentials belong in the environment.
+        if has_credentials(value):
+            raise ValueError(
+                "must not embed credentials, tokens or a signed query string; pass them through the "
+                "environment (AWS_* variables, an AWS profile) instead"
+            )
+        return value
 
     @model_validator(mode="after")
     def _check_locations(self) -> ClassifyParams:

@@ -22,12 +22,15 @@ import torch
 
 from tasks.images import DEFAULT_MAX_PIXELS, ImageError, Preprocessor, decode_image, make_preprocessor
 from tasks.model import LoadedModel
+from tasks.redaction import redact
 from tasks.sink import SCHEMA
 from tasks.storage import DiscoveredFile, read_bytes
 
 # Called as listener("total", n) once the work is known and listener("advance", n) after each batch;
 # the CLI's progress bar listens here.
 progress_listeners: list[Callable[[str, int], None]] = []
+
+MESSAGE_LIMIT = 500  # characters of an error row's message: enough to act on, never a dump
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class EngineOptions:
     decode_workers: int = field(default_factory=lambda: min(16, os.cpu_count() or 1))
     prefetch_batches: int = 2  # decoded batches allowed to wait for the model
     max_pixels: int = DEFAULT_MAX_PIXELS
+    exif_orientation: bool = False  # rotate per EXIF before preprocessing; the reference snippet does not
 
 
 @dataclass
@@ -55,21 +59,22 @@ def prepare(
     fs: fsspec.AbstractFileSystem,
     preprocess: Callable[..., np.ndarray],
     max_pixels: int,
+    exif_orientation: bool = False,
 ) -> Prepared:
     """Read, decode and preprocess one file; failures become a Prepared with an error, never raise."""
     try:
         data = read_bytes(fs, file.path)
-    except FileNotFoundError as exc:
-        return Prepared(file, error=f"missing: the file vanished after listing ({exc})")
-    except OSError as exc:
-        return Prepared(file, error=f"read_failed: {type(exc).__name__}: {exc}")
+    except FileNotFoundError:
+        return Prepared(file, error="missing: the file vanished after listing")
+    except Exception as exc:  # any backend's error, after read_bytes' retries: this file only
+        return Prepared(file, error=redact(f"read_failed: {type(exc).__name__}: {exc}")[:MESSAGE_LIMIT])
     try:
-        image = decode_image(data, max_pixels)
+        image = decode_image(data, max_pixels, name=file.path, exif_orientation=exif_orientation)
         return Prepared(file, preprocess(image), width=image.width, height=image.height)
     except ImageError as exc:
-        return Prepared(file, error=str(exc))
+        return Prepared(file, error=redact(str(exc))[:MESSAGE_LIMIT])
     except Exception as exc:  # a decoder bug on one hostile file must not kill the shard
-        return Prepared(file, error=f"unsupported: {type(exc).__name__}: {exc}")
+        return Prepared(file, error=redact(f"unsupported: {type(exc).__name__}: {exc}")[:MESSAGE_LIMIT])
 
 
 def prepared_stream(
@@ -84,7 +89,9 @@ def prepared_stream(
         pending: deque[Future[Prepared]] = deque()
         remaining = iter(files)
         for file in remaining:
-            pending.append(pool.submit(prepare, file, fs, preprocess, options.max_pixels))
+            pending.append(
+                pool.submit(prepare, file, fs, preprocess, options.max_pixels, options.exif_orientation)
+            )
             if len(pending) >= window:
                 yield pending.popleft().result()
         while pending:

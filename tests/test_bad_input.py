@@ -66,7 +66,9 @@ def test_a_vanished_file_is_missing(tmp_path: Path, tiny_model: str) -> None:
 def test_bomb_is_refused_from_its_header() -> None:
     with pytest.raises(ImageError) as raised:
         decode_image(corpus.png_bomb(12_000, 10_000), max_pixels=1_000_000)
-    assert raised.value.category == "too_large" and "12000x10000 pixels exceeds the limit of 1000000" in str(raised.value)
+    assert raised.value.category == "too_large" and "12000x10000 pixels exceeds the limit of 1000000" in str(
+        raised.value
+    )
 
 
 def test_max_pixels_is_ours_not_pillows(monkeypatch: pytest.MonkeyPatch) -> None:

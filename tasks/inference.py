@@ -22,7 +22,7 @@ import torch
 
 from tasks.images import DEFAULT_MAX_PIXELS, ImageError, Preprocessor, decode_image, make_preprocessor
 from tasks.model import LoadedModel
-from tasks.redaction import redact
+from tasks.redaction import install_log_redaction, redact
 from tasks.sink import SCHEMA
 from tasks.storage import DiscoveredFile, read_bytes
 
@@ -166,6 +166,7 @@ def classify_files(
     shard: str,
 ) -> pa.Table:
     """Classify files in batches; one row per file, in input order."""
+    install_log_redaction()  # storage libraries log signed URLs at debug level
     preprocess = make_preprocessor(model.processor_config, model.directory)
     rows = RowBuilder(model, options.threshold, run_id, shard)
     batch: list[Prepared] = []

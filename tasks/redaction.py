@@ -1,12 +1,16 @@
 """Keep secrets out of rows, logs and artifacts: signed-URL query strings, URL credentials, key=value secrets.
 
 Every message that can carry a storage URL or a backend's error text (error rows, write failures, the
-CLI's error line) goes through `redact` before it leaves the process.
+CLI's error line) goes through `redact` before it leaves the process; `install_log_redaction` does the
+same for every log record, including third-party debug logs that print signed URLs (fsspec, aiohttp).
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
+import traceback
 from urllib.parse import urlsplit, urlunsplit
 
 REDACTED = "<redacted>"
@@ -48,3 +52,34 @@ def strip_query(uri: str) -> str:
 def has_credentials(uri: str) -> bool:
     """True when a URI embeds credentials or a signature that would end up in logs and run records."""
     return bool(_USERINFO.search(uri)) or ("://" in uri and redact(uri) != uri)
+
+
+_install_lock = threading.Lock()
+_installed = False
+
+
+def install_log_redaction() -> None:
+    """Redact every log record when it is created, whichever library logs it and wherever it goes."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        create = logging.getLogRecordFactory()
+
+        def redacting_factory(*args: object, **kwargs: object) -> logging.LogRecord:
+            return redact_record(create(*args, **kwargs))
+
+        logging.setLogRecordFactory(redacting_factory)
+        _installed = True
+
+
+def redact_record(record: logging.LogRecord) -> logging.LogRecord:
+    """The record with its message and traceback text redacted (formatted now, so args cannot leak)."""
+    try:
+        message = record.getMessage()
+    except Exception:  # a broken format string is for the logging module to report
+        return record
+    record.msg, record.args = redact(message), ()
+    if record.exc_info and record.exc_info[1] is not None:
+        record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)).rstrip("\n"))
+    return record

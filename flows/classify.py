@@ -83,6 +83,7 @@ def classify_shard(
         batch_size=params.batch_size,
         threshold=params.threshold,
         max_pixels=params.max_pixels,
+        decode=params.decode,
         exif_orientation=params.exif_orientation,
     )
     table = classify_files(files, open_location(params.source).fs, model, options, run_id, shard)
@@ -187,6 +188,7 @@ def classify(
     threshold: float = 0.5,
     shard_size: int = 1000,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode: Literal["cpu", "gpu"] = "cpu",
     max_error_rate: float | None = None,
     exif_orientation: bool = False,
 ) -> dict[str, Any]:

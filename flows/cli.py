@@ -129,6 +129,14 @@ ShardOption = Annotated[int, typer.Option(help="Images per task and per output P
 MaxPixelsOption = Annotated[
     int, typer.Option(help="Images with more pixels become `too_large` error rows (decompression bombs).")
 ]
+DecodeOption = Annotated[
+    str,
+    typer.Option(
+        help="cpu: decode, resize and normalize with PIL (exact parity with the reference snippet). "
+        "gpu: resize/normalize batched on the model's device and decode JPEGs with nvjpeg when torchvision "
+        "is installed (faster on GPUs; agreement in bench/README.md)."
+    ),
+]
 MaxErrorRateOption = Annotated[
     float | None,
     typer.Option(
@@ -151,6 +159,7 @@ def classify_command(
     threshold: ThresholdOption = 0.5,
     shard_size: ShardOption = 1000,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    decode: DecodeOption = "cpu",
     max_error_rate: MaxErrorRateOption = None,
     exif_orientation: ExifOption = False,
 ) -> None:

@@ -33,10 +33,11 @@ def category(row: dict) -> str | None:
     return row["error"].split(":", 1)[0] if row["error"] else None
 
 
-def test_every_bad_file_gets_its_category(tmp_path: Path, tiny_model: str) -> None:
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])  # "gpu" runs the device path on CPU tensors here
+def test_every_bad_file_gets_its_category(tmp_path: Path, tiny_model: str, decode: str) -> None:
     files = corpus.bad_files()
     corpus.write_files(tmp_path / "scans", {name: data for name, (data, _) in files.items()})
-    rows = classify_folder(tmp_path / "scans", tiny_model)
+    rows = classify_folder(tmp_path / "scans", tiny_model, decode=decode)
 
     assert sorted(rows) == sorted(files)
     for name, (_, expected) in files.items():

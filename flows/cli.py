@@ -137,6 +137,20 @@ DecodeOption = Annotated[
         "is installed (faster on GPUs; agreement in bench/README.md)."
     ),
 ]
+S3EndpointOption = Annotated[
+    str | None,
+    typer.Option(
+        help="S3-compatible endpoint (MinIO, SeaweedFS, Ceph), e.g. http://minio:9000. "
+        "Default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS."
+    ),
+]
+AwsBlockOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Name of a prefect-aws AwsCredentials block to read S3 credentials from. "
+        "Default: the standard AWS chain (environment, profile, instance role)."
+    ),
+]
 MaxErrorRateOption = Annotated[
     float | None,
     typer.Option(
@@ -160,6 +174,8 @@ def classify_command(
     shard_size: ShardOption = 1000,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     decode: DecodeOption = "cpu",
+    s3_endpoint_url: S3EndpointOption = None,
+    aws_credentials_block: AwsBlockOption = None,
     max_error_rate: MaxErrorRateOption = None,
     exif_orientation: ExifOption = False,
 ) -> None:

@@ -80,7 +80,11 @@ def prepare(
         data = read_bytes(fs, file.path)
     except FileNotFoundError:
         return Prepared(file, error="missing: the file vanished after listing")
-    except Exception as exc:  # any backend's error, after read_bytes' retries: this file only
+    except ConnectionError:
+        raise  # still failing after the storage layer's retries: fail the shard (the task retries it), never a final row
+    except (
+        Exception
+    ) as exc:  # any other storage error (permissions, a local EIO after retries): this file only
         return Prepared(file, error=redact(f"read_failed: {type(exc).__name__}: {exc}")[:MESSAGE_LIMIT])
     try:
         if isinstance(preprocess, DevicePreprocessor):

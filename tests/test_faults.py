@@ -19,7 +19,7 @@ from flows.classify import TooManyErrors, classify
 from flows.cli import TOO_MANY_ERRORS_EXIT, app
 from tasks.inference import EngineOptions, classify_files
 from tasks.model import load_model
-from tasks.storage import list_images, open_location
+from tasks.storage import RETRY_ATTEMPTS, list_images, open_location
 from tests import corpus
 
 
@@ -67,7 +67,7 @@ def test_storage_errors_are_retried_per_file_and_the_shard_is_kept(tmp_path: Pat
     fs = FlakyFileSystem(
         {
             hiccup: (1, OSError(errno.EIO, "Input/output error")),
-            dead: (99, ConnectionError("connection reset by peer")),
+            dead: (99, OSError(errno.EIO, "Input/output error")),
             denied: (99, PermissionError(errno.EACCES, "Permission denied")),
         }
     )
@@ -76,10 +76,22 @@ def test_storage_errors_are_retried_per_file_and_the_shard_is_kept(tmp_path: Pat
 
     assert [r["status"] for r in rows] == ["ok", "ok", "error", "error", "ok"]
     assert fs.attempts[hiccup] == 2, "a transient error is retried"
-    assert fs.attempts[dead] == 3, "three attempts, then the file becomes an error row"
+    assert fs.attempts[dead] == RETRY_ATTEMPTS, "retried, then the file becomes an error row"
     assert fs.attempts[denied] == 1, "a permission problem is not transient"
-    assert rows[2]["error"].startswith("read_failed: ConnectionError")
+    assert rows[2]["error"].startswith("read_failed: OSError")
     assert rows[3]["error"].startswith("read_failed: PermissionError")
+
+
+def test_a_lasting_outage_fails_the_shard_instead_of_writing_final_error_rows(
+    tmp_path: Path, tiny_model: str
+) -> None:
+    """Error rows are final; a connection that stays down must fail the shard (Prefect retries it)."""
+    files = list(list_images(open_location(str(scans(tmp_path / "scans", 2)))))
+    fs = FlakyFileSystem({files[0].path: (99, ConnectionError("connection reset by peer"))})
+    model = load_model(tiny_model, device="cpu", precision="fp32")
+    with pytest.raises(ConnectionError):
+        classify_files(files, fs, model, EngineOptions(batch_size=2), "r", "s")
+    assert fs.attempts[files[0].path] == RETRY_ATTEMPTS
 
 
 @pytest.fixture

@@ -118,7 +118,7 @@ class SignedUrlHandler(http.server.BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
         self.send_response(self.status())
-        self.send_header("Content-Length", str(len(self.image)))
+        self.send_header("Content-Length", str(len(self.image) if self.status() == 200 else 0))
         self.end_headers()
 
     def do_GET(self) -> None:  # noqa: N802
@@ -154,17 +154,19 @@ def test_signed_url_secrets_never_reach_rows_or_logs(
     query = (
         f"?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE&X-Amz-Signature={SECRET}"
     )
-    urls = [f"{signed_url_server}/{name}{query}" for name in ("ok.png", "broken.png", "gone.png")]
-    files = [DiscoveredFile(to_uri(fs, url), url, "v1", 0) for url in urls]
+    urls = {name: f"{signed_url_server}/{name}{query}" for name in ("ok.png", "gone.png", "broken.png")}
+    files = {name: DiscoveredFile(to_uri(fs, url), url, "v1", 0) for name, url in urls.items()}
     model = load_model(tiny_model, device="cpu", precision="fp32")
     with caplog.at_level("DEBUG"):
-        table = classify_files(files, fs, model, EngineOptions(batch_size=4), "r", "s")
+        table = classify_files([files["ok.png"], files["gone.png"]], fs, model, EngineOptions(), "r", "s")
+        with pytest.raises(ConnectionError) as outage:  # HTTP 500 after retries: the shard fails
+            classify_files([files["broken.png"]], fs, model, EngineOptions(), "r", "s")
     rows = table.to_pylist()
 
-    assert [r["status"] for r in rows] == ["ok", "error", "error"]
-    assert rows[1]["error"].startswith("read_failed: ") and rows[2]["error"].startswith("missing: ")
-    assert [r["image_uri"] for r in rows] == [url.split("?")[0] for url in urls]
-    text = repr(rows) + caplog.text + "".join(capfd.readouterr())
+    assert [r["status"] for r in rows] == ["ok", "error"] and rows[1]["error"].startswith("missing: ")
+    assert [r["image_uri"] for r in rows] == [f"{signed_url_server}/ok.png", f"{signed_url_server}/gone.png"]
+    assert f"{signed_url_server}/broken.png" in str(outage.value)
+    text = repr(rows) + str(outage.value) + caplog.text + "".join(capfd.readouterr())
     assert SECRET not in text and "AKIAIOSFODNN7EXAMPLE" not in text
 
 

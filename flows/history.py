@@ -118,7 +118,7 @@ def prune_runs(older_than: timedelta, dry_run: bool = False) -> int:
         while True:
             runs = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(
-                    end_time=FlowRunFilterEndTime(before_=cutoff),
+                    end_time=FlowRunFilterEndTime(before_=cutoff),  # type: ignore[arg-type]  # pendulum alias
                     state=FlowRunFilterState(type=FlowRunFilterStateType(any_=FINAL_STATES)),
                 ),
                 limit=200,

@@ -31,15 +31,16 @@ def build_deployments(
 ) -> list[RunnerDeployment]:
     """classify-nightly (cron, in `timezone`) and reprocess-archive (manual; its form asks for the model)."""
     defaults: dict[str, Any] = {"source": source, "output": output, "model": model, "device": device}
+    # to_deployment is sync-or-async by context; called here from sync code it returns the deployment.
     return [
-        classify.to_deployment(
+        classify.to_deployment(  # type: ignore[list-item]
             name="classify-nightly",
             schedules=[Cron(cron, timezone=timezone)],
             parameters=defaults,
             description="Classify the images that arrived since the last run. Research use only.",
             tags=TAGS,
         ),
-        reprocess.to_deployment(
+        reprocess.to_deployment(  # type: ignore[list-item]
             name="reprocess-archive",
             parameters={"source": source, "output": output, "device": device},
             description="Re-classify a whole archive (or one sub-folder) with a new model; resumable.",

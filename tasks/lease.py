@@ -103,7 +103,9 @@ class Lease:
 class FileLease(Lease):
     """flock on a local file: held while the descriptor is open, dropped by the kernel on process death."""
 
-    def __init__(self, location: Location, key: str, holder: Holder, fd: int, previous: Holder | None) -> None:
+    def __init__(
+        self, location: Location, key: str, holder: Holder, fd: int, previous: Holder | None
+    ) -> None:
         super().__init__(location, key, holder, previous)
         self.fd: int | None = fd
 

@@ -35,7 +35,14 @@ def main() -> None:
     """oncoflow: classify medical images in bulk. Research use only, not a diagnosis."""
 
 
-EXPECTED_ERRORS = (ModelError, FileNotFoundError, PermissionError, NotADirectoryError, ValueError)
+EXPECTED_ERRORS = (
+    ModelError,
+    FileNotFoundError,
+    PermissionError,
+    NotADirectoryError,
+    ValueError,
+    ConnectionError,
+)
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -125,6 +132,28 @@ ShardOption = Annotated[int, typer.Option(help="Images per task and per output P
 MaxPixelsOption = Annotated[
     int, typer.Option(help="Images with more pixels become `too_large` error rows (decompression bombs).")
 ]
+DecodeOption = Annotated[
+    str,
+    typer.Option(
+        help="cpu: decode, resize and normalize with PIL (exact parity with the reference snippet). "
+        "gpu: resize/normalize batched on the model's device and decode JPEGs with nvjpeg when torchvision "
+        "is installed (faster on GPUs; agreement in bench/README.md)."
+    ),
+]
+S3EndpointOption = Annotated[
+    str | None,
+    typer.Option(
+        help="S3-compatible endpoint (MinIO, SeaweedFS, Ceph), e.g. http://minio:9000. "
+        "Default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS."
+    ),
+]
+AwsBlockOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Name of a prefect-aws AwsCredentials block to read S3 credentials from. "
+        "Default: the standard AWS chain (environment, profile, instance role)."
+    ),
+]
 
 
 def classify_command(
@@ -138,6 +167,9 @@ def classify_command(
     threshold: ThresholdOption = 0.5,
     shard_size: ShardOption = 1000,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    decode: DecodeOption = "cpu",
+    s3_endpoint_url: S3EndpointOption = None,
+    aws_credentials_block: AwsBlockOption = None,
 ) -> None:
     """Classify new or changed images under SOURCE; append one Parquet row per image to OUTPUT."""
     params = validated(ClassifyParams, **{k: v for k, v in locals().items()})
@@ -175,6 +207,9 @@ def reprocess_command(
     threshold: ThresholdOption = 0.5,
     shard_size: ShardOption = 1000,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    decode: DecodeOption = "cpu",
+    s3_endpoint_url: S3EndpointOption = None,
+    aws_credentials_block: AwsBlockOption = None,
 ) -> None:
     """Classify every image under SOURCE with MODEL; other models' rows stay; re-run to resume."""
     from flows.reprocess import reprocess, within

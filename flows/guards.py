@@ -19,6 +19,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+from flows.credentials import storage_options
 from flows.history import mark_crashed
 from flows.params import ClassifyParams
 from tasks.lease import DEFAULT_WAIT_SECONDS, Lease, acquire, lease_key
@@ -33,7 +34,8 @@ DEFAULT_GPU_LIMIT = "gpu"
 def exclusive_output(params: ClassifyParams, run_id: str) -> Iterator[Lease]:
     """Hold the output lease for this model; a run that died holding it is marked Crashed in Prefect."""
     wait = float(os.environ.get("ONCOFLOW_LEASE_WAIT_SECONDS", DEFAULT_WAIT_SECONDS))
-    with acquire(open_location(params.output), lease_key(params.model), run_id, wait_seconds=wait) as lease:
+    output = open_location(params.output, storage_options(params.aws_credentials_block, params.s3_endpoint_url))
+    with acquire(output, lease_key(params.model), run_id, wait_seconds=wait) as lease:
         dead = lease.previous
         if dead is not None and dead.run_id != run_id:
             reason = f"process died holding the output lease; superseded by run {run_id}"

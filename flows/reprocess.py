@@ -41,6 +41,9 @@ def reprocess(
     threshold: float = 0.5,
     shard_size: int = 1000,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode: Literal["cpu", "gpu"] = "cpu",
+    s3_endpoint_url: str | None = None,
+    aws_credentials_block: str | None = None,
 ) -> dict[str, Any]:
     """Classify every image under SOURCE (or SOURCE/PREFIX) with MODEL, resuming an interrupted run."""
     values = {k: v for k, v in locals().items() if k != "prefix"}

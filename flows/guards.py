@@ -34,7 +34,9 @@ DEFAULT_GPU_LIMIT = "gpu"
 def exclusive_output(params: ClassifyParams, run_id: str) -> Iterator[Lease]:
     """Hold the output lease for this model; a run that died holding it is marked Crashed in Prefect."""
     wait = float(os.environ.get("ONCOFLOW_LEASE_WAIT_SECONDS", DEFAULT_WAIT_SECONDS))
-    output = open_location(params.output, storage_options(params.aws_credentials_block, params.s3_endpoint_url))
+    output = open_location(
+        params.output, storage_options(params.aws_credentials_block, params.s3_endpoint_url)
+    )
     with acquire(output, lease_key(params.model), run_id, wait_seconds=wait) as lease:
         dead = lease.previous
         if dead is not None and dead.run_id != run_id:

@@ -14,6 +14,7 @@ from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 
 from flows.classify import classify
+from flows.evaluate import evaluate
 from flows.reprocess import reprocess
 from tasks.model import DEFAULT_MODEL
 
@@ -29,7 +30,8 @@ def build_deployments(
     timezone: str = "UTC",
     device: str = "auto",
 ) -> list[RunnerDeployment]:
-    """classify-nightly (cron, in `timezone`) and reprocess-archive (manual; its form asks for the model)."""
+    """classify-nightly (cron, in `timezone`); reprocess-archive and evaluate run on demand (their forms ask
+    for the model, or the labels and the report folder)."""
     defaults: dict[str, Any] = {"source": source, "output": output, "model": model, "device": device}
     # to_deployment is sync-or-async by context; called here from sync code it returns the deployment.
     return [
@@ -44,6 +46,12 @@ def build_deployments(
             name="reprocess-archive",
             parameters={"source": source, "output": output, "device": device},
             description="Re-classify a whole archive (or one sub-folder) with a new model; resumable.",
+            tags=TAGS,
+        ),
+        evaluate.to_deployment(  # type: ignore[list-item]
+            name="evaluate",
+            parameters={"predictions": output},
+            description="Score DEST's predictions against a labels file; report with metrics and plots.",
             tags=TAGS,
         ),
     ]

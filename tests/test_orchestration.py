@@ -120,6 +120,8 @@ def test_served_deployments_register_with_schedule_and_parameters(tmp_path: Path
     assert set(nightly.parameter_openapi_schema["properties"]) >= {"source", "output", "model", "threshold"}
     archive = read_deployment("reprocess/reprocess-archive")
     assert archive.schedules == [] and "model" in archive.parameter_openapi_schema["required"]
+    scoring = read_deployment("evaluate/evaluate")
+    assert scoring.schedules == [] and scoring.parameters == {"predictions": str(tmp_path / "out")}
 
 
 @pytest.mark.slow
@@ -149,6 +151,7 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server: str) -> Non
         ("0 2 * * *", "America/New_York")
     ]
     assert read_deployment("reprocess/reprocess-archive").schedules == []
+    assert read_deployment("evaluate/evaluate").parameters == {"predictions": "/data/predictions"}
 
 
 # --- GPU slot and retries -----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.credentials import storage_options
+from flows.guards import exclusive_output, gpu_slot
 from flows.params import ClassifyParams
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import EngineOptions, classify_files, progress_listeners
@@ -207,15 +208,22 @@ def classify(
     exif_orientation: bool = False,
 ) -> dict[str, Any]:
     """Classify every new or changed image under SOURCE into the Parquet dataset at OUTPUT."""
-    params = ClassifyParams(**{k: v for k, v in locals().items()})
+    return classify_images(ClassifyParams(**{k: v for k, v in locals().items()}))
+
+
+def classify_images(params: ClassifyParams) -> dict[str, Any]:
+    """The body of the classify and reprocess flows: lease → discover → shards → summary."""
     started = time.perf_counter()
     check_storage(params)
-    loaded = load_classifier(params)
-    found, new_files = discover_new_images(params, loaded.revision)
-    for listener in progress_listeners:
-        listener("total", len(new_files))
     run_id = str(flow_run.get_id() or uuid.uuid4())
-    manifests = run_shards(cut_shards(new_files, params.shard_size), params, run_id)
+    loaded = load_classifier(params)  # before the lease: a model that cannot load leaves OUTPUT untouched
+    # The lease makes overlapping runs take turns: listing happens only once it is held (exactly once).
+    with exclusive_output(params, run_id):
+        found, new_files = discover_new_images(params, loaded.revision)
+        for listener in progress_listeners:
+            listener("total", len(new_files))
+        with gpu_slot(loaded.device.type):
+            manifests = run_shards(cut_shards(new_files, params.shard_size), params, run_id)
     summary = summarize(found, len(new_files), manifests, time.perf_counter() - started)
     summary.update(run_id=run_id, model=params.model, model_revision=loaded.revision)
     publish_summary(summary, params, loaded)

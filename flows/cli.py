@@ -310,3 +310,105 @@ evaluate_command_app = typer.Typer(add_completion=False)
 evaluate_command_app.command()(evaluate_command)
 train_command_app = typer.Typer(add_completion=False)
 train_command_app.command()(train_command)
+
+
+PrefixOption = Annotated[
+    str, typer.Option(help="Only this sub-folder of SOURCE (relative path, e.g. 2023/ward-4). Default: all.")
+]
+
+
+@app.command("reprocess")
+def reprocess_command(
+    source: Source,
+    output: Output,
+    model: Annotated[str, typer.Option(help="The new model: Hub id or local save_pretrained folder.")],
+    prefix: PrefixOption = "",
+    revision: RevisionOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    batch_size: BatchOption = 32,
+    threshold: ThresholdOption = 0.5,
+    shard_size: ShardOption = 1000,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    decode: DecodeOption = "cpu",
+    s3_endpoint_url: S3EndpointOption = None,
+    aws_credentials_block: AwsBlockOption = None,
+) -> None:
+    """Classify every image under SOURCE with MODEL; other models' rows stay; re-run to resume."""
+    from flows.reprocess import reprocess, within
+
+    values = {k: v for k, v in locals().items() if k not in {"prefix", "reprocess", "within"}}
+    validated(ClassifyParams, **{**values, "source": within(source, prefix)})
+    try:
+        with progress_bar():
+            summary = reprocess(**values, prefix=prefix)
+    except EXPECTED_ERRORS as exc:
+        fail(str(exc))
+    print_summary(summary)
+
+
+@app.command("history")
+def history_command(
+    limit: Annotated[int, typer.Option(min=1, help="How many runs to show, newest first.")] = 20,
+) -> None:
+    """Recent runs from the Prefect backend: flow, state, start, duration, images, errors."""
+    from flows.history import recent_runs
+
+    table = Table(title="oncoflow runs (newest first)")
+    for column in ("flow", "run", "state", "start (UTC)", "duration", "images", "errors"):
+        table.add_column(column, justify="right" if column in {"duration", "images", "errors"} else "left")
+    for run in recent_runs(limit):
+        table.add_row(
+            run.flow,
+            run.name,
+            run.state,
+            f"{run.start:%Y-%m-%d %H:%M:%S}" if run.start else "-",
+            f"{run.seconds:.1f} s" if run.seconds is not None else "-",
+            "-" if run.images is None else str(run.images),
+            "-" if run.errors is None else str(run.errors),
+        )
+    Console(width=160).print(table)
+
+
+@app.command("prune")
+def prune_command(
+    older_than: Annotated[str, typer.Option(help="Age of the runs to delete: 30d, 12h or 90m.")] = "30d",
+    dry_run: Annotated[bool, typer.Option(help="Only count what would be deleted.")] = False,
+) -> None:
+    """Delete finished flow runs (with task runs, states, artifacts) that ended longer ago than --older-than."""
+    from flows.history import parse_age, prune_runs
+
+    try:
+        age = parse_age(older_than)
+    except ValueError as exc:
+        fail(str(exc), code=2)
+    count = prune_runs(age, dry_run=dry_run)
+    console.print(f"{'would delete' if dry_run else 'deleted'} {count} flow run(s) older than {older_than}")
+
+
+@app.command("serve")
+def serve_command(
+    source: Annotated[str, typer.Option(help="What classify-nightly classifies (folder or s3:// prefix).")],
+    output: Output,
+    model: ModelOption = DEFAULT_MODEL,
+    cron: Annotated[str, typer.Option(help="When classify-nightly runs (cron syntax).")] = "0 2 * * *",
+    timezone: Annotated[str, typer.Option(help="IANA time zone of --cron, e.g. Europe/Berlin.")] = "UTC",
+    device: DeviceOption = "auto",
+    limit: Annotated[int | None, typer.Option(help="At most this many runs at once.")] = None,
+) -> None:
+    """Serve classify-nightly, reprocess-archive and evaluate from this machine until interrupted (Ctrl-C)."""
+    import os
+    from zoneinfo import available_timezones
+
+    if not os.environ.get("PREFECT_API_URL"):
+        fail(
+            "serve needs a running Prefect server: start one with `prefect server start`, then "
+            "export PREFECT_API_URL=http://127.0.0.1:4200/api",
+            code=2,
+        )
+    if timezone not in available_timezones():
+        fail(f"invalid --timezone: {timezone!r} is not an IANA time zone (e.g. UTC, Europe/Berlin)", code=2)
+    validated(ClassifyParams, source=source, output=output, model=model, device=device)
+    from flows.serve import build_deployments, serve_deployments
+
+    serve_deployments(build_deployments(source, output, model, cron, timezone, device), limit=limit)

@@ -1,0 +1,145 @@
+"""Run history through the Prefect client: recent runs, marking dead runs as crashed, pruning old runs.
+
+Prefect keeps every flow run, task run, state, log and artifact until told otherwise; `oncoflow prune`
+(or the server's own vacuum service, docs/operations.md) keeps the database small.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterEndTime,
+    FlowRunFilterStartTime,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.exceptions import ObjectNotFound
+from prefect.states import Crashed
+
+SUMMARY_KEYS = ("classify-summary",)
+FINAL_STATES = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One line of `oncoflow history`."""
+
+    flow: str
+    name: str
+    state: str
+    start: datetime | None
+    seconds: float | None
+    images: int | None
+    errors: int | None
+    run_id: str
+
+
+def recent_runs(limit: int = 20) -> list[RunRow]:
+    """The latest `limit` flow runs, newest first, with image and error counts from their summary artifact."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(  # started runs only: the nightly schedule's future runs are not history
+            flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(is_null_=False)),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=limit,
+        )
+        flows = {run.flow_id: client.read_flow(run.flow_id).name for run in runs}
+        summaries = read_summaries(client, [run.id for run in runs])
+    return [
+        RunRow(
+            flow=flows[run.flow_id],
+            name=run.name,
+            state=run.state_name or "unknown",
+            start=run.start_time,
+            seconds=duration(run),
+            images=summaries.get(str(run.id), {}).get("images_classified"),
+            errors=summaries.get(str(run.id), {}).get("errors"),
+            run_id=str(run.id),
+        )
+        for run in runs
+    ]
+
+
+def duration(run: FlowRun) -> float | None:
+    if run.start_time is None:
+        return None
+    if run.end_time is not None:
+        return (run.end_time - run.start_time).total_seconds()
+    return (datetime.now(UTC) - run.start_time).total_seconds()
+
+
+def read_summaries(client: Any, run_ids: list[Any]) -> dict[str, dict[str, int]]:
+    """run id → integer metrics of its summary table artifact (images_classified, errors, ...)."""
+    if not run_ids:
+        return {}
+    artifacts = client.read_artifacts(
+        artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=run_ids), key=ArtifactFilterKey(any_=list(SUMMARY_KEYS))
+        )
+    )
+    summaries: dict[str, dict[str, int]] = {}
+    for artifact in artifacts:
+        table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+        metrics = {row["metric"]: row["value"] for row in table or [] if isinstance(row, dict)}
+        summaries[str(artifact.flow_run_id)] = {
+            key: int(value) for key, value in metrics.items() if str(value).isdigit()
+        }
+    return summaries
+
+
+def mark_crashed(run_id: str, reason: str) -> bool:
+    """Set a run that is still PENDING or RUNNING to Crashed; True if it was changed."""
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(run_id)  # type: ignore[arg-type]
+        except ObjectNotFound:
+            return False
+        if run.state is None or run.state.type not in (StateType.RUNNING, StateType.PENDING):
+            return False
+        client.set_flow_run_state(run_id, Crashed(message=reason), force=True)
+        return True
+
+
+def prune_runs(older_than: timedelta, dry_run: bool = False) -> int:
+    """Delete finished flow runs that ended before now - older_than, with their task runs and artifacts."""
+    cutoff = datetime.now(UTC) - older_than
+    deleted = 0
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    end_time=FlowRunFilterEndTime(before_=cutoff),  # type: ignore[arg-type]  # pendulum alias
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=FINAL_STATES)),
+                ),
+                limit=200,
+                offset=deleted if dry_run else 0,
+            )
+            if not runs:
+                return deleted
+            for run in runs:
+                if not dry_run:
+                    for artifact in client.read_artifacts(
+                        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+                    ):
+                        client.delete_artifact(artifact.id)
+                    client.delete_flow_run(run.id)
+                deleted += 1
+
+
+def parse_age(text: str) -> timedelta:
+    """`30d`, `12h`, `90m` → a timedelta; anything else is a ValueError naming the accepted forms."""
+    units = {"d": "days", "h": "hours", "m": "minutes"}
+    number, unit = text[:-1], text[-1:].lower()
+    if unit not in units or not number.isdigit() or int(number) <= 0:
+        raise ValueError(f"--older-than {text!r} is not an age; write e.g. 30d, 12h or 90m")
+    return timedelta(**{units[unit]: int(number)})

@@ -1,0 +1,50 @@
+"""The reprocess flow: classify a whole archive (or one sub-folder of it) with a given model.
+
+Rows of other models stay untouched (each model revision has its own partition and its own incremental
+index), and an interrupted reprocess resumes where it stopped: re-running it classifies only what this
+model revision has not written yet. It is the classify flow's own code path, under its own flow name so
+the history tells nightly runs and reprocessing apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.classify import SHARDS_IN_FLIGHT, classify_images
+from flows.params import ClassifyParams
+from tasks.images import DEFAULT_MAX_PIXELS
+
+
+def within(source: str, prefix: str) -> str:
+    """SOURCE narrowed to the sub-folder `prefix` (relative to SOURCE); SOURCE itself when empty."""
+    prefix = prefix.strip("/")
+    return f"{source.rstrip('/')}/{prefix}" if prefix else source
+
+
+@flow(
+    name="reprocess",
+    task_runner=ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT),  # type: ignore[arg-type]
+    log_prints=True,
+)
+def reprocess(
+    source: str,
+    output: str,
+    model: str,
+    prefix: str = "",
+    revision: str | None = None,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+    batch_size: int = 32,
+    threshold: float = 0.5,
+    shard_size: int = 1000,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode: Literal["cpu", "gpu"] = "cpu",
+    s3_endpoint_url: str | None = None,
+    aws_credentials_block: str | None = None,
+) -> dict[str, Any]:
+    """Classify every image under SOURCE (or SOURCE/PREFIX) with MODEL, resuming an interrupted run."""
+    values = {k: v for k, v in locals().items() if k != "prefix"}
+    return classify_images(ClassifyParams(**{**values, "source": within(source, prefix)}))

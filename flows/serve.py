@@ -1,0 +1,62 @@
+"""The deployments, served from this machine: `oncoflow serve` (or `python deployments/serve.py`).
+
+`flow.serve` needs no work pool and no worker: this process polls the Prefect API and runs each
+scheduled or manually triggered run in a subprocess. deployments/prefect.yaml declares the same
+deployments for `prefect deploy` to a work pool.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import serve
+from prefect.deployments.runner import RunnerDeployment
+from prefect.schedules import Cron
+
+from flows.classify import classify
+from flows.evaluate import evaluate
+from flows.reprocess import reprocess
+from tasks.model import DEFAULT_MODEL
+
+NIGHTLY_CRON = "0 2 * * *"  # 02:00 every day, in `timezone`
+TAGS = ["oncoflow", "research-only"]
+
+
+def build_deployments(
+    source: str,
+    output: str,
+    model: str = DEFAULT_MODEL,
+    cron: str = NIGHTLY_CRON,
+    timezone: str = "UTC",
+    device: str = "auto",
+) -> list[RunnerDeployment]:
+    """classify-nightly (cron, in `timezone`); reprocess-archive and evaluate run on demand (their forms ask
+    for the model, or the labels and the report folder)."""
+    defaults: dict[str, Any] = {"source": source, "output": output, "model": model, "device": device}
+    # to_deployment is sync-or-async by context; called here from sync code it returns the deployment.
+    return [
+        classify.to_deployment(  # type: ignore[list-item]
+            name="classify-nightly",
+            schedules=[Cron(cron, timezone=timezone)],
+            parameters=defaults,
+            description="Classify the images that arrived since the last run. Research use only.",
+            tags=TAGS,
+        ),
+        reprocess.to_deployment(  # type: ignore[list-item]
+            name="reprocess-archive",
+            parameters={"source": source, "output": output, "device": device},
+            description="Re-classify a whole archive (or one sub-folder) with a new model; resumable.",
+            tags=TAGS,
+        ),
+        evaluate.to_deployment(  # type: ignore[list-item]
+            name="evaluate",
+            parameters={"predictions": output},
+            description="Score DEST's predictions against a labels file; report with metrics and plots.",
+            tags=TAGS,
+        ),
+    ]
+
+
+def serve_deployments(deployments: list[RunnerDeployment], limit: int | None = None) -> None:
+    """Register the deployments and run their flow runs from this process until interrupted."""
+    serve(*deployments, limit=limit)  # type: ignore[arg-type]

@@ -1,0 +1,274 @@
+"""One writer at a time per (output dataset, model): a lease object inside DEST.
+
+Why: shard files are named by their content, so a retried task or a re-run after `kill -9` overwrites
+its own files. Two runs that overlap, though, list the source at different moments and cut different
+shards of the same images, so one image could land in two files. The lease serialises them: a run lists
+the source only once it holds the lease, so it sees every row the previous holder wrote and classifies
+only what is still missing. Exactly once follows from lease + content-addressed shards + atomic writes.
+
+Local folders: `fcntl.flock` on DEST/_leases/<key>.lease. The kernel drops the lock when its process
+dies, even by SIGKILL, so a crashed run never blocks the next one. While held, the file records the
+holder (run id, host, pid, since); release empties it. A record found by a new holder therefore names a
+run that died holding the lease, which the caller can mark as crashed. (flock needs a local filesystem
+or NFSv4; see docs/operations.md.)
+
+Object stores (S3): a JSON object created with a conditional PUT (`If-None-Match: *`), renewed by a
+heartbeat thread with `If-Match` on its ETag. A lease whose expiry has passed (its holder died or hung)
+is taken over with `If-Match` on the stale ETag, so of two contenders exactly one wins. A store that
+ignores conditional writes is detected at acquire time and reported; overlapping runs are then not
+excluded there.
+
+The key is the model as given (not its resolved revision), so the lease is taken before the model loads:
+two runs of the same model serialise, runs of different models on the same DEST proceed in parallel.
+The `_leases` folder is invisible to readers: pyarrow skips names starting with `_`, and the
+`**/*.parquet` glob of DuckDB or Spark does not match `.lease` files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from tasks.storage import Location
+
+LEASE_FOLDER = "_leases"
+DEFAULT_WAIT_SECONDS = 3600.0  # a nightly run waits this long behind a run still writing, then fails
+DEFAULT_TTL_SECONDS = 600.0  # object stores only: a lease not renewed for this long is free to take
+POLL_SECONDS = 1.0
+
+logger = logging.getLogger(__name__)
+
+
+class LeaseBusy(Exception):
+    """Another live run holds the lease and did not release it within the wait."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lease: enough to find the run in Prefect and the process on its machine."""
+
+    run_id: str
+    host: str
+    pid: int
+    since: str
+
+    @classmethod
+    def me(cls, run_id: str) -> Holder:
+        return cls(run_id, socket.gethostname(), os.getpid(), datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def describe(self) -> str:
+        return f"run {self.run_id} (pid {self.pid} on {self.host}, since {self.since})"
+
+
+def lease_key(model: str) -> str:
+    """A file-safe name for the model as given; local paths are made absolute so spellings agree."""
+    if os.path.isdir(os.path.expanduser(model)):
+        model = os.path.abspath(os.path.expanduser(model))
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", model.rstrip("/").rsplit("/", 1)[-1]).strip("-.") or "model"
+    return f"{readable[:40]}-{hashlib.sha256(model.encode()).hexdigest()[:12]}"
+
+
+class Lease:
+    """A held lease; release it with `release()` or by leaving the `with` block."""
+
+    def __init__(self, location: Location, key: str, holder: Holder, previous: Holder | None) -> None:
+        self.location, self.key, self.holder = location, key, holder
+        self.previous = previous  # the record of a holder that died holding this lease, if any
+        self.lost: str | None = None  # object stores: why the lease was lost, set by the heartbeat
+
+    @property
+    def path(self) -> str:
+        return self.location.join(LEASE_FOLDER, f"{self.key}.lease")
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class FileLease(Lease):
+    """flock on a local file: held while the descriptor is open, dropped by the kernel on process death."""
+
+    def __init__(
+        self, location: Location, key: str, holder: Holder, fd: int, previous: Holder | None
+    ) -> None:
+        super().__init__(location, key, holder, previous)
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        # Empty the record before unlocking: a record left behind means its holder died.
+        os.ftruncate(self.fd, 0)
+        os.close(self.fd)  # closing drops the flock
+        self.fd = None
+
+
+class ObjectLease(Lease):
+    """A conditional-write lease object, renewed by a daemon heartbeat thread."""
+
+    def __init__(
+        self, location: Location, key: str, holder: Holder, etag: str, ttl: float, previous: Holder | None
+    ) -> None:
+        super().__init__(location, key, holder, previous)
+        self.etag, self.ttl = etag, ttl
+        self.stopped = threading.Event()
+        self.heartbeat = threading.Thread(target=self._renew, name=f"oncoflow-lease-{key}", daemon=True)
+        self.heartbeat.start()
+
+    def _renew(self) -> None:
+        while not self.stopped.wait(self.ttl / 4):
+            try:
+                self.etag = _put(self.location, self.path, _record(self.holder, self.ttl), if_match=self.etag)
+            except OSError as exc:
+                self.lost = f"lease {self.path} could not be renewed ({exc}); another run may take it over"
+                logger.error(self.lost)
+                return
+
+    def release(self) -> None:
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        self.heartbeat.join()
+        if self.lost is None:
+            try:
+                _call(self.location, "delete_object", self.path, IfMatch=self.etag)
+            except OSError as exc:  # it expires on its own; a failed delete only delays the next run
+                logger.warning("could not delete lease %s: %s", self.path, exc)
+
+
+def acquire(
+    location: Location,
+    key: str,
+    run_id: str,
+    wait_seconds: float = DEFAULT_WAIT_SECONDS,
+    ttl_seconds: float = DEFAULT_TTL_SECONDS,
+) -> Lease:
+    """Take the lease `key` in `location`, waiting up to `wait_seconds` for a live holder to finish."""
+    holder = Holder.me(run_id)
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        lease = (
+            _try_file(location, key, holder)
+            if location.is_local
+            else _try_object(location, key, holder, ttl_seconds)
+        )
+        if isinstance(lease, Lease):
+            return lease
+        if time.monotonic() >= deadline:
+            where = location.join(LEASE_FOLDER, f"{key}.lease")
+            raise LeaseBusy(
+                f"{where} is held by {lease.describe() if lease else 'another run'} and was not released "
+                f"within {wait_seconds:.0f} s; wait for that run to finish (or stop it), then run again"
+            )
+        time.sleep(POLL_SECONDS)
+
+
+def _try_file(location: Location, key: str, holder: Holder) -> Lease | Holder | None:
+    """The lease, or the current holder's record (None if unreadable) when another process holds it."""
+    folder = location.join(LEASE_FOLDER)
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, f"{key}.lease"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        current = _parse(os.pread(fd, 4096, 0))
+        os.close(fd)
+        return current
+    previous = _parse(os.pread(fd, 4096, 0))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, _record(holder, None), 0)
+    os.fsync(fd)
+    return FileLease(location, key, holder, fd, previous)
+
+
+def _try_object(location: Location, key: str, holder: Holder, ttl: float) -> Lease | Holder | None:
+    path = location.join(LEASE_FOLDER, f"{key}.lease")
+    previous = None
+    try:
+        etag = _put(location, path, _record(holder, ttl), if_none_match=True)
+    except FileExistsError:
+        try:
+            # ETag first, then the body: the body is at least as new as the ETag, so a takeover
+            # conditioned on that ETag can only replace the expired record it read.
+            stale_etag = str(_call(location, "head_object", path)["ETag"])
+            data = location.fs.cat_file(path)
+        except FileNotFoundError:  # released in between: try again at once
+            return _try_object(location, key, holder, ttl)
+        current = _parse(data)
+        if time.time() < _expiry(data):
+            return current
+        try:
+            etag = _put(location, path, _record(holder, ttl), if_match=stale_etag)
+        except OSError:  # another contender took over the stale lease first
+            return current
+        previous = current
+    etag = _check_conditional_writes(location, path, _record(holder, ttl), etag)
+    return ObjectLease(location, key, holder, etag, ttl, previous)
+
+
+def _check_conditional_writes(location: Location, path: str, record: bytes, etag: str) -> str:
+    """A second create must fail; where it succeeds the store cannot exclude overlapping runs. The ETag now."""
+    try:
+        etag = _put(location, path, record, if_none_match=True)
+    except FileExistsError:
+        return etag
+    logger.warning(
+        "the object store behind %s ignores conditional writes (If-None-Match); overlapping runs on this "
+        "output are not excluded there: schedule them so they do not overlap",
+        location.uri,
+    )
+    return etag
+
+
+def _record(holder: Holder, ttl: float | None) -> bytes:
+    fields: dict[str, Any] = asdict(holder)
+    if ttl is not None:
+        fields["expires"] = time.time() + ttl
+    return json.dumps(fields).encode()
+
+
+def _expiry(data: bytes) -> float:
+    try:
+        return float(json.loads(data).get("expires", 0))
+    except (ValueError, AttributeError):
+        return 0.0
+
+
+def _parse(data: bytes) -> Holder | None:
+    try:
+        fields = json.loads(data)
+        return Holder(str(fields["run_id"]), str(fields["host"]), int(fields["pid"]), str(fields["since"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _call(location: Location, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    """One S3 call through s3fs, which turns botocore errors into Python's own (412 → FileExistsError/OSError)."""
+    bucket, key, _ = location.fs.split_path(path)
+    return location.fs.call_s3(method, Bucket=bucket, Key=key, **kwargs)
+
+
+def _put(
+    location: Location, path: str, data: bytes, if_none_match: bool = False, if_match: str | None = None
+) -> str:
+    conditions: dict[str, str] = {}
+    if if_none_match:
+        conditions["IfNoneMatch"] = "*"
+    if if_match:
+        conditions["IfMatch"] = if_match
+    return str(_call(location, "put_object", path, Body=data, **conditions)["ETag"])

@@ -1,0 +1,289 @@
+"""Orchestration against the real Prefect test server: the output lease, deployments, GPU slots, retries,
+reprocessing, history and pruning."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+from moto.server import ThreadedMotoServer
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.concurrency.sync import concurrency
+from typer.testing import CliRunner
+
+from flows.classify import classify
+from flows.cli import app
+from flows.guards import gpu_slot
+from flows.history import prune_runs, recent_runs
+from flows.serve import build_deployments
+from tasks.lease import LeaseBusy, acquire, lease_key
+from tasks.storage import open_location
+
+REPO = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def rows(output: Path) -> list[dict]:
+    return ds.dataset(str(output), format="parquet", partitioning="hive").to_table().to_pylist()
+
+
+# --- the output lease ---------------------------------------------------------------------------------
+
+
+def test_local_lease_excludes_a_second_holder_until_released(tmp_path: Path) -> None:
+    location = open_location(str(tmp_path / "out"))
+    with acquire(location, "m", "run-a", wait_seconds=0) as first:
+        assert first.previous is None
+        with pytest.raises(LeaseBusy, match="run-a"):
+            acquire(location, "m", "run-b", wait_seconds=0)
+        acquire(location, "other-model", "run-c", wait_seconds=0).release()  # other models are not blocked
+    with acquire(location, "m", "run-b", wait_seconds=0) as second:
+        assert second.previous is None  # released cleanly: nobody died holding it
+    assert not list((tmp_path / "out").rglob("*.parquet")) and lease_key("a/b") != lease_key("a/c")
+
+
+def test_local_lease_of_a_killed_process_is_free_and_names_the_dead_run(tmp_path: Path) -> None:
+    code = (
+        "import sys, time; from tasks.lease import acquire; from tasks.storage import open_location; "
+        "acquire(open_location(sys.argv[1]), 'm', 'run-dead', wait_seconds=0); print('held', flush=True); "
+        "time.sleep(60)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with pytest.raises(LeaseBusy, match="run-dead"):
+        acquire(open_location(str(tmp_path)), "m", "run-next", wait_seconds=0)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with acquire(open_location(str(tmp_path)), "m", "run-next", wait_seconds=0) as lease:
+        assert lease.previous is not None and lease.previous.run_id == "run-dead"
+
+
+@pytest.mark.s3
+def test_object_store_lease_uses_conditional_writes_and_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        options = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
+        location = open_location("s3://leases/out", options)
+        location.fs.mkdir("leases")
+        first = acquire(location, "m", "run-a", wait_seconds=0, ttl_seconds=2)
+        with pytest.raises(LeaseBusy, match="run-a"):
+            acquire(location, "m", "run-b", wait_seconds=0, ttl_seconds=2)
+        time.sleep(1.5)  # the heartbeat renews at ttl/4: still held after most of a ttl
+        with pytest.raises(LeaseBusy):
+            acquire(location, "m", "run-b", wait_seconds=0, ttl_seconds=2)
+        first.stopped.set()  # the holder hangs: no more renewals
+        first.heartbeat.join()
+        time.sleep(2.1)
+        with acquire(location, "m", "run-b", wait_seconds=0, ttl_seconds=2) as second:
+            assert second.previous is not None and second.previous.run_id == "run-a"
+        assert not location.fs.exists("leases/out/_leases/m.lease")  # released: deleted
+    finally:
+        server.stop()
+
+
+# --- deployments --------------------------------------------------------------------------------------
+
+
+def read_deployment(name: str):
+    with get_client(sync_client=True) as client:
+        return client.read_deployment_by_name(name)
+
+
+def test_served_deployments_register_with_schedule_and_parameters(tmp_path: Path) -> None:
+    for deployment in build_deployments("/data/scans", str(tmp_path / "out"), "m", timezone="Europe/Berlin"):
+        deployment.apply()
+    nightly = read_deployment("classify/classify-nightly")
+    assert nightly.parameters == {
+        "source": "/data/scans",
+        "output": str(tmp_path / "out"),
+        "model": "m",
+        "device": "auto",
+    }
+    [schedule] = nightly.schedules
+    assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "Europe/Berlin"
+    assert set(nightly.parameter_openapi_schema["properties"]) >= {"source", "output", "model", "threshold"}
+    archive = read_deployment("reprocess/reprocess-archive")
+    assert archive.schedules == [] and "model" in archive.parameter_openapi_schema["required"]
+    scoring = read_deployment("evaluate/evaluate")
+    assert scoring.schedules == [] and scoring.parameters == {"predictions": str(tmp_path / "out")}
+
+
+@pytest.mark.slow
+def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server: str) -> None:
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_server,
+        "ONCOFLOW_REPO": str(REPO),
+        "ONCOFLOW_SOURCE": "/data/scans",
+        "ONCOFLOW_OUTPUT": "/data/predictions",
+        "ONCOFLOW_MODEL": "Shivamnegi92/cancer-classification-vit",
+        "ONCOFLOW_TIMEZONE": "America/New_York",
+    }
+    prefect = [sys.executable, "-m", "prefect"]
+    for command in (
+        [*prefect, "work-pool", "create", "oncoflow-local", "--type", "process", "--overwrite"],
+        [*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
+    ):
+        done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stdout + done.stderr
+    nightly = read_deployment("classify/classify-nightly")
+    assert nightly.work_pool_name == "oncoflow-local"
+    assert (
+        nightly.parameters["source"] == "/data/scans" and nightly.parameters["output"] == "/data/predictions"
+    )
+    assert [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [
+        ("0 2 * * *", "America/New_York")
+    ]
+    assert read_deployment("reprocess/reprocess-archive").schedules == []
+    assert read_deployment("evaluate/evaluate").parameters == {"predictions": "/data/predictions"}
+
+
+# --- GPU slot and retries -----------------------------------------------------------------------------
+
+
+def test_gpu_slot_creates_the_limit_and_serialises_holders(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONCOFLOW_GPU_LIMIT", "gpu-test")
+    with gpu_slot("cpu"):  # CPU runs never touch the limit
+        pass
+    with get_client(sync_client=True) as client:
+        assert "gpu-test" not in {limit.name for limit in client.read_global_concurrency_limits()}
+    with gpu_slot("cuda"):
+        with get_client(sync_client=True) as client:
+            assert client.read_global_concurrency_limit_by_name("gpu-test").limit == 1
+        with pytest.raises(TimeoutError), concurrency("gpu-test", timeout_seconds=1, strict=True):
+            pass  # a second run waits while the slot is held
+    with concurrency("gpu-test", timeout_seconds=5, strict=True):
+        pass  # free again once the first run let go
+
+
+def test_a_transient_failure_in_a_shard_is_retried_and_the_run_completes(
+    image_folder: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    """A real OSError: the shard's date folder is a dangling symlink (makedirs raises FileExistsError;
+    readers skip it) until the first attempt has failed."""
+    output = tmp_path / "preds"
+    summary = classify(str(image_folder), str(output), model=tiny_model, device="cpu")
+    slug = Path(summary["output_files"][0]).parent.parent.name
+    blocked = tmp_path / "preds-retry" / slug / f"date={datetime.now(UTC):%Y-%m-%d}"
+    blocked.parent.mkdir(parents=True)
+    blocked.symlink_to(tmp_path / "nowhere")
+
+    def unblock_after_first_failure() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with get_client(sync_client=True) as client:
+                if any(run.state_name == "AwaitingRetry" for run in client.read_task_runs()):
+                    blocked.unlink()
+                    return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=unblock_after_first_failure)
+    watcher.start()
+    retried = classify(str(image_folder), str(tmp_path / "preds-retry"), model=tiny_model, device="cpu")
+    watcher.join()
+    assert not blocked.is_symlink() and retried["images_classified"] == 6
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[retried["run_id"]]))
+        )
+    assert max(run.run_count for run in task_runs if run.name.startswith("classify-shard")) == 2
+
+
+def test_a_bad_model_is_not_retried(image_folder: Path, tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = runner.invoke(
+        app, ["classify", str(image_folder), "-o", str(tmp_path / "o"), "--model", "org/none"]
+    )
+    assert result.exit_code == 1 and time.monotonic() - started < 30  # no retry delays of 5 s and 30 s
+
+
+# --- reprocess, history, prune ------------------------------------------------------------------------
+
+
+def test_reprocess_adds_a_new_models_rows_and_leaves_the_old_ones(
+    image_folder: Path, tmp_path: Path, tiny_model: str, tiny_model_imagenet: str
+) -> None:
+    output = tmp_path / "preds"
+    classify(str(image_folder), str(output), model=tiny_model, device="cpu")
+    before = {(r["image_uri"], r["prob_malignant"], str(r["processed_at"])) for r in rows(output)}
+
+    args = [
+        "reprocess",
+        str(image_folder),
+        "-o",
+        str(output),
+        "--model",
+        tiny_model_imagenet,
+        "--device",
+        "cpu",
+    ]
+    narrowed = runner.invoke(app, [*args, "--prefix", "sub"])
+    assert narrowed.exit_code == 0, narrowed.output
+    new_rows = [r for r in rows(output) if r["model"] == tiny_model_imagenet]
+    assert sorted(Path(r["image_uri"]).name for r in new_rows) == ["d.tif", "e.jpeg", "f.bmp"]
+
+    full = runner.invoke(app, args)  # resumes: only the three images outside sub/ are left
+    assert full.exit_code == 0, full.output
+    everything = rows(output)
+    assert len([r for r in everything if r["model"] == tiny_model_imagenet]) == 6
+    assert {
+        (r["image_uri"], r["prob_malignant"], str(r["processed_at"]))
+        for r in everything
+        if r["model"] == tiny_model
+    } == before
+    runs = [run for run in recent_runs(limit=5) if run.flow == "reprocess"]
+    assert [(run.state, run.images) for run in runs[:2]] == [("Completed", 3), ("Completed", 3)]
+
+
+def test_reprocess_requires_a_model_and_an_existing_prefix(image_folder: Path, tmp_path: Path) -> None:
+    assert runner.invoke(app, ["reprocess", str(image_folder), "-o", str(tmp_path / "o")]).exit_code == 2
+    result = runner.invoke(
+        app, ["reprocess", str(image_folder), "-o", str(tmp_path / "o"), "--model", "m", "--prefix", "nope"]
+    )
+    assert result.exit_code == 2 and "nope" in result.output
+
+
+def test_history_lists_runs_with_their_image_counts(
+    image_folder: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    summary = classify(str(image_folder), str(tmp_path / "preds"), model=tiny_model, device="cpu")
+    latest = recent_runs(limit=1)[0]
+    assert (latest.flow, latest.state, latest.images, latest.errors) == ("classify", "Completed", 6, 0)
+    assert latest.run_id == summary["run_id"] and latest.seconds is not None and latest.seconds > 0
+    result = runner.invoke(app, ["history", "--limit", "3"])
+    assert result.exit_code == 0 and "classify" in result.output and "Completed" in result.output
+
+
+def test_prune_deletes_only_finished_runs_older_than_the_cutoff(
+    image_folder: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    old = classify(str(image_folder), str(tmp_path / "a"), model=tiny_model, device="cpu")["run_id"]
+    time.sleep(1)
+    recent = classify(str(image_folder), str(tmp_path / "b"), model=tiny_model, device="cpu")["run_id"]
+    with get_client(sync_client=True) as client:  # the server stamps end times itself: cut between the two
+        old_end, recent_end = (client.read_flow_run(run).end_time for run in (old, recent))  # type: ignore[arg-type]
+    cutoff = old_end + (recent_end - old_end) / 2
+
+    assert runner.invoke(app, ["prune", "--older-than", "30d"]).output.strip().startswith("deleted 0")
+    assert prune_runs(datetime.now(UTC) - cutoff, dry_run=True) >= 1
+    assert prune_runs(datetime.now(UTC) - cutoff) >= 1
+    with get_client(sync_client=True) as client:
+        left = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[old, recent])))
+    assert {str(run.id) for run in left} == {recent}
+    assert runner.invoke(app, ["prune", "--older-than", "soon"]).exit_code == 2

@@ -13,10 +13,11 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from flows.params import ClassifyParams, describe_validation_error
+from flows.params import ClassifyParams, RunnerParams, describe_validation_error
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import progress_listeners
 from tasks.model import DEFAULT_MODEL, ModelError
@@ -39,7 +40,7 @@ EXPECTED_ERRORS = (ModelError, FileNotFoundError, PermissionError, NotADirectory
 
 
 def fail(message: str, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -125,6 +126,19 @@ ShardOption = Annotated[int, typer.Option(help="Images per task and per output P
 MaxPixelsOption = Annotated[
     int, typer.Option(help="Images with more pixels become `too_large` error rows (decompression bombs).")
 ]
+RunnerOption = Annotated[
+    str, typer.Option(help="Where shards run: local (threads here), dask or ray (see docs/scaling.md).")
+]
+DaskAddressOption = Annotated[
+    str | None,
+    typer.Option(help="Dask scheduler (tcp://HOST:8786); without it --runner dask starts a LocalCluster."),
+]
+DaskWorkersOption = Annotated[
+    int, typer.Option(help="Worker processes of the LocalCluster that --runner dask starts without address.")
+]
+RayAddressOption = Annotated[
+    str | None, typer.Option(help="Ray cluster address (ray://HOST:10001); needs pip install 'oncoflow[ray]'.")
+]
 
 
 def classify_command(
@@ -138,14 +152,28 @@ def classify_command(
     threshold: ThresholdOption = 0.5,
     shard_size: ShardOption = 1000,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    runner: RunnerOption = "local",
+    dask_address: DaskAddressOption = None,
+    dask_workers: DaskWorkersOption = 1,
+    ray_address: RayAddressOption = None,
 ) -> None:
     """Classify new or changed images under SOURCE; append one Parquet row per image to OUTPUT."""
-    params = validated(ClassifyParams, **{k: v for k, v in locals().items()})
+    params = validated(
+        ClassifyParams, **{k: v for k, v in locals().items() if k not in RunnerParams.model_fields}
+    )
+    placement = validated(
+        RunnerParams,
+        runner=runner,
+        dask_address=dask_address,
+        dask_workers=dask_workers,
+        ray_address=ray_address,
+    )
     from flows.classify import classify
+    from flows.runners import with_runner
 
     try:
         with progress_bar():
-            summary = classify(**params.model_dump())
+            summary = with_runner(classify, placement)(**params.model_dump())
     except EXPECTED_ERRORS as exc:
         fail(str(exc))
     print_summary(summary)

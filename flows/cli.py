@@ -17,7 +17,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from flows.params import ClassifyParams, RunnerParams, describe_validation_error
+from flows.params import ClassifyParams, DatasetParams, RunnerParams, describe_validation_error
+from tasks.compact import TARGET_ROWS
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import progress_listeners
 from tasks.model import DEFAULT_MODEL, ModelError
@@ -137,7 +138,8 @@ DaskWorkersOption = Annotated[
     int, typer.Option(help="Worker processes of the LocalCluster that --runner dask starts without address.")
 ]
 RayAddressOption = Annotated[
-    str | None, typer.Option(help="Ray cluster address (ray://HOST:10001); needs pip install 'oncoflow[ray]'.")
+    str | None,
+    typer.Option(help="Ray cluster address (ray://HOST:10001); needs pip install 'oncoflow[ray]'."),
 ]
 
 
@@ -183,3 +185,59 @@ app.command("classify")(classify_command)
 
 classify_command_app = typer.Typer(add_completion=False)
 classify_command_app.command()(classify_command)
+
+
+Dest = Annotated[str, typer.Argument(help="Output dataset folder written by `oncoflow classify --output`.")]
+
+
+@app.command("compact")
+def compact_command(
+    dest: Dest,
+    target_rows: Annotated[
+        int, typer.Option(help="Rows per merged file (4,000,000 ≈ 80-120 MB; see docs/analytics.md).")
+    ] = TARGET_ROWS,
+) -> None:
+    """Merge each partition's small Parquet files into larger ones; no row is lost or doubled."""
+    params = validated(DatasetParams, dest=dest, target_rows=target_rows)
+    from flows.analytics import compact_dataset
+
+    try:
+        report = compact_dataset(params.dest, params.target_rows)
+    except EXPECTED_ERRORS as exc:
+        fail(str(exc))
+    Console().print(
+        f"merged {report['files_merged']} files into {report['files_written']} "
+        f"({report['rows_merged']} rows, {report['partitions']} partitions)"
+    )
+
+
+@app.command("latest")
+def latest_command(
+    dest: Dest,
+    output: Annotated[str, typer.Option("--output", "-o", help="File to write: .parquet or .csv.")],
+) -> None:
+    """Export one row per image, from the newest model revision that classified it (docs/analytics.md)."""
+    params = validated(DatasetParams, dest=dest)
+    from tasks.analytics import export_latest
+
+    try:
+        rows = export_latest(params.dest, output)
+    except EXPECTED_ERRORS as exc:
+        fail(str(exc))
+    Console().print(f"wrote {rows} rows (one per image) to {output}")
+
+
+@app.command("report")
+def report_command(
+    dest: Dest,
+    output: Annotated[str, typer.Option("--output", "-o", help="File to write: .html or .png.")],
+) -> None:
+    """Plot volumes per day, Malignant share, confidence and errors. Research use only, not a diagnosis."""
+    params = validated(DatasetParams, dest=dest)
+    from tasks.report import write_report
+
+    try:
+        data = write_report(params.dest, output)
+    except EXPECTED_ERRORS as exc:
+        fail(str(exc))
+    Console().print(f"wrote {output}: {data.totals['images (latest row each)']} images")

@@ -1,6 +1,6 @@
 """Figures behind docs/scaling.md: local listing speed and the incremental index's cost.
 
-    PYTHONPATH=. python bench/index_and_listing.py --files 20000 --rows 1000000
+PYTHONPATH=. python bench/index_and_listing.py --files 20000 --rows 1000000
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ def main() -> None:
 
     n = args.rows
     uris = pa.array([f"s3://archive/site-{i % 10}/2026/03/{i % 30:02d}/scan_{i:010d}.jpg" for i in range(n)])
-    table = pa.table(
-        {name: pa.nulls(n, SCHEMA.field(name).type) for name in SCHEMA.names}
-    ).set_column(0, "image_uri", uris)
+    table = pa.table({name: pa.nulls(n, SCHEMA.field(name).type) for name in SCHEMA.names}).set_column(
+        0, "image_uri", uris
+    )
     table = table.set_column(1, "fingerprint", pa.array([f"{i:032x}:{100_000 + i % 999}" for i in range(n)]))
     table = table.set_column(SCHEMA.names.index("model_revision"), "model_revision", pa.array(["rev"] * n))
     out = os.path.join(work, "out", "model_slug=m-rev", "date=2026-03-01")
@@ -45,7 +45,9 @@ def main() -> None:
     started = time.perf_counter()
     index = read_index(open_location(os.path.join(work, "out")), "rev")
     seconds = time.perf_counter() - started
-    print(f"read_index: {index.num_rows:,} rows in {seconds:.2f} s, {index.nbytes / n:.0f} bytes/row in memory")
+    print(
+        f"read_index: {index.num_rows:,} rows in {seconds:.2f} s, {index.nbytes / n:.0f} bytes/row in memory"
+    )
 
 
 if __name__ == "__main__":

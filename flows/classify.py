@@ -70,7 +70,10 @@ def classify_shard(
     model = load_classifier(params)
     shard = shard_id(files, model.revision)
     options = EngineOptions(
-        batch_size=params.batch_size, threshold=params.threshold, max_pixels=params.max_pixels
+        batch_size=params.batch_size,
+        threshold=params.threshold,
+        max_pixels=params.max_pixels,
+        decode=params.decode,
     )
     table = classify_files(files, open_location(params.source).fs, model, options, run_id, shard)
     path = write_shard(
@@ -173,6 +176,7 @@ def classify(
     threshold: float = 0.5,
     shard_size: int = 1000,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode: Literal["cpu", "gpu"] = "cpu",
 ) -> dict[str, Any]:
     """Classify every new or changed image under SOURCE into the Parquet dataset at OUTPUT."""
     params = ClassifyParams(**{k: v for k, v in locals().items()})

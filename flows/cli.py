@@ -141,6 +141,14 @@ RayAddressOption = Annotated[
     str | None,
     typer.Option(help="Ray cluster address (ray://HOST:10001); needs pip install 'oncoflow[ray]'."),
 ]
+DecodeOption = Annotated[
+    str,
+    typer.Option(
+        help="cpu: decode, resize and normalize with PIL (exact parity with the reference snippet). "
+        "gpu: resize/normalize batched on the model's device and decode JPEGs with nvjpeg when torchvision "
+        "is installed (faster on GPUs; agreement in bench/README.md)."
+    ),
+]
 
 
 def classify_command(
@@ -158,6 +166,7 @@ def classify_command(
     dask_address: DaskAddressOption = None,
     dask_workers: DaskWorkersOption = 1,
     ray_address: RayAddressOption = None,
+    decode: DecodeOption = "cpu",
 ) -> None:
     """Classify new or changed images under SOURCE; append one Parquet row per image to OUTPUT."""
     params = validated(

@@ -37,6 +37,9 @@ class ClassifyParams(BaseModel):
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="Malignant iff prob_malignant >= threshold")
     shard_size: int = Field(1000, ge=1, le=100_000, description="Images per task and per output file")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger images become too_large rows")
+    decode: Literal["cpu", "gpu"] = Field(
+        "cpu", description="cpu: exact PIL path; gpu: resize (+nvjpeg) on device"
+    )
 
     @model_validator(mode="after")
     def _check_locations(self) -> ClassifyParams:

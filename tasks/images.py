@@ -126,3 +126,114 @@ class ProcessorFallback:
 def make_preprocessor(config: dict[str, Any], model_dir: str) -> Preprocessor | ProcessorFallback:
     """The fastest exact preprocessing for a model's processor config."""
     return Preprocessor.from_config(config) or ProcessorFallback(model_dir)
+
+
+TORCH_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class DevicePreprocessor:
+    """Resize and normalize on the model's device, in batches; optionally decode JPEGs there too (nvjpeg).
+
+    Host workers then only decode (or, for JPEGs with `nvjpeg`, only read the header), which is what
+    lets one GPU be fed faster than the CPU cores could resize. Resizing uses torch's antialiased
+    bilinear/bicubic, rounded to 8 bits like PIL, so it agrees closely but not bit-exactly with the
+    reference (bilinear: within 2 of 255 levels; bicubic: torch's kernel a=-0.75 differs from PIL's a=-0.5,
+    up to ~16 levels on sharp edges). bench/throughput.py reports the agreement; `--decode cpu` stays exact.
+    """
+
+    def __init__(self, preprocessor: Preprocessor, nvjpeg: bool = False) -> None:
+        if preprocessor.resample not in TORCH_MODES:
+            raise ValueError(f"resample={preprocessor.resample} has no device equivalent; use --decode cpu")
+        self.host = preprocessor
+        self.nvjpeg = nvjpeg
+
+    def encode_or_decode(self, data: bytes, max_pixels: int) -> tuple[np.ndarray, int, int]:
+        """Host side: raw JPEG bytes (header checked) for nvjpeg, else decoded uint8 RGB pixels (H, W, 3)."""
+        if self.nvjpeg and data[:3] == JPEG_MAGIC:
+            try:
+                with Image.open(io.BytesIO(data)) as header:
+                    width, height, mode = header.width, header.height, header.mode
+            except (OSError, SyntaxError, ValueError) as exc:
+                raise ImageError("not_an_image", str(exc)) from exc
+            if width * height > max_pixels:
+                raise ImageError("too_large", f"{width}x{height} pixels exceeds the limit of {max_pixels}")
+            if mode in ("RGB", "L"):  # CMYK/YCCK JPEGs take the exact host path
+                return np.frombuffer(data, np.uint8), width, height
+        image = decode_image(data, max_pixels)
+        return np.array(image), image.width, image.height
+
+    def batch(self, items: list[np.ndarray], device: Any, dtype: Any) -> tuple[Any, dict[int, str]]:
+        """Device tensor (n_ok, 3, H, W) for the items, and {item index: error} for those that failed."""
+        import torch
+        import torch.nn.functional as functional
+
+        decoded: dict[int, Any] = {}
+        failures: dict[int, str] = {}
+        encoded = [i for i, item in enumerate(items) if item.ndim == 1]
+        if encoded:
+            decoded.update(self._decode_jpegs(items, encoded, device, failures))
+        for i, item in enumerate(items):
+            if item.ndim == 3:
+                decoded[i] = (
+                    torch.from_numpy(np.ascontiguousarray(item))
+                    .to(device, non_blocking=True)
+                    .permute(2, 0, 1)
+                )
+        resized = []
+        for i in sorted(decoded):
+            pixels = decoded[i].unsqueeze(0).float()
+            if self.host.do_resize and tuple(pixels.shape[-2:]) != (self.host.height, self.host.width):
+                pixels = functional.interpolate(
+                    pixels,
+                    size=(self.host.height, self.host.width),
+                    mode=TORCH_MODES[Image.Resampling(self.host.resample)],
+                    antialias=True,
+                    align_corners=False,
+                )
+                pixels = pixels.round_().clamp_(0, 255)
+            resized.append(pixels)
+        if not resized:
+            return torch.empty(0, 3, self.host.height, self.host.width, device=device, dtype=dtype), failures
+        batch = torch.cat(resized)
+        if self.host.do_rescale:
+            batch = batch * self.host.rescale_factor
+        if self.host.do_normalize:
+            mean = torch.tensor(self.host.mean, device=device).view(1, 3, 1, 1)
+            std = torch.tensor(self.host.std, device=device).view(1, 3, 1, 1)
+            batch = (batch - mean) / std
+        return batch.to(dtype), failures
+
+    @staticmethod
+    def _decode_jpegs(
+        items: list[np.ndarray], indices: list[int], device: Any, failures: dict[int, str]
+    ) -> dict[int, Any]:
+        """nvjpeg in one batched call; files it rejects are decoded on the host instead (exact fallback)."""
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        tensors = [torch.from_numpy(items[i].copy()) for i in indices]
+        try:
+            return dict(
+                zip(indices, decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device), strict=True)
+            )
+        except RuntimeError:
+            decoded = {}
+            for i in indices:
+                try:
+                    image = decode_image(items[i].tobytes())
+                    decoded[i] = torch.from_numpy(np.asarray(image).copy()).to(device).permute(2, 0, 1)
+                except ImageError as exc:
+                    failures[i] = str(exc)
+            return decoded
+
+
+def nvjpeg_available(device: Any) -> bool:
+    """True when torchvision can decode JPEGs on this (CUDA) device."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return False
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True

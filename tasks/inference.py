@@ -14,13 +14,23 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Literal
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import torch
 
-from tasks.images import DEFAULT_MAX_PIXELS, ImageError, Preprocessor, decode_image, make_preprocessor
+from tasks.images import (
+    DEFAULT_MAX_PIXELS,
+    DevicePreprocessor,
+    ImageError,
+    Preprocessor,
+    ProcessorFallback,
+    decode_image,
+    make_preprocessor,
+    nvjpeg_available,
+)
 from tasks.model import LoadedModel
 from tasks.sink import SCHEMA
 from tasks.storage import DiscoveredFile, read_bytes
@@ -37,6 +47,10 @@ class EngineOptions:
     decode_workers: int = field(default_factory=lambda: min(16, os.cpu_count() or 1))
     prefetch_batches: int = 2  # decoded batches allowed to wait for the model
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # "cpu": decode, resize and normalize in host workers with PIL (exact reference parity).
+    # "gpu": host workers only decode (JPEGs: only read, for nvjpeg when torchvision has it); resize and
+    # normalize run batched on the model's device. Faster on GPUs, close but not bit-exact.
+    decode: Literal["cpu", "gpu"] = "cpu"
 
 
 @dataclass
@@ -53,7 +67,7 @@ class Prepared:
 def prepare(
     file: DiscoveredFile,
     fs: fsspec.AbstractFileSystem,
-    preprocess: Callable[..., np.ndarray],
+    preprocess: Preprocess,
     max_pixels: int,
 ) -> Prepared:
     """Read, decode and preprocess one file; failures become a Prepared with an error, never raise."""
@@ -64,6 +78,9 @@ def prepare(
     except OSError as exc:
         return Prepared(file, error=f"read_failed: {type(exc).__name__}: {exc}")
     try:
+        if isinstance(preprocess, DevicePreprocessor):
+            pixels, width, height = preprocess.encode_or_decode(data, max_pixels)
+            return Prepared(file, pixels, width=width, height=height)
         image = decode_image(data, max_pixels)
         return Prepared(file, preprocess(image), width=image.width, height=image.height)
     except ImageError as exc:
@@ -75,7 +92,7 @@ def prepare(
 def prepared_stream(
     files: Sequence[DiscoveredFile],
     fs: fsspec.AbstractFileSystem,
-    preprocess: Preprocessor | Callable[..., np.ndarray],
+    preprocess: Preprocess,
     options: EngineOptions,
 ) -> Iterator[Prepared]:
     """Prepared files in input order, with at most a bounded number in flight."""
@@ -91,13 +108,32 @@ def prepared_stream(
             yield pending.popleft().result()
 
 
-@torch.inference_mode()
-def predict(model: LoadedModel, pixels: np.ndarray) -> np.ndarray:
-    """Class probabilities (n, num_labels) as float64, softmax computed in fp32."""
-    inputs = torch.from_numpy(pixels)
+Preprocess = Preprocessor | ProcessorFallback | DevicePreprocessor
+
+
+def choose_preprocessor(model: LoadedModel, decode: str) -> Preprocess:
+    """Host PIL preprocessing (exact), or device-side resizing (+ nvjpeg where torchvision provides it)."""
+    host = make_preprocessor(model.processor_config, model.directory)
+    if decode == "gpu" and isinstance(host, Preprocessor):
+        return DevicePreprocessor(host, nvjpeg=nvjpeg_available(model.device))
+    return host
+
+
+def to_model_input(
+    items: list[np.ndarray], preprocess: Preprocess, model: LoadedModel
+) -> tuple[torch.Tensor, dict[int, str]]:
+    """One batch on the model's device, plus {index: error} for items that failed there."""
+    if isinstance(preprocess, DevicePreprocessor):
+        return preprocess.batch(items, model.device, model.dtype)
+    inputs = torch.from_numpy(np.stack(items))
     if model.device.type == "cuda":
         inputs = inputs.pin_memory()
-    inputs = inputs.to(model.device, dtype=model.dtype, non_blocking=True)
+    return inputs.to(model.device, dtype=model.dtype, non_blocking=True), {}
+
+
+@torch.inference_mode()
+def predict(model: LoadedModel, inputs: torch.Tensor) -> np.ndarray:
+    """Class probabilities (n, num_labels) as float64, softmax computed in fp32."""
     logits = model.network(pixel_values=inputs).logits
     return torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float64)
 
@@ -159,7 +195,7 @@ def classify_files(
     shard: str,
 ) -> pa.Table:
     """Classify files in batches; one row per file, in input order."""
-    preprocess = make_preprocessor(model.processor_config, model.directory)
+    preprocess = choose_preprocessor(model, options.decode)
     rows = RowBuilder(model, options.threshold, run_id, shard)
     batch: list[Prepared] = []
 
@@ -167,7 +203,12 @@ def classify_files(
         decodable = [item for item in batch if item.pixels is not None]
         predictions: dict[int, tuple[np.ndarray, int]] = {}
         if decodable:
-            probabilities = predict(model, np.stack([item.pixels for item in decodable]))  # type: ignore[misc]
+            inputs, failures = to_model_input([item.pixels for item in decodable], preprocess, model)  # type: ignore[misc]
+            for index, error in failures.items():
+                decodable[index].pixels, decodable[index].error = None, error
+            decodable = [item for item in decodable if item.pixels is not None]
+        if decodable:
+            probabilities = predict(model, inputs)
             class_ids = decide(probabilities, model.positive_id, options.threshold)
             predictions = {
                 id(item): (probabilities[n], int(class_ids[n])) for n, item in enumerate(decodable)

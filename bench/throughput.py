@@ -1,0 +1,365 @@
+"""Throughput benchmark: oncoflow end to end against the usual ways of running the seed model.
+
+    python bench/throughput.py --images 64 --device cpu            # ViT-Base/16, random weights
+    python bench/throughput.py --images 2000 --device cuda --batch-size 256
+    python bench/throughput.py --images 8 --model-size tiny --quick  # what the test suite runs
+
+One run generates the corpus (700×460 JPEG, quality 90, ~100 KB, like DESIGN.md's anchors) and a
+full-size ViT-Base/16 with random weights (same compute as the real model), then reports img/s for the
+seed card's snippet loop, the transformers pipeline, model-only forward at each precision, and
+oncoflow end to end (the engine alone, and the Prefect flow), with ratios, peak RSS, agreement of
+every fast path with the fp32 reference, start-up time and discovery time. Results print as a
+Markdown table and, with --json, are appended to a JSON-lines file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tasks.inference import EngineOptions, classify_files, progress_listeners  # noqa: E402
+from tasks.model import DTYPES, load_model  # noqa: E402
+from tasks.storage import list_images, open_location  # noqa: E402
+
+LABELS = {0: "Normal", 1: "Malignant"}
+
+
+def make_corpus(folder: Path, count: int, size: tuple[int, int] = (700, 460)) -> list[Path]:
+    """Smooth noisy colour images saved as JPEG q90 (~100 KB at 700×460, like the anchors' corpus)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    coarse = rng.integers(0, 256, size=(count, height // 20 + 1, width // 20 + 1, 3), dtype=np.uint8)
+    paths = []
+    for n in range(count):
+        base = Image.fromarray(coarse[n]).resize(size, Image.Resampling.BICUBIC)
+        noisy = np.asarray(base, np.int16) + rng.integers(-25, 26, size=(height, width, 3), dtype=np.int16)
+        path = folder / f"img_{n:06d}.jpg"
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def make_model(folder: Path, size: str) -> str:
+    """ViT-Base/16 (85.8M parameters, the seed's architecture) or a tiny ViT, random weights."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    shape: dict[str, Any] = (
+        {}
+        if size == "base"
+        else dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    )
+    config = ViTConfig(**shape, num_labels=2, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})  # type: ignore[call-arg]
+    ViTForImageClassification(config).save_pretrained(folder, safe_serialization=True)
+    ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(folder)
+    return str(folder)
+
+
+def rate(count: int, seconds: float) -> float:
+    return round(count / seconds, 2) if seconds > 0 else 0.0
+
+
+def timed(function: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - started
+
+
+def bench_snippet(model_dir: str, paths: list[Path], device: str) -> tuple[float, dict[str, float]]:
+    """The seed card's usage snippet, one image at a time, fp32."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageClassification.from_pretrained(model_dir).to(device).eval()
+    probabilities = {}
+
+    def loop() -> None:
+        for path in paths:
+            inputs = processor(images=Image.open(path).convert("RGB"), return_tensors="pt").to(device)
+            with torch.no_grad():
+                probs = torch.softmax(model(**inputs).logits, dim=-1)[0]
+            probabilities["file://" + str(path)] = float(probs[1])
+
+    _, seconds = timed(loop)
+    return rate(len(paths), seconds), probabilities
+
+
+def bench_pipeline(model_dir: str, paths: list[Path], device: str, precision: str, batch_size: int) -> float:
+    from transformers import pipeline
+
+    classifier = pipeline(
+        "image-classification", model=model_dir, device=device, dtype=DTYPES[precision], batch_size=batch_size
+    )
+    _, seconds = timed(lambda: classifier([str(p) for p in paths]))
+    return rate(len(paths), seconds)
+
+
+def bench_model_only(model_dir: str, device: str, precision: str, batch_size: int, batches: int) -> float:
+    """Forward passes on ready tensors: the ceiling for everything else."""
+    model = load_model(model_dir, device=device, precision=precision)  # type: ignore[arg-type]
+    if precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    inputs = torch.randn(batch_size, 3, 224, 224, device=model.device, dtype=model.dtype)
+    with torch.inference_mode():
+        model.network(pixel_values=inputs[: min(4, batch_size)])  # warm-up
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(batches):
+            model.network(pixel_values=inputs).logits.float().cpu()
+        seconds = time.perf_counter() - started
+    return rate(batch_size * batches, seconds)
+
+
+def bench_engine(
+    model_dir: str, folder: Path, device: str, precision: str, batch_size: int, decode: str = "cpu"
+) -> tuple[float, dict[str, float], dict[str, str]]:
+    """oncoflow's engine (read → decode → batched forward → rows), without Prefect."""
+    model = load_model(model_dir, device=device, precision=precision)  # type: ignore[arg-type]
+    location = open_location(str(folder))
+    files = list(list_images(location))
+    options = EngineOptions(batch_size=batch_size, decode=decode)  # type: ignore[arg-type]
+    classify_files(files[: min(len(files), batch_size)], location.fs, model, options, "warm-up", "bench")
+    table, seconds = timed(lambda: classify_files(files, location.fs, model, options, "bench", "bench"))
+    uris = table.column("image_uri").to_pylist()
+    probs = dict(zip(uris, table.column("prob_malignant").to_pylist(), strict=True))
+    labels = dict(zip(uris, table.column("label").to_pylist(), strict=True))
+    return rate(len(files), seconds), probs, labels
+
+
+def bench_flow(
+    model_dir: str, folder: Path, device: str, precision: str, batch_size: int
+) -> dict[str, float]:
+    """The Prefect classify flow end to end (discovery, shards, Parquet); start-up = call → first batch."""
+    from flows.classify import classify
+
+    first_batch: list[float] = []
+
+    def listen(event: str, count: int) -> None:
+        if event == "advance" and not first_batch:
+            first_batch.append(time.perf_counter())
+
+    progress_listeners.append(listen)
+    output = Path(tempfile.mkdtemp(prefix="oncoflow-bench-out-"))
+    started = time.perf_counter()
+    try:
+        summary = classify(
+            str(folder),
+            str(output),
+            model=model_dir,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+        )  # type: ignore[arg-type]
+    finally:
+        progress_listeners.remove(listen)
+    finished = time.perf_counter()
+    return {
+        "flow_img_s": rate(summary["images_classified"], finished - started),
+        "flow_img_s_after_first_batch": rate(summary["images_classified"], finished - first_batch[0])
+        if first_batch
+        else 0.0,
+        "startup_to_first_batch_s": round(first_batch[0] - started, 2) if first_batch else -1.0,
+    }
+
+
+def agreement(
+    reference: dict[str, float], fast: dict[str, float], threshold: float = 0.5
+) -> dict[str, float]:
+    common = sorted(set(reference) & set(fast))
+    ref = np.array([reference[k] for k in common])
+    got = np.array([fast[k] for k in common])
+    return {
+        "label_agreement": round(float(np.mean((ref >= threshold) == (got >= threshold))), 4),
+        "max_prob_diff": round(float(np.max(np.abs(ref - got))), 5),
+        "compared": len(common),
+    }
+
+
+def bench_rss(model_dir: str, folder: Path, count: int, batch_size: int) -> float:
+    """Peak RSS (MB, VmHWM: ru_maxrss survives exec) of a fresh process running the engine over `count`
+    images (corpus files reused)."""
+    code = f"""
+import os, resource, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from tasks.inference import EngineOptions, classify_files
+from tasks.model import load_model
+from tasks.storage import list_images, open_location
+loc = open_location({str(folder)!r})
+files = list(list_images(loc))
+files = (files * ({count} // len(files) + 1))[:{count}]
+model = load_model({model_dir!r}, device="cpu", precision="fp32")
+classify_files(files, loc.fs, model, EngineOptions(batch_size={batch_size}), "rss", "rss")
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return round(int(done.stdout.split()[-1]) / 1024, 1)
+
+
+def bench_discovery(workdir: Path, files: int, history_rows: int) -> dict[str, float]:
+    """List `files` local files and diff them against a `history_rows`-row output dataset."""
+    import pyarrow as pa
+
+    from tasks.sink import SCHEMA, read_index, select_new, write_shard
+
+    source = workdir / "discovery-src"
+    for n in range(files):
+        folder = source / f"d{n // 1000:04d}"
+        if n % 1000 == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"f{n:07d}.jpg").touch()
+    destination = open_location(str(workdir / "discovery-dst"))
+    listed = list(list_images(open_location(str(source))))
+    per_file = 100_000
+    for start in range(0, history_rows, per_file):
+        rows = min(per_file, history_rows - start)
+        uris = [
+            listed[(start + i) % len(listed)].uri if i % 2 else f"file:///old/{start + i}.jpg"
+            for i in range(rows)
+        ]
+        fingerprints = [
+            listed[(start + i) % len(listed)].fingerprint if i % 2 else "0:0" for i in range(rows)
+        ]
+        columns = {name: pa.nulls(rows, SCHEMA.field(name).type) for name in SCHEMA.names}
+        columns.update(
+            image_uri=pa.array(uris),
+            fingerprint=pa.array(fingerprints),
+            model_revision=pa.array(["rev"] * rows),
+        )
+        write_shard(
+            destination,
+            f"model_slug=m-rev/date=2026-01-01/part-{start}.parquet",
+            pa.table(columns, schema=SCHEMA),
+        )
+
+    def discover() -> int:
+        found = list(list_images(open_location(str(source))))
+        return len(select_new(found, read_index(destination, "rev")))
+
+    new, seconds = timed(discover)
+    return {
+        "discovery_files": files,
+        "history_rows": history_rows,
+        "discovery_s": round(seconds, 2),
+        "discovery_new": new,
+    }
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} cores {cpu}; {gpu}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--images", type=int, default=64, help="corpus size for the engine, flow and pipeline"
+    )
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument("--model-size", choices=["base", "tiny"], default="base")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 32 on CPU, 256 on GPU")
+    parser.add_argument("--snippet-images", type=int, default=16, help="the seed loop is slow: a subset")
+    parser.add_argument("--rss-images", type=int, nargs=2, default=[1000, 20000], metavar=("SMALL", "LARGE"))
+    parser.add_argument("--discovery-files", type=int, default=100_000)
+    parser.add_argument("--history-rows", type=int, default=1_000_000)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes for the test suite")
+    parser.add_argument("--json", help="append the results as one JSON line to this file")
+    args = parser.parse_args()
+    if args.quick:
+        args.rss_images, args.discovery_files, args.history_rows = [8, 16], 200, 1000
+    batch = args.batch_size or (256 if args.device == "cuda" else 32)
+    precisions = ["fp32", "bf16"] + (["fp16"] if args.device == "cuda" else [])
+
+    work = Path(tempfile.mkdtemp(prefix="oncoflow-bench-"))
+    corpus = work / "corpus"
+    paths = make_corpus(corpus, args.images)
+    model_dir = make_model(work / "model", args.model_size)
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "device": args.device,
+        "model": f"ViT-{args.model_size} random weights",
+        "images": args.images,
+        "batch_size": batch,
+        "corpus_kb_per_image": round(sum(p.stat().st_size for p in paths) / len(paths) / 1024, 1),
+    }
+
+    snippet_rate, reference = bench_snippet(model_dir, paths[: args.snippet_images], args.device)
+    results["seed_snippet_img_s"] = snippet_rate
+    for precision in precisions:
+        results[f"pipeline_{precision}_img_s"] = bench_pipeline(model_dir, paths, args.device, precision, 64)
+    for precision in precisions + (["tf32"] if args.device == "cuda" else []):
+        model_precision = "fp32" if precision == "tf32" else precision
+        batches = 3 if args.device == "cpu" else 20
+        results[f"model_only_{precision}_img_s"] = bench_model_only(
+            model_dir, args.device, model_precision, batch, batches
+        )
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    fp32_probs: dict[str, float] = {}
+    for precision in precisions:
+        speed, probs, _ = bench_engine(model_dir, corpus, args.device, precision, batch)
+        results[f"engine_{precision}_img_s"] = speed
+        results[f"engine_{precision}_vs_model_only"] = round(
+            speed / results[f"model_only_{precision}_img_s"], 3
+        )
+        if precision == "fp32":
+            fp32_probs = probs
+            results["engine_fp32_vs_snippet_reference"] = agreement(reference, probs)
+        else:
+            results[f"engine_{precision}_vs_fp32"] = agreement(fp32_probs, probs)
+    default_precision = "fp32" if args.device == "cpu" else "bf16"
+    if args.device == "cuda" or args.quick:  # on a CPU the device path only proves it runs
+        speed, probs, _ = bench_engine(model_dir, corpus, args.device, default_precision, batch, decode="gpu")
+        results[f"engine_{default_precision}_decode_gpu_img_s"] = speed
+        results[f"engine_{default_precision}_decode_gpu_vs_fp32"] = agreement(fp32_probs, probs)
+    results.update(bench_flow(model_dir, corpus, args.device, default_precision, batch))
+    results["flow_precision"] = default_precision
+    results["engine_fp32_vs_seed_snippet"] = round(results["engine_fp32_img_s"] / snippet_rate, 2)
+
+    small, large = args.rss_images
+    results[f"peak_rss_mb_{small}_images_tiny"] = bench_rss(
+        make_model(work / "tiny", "tiny"), corpus, small, 32
+    )
+    results[f"peak_rss_mb_{large}_images_tiny"] = bench_rss(str(work / "tiny"), corpus, large, 32)
+    results["peak_rss_mb_this_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    results.update(bench_discovery(work, args.discovery_files, args.history_rows))
+
+    print("| metric | value |\n|---|---|")
+    for key, value in results.items():
+        print(f"| {key} | {value} |")
+    if args.json:
+        with open(args.json, "a") as handle:
+            handle.write(json.dumps(results) + "\n")
+
+
+if __name__ == "__main__":
+    main()

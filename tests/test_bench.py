@@ -1,0 +1,48 @@
+"""The throughput benchmark runs end to end (on a tiny model; speeds are recorded in bench/, never asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
+
+
+@pytest.mark.slow
+def test_throughput_bench_runs_on_a_tiny_model(tmp_path: Path, prefect_server: str) -> None:
+    results = tmp_path / "results.jsonl"
+    command = [
+        sys.executable,
+        str(BENCH),
+        "--images",
+        "6",
+        "--model-size",
+        "tiny",
+        "--quick",
+        "--json",
+        str(results),
+    ]
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| engine_fp32_img_s |" in done.stdout
+    record = json.loads(results.read_text().splitlines()[-1])
+    assert record["images"] == 6 and record["discovery_files"] == 200
+    assert record["engine_fp32_vs_snippet_reference"]["label_agreement"] == 1.0
+    assert record["engine_fp32_vs_snippet_reference"]["max_prob_diff"] < 1e-3
+    assert record["engine_bf16_vs_fp32"]["compared"] == 6
+    assert record["engine_fp32_decode_gpu_vs_fp32"]["label_agreement"] == 1.0
+    assert record["discovery_new"] == 100  # half of the 200 listed files are in the history
+    for key in [
+        "seed_snippet_img_s",
+        "pipeline_fp32_img_s",
+        "model_only_fp32_img_s",
+        "engine_fp32_img_s",
+        "flow_img_s",
+    ]:
+        assert record[key] > 0, key

@@ -21,19 +21,22 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.credentials import storage_options
 from flows.params import ClassifyParams
 from flows.runners import SHARDS_IN_FLIGHT, shard_slots
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import EngineOptions, classify_files, progress_listeners
 from tasks.model import DEFAULT_MODEL, LoadedModel, ModelError, load_model
 from tasks.sink import model_slug, read_index, select_new, shard_id, shard_path, write_shard
-from tasks.storage import DiscoveredFile, list_images, open_location
+from tasks.storage import DiscoveredFile, check_output, check_source, list_images, open_location
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry storage and network hiccups; never bad models, bad arguments or bugs."""
     error = state.data if isinstance(state.data, BaseException) else None
-    return isinstance(error, OSError | TimeoutError | ConnectionError) and not isinstance(error, ModelError)
+    return isinstance(error, OSError | TimeoutError | ConnectionError) and not isinstance(
+        error, ModelError | FileNotFoundError | PermissionError
+    )
 
 
 @dataclass
@@ -51,8 +54,9 @@ class ShardManifest:
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient, cache_policy=NONE)
 def discover_new_images(params: ClassifyParams, revision: str) -> tuple[int, list[DiscoveredFile]]:
     """List the source and drop what the output already holds for this revision."""
-    listed = list(list_images(open_location(params.source)))
-    index = read_index(open_location(params.output), revision)
+    options = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
+    listed = list(list_images(open_location(params.source, options)))
+    index = read_index(open_location(params.output, options), revision)
     return len(listed), select_new(listed, index)
 
 
@@ -75,9 +79,12 @@ def classify_shard(
         max_pixels=params.max_pixels,
         decode=params.decode,
     )
-    table = classify_files(files, open_location(params.source).fs, model, options, run_id, shard)
+    storage = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
+    table = classify_files(files, open_location(params.source, storage).fs, model, options, run_id, shard)
     path = write_shard(
-        open_location(params.output), shard_path(model_slug(params.model, model.revision), day, shard), table
+        open_location(params.output, storage),
+        shard_path(model_slug(params.model, model.revision), day, shard),
+        table,
     )
     statuses = table.column("status").to_pylist()
     errors = Counter(e.split(":", 1)[0] for e in table.column("error").to_pylist() if e)
@@ -89,6 +96,13 @@ def classify_shard(
         malignant=table.column("label").to_pylist().count("Malignant"),
         errors=dict(errors),
     )
+
+
+def check_storage(params: ClassifyParams) -> None:
+    """Missing buckets, denied access and wrong endpoints fail here, before the model loads."""
+    options = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
+    check_source(open_location(params.source, options))
+    check_output(open_location(params.output, options))
 
 
 def load_classifier(params: ClassifyParams) -> LoadedModel:
@@ -177,10 +191,13 @@ def classify(
     shard_size: int = 1000,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     decode: Literal["cpu", "gpu"] = "cpu",
+    s3_endpoint_url: str | None = None,
+    aws_credentials_block: str | None = None,
 ) -> dict[str, Any]:
     """Classify every new or changed image under SOURCE into the Parquet dataset at OUTPUT."""
     params = ClassifyParams(**{k: v for k, v in locals().items()})
     started = time.perf_counter()
+    check_storage(params)
     loaded = load_classifier(params)
     found, new_files = discover_new_images(params, loaded.revision)
     for listener in progress_listeners:

@@ -37,7 +37,14 @@ def main() -> None:
     """oncoflow: classify medical images in bulk. Research use only, not a diagnosis."""
 
 
-EXPECTED_ERRORS = (ModelError, FileNotFoundError, PermissionError, NotADirectoryError, ValueError)
+EXPECTED_ERRORS = (
+    ModelError,
+    FileNotFoundError,
+    PermissionError,
+    NotADirectoryError,
+    ValueError,
+    ConnectionError,
+)
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -149,6 +156,20 @@ DecodeOption = Annotated[
         "is installed (faster on GPUs; agreement in bench/README.md)."
     ),
 ]
+S3EndpointOption = Annotated[
+    str | None,
+    typer.Option(
+        help="S3-compatible endpoint (MinIO, SeaweedFS, Ceph), e.g. http://minio:9000. "
+        "Default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS."
+    ),
+]
+AwsBlockOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Name of a prefect-aws AwsCredentials block to read S3 credentials from. "
+        "Default: the standard AWS chain (environment, profile, instance role)."
+    ),
+]
 
 
 def classify_command(
@@ -167,6 +188,8 @@ def classify_command(
     dask_workers: DaskWorkersOption = 1,
     ray_address: RayAddressOption = None,
     decode: DecodeOption = "cpu",
+    s3_endpoint_url: S3EndpointOption = None,
+    aws_credentials_block: AwsBlockOption = None,
 ) -> None:
     """Classify new or changed images under SOURCE; append one Parquet row per image to OUTPUT."""
     params = validated(

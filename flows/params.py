@@ -40,6 +40,17 @@ class ClassifyParams(BaseModel):
     decode: Literal["cpu", "gpu"] = Field(
         "cpu", description="cpu: exact PIL path; gpu: resize (+nvjpeg) on device"
     )
+    s3_endpoint_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^/\s]+",
+        description="S3-compatible endpoint (MinIO, SeaweedFS, Ceph), e.g. http://minio:9000; "
+        "default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS",
+    )
+    aws_credentials_block: str | None = Field(
+        None,
+        min_length=1,
+        description="Name of a prefect-aws AwsCredentials block; default: the standard AWS credential chain",
+    )
 
     @model_validator(mode="after")
     def _check_locations(self) -> ClassifyParams:

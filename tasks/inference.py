@@ -75,6 +75,8 @@ def prepare(
         data = read_bytes(fs, file.path)
     except FileNotFoundError as exc:
         return Prepared(file, error=f"missing: the file vanished after listing ({exc})")
+    except ConnectionError:
+        raise  # still failing after the storage layer's retries: fail the shard (the task retries it), never a final row
     except OSError as exc:
         return Prepared(file, error=f"read_failed: {type(exc).__name__}: {exc}")
     try:

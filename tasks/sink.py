@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from tasks.storage import DiscoveredFile, Location, write_atomic
+from tasks.storage import DiscoveredFile, Location, storage_call, write_atomic
 
 SCHEMA_VERSION = "1"
 
@@ -81,6 +81,10 @@ def write_shard(destination: Location, relative_path: str, table: pa.Table) -> s
 
 def read_index(destination: Location, revision: str) -> pa.Table:
     """(image_uri, fingerprint) of every row DEST already holds for this model revision."""
+    return storage_call(destination.fs, destination.path, lambda: _read_index(destination, revision))
+
+
+def _read_index(destination: Location, revision: str) -> pa.Table:
     empty = pa.table({name: pa.array([], pa.string()) for name in INDEX_COLUMNS})
     fs = destination.fs
     if not fs.exists(destination.path):

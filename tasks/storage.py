@@ -1,22 +1,69 @@
 """Where images come from and where Parquet goes: fsspec listing, reading and atomic writes.
 
-Storage errors are translated to Python's own (FileNotFoundError, PermissionError, ...) here and
-nowhere else, so the rest of the code never sees a backend-specific exception.
+Storage errors are translated to Python's own (FileNotFoundError, PermissionError, ConnectionError)
+here and nowhere else (`storage_call`), so the rest of the code never sees a backend-specific
+exception. Transient object-store errors are retried here too, at three levels: botocore retries each
+HTTP request (5xx, SlowDown, dropped connections), s3fs retries truncated reads, and `storage_call`
+retries the whole operation with capped exponential backoff.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import random
 import stat as stat_module
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any
+from http.client import IncompleteRead as HttpIncompleteRead
+from typing import Any, TypeVar
 
+import aiohttp
 import fsspec
+from botocore.exceptions import (
+    ClientError,
+    ConnectTimeoutError,
+    CredentialRetrievalError,
+    EndpointConnectionError,
+    HTTPClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotocoreConnectionError
+from botocore.parsers import ResponseParserError
 from fsspec.implementations.local import LocalFileSystem
+from s3fs import S3FileSystem
+from s3fs.errors import translate_boto_error
+from urllib3.exceptions import IncompleteRead as UrllibIncompleteRead
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"})
+
+S3_DEFAULTS: dict[str, Any] = {
+    # A long-running worker (`prefect serve`) must see objects added since its last run.
+    "use_listings_cache": False,
+    # Per-request retries with capped exponential backoff and jitter (botocore's "standard" mode).
+    "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 4}},
+}
+RETRY_ATTEMPTS = 3  # whole-operation attempts in storage_call, on top of the per-request retries
+RETRY_BASE_SECONDS = 0.5
+RETRY_CAP_SECONDS = 8.0
+WRITE_CHECK_NAME = ".oncoflow-write-check"  # hidden: pyarrow and DuckDB's *.parquet glob skip it
+
+TRANSIENT_ERRORS = (  # timeouts (socket, asyncio, fsspec) are all TimeoutError
+    TimeoutError,
+    HTTPClientError,
+    BotocoreConnectionError,
+    ResponseParserError,
+    aiohttp.ClientError,
+    UrllibIncompleteRead,
+    HttpIncompleteRead,
+)
+TRANSIENT_ERRNOS = frozenset({errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO)})  # s3fs: 503, 500
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -49,11 +96,35 @@ class DiscoveredFile:
 
 
 def open_location(path_or_uri: str, storage_options: dict[str, Any] | None = None) -> Location:
-    """Resolve a local path, `file://` URI or `s3://bucket/prefix` into a Location."""
+    """Resolve a local path, `file://` URI or `s3://bucket/prefix` into a Location.
+
+    For S3, credentials come from `storage_options` (key/secret/token) or else the standard AWS chain;
+    the endpoint from `storage_options["endpoint_url"]`, else AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL.
+    """
     if "://" not in path_or_uri:
         return Location(LocalFileSystem(), os.path.abspath(os.path.expanduser(path_or_uri)))
-    fs, path = fsspec.core.url_to_fs(path_or_uri, **(storage_options or {}))
+    options = dict(storage_options or {})
+    if path_or_uri.startswith(("s3://", "s3a://")):
+        options = s3_options(options)
+    fs, path = fsspec.core.url_to_fs(path_or_uri, **options)
     return Location(fs, path.rstrip("/") if path != "/" else path)
+
+
+def s3_options(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` plus oncoflow's S3 defaults and the endpoint from the standard environment variables.
+
+    The endpoint is resolved here rather than left to botocore so that it is part of fsspec's
+    instance-cache key: a process that switches endpoints never reuses a client for the old one.
+    """
+    merged = {**S3_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+    endpoint = (
+        merged.get("endpoint_url")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    if endpoint:
+        merged["endpoint_url"] = endpoint
+    return merged
 
 
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -98,7 +169,9 @@ def _list_local(root: str) -> Iterator[DiscoveredFile]:
 
 def _list_remote(location: Location) -> Iterator[DiscoveredFile]:
     root = location.path.rstrip("/")
-    for path, info in location.fs.find(root, detail=True).items():
+    # s3fs pages through the listing (1,000 keys a request), without a delimiter: one request a page.
+    listing = storage_call(location.fs, root, lambda: location.fs.find(root, detail=True))
+    for path, info in listing.items():
         relative = path[len(root) :].lstrip("/")
         if any(part.startswith(".") for part in relative.split("/")) or not is_image_name(
             relative.rsplit("/", 1)[-1]
@@ -111,9 +184,8 @@ def _list_remote(location: Location) -> Iterator[DiscoveredFile]:
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
-    """The whole content of one file."""
-    with fs.open(path, "rb") as handle:
-        return handle.read()
+    """The whole content of one file (one GET on object stores)."""
+    return storage_call(fs, path, lambda: fs.cat_file(path))
 
 
 def write_atomic(location: Location, relative_path: str, data: bytes) -> str:
@@ -125,7 +197,7 @@ def write_atomic(location: Location, relative_path: str, data: bytes) -> str:
     """
     target = location.join(relative_path)
     if not location.is_local:
-        location.fs.pipe_file(target, data)
+        storage_call(location.fs, target, lambda: location.fs.pipe_file(target, data))
         return target
     folder, name = os.path.split(target)
     os.makedirs(folder, exist_ok=True)
@@ -140,3 +212,101 @@ def write_atomic(location: Location, relative_path: str, data: bytes) -> str:
         if os.path.exists(temporary):
             os.remove(temporary)
     return target
+
+
+def check_source(location: Location) -> None:
+    """Fail fast, before any work, when an S3 source's bucket or prefix is missing or unreadable."""
+    if not isinstance(location.fs, S3FileSystem):
+        return
+    bucket, _, prefix = location.path.partition("/")
+    fs = location.fs
+    listing = storage_call(
+        fs,
+        location.path,
+        lambda: fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix and prefix + "/", MaxKeys=1),
+    )
+    if not listing.get("KeyCount"):
+        raise FileNotFoundError(
+            f"nothing under {location.uri}: the prefix holds no objects (object stores have no empty "
+            "folders); check the bucket and prefix"
+        )
+
+
+def check_output(location: Location) -> None:
+    """Fail fast, before any work, when an S3 output's bucket is missing or not writable.
+
+    Writes and deletes one small hidden object, the only reliable test of write permission.
+    """
+    if not isinstance(location.fs, S3FileSystem):
+        return
+    fs = location.fs
+    bucket = location.path.split("/", 1)[0]
+    probe = location.join(WRITE_CHECK_NAME)
+    # Errors name the output as given, not the bucket or the probe.
+    storage_call(fs, location.path, lambda: fs.call_s3("head_bucket", Bucket=bucket))
+    storage_call(fs, location.path, lambda: fs.pipe_file(probe, b""))
+    # A store may allow writing but not deleting; the probe has a fixed name, so at most one remains.
+    with suppress(PermissionError):
+        storage_call(fs, location.path, lambda: fs.rm_file(probe))
+
+
+def storage_call(fs: fsspec.AbstractFileSystem, path: str, operation: Callable[[], T]) -> T:
+    """Run one storage operation on `path`: retry transient errors, translate the rest.
+
+    The one boundary where backend exceptions become FileNotFoundError, PermissionError or
+    ConnectionError with a message naming the URI and the likely fix (the original is kept as
+    `__cause__`). Local filesystems pass through untouched.
+    """
+    if isinstance(fs, LocalFileSystem):
+        return operation()
+    attempt = 0
+    while True:
+        try:
+            try:
+                return operation()
+            except Exception as exc:
+                translated = translate_error(exc, fs, path)
+                if translated is exc:
+                    raise
+                raise translated from exc
+        except ConnectionError as exc:
+            attempt += 1
+            # botocore already retried the connection itself: an endpoint that never answers is wrong.
+            unreachable = isinstance(exc.__cause__, EndpointConnectionError | ConnectTimeoutError)
+            if unreachable or attempt >= RETRY_ATTEMPTS:
+                raise
+            time.sleep(min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2**attempt) * random.uniform(0.5, 1.0))
+
+
+def translate_error(error: Exception, fs: fsspec.AbstractFileSystem, path: str) -> Exception:
+    """Python's own exception for a storage error on `path`, naming the URI and the likely fix."""
+    uri = to_uri(fs, path)
+    endpoint = getattr(fs, "endpoint_url", None) or "the default AWS endpoint"
+    if isinstance(error, ClientError):
+        error = translate_boto_error(error)
+    if isinstance(error, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
+        return PermissionError(
+            f"no usable AWS credentials for {uri} ({error}); set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role, or pass --aws-credentials-block"
+        )
+    if isinstance(error, EndpointConnectionError | ConnectTimeoutError):
+        return ConnectionError(
+            f"cannot connect to the S3 endpoint {endpoint} for {uri}; check --s3-endpoint-url, "
+            "AWS_ENDPOINT_URL and that the server is up and reachable"
+        )
+    if isinstance(error, FileNotFoundError):
+        return FileNotFoundError(
+            f"{uri} not found at {endpoint} ({error}); check the bucket name and prefix, "
+            "and the endpoint (--s3-endpoint-url, AWS_ENDPOINT_URL)",
+        )
+    if isinstance(error, PermissionError):
+        return PermissionError(
+            f"access denied to {uri} ({error}); check that the credentials (AWS_ACCESS_KEY_ID, "
+            "AWS_PROFILE, role or --aws-credentials-block) and the bucket policy allow this "
+            "(reading the source needs s3:ListBucket and s3:GetObject; the output also s3:PutObject)",
+        )
+    if isinstance(error, TRANSIENT_ERRORS) or (
+        isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS
+    ):
+        return ConnectionError(f"transient storage error on {uri} at {endpoint}: {error}")
+    return error

@@ -23,6 +23,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from flows.demo import build_tiny_model  # noqa: E402
+from tests.s3_fixtures import s3, s3_server  # noqa: E402, F401  (the S3 server fixtures)
 
 
 @pytest.fixture(scope="session", autouse=True)

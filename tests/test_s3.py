@@ -1,0 +1,297 @@
+"""S3 sources and outputs against a real S3 server (moto's, on loopback): every mix with local folders,
+incremental runs, a network that fails one request in four, fail-fast errors and secrets kept out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from pathlib import Path
+
+import boto3
+import pyarrow.dataset as ds
+import pytest
+import requests
+import s3fs
+from typer.testing import CliRunner
+
+import tasks.storage
+from flows.classify import classify
+from flows.cli import app
+from tasks.storage import open_location, storage_call, write_atomic
+from tests.conftest import make_image
+from tests.s3_fixtures import FaultyProxy, free_port, upload_folder
+
+pytestmark = pytest.mark.s3
+
+VOLATILE = {"run_id", "processed_at"}
+IMAGES = ["a.jpg", "b.PNG", "c.png", "sub/d.tif", "sub/deeper/e.jpeg", "sub/f.bmp"]
+
+
+def read_rows(output: str, client: s3fs.S3FileSystem | None = None) -> list[dict]:
+    """Every row of the dataset at `output` (local folder, or `s3://` through `client`)."""
+    if client is None:
+        return ds.dataset(output, format="parquet", partitioning="hive").to_table().to_pylist()
+    path = output.removeprefix("s3://")
+    return ds.dataset(path, filesystem=client, format="parquet", partitioning="hive").to_table().to_pylist()
+
+
+def stable(rows: list[dict]) -> list[dict]:
+    """Rows without the columns that differ between two runs of the same input, in a fixed order."""
+    return sorted(
+        ({k: v for k, v in r.items() if k not in VOLATILE} for r in rows), key=lambda r: r["image_uri"]
+    )
+
+
+def run(source: str, output: str, model: str, **options) -> dict:
+    return classify(source, output, model=model, device="cpu", shard_size=4, **options)
+
+
+def test_s3_to_s3(image_folder: Path, s3: s3fs.S3FileSystem, tiny_model: str) -> None:
+    upload_folder(s3, image_folder, "scans/incoming")
+    summary = run("s3://scans/incoming", "s3://preds/out", tiny_model)
+
+    assert summary["images_found"] == 6 and summary["images_classified"] == 6 and summary["errors"] == 0
+    assert all(path.startswith("preds/out/model_slug=") for path in summary["output_files"])
+    assert sorted(s3.find("preds")) == sorted(summary["output_files"]), "only the shard files, no probe left"
+    rows = read_rows("s3://preds/out", s3)
+    assert sorted(r["image_uri"] for r in rows) == [f"s3://scans/incoming/{name}" for name in sorted(IMAGES)]
+    for row in rows:
+        info = s3.info(row["image_uri"])
+        etag = info["ETag"].strip('"')
+        assert row["fingerprint"] == f"{etag}:{info['size']}"
+        assert row["status"] == "ok" and row["label"] in {"Normal", "Malignant"}
+
+
+def test_every_mix_of_local_and_s3_gives_the_same_predictions(
+    image_folder: Path,
+    s3: s3fs.S3FileSystem,
+    tiny_model: str,
+    tmp_path: Path,
+) -> None:
+    upload_folder(s3, image_folder, "scans/incoming")
+    run(str(image_folder), str(tmp_path / "local"), tiny_model)
+    run("s3://scans/incoming", str(tmp_path / "from-s3"), tiny_model)
+    run(str(image_folder), "s3://preds/from-local", tiny_model)
+
+    def predictions(rows: list[dict], root: str) -> dict[str, tuple]:
+        return {
+            r["image_uri"].removeprefix(root): (r["label"], r["prob_malignant"], r["image_width"])
+            for r in rows
+        }
+
+    local = predictions(read_rows(str(tmp_path / "local")), f"file://{image_folder}/")
+    assert sorted(local) == sorted(IMAGES)
+    assert predictions(read_rows(str(tmp_path / "from-s3")), "s3://scans/incoming/") == local
+    assert predictions(read_rows("s3://preds/from-local", s3), f"file://{image_folder}/") == local
+
+
+def test_incremental_on_s3(
+    image_folder: Path, s3: s3fs.S3FileSystem, tiny_model: str, tmp_path: Path
+) -> None:
+    upload_folder(s3, image_folder, "scans/incoming")
+    run("s3://scans/incoming", "s3://preds/out", tiny_model)
+
+    again = run("s3://scans/incoming", "s3://preds/out", tiny_model)
+    assert again["images_found"] == 6 and again["images_classified"] == 0 and again["output_files"] == []
+
+    for n in range(3):
+        s3.pipe_file(
+            f"scans/incoming/new/n{n}.jpg", make_image(tmp_path / f"n{n}.jpg", seed=100 + n).read_bytes()
+        )
+    s3.pipe_file("scans/incoming/a.jpg", make_image(tmp_path / "a2.jpg", (80, 80), seed=999).read_bytes())
+    third = run("s3://scans/incoming", "s3://preds/out", tiny_model)
+    assert third["images_found"] == 9 and third["images_classified"] == 4
+
+    rows = read_rows("s3://preds/out", s3)
+    assert len(rows) == 10 and len({(r["image_uri"], r["fingerprint"]) for r in rows}) == 10
+    assert sum(r["image_uri"] == "s3://scans/incoming/a.jpg" for r in rows) == 2
+
+
+@pytest.mark.slow
+def test_a_network_failing_one_request_in_four_gives_the_clean_output(
+    image_folder: Path,
+    s3: s3fs.S3FileSystem,
+    s3_server: str,
+    tiny_model: str,
+) -> None:
+    upload_folder(s3, image_folder, "scans/incoming")
+    clean = run("s3://scans/incoming", "s3://preds/clean", tiny_model)
+    with FaultyProxy(s3_server, every=4) as proxy:
+        flaky = run("s3://scans/incoming", "s3://preds/flaky", tiny_model, s3_endpoint_url=proxy.url)
+        again = run("s3://scans/incoming", "s3://preds/flaky", tiny_model, s3_endpoint_url=proxy.url)
+
+    assert set(proxy.injected) == {"slowdown", "internal", "drop", "truncate"}, proxy.injected
+    assert flaky["images_classified"] == clean["images_classified"] == 6 and flaky["errors"] == 0
+    assert again["images_classified"] == 0, "the incremental index was read whole through the faults"
+    assert stable(read_rows("s3://preds/flaky", s3)) == stable(read_rows("s3://preds/clean", s3))
+    assert sorted(p.split("/", 2)[2] for p in s3.find("preds/flaky")) == sorted(
+        p.split("/", 2)[2] for p in s3.find("preds/clean")
+    )
+
+
+def test_an_interrupted_upload_leaves_no_object(
+    s3: s3fs.S3FileSystem,
+    s3_server: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tasks.storage, "RETRY_ATTEMPTS", 1)  # fail quickly: every attempt is cut anyway
+    with FaultyProxy(s3_server, every=1, faults=("cut_upload",)) as proxy:
+        output = open_location(
+            "s3://preds/out", {"endpoint_url": proxy.url, "config_kwargs": {"retries": {"max_attempts": 1}}}
+        )
+        with pytest.raises(ConnectionError, match="s3://preds/out/part-0.parquet"):
+            write_atomic(output, "part-0.parquet", b"x" * 200_000)
+    assert proxy.injected["cut_upload"] >= 1
+    assert s3.find("preds") == []
+
+
+def test_storage_call_retries_transient_errors_only(s3: s3fs.S3FileSystem) -> None:
+    fs = open_location("s3://scans").fs
+    attempts: list[int] = []
+
+    def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return "done"
+
+    assert storage_call(fs, "scans/x", flaky) == "done" and len(attempts) == 3
+
+    def missing() -> None:
+        attempts.append(1)
+        raise FileNotFoundError("gone")
+
+    attempts.clear()
+    with pytest.raises(FileNotFoundError, match="s3://scans/x"):
+        storage_call(fs, "scans/x", missing)
+    assert len(attempts) == 1
+
+
+@pytest.mark.parametrize(
+    ("source", "output", "expected"),
+    [
+        ("s3://no-such-bucket/scans", "s3://preds/out", "s3://no-such-bucket/scans not found"),
+        ("s3://scans/no-such-prefix", "s3://preds/out", "nothing under s3://scans/no-such-prefix"),
+        ("s3://scans/incoming", "s3://no-such-bucket/out", "s3://no-such-bucket/out not found"),
+    ],
+)
+def test_missing_bucket_or_prefix_fails_before_the_model_loads(
+    image_folder: Path,
+    s3: s3fs.S3FileSystem,
+    source: str,
+    output: str,
+    expected: str,
+) -> None:
+    upload_folder(s3, image_folder, "scans/incoming")
+    with pytest.raises(FileNotFoundError, match=expected) as raised:
+        # A model that cannot load: reaching the storage error proves storage is checked first.
+        classify(source, output, model="/no/such/model", device="cpu")
+    assert "check the bucket" in str(raised.value)
+    assert s3.find("preds") == []
+
+
+def test_access_denied_fails_before_the_model_loads(
+    image_folder: Path,
+    s3: s3fs.S3FileSystem,
+    s3_server: str,
+) -> None:
+    from prefect_aws import AwsCredentials
+
+    upload_folder(s3, image_folder, "scans/incoming")
+    client = boto3.client("iam", endpoint_url=s3_server, region_name="us-east-1")
+    client.create_user(UserName="reader")
+    read_only = {"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetObject"], "Resource": "*"}
+    client.put_user_policy(
+        UserName="reader",
+        PolicyName="read-only",
+        PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [read_only]}),
+    )
+    key = client.create_access_key(UserName="reader")["AccessKey"]
+    block = f"reader-{uuid.uuid4().hex[:8]}"
+    AwsCredentials(aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"]).save(
+        block
+    )
+    requests.post(f"{s3_server}/moto-api/reset-auth", data=b"0", timeout=10).raise_for_status()
+
+    with pytest.raises(PermissionError, match="access denied to s3://preds/out") as raised:
+        classify("s3://scans/incoming", "s3://preds/out", model="/no/such/model", aws_credentials_block=block)
+    assert "--aws-credentials-block" in str(raised.value)
+    assert key["SecretAccessKey"] not in str(raised.value)
+    requests.post(f"{s3_server}/moto-api/reset-auth", data=b"inf", timeout=10).raise_for_status()
+    assert s3.find("preds") == []
+
+
+@pytest.mark.slow
+def test_a_wrong_endpoint_fails_fast_naming_it(image_folder: Path, s3: s3fs.S3FileSystem) -> None:
+    upload_folder(s3, image_folder, "scans/incoming")
+    wrong = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ConnectionError, match=f"cannot connect to the S3 endpoint {wrong}"):
+        classify("s3://scans/incoming", "s3://preds/out", model="/no/such/model", s3_endpoint_url=wrong)
+
+
+def test_cli_endpoint_option_and_block_keep_secrets_out(
+    image_folder: Path,
+    s3: s3fs.S3FileSystem,
+    s3_server: str,
+    tiny_model: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect_aws import AwsCredentials
+
+    upload_folder(s3, image_folder, "scans/incoming")
+    # Only the block holds credentials and only the option names the endpoint.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name)
+    secret, token = f"secret-{uuid.uuid4().hex}", f"token-{uuid.uuid4().hex}"
+    block = f"scans-{uuid.uuid4().hex[:8]}"
+    AwsCredentials(aws_access_key_id="AKIATEST", aws_secret_access_key=secret, aws_session_token=token).save(
+        block
+    )
+
+    caplog.set_level(logging.INFO)
+    result = CliRunner().invoke(
+        app,
+        [
+            "classify",
+            "s3://scans/incoming",
+            "--output",
+            "s3://preds/out",
+            "--model",
+            tiny_model,
+            "--device",
+            "cpu",
+        ]
+        + ["--s3-endpoint-url", s3_server, "--aws-credentials-block", block],
+    )
+    assert result.exit_code == 0, result.output
+    rows = read_rows("s3://preds/out", s3)
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"ok"}
+
+    run_id = rows[0]["run_id"]
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(uuid.UUID(run_id))
+        logs = client.read_logs()
+        artifacts = client.read_artifacts()
+    assert flow_run.parameters["aws_credentials_block"] == block
+    parquet = b"".join(s3.cat_file(path) for path in s3.find("preds"))
+    seen = {
+        "cli output": result.output,
+        "captured logs": caplog.text,
+        "flow run parameters": json.dumps(flow_run.parameters, default=str),
+        "prefect logs": " ".join(log.message for log in logs),
+        "artifacts": " ".join(str(a.data) for a in artifacts),
+        "parquet": parquet.decode("latin-1"),
+    }
+    for where, text in seen.items():
+        assert secret not in text and token not in text, f"a secret leaked into the {where}"
+
+
+def test_cli_rejects_a_malformed_endpoint(image_folder: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["classify", str(image_folder), "--output", str(tmp_path / "out"), "--s3-endpoint-url", "minio:9000"],
+    )
+    assert result.exit_code == 2 and "--s3-endpoint-url" in result.output

@@ -5,3 +5,5 @@ import os
 # Without PREFECT_API_URL, Prefect starts a temporary local server and gives it 20 s by default; on a
 # busy two-core machine that is too little, and the run dies before it starts. Users can still override.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# Hospitals run this offline and do not expect telemetry; opt back in with the variable set to true.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -17,11 +17,18 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from flows.params import ClassifyParams, DatasetParams, RunnerParams, describe_validation_error
+from flows.params import (
+    ClassifyParams,
+    DatasetParams,
+    EvaluateParams,
+    RunnerParams,
+    TrainParams,
+    describe_validation_error,
+)
 from tasks.compact import TARGET_ROWS
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import progress_listeners
-from tasks.model import DEFAULT_MODEL, ModelError
+from tasks.model import DEFAULT_BASE_MODEL, DEFAULT_MODEL, ModelError
 
 app = typer.Typer(
     help="Batch classification of medical images (Normal / Malignant) with a ViT, as Prefect flows. "
@@ -266,10 +273,122 @@ def report_command(
 ) -> None:
     """Plot volumes per day, Malignant share, confidence and errors. Research use only, not a diagnosis."""
     params = validated(DatasetParams, dest=dest)
-    from tasks.report import write_report
+    from tasks.dataset_report import write_report
 
     try:
         data = write_report(params.dest, output)
     except EXPECTED_ERRORS as exc:
         fail(str(exc))
     Console().print(f"wrote {output}: {data.totals['images (latest row each)']} images")
+
+
+def print_metrics(metrics: dict[str, Any], written: str) -> None:
+    """The seed card's table, the confusion counts and the operating point, on stdout."""
+    table = Table(title="oncoflow evaluation (research use only, not a diagnosis)")
+    table.add_column("Metric")
+    table.add_column("Value", justify="right")
+    for name, key in (
+        ("Accuracy", "accuracy"),
+        ("Precision", "precision"),
+        ("Recall (Sensitivity)", "recall"),
+    ):
+        table.add_row(name, f"{100 * metrics[key]:.2f}%")
+    table.add_row("Specificity", f"{100 * metrics['specificity']:.2f}%")
+    table.add_row("F1 Score", f"{metrics['f1']:.4f}")
+    table.add_row("MCC", f"{metrics['mcc']:.4f}")
+    table.add_row(
+        "TP / FN / FP / TN", f"{metrics['tp']} / {metrics['fn']} / {metrics['fp']} / {metrics['tn']}"
+    )
+    table.add_row("ROC AUC", "n/a" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.4f}")
+    point = metrics.get("operating_point")
+    if point:
+        table.add_row(
+            f"threshold for sensitivity >= {point['target_sensitivity']}",
+            f"{point['threshold']!r} (specificity {100 * point['specificity']:.2f}%, "
+            f"precision {100 * point['precision']:.2f}%)",
+        )
+    images = metrics["images"]
+    table.add_row("not evaluated: error rows", str(images["error_rows"]))
+    table.add_row("not evaluated: predictions without label", str(images["predictions_without_label"]))
+    table.add_row("not evaluated: labels without prediction", str(images["labels_without_prediction"]))
+    Console().print(table)
+    Console().print(f"report: {written}", highlight=False)
+
+
+def evaluate_command(
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="Report folder: metrics.json, report.md, plots.")
+    ],
+    predictions: Annotated[
+        str | None, typer.Option(help="A classify output dataset (DEST) to evaluate; needs --labels.")
+    ] = None,
+    labels: Annotated[
+        str | None, typer.Option(help="csv or parquet with image_uri,label (Normal/Malignant or 0/1).")
+    ] = None,
+    model_revision: Annotated[
+        str | None, typer.Option(help="Which model revision (or model_slug) of DEST, when it holds several.")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="A folder with Normal/ and Malignant/ sub-folders: classify, then evaluate."),
+    ] = None,
+    model: ModelOption = DEFAULT_MODEL,
+    revision: RevisionOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    batch_size: BatchOption = 32,
+    target_sensitivity: Annotated[
+        float | None, typer.Option(help="Also report the highest threshold whose sensitivity is >= this.")
+    ] = None,
+) -> None:
+    """Compare predictions with true labels: the seed card's metrics, plots and an operating point."""
+    params = validated(EvaluateParams, **{k: v for k, v in locals().items()})
+    from flows.evaluate import evaluate
+
+    try:
+        metrics = evaluate(**params.model_dump())
+    except EXPECTED_ERRORS as exc:
+        fail(str(exc))
+    print_metrics(metrics, f"{params.output}/report.md")
+
+
+def train_command(
+    data: Annotated[str, typer.Option(help="Folder with Normal/ and Malignant/ sub-folders of images.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="New folder for the trained model.")],
+    base_model: Annotated[str, typer.Option(help="Hub id or local folder of the ViT to start from.")] = (
+        DEFAULT_BASE_MODEL
+    ),
+    epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Images per optimizer step.")] = 16,
+    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate (constant).")] = 5e-5,
+    val_split: Annotated[
+        float, typer.Option(help="Share of each class held out to pick the best epoch.")
+    ] = 0.15,
+    seed: Annotated[int, typer.Option(help="Fixes the split, initialization, shuffling and crops.")] = 42,
+    device: DeviceOption = "auto",
+    workers: Annotated[int, typer.Option(help="DataLoader processes decoding images (0: in-process).")] = 0,
+) -> None:
+    """Fine-tune a ViT on labelled images with the seed card's recipe; `classify --model OUTPUT` uses it."""
+    params = validated(TrainParams, **{k: v for k, v in locals().items()})
+    from flows.train import train
+
+    try:
+        summary = train(**params.model_dump())
+    except EXPECTED_ERRORS as exc:
+        fail(str(exc))
+    validation = summary["validation"]
+    Console().print(
+        f"model saved to {summary['output']} (best epoch {summary['best_epoch']}): validation accuracy "
+        f"{100 * validation['accuracy']:.2f}%, recall {100 * validation['recall']:.2f}%, specificity "
+        f"{100 * validation['specificity']:.2f}% — see {summary['output']}/README.md. Research use only.",
+        highlight=False,
+    )
+
+
+app.command("evaluate")(evaluate_command)
+app.command("train")(train_command)
+
+evaluate_command_app = typer.Typer(add_completion=False)
+evaluate_command_app.command()(evaluate_command)
+train_command_app = typer.Typer(add_completion=False)
+train_command_app.command()(train_command)

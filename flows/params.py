@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tasks.compact import TARGET_ROWS
 from tasks.images import DEFAULT_MAX_PIXELS
-from tasks.model import DEFAULT_MODEL
+from tasks.model import DEFAULT_BASE_MODEL, DEFAULT_MODEL
 
 
 def _normalized(location: str) -> str:
@@ -127,4 +127,69 @@ class DatasetParams(BaseModel):
             raise ValueError(
                 f"dataset {self.dest!r} is not an existing folder; pass the --output of classify"
             )
+
+
+class EvaluateParams(BaseModel):
+    """One evaluation: saved predictions + a labels file, or a labelled folder classified first."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output: str = Field(min_length=1, description="Report folder: metrics.json, report.md, plots")
+    predictions: str | None = Field(None, description="A classify output dataset to evaluate")
+    labels: str | None = Field(None, description="csv or parquet with image_uri,label (with predictions)")
+    model_revision: str | None = Field(
+        None, description="The revision (or model_slug) to pick from predictions"
+    )
+    data: str | None = Field(None, description="A folder with Normal/ and Malignant/ sub-folders to classify")
+    model: str = Field(DEFAULT_MODEL, min_length=1, description="Hub id or local folder (with data)")
+    revision: str | None = Field(None, description="Hub branch, tag or commit (with data, hub models only)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    batch_size: int = Field(32, ge=1, le=4096, description="Images per forward pass (with data)")
+    target_sensitivity: float | None = Field(
+        None, gt=0.0, le=1.0, description="Also report the highest threshold reaching this sensitivity"
+    )
+
+    @model_validator(mode="after")
+    def _check_inputs(self) -> EvaluateParams:
+        if (self.predictions is None) == (self.data is None):
+            raise ValueError("give either --predictions DEST with --labels FILE, or --data LABELED_DIR")
+        if self.predictions is not None and not self.labels:
+            raise ValueError("--predictions needs --labels FILE (csv or parquet with image_uri,label)")
+        if self.data is not None:
+            if self.labels or self.model_revision:
+                raise ValueError("--labels and --model-revision go with --predictions, not with --data")
+            if not os.path.isdir(os.path.expanduser(self.data)):
+                raise ValueError(f"--data {self.data!r} is not an existing folder; check the path")
+            data, output = _normalized(self.data), _normalized(self.output)
+            if output.startswith(data) or data.startswith(output):
+                raise ValueError(
+                    f"output {self.output!r} and data {self.data!r} overlap; choose another output"
+                )
+        return self
+
+
+class TrainParams(BaseModel):
+    """One fine-tuning run; the defaults are the seed model card's recipe."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: str = Field(min_length=1, description="Folder with Normal/ and Malignant/ sub-folders of images")
+    output: str = Field(min_length=1, description="New folder for the trained model (save_pretrained)")
+    base_model: str = Field(DEFAULT_BASE_MODEL, min_length=1, description="Hub id or folder")
+    epochs: int = Field(5, ge=1, le=1000)
+    batch_size: int = Field(16, ge=1, le=4096)
+    learning_rate: float = Field(5e-5, gt=0.0, le=1.0)
+    val_split: float = Field(0.15, gt=0.0, lt=1.0, description="Share of each class held out for validation")
+    seed: int = Field(42, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: int = Field(0, ge=0, le=64, description="DataLoader processes decoding images")
+
+    @model_validator(mode="after")
+    def _check_folders(self) -> TrainParams:
+        if not os.path.isdir(os.path.expanduser(self.data)):
+            raise ValueError(f"--data {self.data!r} is not an existing folder; check the path")
+        output = os.path.expanduser(self.output)
+        if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+            raise ValueError(f"--output {self.output!r} exists and is not empty; choose a new folder")
         return self

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 
 DEFAULT_MODEL = "Shivamnegi92/cancer-classification-vit"
+DEFAULT_BASE_MODEL = "google/vit-base-patch16-224-in21k"  # what the default model was fine-tuned from
 POSITIVE_LABEL = "Malignant"
 
 Device = Literal["auto", "cpu", "cuda"]

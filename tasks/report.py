@@ -1,153 +1,188 @@
-"""A one-page report on the output dataset: volumes, Malignant share, confidence and errors, as plots.
-
-Rendered with matplotlib's Agg backend (no display needed) into one PNG, written as is or embedded in
-a self-contained HTML page. Research use only: the figures describe model outputs, not diagnoses.
-"""
+"""Evaluation reports: metrics.json, report.md in the seed card's table layout, and PNG plots."""
 
 from __future__ import annotations
 
-import base64
-import html
-import io
+import json
 import os
-import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")  # before pyplot: render without a display
+matplotlib.use("Agg")  # files only: no display on servers and workers
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.calibration import CalibrationDisplay  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay  # noqa: E402
 
-from tasks.analytics import connect  # noqa: E402
+from tasks.labels import CLASS_NAMES  # noqa: E402
+from tasks.metrics import CALIBRATION_BINS, json_safe  # noqa: E402
 
-DISCLAIMER = (
-    "For research, not diagnosis: these are outputs of a statistical model, not clinical findings. "
-    "Every result must be reviewed by a qualified person."
+RESEARCH_NOTICE = (
+    "> **For research, not diagnosis.** These numbers describe a statistical model on one set of "
+    "labelled images. They are not clinical findings; every result must be reviewed by a qualified person."
 )
+PLOTS = {
+    "roc": "roc.png",
+    "precision_recall": "precision_recall.png",
+    "confusion_matrix": "confusion_matrix.png",
+    "reliability": "reliability.png",
+}
 
 
-@dataclass
-class ReportData:
-    """The numbers behind the plots, each a list of tuples straight from DuckDB."""
-
-    volumes: list[tuple[Any, ...]]  # (date, ok, errors)
-    share: list[tuple[Any, ...]]  # (date, model_revision, malignant share among ok rows, ok rows)
-    confidence: list[tuple[Any, ...]]  # (label, confidence) for ok rows of `latest`
-    errors: list[tuple[Any, ...]]  # (category, rows)
-    totals: dict[str, Any]
+def percent(value: float) -> str:
+    return f"{100 * value:.2f}%"
 
 
-def gather(destination: str) -> ReportData:
-    """Query the dataset through the deduplicating views."""
-    db = connect(destination)
-    volumes = db.sql(
-        "select date, count(*) filter (status = 'ok'), count(*) filter (status = 'error') "
-        "from predictions group by date order by date"
-    ).fetchall()
-    share = db.sql(
-        "select date, model_revision, avg((label = 'Malignant')::int), count(*) from predictions "
-        "where status = 'ok' group by date, model_revision order by date, model_revision"
-    ).fetchall()
-    confidence = db.sql("select label, confidence from latest where status = 'ok'").fetchall()
-    errors = db.sql(
-        "select split_part(error, ':', 1) as category, count(*) from predictions where status = 'error' "
-        "group by category order by count(*) desc, category"
-    ).fetchall()
-    images, ok, malignant, revisions = db.sql(
-        "select count(*), count(*) filter (status = 'ok'), count(*) filter (label = 'Malignant'), "
-        "count(distinct model_revision) from latest"
-    ).fetchall()[0]
-    totals = {
-        "images (latest row each)": images,
-        "classified ok": ok,
-        "Malignant": malignant,
-        "Malignant share": f"{malignant / ok:.1%}" if ok else "n/a",
-        "rows in dataset": db.sql("select count(*) from predictions").fetchall()[0][0],
-        "model revisions in latest": revisions,
-    }
-    return ReportData(volumes, share, confidence, errors, totals)
+def seed_table(metrics: dict[str, Any]) -> str:
+    """The seed model card's performance table, filled with these metrics."""
+    rows = [
+        ("Accuracy", percent(metrics["accuracy"])),
+        ("Precision", percent(metrics["precision"])),
+        ("Recall (Sensitivity)", percent(metrics["recall"])),
+        ("Specificity", percent(metrics["specificity"])),
+        ("F1 Score", f"{metrics['f1']:.4f}"),
+        ("MCC", f"{metrics['mcc']:.4f}"),
+    ]
+    return "\n".join(["| Metric | Value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)])
 
 
-def render_png(data: ReportData, title: str) -> bytes:
-    """The four plots on one 2×2 figure, as PNG bytes."""
-    figure, axes = plt.subplots(2, 2, figsize=(13, 8.5), dpi=110)
-    (volume_ax, share_ax), (confidence_ax, error_ax) = axes
-
-    days = [str(row[0]) for row in data.volumes]
-    ok = [row[1] for row in data.volumes]
-    failed = [row[2] for row in data.volumes]
-    volume_ax.bar(days, ok, color="#4c72b0", label="ok")
-    volume_ax.bar(days, failed, bottom=ok, color="#dd8452", label="error")
-    volume_ax.set_title("Images processed per day")
-    volume_ax.set_ylabel("rows")
-    volume_ax.legend()
-    volume_ax.tick_params(axis="x", rotation=30)
-
-    for revision in sorted({row[1] for row in data.share}):
-        points = [(str(row[0]), row[2] * 100) for row in data.share if row[1] == revision]
-        share_ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=revision)
-    share_ax.set_title("Malignant share per day (ok rows), by model revision")
-    share_ax.set_ylabel("% Malignant")
-    share_ax.set_ylim(0, 100)
-    share_ax.legend(fontsize=8)
-    share_ax.tick_params(axis="x", rotation=30)
-
-    bins = [i / 20 for i in range(10, 21)]  # the decided class's probability is ≥ 0.5 at threshold 0.5
-    for label, color in (("Normal", "#4c72b0"), ("Malignant", "#c44e52")):
-        values = [row[1] for row in data.confidence if row[0] == label]
-        confidence_ax.hist(values, bins=bins, alpha=0.7, color=color, label=f"{label} ({len(values)})")
-    confidence_ax.set_title("Confidence of the latest prediction per image")
-    confidence_ax.set_xlabel("confidence (probability of the decided class)")
-    confidence_ax.set_ylabel("images")
-    confidence_ax.legend()
-
-    categories = [row[0] for row in data.errors] or ["(no errors)"]
-    counts = [row[1] for row in data.errors] or [0]
-    error_ax.barh(categories[::-1], counts[::-1], color="#dd8452")
-    error_ax.set_title("Error rows by category")
-    error_ax.set_xlabel("rows")
-
-    figure.suptitle(title, fontsize=14)
-    figure.text(0.5, 0.01, DISCLAIMER, ha="center", fontsize=9, style="italic")
-    figure.tight_layout(rect=(0, 0.03, 1, 0.96))
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
-
-
-def render_html(data: ReportData, png: bytes, title: str) -> str:
-    """A self-contained page: totals, the plots (embedded PNG) and the research-use statement."""
-    rows = "".join(
-        f"<tr><th>{html.escape(key)}</th><td>{html.escape(str(value))}</td></tr>"
-        for key, value in data.totals.items()
-    )
-    image = base64.b64encode(png).decode()
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif;margin:2em}th{text-align:left;padding-right:2em}"
-        ".note{background:#fff3cd;padding:.8em;border:1px solid #e0c36c}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><p class='note'><strong>{html.escape(DISCLAIMER)}</strong></p>"
-        f"<table>{rows}</table><img alt='oncoflow report plots' src='data:image/png;base64,{image}' "
-        "style='max-width:100%'></body></html>"
+def interpretation(metrics: dict[str, Any]) -> str:
+    """What the error rates mean for a user, in the seed card's words."""
+    called_malignant = metrics["tp"] + metrics["fp"]
+    wrong_share = metrics["fp"] / called_malignant if called_malignant else 0.0
+    return "\n".join(
+        [
+            f"- Correctly classifies {percent(metrics['accuracy'])} of these images.",
+            f"- Catches {percent(metrics['recall'])} of the Malignant images: **false negative rate "
+            f"{percent(metrics['false_negative_rate'])}** — it misses about "
+            f"{100 * metrics['false_negative_rate']:.0f} of every 100 malignant images.",
+            f"- **False positive rate {percent(metrics['false_positive_rate'])}** — it flags about "
+            f"{100 * metrics['false_positive_rate']:.0f} of every 100 normal images as Malignant.",
+            f"- Of the images it calls Malignant, {percent(metrics['precision'])} are Malignant "
+            f"and {percent(wrong_share)} are in fact Normal.",
+        ]
     )
 
 
-def write_report(destination: str, output: str) -> ReportData:
-    """Render the report of DEST to OUTPUT (.html or .png), atomically."""
-    extension = os.path.splitext(output)[1].lower()
-    if extension not in {".html", ".png"}:
-        raise ValueError(f"--output {output!r} must end in .html or .png")
-    data = gather(destination)
-    title = f"oncoflow report: {os.path.basename(os.path.abspath(destination))}"
-    png = render_png(data, title)
-    content = png if extension == ".png" else render_html(data, png, title).encode()
-    target = os.path.abspath(output)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    temporary = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")
-    with open(temporary, "wb") as handle:
-        handle.write(content)
-    os.replace(temporary, target)
-    return data
+def confusion_table(metrics: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            "| | predicted Normal | predicted Malignant |",
+            "|---|---|---|",
+            f"| **true Normal** ({metrics['counts']['Normal']}) | TN {metrics['tn']} | FP {metrics['fp']} |",
+            f"| **true Malignant** ({metrics['counts']['Malignant']}) | FN {metrics['fn']} | TP {metrics['tp']} |",
+        ]
+    )
+
+
+def optional(value: float | None) -> str:
+    return "n/a (one class only)" if value is None else f"{value:.4f}"
+
+
+def render_markdown(metrics: dict[str, Any], title: str = "oncoflow evaluation") -> str:
+    """report.md: the seed card's table, what it means, the details and the plots."""
+    images = metrics["images"]
+    lines = [
+        f"# {title}",
+        "",
+        RESEARCH_NOTICE,
+        "",
+        f"Model: {', '.join(metrics['models'])} (revision {', '.join(metrics['model_revisions'])}); "
+        f"decision threshold on prob_malignant: {metrics['threshold']}.",
+        f"Evaluated {images['evaluated']} labelled images ({metrics['counts']['Normal']} Normal, "
+        f"{metrics['counts']['Malignant']} Malignant). Not evaluated: {images['error_rows']} error rows "
+        f"({images['labelled_error_rows']} of them labelled), {images['predictions_without_label']} "
+        f"predictions without a label, {images['labels_without_prediction']} labels without a prediction.",
+        "",
+        "## Performance",
+        "",
+        seed_table(metrics),
+        "",
+        "## What the error rates mean",
+        "",
+        interpretation(metrics),
+        "",
+        "## Confusion matrix",
+        "",
+        confusion_table(metrics),
+        "",
+        "## Probabilities",
+        "",
+        "| Metric | Value |",
+        "|---|---|",
+        f"| ROC AUC | {optional(metrics['roc_auc'])} |",
+        f"| PR AUC (average precision) | {optional(metrics['pr_auc'])} |",
+        f"| Brier score (lower is better) | {metrics['brier']:.4f} |",
+        f"| ECE, {CALIBRATION_BINS} bins (lower is better) | {metrics['ece']:.4f} |",
+    ]
+    point = metrics.get("operating_point")
+    if point:
+        lines += [
+            "",
+            f"## Operating point for sensitivity ≥ {percent(point['target_sensitivity'])}",
+            "",
+            f"Threshold **{point['threshold']!r}** (use this exact value: `oncoflow classify "
+            f"--threshold {point['threshold']!r}`):",
+            "",
+            "| Metric | Value |",
+            "|---|---|",
+            f"| Sensitivity | {percent(point['sensitivity'])} |",
+            f"| Specificity | {percent(point['specificity'])} |",
+            f"| Precision | {percent(point['precision'])} |",
+            f"| False positive rate | {percent(point['false_positive_rate'])} |",
+            f"| False negative rate | {percent(point['false_negative_rate'])} |",
+            f"| TP / FP / TN / FN | {point['tp']} / {point['fp']} / {point['tn']} / {point['fn']} |",
+        ]
+    lines += ["", "## Plots", ""]
+    lines += [f"![{name}]({file})" for name, file in PLOTS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def draw_plot(name: str, ax: Any, y_true: np.ndarray, y_pred: np.ndarray, prob: np.ndarray) -> None:
+    """One of PLOTS on the given axes; curves need labelled images of both classes."""
+    if name == "confusion_matrix":
+        ConfusionMatrixDisplay.from_predictions(
+            y_true, y_pred, labels=[0, 1], display_labels=list(CLASS_NAMES), ax=ax, colorbar=False
+        )
+    elif len(np.unique(y_true)) < 2:
+        ax.set_title(f"{name}: needs labelled images of both classes")
+    elif name == "roc":
+        RocCurveDisplay.from_predictions(y_true, prob, ax=ax, name="prob_malignant", plot_chance_level=True)
+    elif name == "precision_recall":
+        PrecisionRecallDisplay.from_predictions(
+            y_true, prob, ax=ax, name="prob_malignant", plot_chance_level=True
+        )
+    else:
+        CalibrationDisplay.from_predictions(
+            y_true, prob, n_bins=CALIBRATION_BINS, ax=ax, name="prob_malignant"
+        )
+
+
+def save_plots(folder: str, y_true: np.ndarray, y_pred: np.ndarray, prob: np.ndarray) -> dict[str, str]:
+    """ROC, precision-recall, confusion matrix and reliability diagram as PNGs; returns their paths."""
+    paths = {}
+    for name, file in PLOTS.items():
+        figure, ax = plt.subplots(figsize=(5, 5))
+        try:
+            draw_plot(name, ax, y_true, y_pred, prob)
+            paths[name] = os.path.join(folder, file)
+            figure.savefig(paths[name], dpi=100, bbox_inches="tight")
+        finally:
+            plt.close(figure)
+    return paths
+
+
+def write_report(
+    folder: str, metrics: dict[str, Any], y_true: np.ndarray, y_pred: np.ndarray, prob: np.ndarray
+) -> dict[str, str]:
+    """REPORT/metrics.json, REPORT/report.md and the plots; returns what was written."""
+    os.makedirs(folder, exist_ok=True)
+    written = save_plots(folder, y_true, y_pred, prob)
+    written["metrics"] = os.path.join(folder, "metrics.json")
+    with open(written["metrics"], "w") as handle:
+        json.dump(json_safe(metrics), handle, indent=2)
+    written["report"] = os.path.join(folder, "report.md")
+    with open(written["report"], "w") as handle:
+        handle.write(render_markdown(metrics))
+    return written

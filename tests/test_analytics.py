@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from tasks.analytics import connect
 from tasks.compact import compact, merge_bin, parquet_files_by_partition
-from tasks.report import DISCLAIMER
+from tasks.dataset_report import DISCLAIMER
 from tasks.sink import SCHEMA, read_index
 from tasks.storage import open_location
 from tests.analytics_data import FIRST_DAY, NEW, OLD, make_dataset, rows, write

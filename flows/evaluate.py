@@ -1,0 +1,138 @@
+"""The evaluate flow: predictions (saved, or made now from a labelled folder) + labels → metrics and report.
+
+Run it with `oncoflow evaluate` or `python -m flows.evaluate`. Research use only: the report describes
+a statistical model on one set of labelled images, not a diagnostic test.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import Any, Literal
+
+import pandas as pd
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+
+from flows.classify import classify
+from flows.params import EvaluateParams
+from tasks.labels import labeled_folder, read_labels_file
+from tasks.metrics import compute_metrics, join_labels, read_predictions
+from tasks.model import DEFAULT_MODEL
+from tasks.report import PLOTS, render_markdown, write_report
+
+SUMMARY_KEYS = (
+    "accuracy",
+    "precision",
+    "recall",
+    "specificity",
+    "f1",
+    "mcc",
+    "roc_auc",
+    "pr_auc",
+    "brier",
+    "ece",
+)
+
+
+def classify_labeled_folder(params: EvaluateParams) -> tuple[str, pd.DataFrame, str]:
+    """Run the classify flow over the labelled folder into REPORT/predictions; (dest, labels, revision)."""
+    assert params.data is not None
+    truth = pd.DataFrame(
+        [(image.uri, image.label) for image in labeled_folder(params.data)], columns=["image_uri", "y_true"]
+    )
+    destination = os.path.join(os.path.abspath(params.output), "predictions")
+    summary = classify(
+        source=params.data,
+        output=destination,
+        model=params.model,
+        revision=params.revision,
+        device=params.device,
+        precision=params.precision,
+        batch_size=params.batch_size,
+    )
+    return destination, truth, summary["model_revision"]
+
+
+@task(cache_policy=NONE)
+def score(
+    destination: str, labels: pd.DataFrame, revision: str | None, target: float | None
+) -> dict[str, Any]:
+    """Join the newest predictions of one model revision to the labels and compute the metrics."""
+    joined = join_labels(read_predictions(destination, revision), labels)
+    metrics = compute_metrics(joined, target)
+    metrics["predictions"] = destination
+    return {"metrics": metrics, "scored": joined.scored}
+
+
+@task(cache_policy=NONE)
+def save_report(folder: str, metrics: dict[str, Any], scored: pd.DataFrame) -> dict[str, str]:
+    """metrics.json, report.md and the PNG plots in the report folder."""
+    return write_report(
+        folder,
+        metrics,
+        scored["y_true"].to_numpy(),
+        scored["y_pred"].to_numpy(),
+        scored["prob_malignant"].to_numpy(dtype=float),
+    )
+
+
+def publish_report(metrics: dict[str, Any], written: dict[str, str]) -> None:
+    """The report as Prefect artifacts: the markdown with its plots inlined, and the metrics as a table."""
+    markdown = render_markdown(metrics)
+    for name, file in PLOTS.items():
+        with open(written[name], "rb") as handle:
+            inline = "data:image/png;base64," + base64.b64encode(handle.read()).decode()
+        markdown = markdown.replace(f"]({file})", f"]({inline})")
+    create_markdown_artifact(
+        markdown, key="evaluation-report", description="Research use only, not a diagnosis."
+    )
+    rows = [{"metric": key, "value": str(metrics[key])} for key in (*SUMMARY_KEYS, "tp", "fp", "tn", "fn")]
+    create_table_artifact(rows, key="evaluation-metrics", description="oncoflow evaluate; research use only.")
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(
+    output: str,
+    predictions: str | None = None,
+    labels: str | None = None,
+    model_revision: str | None = None,
+    data: str | None = None,
+    model: str = DEFAULT_MODEL,
+    revision: str | None = None,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+    batch_size: int = 32,
+    target_sensitivity: float | None = None,
+) -> dict[str, Any]:
+    """Evaluate predictions against labels; write metrics.json, report.md and plots to OUTPUT."""
+    params = EvaluateParams(**{k: v for k, v in locals().items()})
+    chosen: str | None
+    if params.data is not None:
+        destination, truth, chosen = classify_labeled_folder(params)
+    else:
+        assert params.predictions is not None and params.labels is not None
+        destination, truth, chosen = (
+            params.predictions,
+            read_labels_file(params.labels),
+            params.model_revision,
+        )
+    scored = score(destination, truth, chosen, params.target_sensitivity)
+    metrics = scored["metrics"]
+    written = save_report(params.output, metrics, scored["scored"])
+    publish_report(metrics, written)
+    images = metrics["images"]
+    print(
+        f"evaluated {images['evaluated']} images: accuracy {metrics['accuracy']:.4f}, recall "
+        f"{metrics['recall']:.4f}, specificity {metrics['specificity']:.4f}; {images['error_rows']} error rows, "
+        f"{images['predictions_without_label']} without label, {images['labels_without_prediction']} "
+        f"labels without prediction. Report: {written['report']}"
+    )
+    return metrics
+
+
+if __name__ == "__main__":
+    from flows.cli import evaluate_command_app
+
+    evaluate_command_app()

@@ -1,0 +1,107 @@
+"""Ground truth: labels from a labels file (csv/parquet) or from class folders, keyed by image URI.
+
+Labels are `Normal` = 0 and `Malignant` = 1 (the seed card's ids), written either way and in any case.
+Image locations are compared as URIs, the form classify writes: a local path in a labels file becomes
+`file:///abs/path`, a relative path being taken relative to the labels file's own folder (so a labels
+file travels with its images), and `s3://...` or `file://...` URIs are kept as they are.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pandas as pd
+
+from tasks.model import POSITIVE_LABEL
+from tasks.storage import list_images, open_location
+
+NEGATIVE_LABEL = "Normal"
+CLASS_NAMES = (NEGATIVE_LABEL, POSITIVE_LABEL)  # index = label id
+_LABEL_IDS = {"normal": 0, "0": 0, "malignant": 1, "1": 1}
+
+
+class LabelError(ValueError):
+    """Labels that cannot be used as given; the message names the input and the fix."""
+
+
+def label_id(value: object, where: str) -> int:
+    """0 for Normal / 0, 1 for Malignant / 1 (case-insensitive); anything else is an error."""
+    text = str(value).strip().lower()
+    if text.endswith(".0"):  # 0/1 read from a float column
+        text = text[:-2]
+    if text not in _LABEL_IDS:
+        raise LabelError(f"{where}: label {value!r} is not one of Normal, Malignant, 0, 1 (any case)")
+    return _LABEL_IDS[text]
+
+
+def to_image_uri(location: str, base_folder: str) -> str:
+    """A URI comparable with classify's image_uri; relative paths are relative to base_folder."""
+    if "://" in location:
+        return location
+    path = os.path.expanduser(location)
+    return "file://" + os.path.normpath(os.path.join(base_folder, path))
+
+
+def read_labels_file(path: str) -> pd.DataFrame:
+    """`image_uri, label` from a .csv or .parquet file → DataFrame(image_uri, y_true)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"labels file {path!r} does not exist; check --labels")
+    extension = os.path.splitext(path)[1].lower()
+    if extension == ".csv":
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    elif extension in {".parquet", ".pq"}:
+        frame = pd.read_parquet(path)
+    else:
+        raise LabelError(f"labels file {path!r} must end in .csv or .parquet")
+    missing = {"image_uri", "label"} - set(frame.columns)
+    if missing:
+        raise LabelError(
+            f"labels file {path!r} lacks column(s) {sorted(missing)}; it needs `image_uri,label` "
+            f"(found {list(frame.columns)})"
+        )
+    base = os.path.dirname(os.path.abspath(path))
+    uris = [to_image_uri(str(u), base) for u in frame["image_uri"]]
+    labels = [label_id(v, f"{path} row {n + 2}") for n, v in enumerate(frame["label"])]
+    return deduplicated(pd.DataFrame({"image_uri": uris, "y_true": labels}), path)
+
+
+def deduplicated(labels: pd.DataFrame, source: str) -> pd.DataFrame:
+    """One label per image; the same image labelled both ways is an error, repeats are harmless."""
+    conflicting = labels.groupby("image_uri")["y_true"].nunique()
+    conflicting = conflicting[conflicting > 1]
+    if len(conflicting):
+        raise LabelError(
+            f"{source}: {len(conflicting)} image(s) carry both labels, e.g. {conflicting.index[0]!r}; "
+            "keep one label per image"
+        )
+    return labels.drop_duplicates("image_uri").reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class LabeledImage:
+    uri: str
+    path: str
+    label: int
+
+
+def labeled_folder(folder: str) -> list[LabeledImage]:
+    """Images under folder/Normal/ and folder/Malignant/ (names in any case, searched recursively).
+
+    Other sub-folders and loose files are not labelled; an image's class is its top-level folder.
+    """
+    root = os.path.abspath(os.path.expanduser(folder))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"labeled folder {folder!r} does not exist; check --data")
+    class_ids = {c.lower(): i for i, c in enumerate(CLASS_NAMES)}
+    classes = {name: class_ids[name.lower()] for name in os.listdir(root) if name.lower() in class_ids}
+    if sorted(classes.values()) != [0, 1]:
+        raise LabelError(
+            f"labeled folder {folder!r} needs one sub-folder per class, Normal/ and Malignant/ "
+            f"(any case); found {sorted(os.listdir(root))}"
+        )
+    images = []
+    for name, class_id in sorted(classes.items()):
+        for file in list_images(open_location(os.path.join(root, name))):
+            images.append(LabeledImage(file.uri, file.path, class_id))
+    return sorted(images, key=lambda image: image.uri)

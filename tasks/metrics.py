@@ -1,0 +1,213 @@
+"""Evaluation: join predictions to labels on image_uri and compute the seed card's metrics and more.
+
+The formulas are scikit-learn's; Malignant (1) is the positive class. Only `status == "ok"` rows are
+scored; error rows are counted. ECE is the one metric scikit-learn does not have.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    brier_score_loss,
+    confusion_matrix,
+    f1_score,
+    matthews_corrcoef,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+from tasks.labels import CLASS_NAMES
+from tasks.model import POSITIVE_LABEL
+from tasks.storage import open_location
+
+PREDICTION_COLUMNS = ["image_uri", "prob_malignant", "label", "threshold", "model", "model_revision"]
+CALIBRATION_BINS = 10
+
+
+class EvaluationError(ValueError):
+    """Predictions and labels that cannot be evaluated; the message says why and what to do."""
+
+
+def read_predictions(destination: str, model_revision: str | None = None) -> pd.DataFrame:
+    """The newest row per image for one model revision of a classify output dataset.
+
+    A dataset holding several revisions must be narrowed with `model_revision` (a revision or a
+    model_slug partition value): metrics that mix two models describe neither.
+    """
+    location = open_location(destination)
+    if not location.fs.isdir(location.path):
+        raise FileNotFoundError(f"predictions dataset {destination!r} does not exist; check --predictions")
+    dataset = ds.dataset(location.path, filesystem=location.fs, format="parquet", partitioning="hive")
+    columns = [*PREDICTION_COLUMNS, "status", "processed_at", "model_slug"]
+    table = dataset.to_table(columns=columns)
+    if model_revision:
+        wanted = (pc.field("model_revision") == model_revision) | (pc.field("model_slug") == model_revision)
+        table = table.filter(wanted)
+    frame = table.to_pandas()
+    revisions = sorted(frame["model_revision"].dropna().unique())
+    if not revisions:
+        which = f" for model revision {model_revision!r}" if model_revision else ""
+        raise EvaluationError(f"predictions dataset {destination!r} holds no rows{which}")
+    if len(revisions) > 1:
+        slugs = sorted(frame["model_slug"].unique())
+        raise EvaluationError(
+            f"predictions dataset {destination!r} holds {len(revisions)} model revisions {revisions} "
+            f"(partitions {slugs}); choose one with --model-revision"
+        )
+    # An image re-classified after its content changed has several rows; the newest one counts.
+    frame = frame.sort_values("processed_at").drop_duplicates("image_uri", keep="last")
+    return frame.drop(columns=["model_slug"]).reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Joined:
+    """Scored rows (ok and labelled) plus the counts of what could not be scored."""
+
+    scored: pd.DataFrame  # image_uri, y_true, y_pred, prob_malignant, threshold, model, model_revision
+    error_rows: int
+    labelled_error_rows: int
+    predictions_without_label: int
+    labels_without_prediction: int
+
+
+def join_labels(predictions: pd.DataFrame, labels: pd.DataFrame) -> Joined:
+    """Inner join on image_uri; count both sides' leftovers and the error rows."""
+    merged = predictions.merge(labels, on="image_uri", how="outer", indicator=True)
+    with_both = merged[merged["_merge"] == "both"]
+    is_error = with_both["status"] != "ok"
+    scored = with_both[~is_error].copy()
+    if scored.empty:
+        raise EvaluationError(
+            f"no successfully classified image has a label: {len(predictions)} prediction rows, "
+            f"{len(labels)} labels, {int((merged['_merge'] == 'both').sum())} in common. Check that the "
+            "labels' image_uri values match the predictions' (file:///abs/path or s3://bucket/key)"
+        )
+    scored["y_true"] = scored["y_true"].astype(int)
+    scored["y_pred"] = (scored["label"].str.lower() == POSITIVE_LABEL.lower()).astype(int)
+    keep = ["image_uri", "y_true", "y_pred", "prob_malignant", "threshold", "model", "model_revision"]
+    return Joined(
+        scored=scored[keep].sort_values("image_uri").reset_index(drop=True),
+        error_rows=int((predictions["status"] != "ok").sum()),
+        labelled_error_rows=int(is_error.sum()),
+        predictions_without_label=int((merged["_merge"] == "left_only").sum()),
+        labels_without_prediction=int((merged["_merge"] == "right_only").sum()),
+    )
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
+    """The seed card's table (as fractions) plus the confusion counts and the two error rates."""
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel())
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "precision": float(precision_score(y_true, y_pred, zero_division=0.0)),
+        "recall": float(recall_score(y_true, y_pred, zero_division=0.0)),
+        "specificity": float(recall_score(y_true, y_pred, pos_label=0, zero_division=0.0)),
+        "f1": float(f1_score(y_true, y_pred, zero_division=0.0)),
+        "mcc": float(matthews_corrcoef(y_true, y_pred)),
+        "false_negative_rate": fn / (fn + tp) if fn + tp else 0.0,
+        "false_positive_rate": fp / (fp + tn) if fp + tn else 0.0,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+    }
+
+
+def expected_calibration_error(y_true: np.ndarray, prob: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
+    """Weighted mean |share of Malignant − mean prob_malignant| over equal-width probability bins."""
+    which = np.clip((prob * bins).astype(int), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            total += members.sum() * abs(y_true[members].mean() - prob[members].mean())
+    return float(total / len(prob))
+
+
+def probability_metrics(y_true: np.ndarray, prob: np.ndarray) -> dict[str, float | None]:
+    """Threshold-free quality of prob_malignant; AUCs are null when only one class is present."""
+    both = len(np.unique(y_true)) == 2
+    return {
+        "roc_auc": float(roc_auc_score(y_true, prob)) if both else None,
+        "pr_auc": float(average_precision_score(y_true, prob)) if both else None,
+        "brier": float(brier_score_loss(y_true, prob, labels=[0, 1])),
+        "ece": expected_calibration_error(y_true, prob),
+    }
+
+
+def operating_point(y_true: np.ndarray, prob: np.ndarray, target_sensitivity: float) -> dict[str, Any]:
+    """The highest threshold whose sensitivity is >= the target, and what it costs.
+
+    Thresholds follow classify's rule (Malignant iff prob_malignant >= threshold), so passing the exact
+    value to `classify --threshold` reproduces these numbers on the same images.
+    """
+    if not 0.0 < target_sensitivity <= 1.0:
+        raise EvaluationError(f"target sensitivity {target_sensitivity} must be in (0, 1]")
+    if len(np.unique(y_true)) < 2:
+        raise EvaluationError("an operating point needs labelled images of both classes")
+    _, tpr, thresholds = roc_curve(y_true, prob, drop_intermediate=False)
+    threshold = float(thresholds[int(np.argmax(tpr >= target_sensitivity))])
+    at = classification_metrics(y_true, (prob >= threshold).astype(int))
+    return {
+        "target_sensitivity": target_sensitivity,
+        "threshold": threshold,
+        "sensitivity": at["recall"],
+        "specificity": at["specificity"],
+        "precision": at["precision"],
+        "false_positive_rate": at["false_positive_rate"],
+        "false_negative_rate": at["false_negative_rate"],
+        "accuracy": at["accuracy"],
+        **{k: at[k] for k in ("tp", "fp", "tn", "fn")},
+    }
+
+
+def compute_metrics(joined: Joined, target_sensitivity: float | None = None) -> dict[str, Any]:
+    """Everything metrics.json holds, from joined predictions and labels."""
+    scored = joined.scored
+    y_true = scored["y_true"].to_numpy()
+    y_pred = scored["y_pred"].to_numpy()
+    prob = scored["prob_malignant"].to_numpy(dtype=float)
+    thresholds = sorted(scored["threshold"].unique().tolist())
+    metrics: dict[str, Any] = {
+        "models": sorted(scored["model"].unique().tolist()),
+        "model_revisions": sorted(scored["model_revision"].unique().tolist()),
+        # The decisions are classify's own labels, made at the threshold recorded in each row.
+        "threshold": thresholds[0] if len(thresholds) == 1 else thresholds,
+        "images": {
+            "evaluated": len(scored),
+            "error_rows": joined.error_rows,
+            "labelled_error_rows": joined.labelled_error_rows,
+            "predictions_without_label": joined.predictions_without_label,
+            "labels_without_prediction": joined.labels_without_prediction,
+        },
+        "counts": {name: int((y_true == i).sum()) for i, name in enumerate(CLASS_NAMES)},
+        "predicted_counts": {name: int((y_pred == i).sum()) for i, name in enumerate(CLASS_NAMES)},
+        **classification_metrics(y_true, y_pred),
+        **probability_metrics(y_true, prob),
+        "operating_point": None,
+    }
+    if target_sensitivity is not None:
+        metrics["operating_point"] = operating_point(y_true, prob, target_sensitivity)
+    return metrics
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf become null: metrics.json stays valid JSON for every reader."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,322 @@
+"""Fine-tune a ViT image classifier with the seed card's recipe; write a model `classify` loads as-is.
+
+Recipe (the defaults): AdamW at a constant learning rate, cross entropy, 5 epochs of batch 16,
+RandomResizedCrop to the processor's size + the processor's normalization for training, a plain resize
+for validation, the checkpoint with the best validation accuracy kept (ties: the lower validation loss). Labels are Normal=0 /
+Malignant=1 from the class folders; the validation split is stratified and fixed by the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.model_selection import train_test_split
+
+from tasks.images import ImageError, Preprocessor, ProcessorFallback, decode_image, make_preprocessor
+from tasks.labels import CLASS_NAMES, LabeledImage, labeled_folder
+from tasks.metrics import classification_metrics, probability_metrics
+from tasks.model import DEFAULT_BASE_MODEL, ModelError, fetch_model, resolve_device
+from tasks.report import RESEARCH_NOTICE, interpretation, optional, seed_table
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int = 5
+    batch_size: int = 16
+    learning_rate: float = 5e-5  # AdamW, constant: the seed card names no schedule
+    val_split: float = 0.15  # share of each class held out for choosing the best epoch
+    seed: int = 42  # fixes the split, the head's initialization, shuffling and the crops
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop's area range (torchvision's default)
+    workers: int = 0  # DataLoader processes decoding images; 0 decodes in the training process
+
+
+class TrainingError(ValueError):
+    """Training data or settings that cannot work; the message names the input and the fix."""
+
+
+def split(images: list[LabeledImage], val_split: float, seed: int) -> tuple[list[LabeledImage], ...]:
+    """A stratified (train, validation) split, the same for the same files and seed."""
+    labels = [image.label for image in images]
+    per_class = [labels.count(i) for i in range(len(CLASS_NAMES))]
+    needed = max(2, math.ceil(1 / min(val_split, 1 - val_split)))
+    if min(per_class) < needed:
+        raise TrainingError(
+            f"training needs at least {needed} images per class for --val-split {val_split}; found "
+            f"{dict(zip(CLASS_NAMES, per_class, strict=True))}. Add images or change --val-split"
+        )
+    train, val = train_test_split(images, test_size=val_split, stratify=labels, random_state=seed)
+    return sorted(train, key=lambda i: i.uri), sorted(val, key=lambda i: i.uri)
+
+
+def random_resized_crop(
+    image: Image.Image,
+    size: tuple[int, int],
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Image.Image:
+    """torchvision's RandomResizedCrop on a PIL image: a random area and aspect, resized to (h, w)."""
+    width, height = image.size
+    area = width * height
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            break
+    else:  # no sample fitted: the central crop with the closest allowed aspect
+        aspect = min(max(width / height, ratio[0]), ratio[1])
+        w, h = (width, round(width / aspect)) if width / height < aspect else (round(height * aspect), height)
+        w, h = min(w, width), min(h, height)
+        left, top = (width - w) // 2, (height - h) // 2
+    return image.resize((size[1], size[0]), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+
+
+def input_size(processor_config: dict[str, Any]) -> tuple[int, int]:
+    """(height, width) the model's processor produces."""
+    size = processor_config.get("size", 224)
+    if isinstance(size, int):
+        return size, size
+    if "height" in size:
+        return int(size["height"]), int(size["width"])
+    return int(size["shortest_edge"]), int(size["shortest_edge"])
+
+
+class LabeledImages(torch.utils.data.Dataset):
+    """(pixels, label) pairs; training items get a fresh random crop per epoch, fixed by (seed, epoch)."""
+
+    def __init__(
+        self,
+        images: list[LabeledImage],
+        preprocess: Preprocessor | ProcessorFallback,
+        size: tuple[int, int],
+        recipe: Recipe,
+        augment: bool,
+    ) -> None:
+        self.images, self.preprocess, self.size, self.recipe, self.augment = (
+            images,
+            preprocess,
+            size,
+            recipe,
+            augment,
+        )
+        self.epoch = 0  # set before each epoch; DataLoader workers are re-created per epoch and see it
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        item = self.images[index]
+        try:
+            with open(item.path, "rb") as handle:
+                image = decode_image(handle.read())
+        except (OSError, ImageError) as exc:
+            raise TrainingError(f"cannot train on {item.path}: {exc}; fix or remove the file") from exc
+        if self.augment:
+            rng = np.random.default_rng([self.recipe.seed, self.epoch, index])
+            image = random_resized_crop(image, self.size, rng, self.recipe.crop_scale)
+        return self.preprocess(image), item.label
+
+
+@dataclass
+class TrainResult:
+    output: str
+    best_epoch: int
+    history: list[dict[str, float]]
+    validation: dict[str, Any]
+    counts: dict[str, dict[str, int]]
+
+
+def load_base(base_model: str) -> tuple[torch.nn.Module, str, dict[str, Any]]:
+    """The base network with a fresh Normal/Malignant head, its folder and its processor config."""
+    from transformers import AutoModelForImageClassification
+
+    directory, _ = fetch_model(base_model, None)
+    processor_path = os.path.join(directory, "preprocessor_config.json")
+    if not os.path.exists(processor_path):
+        raise ModelError(
+            f"base model {base_model!r} has no preprocessor_config.json; save its image processor"
+        )
+    with open(processor_path) as handle:
+        processor_config = json.load(handle)
+    network = AutoModelForImageClassification.from_pretrained(
+        directory,
+        num_labels=len(CLASS_NAMES),
+        id2label=dict(enumerate(CLASS_NAMES)),
+        label2id={name: i for i, name in enumerate(CLASS_NAMES)},
+        ignore_mismatched_sizes=True,  # a base with another head (or none) gets a new 2-class head
+        use_safetensors=True,
+        trust_remote_code=False,
+    )
+    return network, directory, processor_config
+
+
+def run_epoch(
+    network: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    optimizer: torch.optim.Optimizer | None,
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """One pass: trains when given an optimizer; returns (mean loss, labels, prob_malignant)."""
+    network.train(optimizer is not None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    total, labels, probs = 0.0, [], []
+    with torch.set_grad_enabled(optimizer is not None):
+        for pixels, target in loader:
+            pixels, target = pixels.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            with autocast:
+                logits = network(pixel_values=pixels).logits
+            loss = torch.nn.functional.cross_entropy(logits.float(), target)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            total += loss.item() * len(target)
+            labels.append(target.cpu().numpy())
+            probs.append(torch.softmax(logits.float(), dim=-1)[:, 1].detach().cpu().numpy())
+    return total / len(loader.dataset), np.concatenate(labels), np.concatenate(probs).astype(np.float64)  # type: ignore[arg-type]
+
+
+def fine_tune(
+    data: str,
+    output: str,
+    base_model: str = DEFAULT_BASE_MODEL,
+    recipe: Recipe | None = None,
+    device: str = "auto",
+    on_epoch: Callable[[dict[str, float]], None] = lambda _: None,
+) -> TrainResult:
+    """Train on data/Normal + data/Malignant and save the best epoch's model to `output`."""
+    recipe = recipe or Recipe()
+    output = os.path.abspath(os.path.expanduser(output))
+    if os.path.exists(output) and os.listdir(output):
+        raise TrainingError(f"output folder {output!r} is not empty; choose a new folder or remove it")
+    torch_device = resolve_device(device)  # type: ignore[arg-type]
+    train_images, val_images = split(labeled_folder(data), recipe.val_split, recipe.seed)
+    torch.manual_seed(recipe.seed)
+    network, base_dir, processor_config = load_base(base_model)
+    network = network.to(torch_device)
+    preprocess = make_preprocessor(processor_config, base_dir)
+    size = input_size(processor_config)
+    loaders = {
+        name: torch.utils.data.DataLoader(
+            LabeledImages(images, preprocess, size, recipe, augment=name == "train"),
+            batch_size=recipe.batch_size,
+            shuffle=name == "train",
+            generator=torch.Generator().manual_seed(recipe.seed),
+            num_workers=recipe.workers,
+            pin_memory=torch_device.type == "cuda",
+        )
+        for name, images in (("train", train_images), ("val", val_images))
+    }
+    optimizer = torch.optim.AdamW(network.parameters(), lr=recipe.learning_rate)
+    history: list[dict[str, float]] = []
+    best: dict[str, Any] = {"rank": (-1.0, 0.0)}
+    for epoch in range(1, recipe.epochs + 1):
+        started = time.perf_counter()
+        loaders["train"].dataset.epoch = epoch  # type: ignore[attr-defined]
+        train_loss, _, _ = run_epoch(network, loaders["train"], torch_device, optimizer)
+        val_loss, y_true, prob = run_epoch(network, loaders["val"], torch_device, None)
+        scores = classification_metrics(y_true, (prob >= 0.5).astype(int))
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "val_accuracy": scores["accuracy"],
+                "seconds": time.perf_counter() - started,
+            }
+        )
+        on_epoch(history[-1])
+        rank = (scores["accuracy"], -val_loss)  # equal accuracy: the more confident epoch wins
+        if rank > best["rank"]:
+            best = {
+                "rank": rank,
+                "epoch": epoch,
+                "metrics": {**scores, **probability_metrics(y_true, prob)},
+                "state": {k: v.detach().to("cpu", copy=True) for k, v in network.state_dict().items()},
+            }
+    network.load_state_dict(best["state"])
+    counts = {
+        part: {name: sum(i.label == n for i in images) for n, name in enumerate(CLASS_NAMES)}
+        for part, images in (("train", train_images), ("validation", val_images))
+    }
+    result = TrainResult(output, best["epoch"], history, best["metrics"], counts)
+    save_model(network, base_dir, output, model_card(result, base_model, data, recipe))
+    return result
+
+
+def save_model(network: torch.nn.Module, base_dir: str, output: str, card: str) -> None:
+    """save_pretrained (safetensors + config with id2label) + the base's processor config + README.md.
+
+    Written beside the target and renamed into place, so a crash never leaves half a model.
+    """
+    partial = output.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    network.save_pretrained(partial)  # type: ignore[operator]
+    shutil.copy(os.path.join(base_dir, "preprocessor_config.json"), partial)
+    with open(os.path.join(partial, "README.md"), "w") as handle:
+        handle.write(card)
+    if os.path.exists(output):
+        os.rmdir(output)  # checked empty before training
+    os.replace(partial, output)
+
+
+def model_card(result: TrainResult, base_model: str, data: str, recipe: Recipe) -> str:
+    """README.md for the trained model: the seed card's layout, with this run's validation metrics."""
+    validation = result.validation
+    val_counts = result.counts["validation"]
+    epochs = "\n".join(
+        f"| {h['epoch']} | {h['train_loss']:.4f} | {h['val_loss']:.4f} | {100 * h['val_accuracy']:.2f}% |"
+        for h in result.history
+    )
+    return f"""# Image classifier (Normal / Malignant), fine-tuned with oncoflow
+
+{RESEARCH_NOTICE}
+
+## Model Details
+- Base Model: {base_model}
+- Labels: Normal (Label 0), Malignant (Label 1), from the class folders of `{os.path.abspath(data)}`
+- Training images: {result.counts["train"]["Normal"]} Normal, {result.counts["train"]["Malignant"]} Malignant
+- Validation images: {val_counts["Normal"]} Normal, {val_counts["Malignant"]} Malignant (stratified split, seed {recipe.seed})
+
+## Performance
+The model achieves the following performance on the validation set (best epoch: {result.best_epoch}):
+
+{seed_table(validation)}
+
+ROC AUC {optional(validation["roc_auc"])}; TP {validation["tp"]}, FN {validation["fn"]}, FP {validation["fp"]}, TN {validation["tn"]}.
+
+## Interpretation
+{interpretation(validation)}
+
+Validation images chose the best epoch, so these numbers are optimistic: measure the model on images
+it has never seen with `oncoflow evaluate`.
+
+## Training
+- Epochs: {recipe.epochs}, batch size: {recipe.batch_size}, learning rate: {recipe.learning_rate} (AdamW, constant)
+- Loss: cross entropy; augmentation: RandomResizedCrop (scale {recipe.crop_scale[0]}-{recipe.crop_scale[1]}) + the processor's normalization; validation: resize only
+- Checkpoint: best validation accuracy (ties: lower validation loss)
+
+| epoch | train loss | validation loss | validation accuracy |
+|---|---|---|---|
+{epochs}
+
+## Usage
+```
+oncoflow classify SOURCE --output DEST --model {os.path.abspath(result.output)}
+```
+"""

@@ -1,0 +1,177 @@
+"""The evaluate flow and CLI on real classify output: joins, the --data path, operating points, artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+from sklearn.metrics import accuracy_score, confusion_matrix, matthews_corrcoef, roc_auc_score
+from typer.testing import CliRunner
+
+from flows.classify import classify
+from flows.cli import app
+from flows.evaluate import evaluate
+from tests.conftest import make_image
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def labeled(tmp_path: Path) -> Path:
+    """8 Normal and 8 Malignant images, one corrupt Normal file, and one image outside the class folders."""
+    root = tmp_path / "labeled"
+    for n in range(8):
+        make_image(root / "Normal" / f"n{n}.png", (40, 30), seed=n)
+        make_image(root / "malignant" / "sub" / f"m{n}.jpg", (30, 40), seed=100 + n)
+    (root / "Normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    make_image(root / "unsorted" / "x.png", seed=999)
+    return root
+
+
+def rows(destination: Path) -> pd.DataFrame:
+    return ds.dataset(str(destination), format="parquet", partitioning="hive").to_table().to_pandas()
+
+
+def test_evaluate_data_gives_the_numbers_computed_from_classify_output(
+    labeled: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    state = evaluate(
+        output=str(tmp_path / "report"), data=str(labeled), model=tiny_model, device="cpu", return_state=True
+    )
+    metrics = state.result()
+
+    # The same images through classify itself, scored by hand with scikit-learn.
+    classify(str(labeled), str(tmp_path / "direct"), model=tiny_model, device="cpu")
+    direct = rows(tmp_path / "direct")
+    ok = direct[(direct["status"] == "ok") & ~direct["image_uri"].str.contains("/unsorted/")]
+    y_true = ok["image_uri"].str.contains("/malignant/").astype(int)
+    y_pred = (ok["label"] == "Malignant").astype(int)
+    tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
+
+    assert metrics["images"] == {
+        "evaluated": 16,
+        "error_rows": 1,
+        "labelled_error_rows": 1,
+        "predictions_without_label": 1,
+        "labels_without_prediction": 0,
+    }
+    assert metrics["counts"] == {"Normal": 8, "Malignant": 8}
+    assert (metrics["tp"], metrics["fp"], metrics["tn"], metrics["fn"]) == (tp, fp, tn, fn)
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert metrics["mcc"] == pytest.approx(matthews_corrcoef(y_true, y_pred))
+    assert metrics["roc_auc"] == pytest.approx(roc_auc_score(y_true, ok["prob_malignant"]))
+    assert metrics["models"] == [tiny_model] and metrics["threshold"] == 0.5
+
+    report = tmp_path / "report"
+    assert json.loads((report / "metrics.json").read_text())["tp"] == tp
+    assert (report / "predictions").is_dir(), "the classify output is kept inside the report"
+    for plot in ("roc", "precision_recall", "confusion_matrix", "reliability"):
+        assert (report / f"{plot}.png").read_bytes().startswith(b"\x89PNG")
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    by_key = {a.key: a for a in artifacts}
+    assert "| Accuracy |" in str(by_key["evaluation-report"].data)
+    assert "data:image/png;base64," in str(by_key["evaluation-report"].data)
+    assert "mcc" in str(by_key["evaluation-metrics"].data)
+
+
+def test_operating_point_then_classify_threshold_reproduces_it(
+    labeled: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    predictions = tmp_path / "preds"
+    classify(str(labeled), str(predictions), model=tiny_model, device="cpu")
+    labels = tmp_path / "labels.csv"
+    lines = ["image_uri,label"]
+    lines += [f"labeled/Normal/n{n}.png,normal" for n in range(8)]  # relative to the labels file
+    lines += [f"file://{labeled}/malignant/sub/m{n}.jpg,1" for n in range(8)]
+    lines += ["labeled/Normal/missing.png,Normal"]
+    labels.write_text("\n".join(lines) + "\n")
+
+    result = runner.invoke(
+        app,
+        ["evaluate", "--predictions", str(predictions), "--labels", str(labels), "-o", str(tmp_path / "r1")]
+        + ["--target-sensitivity", "0.85"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Recall (Sensitivity)" in result.output and "research use only" in result.output.lower()
+    metrics = json.loads((tmp_path / "r1" / "metrics.json").read_text())
+    assert metrics["images"]["labels_without_prediction"] == 1
+    assert (
+        metrics["images"]["predictions_without_label"] == 2
+    )  # unsorted/x.png and the unlabelled broken file
+    assert metrics["images"]["evaluated"] == 16 and metrics["images"]["error_rows"] == 1
+    point = metrics["operating_point"]
+    assert point["sensitivity"] >= 0.85 and {"threshold", "specificity", "precision"} <= point.keys()
+
+    rethresholded = tmp_path / "preds-at-point"
+    classify(str(labeled), str(rethresholded), model=tiny_model, device="cpu", threshold=point["threshold"])
+    again = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--predictions",
+            str(rethresholded),
+            "--labels",
+            str(labels),
+            "-o",
+            str(tmp_path / "r2"),
+        ],
+    )
+    assert again.exit_code == 0, again.output
+    applied = json.loads((tmp_path / "r2" / "metrics.json").read_text())
+    assert applied["threshold"] == point["threshold"]
+    assert applied["recall"] == point["sensitivity"] and applied["specificity"] == point["specificity"]
+    assert (applied["tp"], applied["fp"]) == (point["tp"], point["fp"])
+
+
+def test_several_model_revisions_must_be_chosen(
+    labeled: Path, tmp_path: Path, tiny_model: str, tiny_model_imagenet: str
+) -> None:
+    predictions = tmp_path / "preds"
+    first = classify(str(labeled), str(predictions), model=tiny_model, device="cpu")
+    classify(str(labeled), str(predictions), model=tiny_model_imagenet, device="cpu")
+    labels = tmp_path / "labels.parquet"
+    pd.DataFrame({"image_uri": [f"{labeled}/Normal/n0.png"], "label": ["Normal"]}).to_parquet(labels)
+    common = [
+        "evaluate",
+        "--predictions",
+        str(predictions),
+        "--labels",
+        str(labels),
+        "-o",
+        str(tmp_path / "r"),
+    ]
+
+    ambiguous = runner.invoke(app, common)
+    assert ambiguous.exit_code == 1 and "--model-revision" in ambiguous.output
+
+    chosen = runner.invoke(app, [*common, "--model-revision", first["model_revision"]])
+    assert chosen.exit_code == 0, chosen.output
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["model_revisions"] == [first["model_revision"]] and metrics["images"]["evaluated"] == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--predictions", "p", "--data", "d"], "either --predictions"),
+        (["--predictions", "p"], "--labels"),
+        (["--data", "nowhere"], "--data"),
+        (["--predictions", "p", "--labels", "l.csv", "--target-sensitivity", "0"], "--target-sensitivity"),
+    ],
+)
+def test_bad_evaluate_arguments_fail_before_any_work(tmp_path: Path, args: list[str], expected: str) -> None:
+    result = runner.invoke(app, ["evaluate", "-o", str(tmp_path / "r"), *args])
+    assert result.exit_code == 2 and expected in result.output
+    assert not (tmp_path / "r").exists()

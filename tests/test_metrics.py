@@ -1,0 +1,216 @@
+"""Metrics, labels and reports without Prefect: the seed card's table, operating points, joins, plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.labels import LabelError, label_id, labeled_folder, read_labels_file
+from tasks.metrics import (
+    EvaluationError,
+    Joined,
+    classification_metrics,
+    compute_metrics,
+    join_labels,
+    operating_point,
+)
+from tasks.report import render_markdown, seed_table, write_report
+from tests.conftest import make_image
+
+
+def seed_card_predictions() -> tuple[np.ndarray, np.ndarray]:
+    """650 test images as the seed card counts them: TP 138, FN 53, FP 55, TN 404."""
+    y_true = np.array([1] * 138 + [1] * 53 + [0] * 55 + [0] * 404)
+    y_pred = np.array([1] * 138 + [0] * 53 + [1] * 55 + [0] * 404)
+    return y_true, y_pred
+
+
+def test_the_seed_cards_table_is_reproduced() -> None:
+    y_true, y_pred = seed_card_predictions()
+    metrics = classification_metrics(y_true, y_pred)
+
+    assert (metrics["tp"], metrics["fn"], metrics["fp"], metrics["tn"]) == (138, 53, 55, 404)
+    assert round(100 * metrics["accuracy"], 2) == 83.38
+    assert round(100 * metrics["precision"], 2) == 71.50
+    assert round(100 * metrics["recall"], 2) == 72.25
+    assert round(100 * metrics["specificity"], 2) == 88.02
+    assert metrics["f1"] == pytest.approx(0.71875)  # the card truncates to 0.7187
+    assert round(metrics["mcc"], 4) == 0.6009
+    assert round(100 * metrics["false_negative_rate"], 2) == 27.75
+    assert round(100 * metrics["false_positive_rate"], 2) == 11.98
+    table = seed_table(metrics)
+    for row in [
+        "| Accuracy | 83.38% |",
+        "| Precision | 71.50% |",
+        "| Recall (Sensitivity) | 72.25% |",
+        "| Specificity | 88.02% |",
+        "| F1 Score | 0.7188 |",
+        "| MCC | 0.6009 |",
+    ]:
+        assert row in table
+
+
+def scored_frame(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "image_uri": [f"file:///scans/{n}.png" for n in range(len(y_true))],
+            "y_true": y_true,
+            "y_pred": (prob >= threshold).astype(int),
+            "prob_malignant": prob,
+            "threshold": threshold,
+            "model": "demo",
+            "model_revision": "sha256:abc",
+        }
+    )
+
+
+def test_operating_point_is_the_highest_threshold_reaching_the_sensitivity() -> None:
+    y_true = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    prob = np.array([0.9, 0.8, 0.6, 0.3, 0.7, 0.4, 0.35, 0.2, 0.1, 0.05])
+
+    point = operating_point(y_true, prob, 0.75)
+    assert point["threshold"] == 0.6  # 3 of 4 malignant at prob >= 0.6; any higher threshold catches 2
+    assert point["sensitivity"] == 0.75
+    assert point["specificity"] == pytest.approx(5 / 6) and point["false_positive_rate"] == pytest.approx(
+        1 / 6
+    )
+    assert point["precision"] == 0.75
+    assert (point["tp"], point["fp"], point["tn"], point["fn"]) == (3, 1, 5, 1)
+
+    everything = operating_point(y_true, prob, 1.0)
+    assert everything["threshold"] == 0.3 and everything["sensitivity"] == 1.0
+    assert everything["fp"] == 3  # 0.7, 0.4 and 0.35 are >= 0.3
+
+    with pytest.raises(EvaluationError, match="both classes"):
+        operating_point(np.zeros(3, int), np.array([0.1, 0.2, 0.3]), 0.9)
+
+
+def test_metrics_report_and_plots_are_written(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    y_true = np.array([0] * 60 + [1] * 40)
+    prob = np.clip(y_true * 0.5 + rng.uniform(0, 0.5, 100), 0, 1)
+    joined = Joined(scored_frame(y_true, prob), 2, 1, 3, 4)
+    metrics = compute_metrics(joined, target_sensitivity=0.9)
+
+    assert metrics["counts"] == {"Normal": 60, "Malignant": 40}
+    assert metrics["images"] == {
+        "evaluated": 100,
+        "error_rows": 2,
+        "labelled_error_rows": 1,
+        "predictions_without_label": 3,
+        "labels_without_prediction": 4,
+    }
+    assert metrics["threshold"] == 0.5 and metrics["model_revisions"] == ["sha256:abc"]
+    assert 0.0 <= metrics["ece"] <= 1.0 and 0.0 <= metrics["brier"] <= 1.0
+    assert metrics["roc_auc"] > 0.9 and metrics["pr_auc"] > 0.9
+    assert metrics["operating_point"]["sensitivity"] >= 0.9
+
+    written = write_report(str(tmp_path), metrics, y_true, joined.scored["y_pred"].to_numpy(), prob)
+    for name in ("roc", "precision_recall", "confusion_matrix", "reliability"):
+        data = Path(written[name]).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000, name
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ["accuracy", "precision", "recall", "specificity", "f1", "mcc", "tp", "fp", "tn", "fn"]:
+        assert saved[key] == metrics[key]
+    assert saved["operating_point"]["threshold"] == metrics["operating_point"]["threshold"]
+    report = (tmp_path / "report.md").read_text()
+    assert "research, not diagnosis" in report.lower() and "| Recall (Sensitivity) |" in report
+    assert "false negative rate" in report and "![roc](roc.png)" in report
+
+
+def test_one_class_only_still_reports_what_it_can(tmp_path: Path) -> None:
+    y_true = np.zeros(5, int)
+    prob = np.array([0.1, 0.2, 0.6, 0.3, 0.4])
+    metrics = compute_metrics(Joined(scored_frame(y_true, prob), 0, 0, 0, 0))
+    assert metrics["roc_auc"] is None and metrics["fp"] == 1 and metrics["specificity"] == 0.8
+    write_report(str(tmp_path), metrics, y_true, (prob >= 0.5).astype(int), prob)
+    assert json.loads((tmp_path / "metrics.json").read_text())["roc_auc"] is None
+    assert "n/a" in render_markdown(metrics)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("Normal", 0), ("MALIGNANT", 1), (" malignant ", 1), ("0", 0), (1, 1), (1.0, 1)]
+)
+def test_labels_accept_names_and_ids_in_any_case(value: object, expected: int) -> None:
+    assert label_id(value, "here") == expected
+
+
+def test_unknown_label_names_the_row() -> None:
+    with pytest.raises(LabelError, match=r"row 3.*'benign'"):
+        label_id("benign", "row 3")
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_labels_file_paths_become_uris(tmp_path: Path, suffix: str) -> None:
+    frame = pd.DataFrame(
+        {
+            "image_uri": [
+                "scans/a.png",
+                "/abs/b.png",
+                "s3://bucket/c.png",
+                "file:///abs/d.png",
+                "scans/a.png",
+            ],
+            "label": ["normal", "Malignant", "1", "0", "Normal"],
+        }
+    )
+    path = tmp_path / f"labels.{suffix}"
+    frame.to_csv(path, index=False) if suffix == "csv" else frame.to_parquet(path)
+
+    labels = read_labels_file(str(path))
+    assert dict(zip(labels["image_uri"], labels["y_true"], strict=True)) == {
+        f"file://{tmp_path}/scans/a.png": 0,  # relative to the labels file's folder
+        "file:///abs/b.png": 1,
+        "s3://bucket/c.png": 1,
+        "file:///abs/d.png": 0,
+    }
+
+
+def test_labels_file_problems_are_explained(tmp_path: Path) -> None:
+    (tmp_path / "bad.csv").write_text("path,label\na.png,Normal\n")
+    with pytest.raises(LabelError, match="image_uri"):
+        read_labels_file(str(tmp_path / "bad.csv"))
+    (tmp_path / "both.csv").write_text("image_uri,label\na.png,Normal\na.png,Malignant\n")
+    with pytest.raises(LabelError, match="both labels"):
+        read_labels_file(str(tmp_path / "both.csv"))
+    with pytest.raises(FileNotFoundError, match="--labels"):
+        read_labels_file(str(tmp_path / "missing.csv"))
+
+
+def test_join_counts_what_cannot_be_scored() -> None:
+    predictions = pd.DataFrame(
+        {
+            "image_uri": ["u1", "u2", "u3", "u4"],
+            "prob_malignant": [0.9, 0.2, None, 0.7],
+            "label": ["Malignant", "Normal", None, "Malignant"],
+            "threshold": 0.5,
+            "model": "m",
+            "model_revision": "r",
+            "status": ["ok", "ok", "error", "ok"],
+        }
+    )
+    labels = pd.DataFrame({"image_uri": ["u1", "u2", "u3", "u9"], "y_true": [1, 1, 0, 0]})
+    joined = join_labels(predictions, labels)
+    assert joined.scored["image_uri"].tolist() == ["u1", "u2"]
+    assert joined.scored["y_pred"].tolist() == [1, 0]
+    assert (joined.error_rows, joined.labelled_error_rows) == (1, 1)
+    assert (joined.predictions_without_label, joined.labels_without_prediction) == (1, 1)
+
+    with pytest.raises(EvaluationError, match="image_uri"):
+        join_labels(predictions, pd.DataFrame({"image_uri": ["elsewhere"], "y_true": [1]}))
+
+
+def test_labeled_folder_takes_classes_from_folder_names(tmp_path: Path) -> None:
+    make_image(tmp_path / "NORMAL" / "a.png")
+    make_image(tmp_path / "malignant" / "deep" / "b.jpg")
+    make_image(tmp_path / "other" / "c.png")
+    images = labeled_folder(str(tmp_path))
+    assert [(Path(i.path).name, i.label) for i in images] == [("a.png", 0), ("b.jpg", 1)]
+    assert images[0].uri == f"file://{tmp_path}/NORMAL/a.png"
+
+    with pytest.raises(LabelError, match="Normal/ and Malignant/"):
+        labeled_folder(str(tmp_path / "other"))

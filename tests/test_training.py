@@ -1,0 +1,150 @@
+"""Fine-tuning with the seed recipe: a tiny ViT learns an obvious signal, and classify loads the result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.demo import build_tiny_model
+from tasks.labels import labeled_folder
+from tasks.training import Recipe, TrainingError, fine_tune, random_resized_crop, split
+
+runner = CliRunner()
+
+
+def write_signal_images(root: Path, per_class: int, seed: int) -> Path:
+    """Normal = bright noisy squares, Malignant = dark ones: a signal any crop keeps."""
+    rng = np.random.default_rng(seed)
+    for name, level in (("Normal", 190), ("Malignant", 70)):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for n in range(per_class):
+            pixels = np.clip(level + rng.normal(0, 35, (48, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{name.lower()}_{n}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """`oncoflow train` on 24 + 24 images with a tiny 32-pixel base ViT; a separate held-out folder."""
+    root = tmp_path_factory.mktemp("training")
+    base = build_tiny_model(str(root / "base"), seed=3, image_size=32)
+    data = write_signal_images(root / "train", 24, seed=0)
+    result = runner.invoke(
+        app,
+        ["train", "--data", str(data), "--output", str(root / "model"), "--base-model", base]
+        + ["--epochs", "6", "--batch-size", "8", "--learning-rate", "1e-3", "--val-split", "0.25"]
+        + ["--device", "cpu"],
+    )
+    assert result.exit_code == 0, result.output
+    return {
+        "model": root / "model",
+        "holdout": write_signal_images(root / "holdout", 10, seed=1),
+    }
+
+
+def test_train_writes_a_model_folder_with_a_model_card(trained: dict[str, Path]) -> None:
+    model = trained["model"]
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} <= {
+        p.name for p in model.iterdir()
+    }
+    assert not list(model.glob("*.bin")) and not model.with_name("model.partial").exists()
+    config = json.loads((model / "config.json").read_text())
+    assert config["id2label"] == {"0": "Normal", "1": "Malignant"}
+    assert config["label2id"] == {"Normal": 0, "Malignant": 1}
+    card = (model / "README.md").read_text()
+    assert (
+        "| Recall (Sensitivity) |" in card and "| MCC |" in card and "research, not diagnosis" in card.lower()
+    )
+    assert "Validation images: 6 Normal, 6 Malignant" in card  # 0.25 of 24 per class, stratified
+    assert card.count("\n| 6 |") == 1, "one line per epoch"
+
+
+def test_trained_model_is_accurate_on_held_out_images_through_classify(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    report = tmp_path / "report"
+    result = runner.invoke(
+        app,
+        ["evaluate", "--data", str(trained["holdout"]), "--model", str(trained["model"])]
+        + ["-o", str(report), "--device", "cpu"],
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["images"]["evaluated"] == 20 and metrics["images"]["error_rows"] == 0
+    assert metrics["accuracy"] > 0.9, metrics
+    print("held-out accuracy", metrics["accuracy"])
+    assert metrics["models"] == [str(trained["model"])]
+
+
+def test_split_is_stratified_and_repeatable(tmp_path: Path) -> None:
+    images = labeled_folder(str(write_signal_images(tmp_path / "data", 20, seed=0)))
+    train, val = split(images, 0.15, seed=42)
+    assert [i.uri for i in val] == [i.uri for i in split(images, 0.15, seed=42)[1]]
+    assert [i.uri for i in val] != [i.uri for i in split(images, 0.15, seed=7)[1]]
+    assert sorted(i.label for i in val) == [0, 0, 0, 1, 1, 1] and len(train) == 34
+    assert not {i.uri for i in train} & {i.uri for i in val}
+
+    with pytest.raises(TrainingError, match="at least 7 images per class"):
+        split(images[:10], 0.15, seed=42)
+
+
+def test_random_resized_crop_has_the_processor_size_and_follows_the_seed() -> None:
+    image = Image.fromarray(np.arange(60 * 80 * 3, dtype=np.uint32).reshape(60, 80, 3).astype(np.uint8))
+    crops = [random_resized_crop(image, (32, 24), np.random.default_rng(s)) for s in (0, 0, 1)]
+    assert all(crop.size == (24, 32) for crop in crops)
+    assert np.array_equal(np.asarray(crops[0]), np.asarray(crops[1]))
+    assert not np.array_equal(np.asarray(crops[0]), np.asarray(crops[2]))
+    # Impossible areas fall back to a central crop instead of failing.
+    fallback = random_resized_crop(image, (16, 16), np.random.default_rng(0), scale=(2.0, 3.0))
+    assert fallback.size == (16, 16)
+
+
+def test_hub_base_model_without_network_says_what_to_do(tmp_path: Path) -> None:
+    data = write_signal_images(tmp_path / "data", 8, seed=0)
+    result = runner.invoke(
+        app, ["train", "--data", str(data), "-o", str(tmp_path / "model"), "--base-model", "someorg/base-vit"]
+    )
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "someorg/base-vit" in text and "local folder" in text
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--val-split", "1"], "--val-split"),
+        (["--epochs", "0"], "--epochs"),
+        (["--learning-rate", "0"], "--learning-rate"),
+    ],
+)
+def test_bad_train_arguments_fail_before_any_work(tmp_path: Path, args: list[str], expected: str) -> None:
+    (tmp_path / "data").mkdir()
+    result = runner.invoke(app, ["train", "--data", str(tmp_path / "data"), "-o", str(tmp_path / "m"), *args])
+    assert result.exit_code == 2 and expected in result.output
+
+
+def test_train_refuses_a_non_empty_output(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "keep.txt").write_text("mine")
+    result = runner.invoke(app, ["train", "--data", str(tmp_path), "-o", str(tmp_path / "model")])
+    assert result.exit_code == 2 and "not empty" in result.output
+    assert (tmp_path / "model" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_gpu_uses_bf16_autocast_and_learns(tmp_path: Path) -> None:
+    base = build_tiny_model(str(tmp_path / "base"), seed=3, image_size=32)
+    data = write_signal_images(tmp_path / "data", 24, seed=0)
+    recipe = Recipe(epochs=6, batch_size=8, learning_rate=1e-3, val_split=0.25)
+    result = fine_tune(str(data), str(tmp_path / "model"), base, recipe, device="cuda")
+    assert result.validation["accuracy"] > 0.9
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["id2label"] == {"0": "Normal", "1": "Malignant"}

@@ -127,6 +127,7 @@ class DatasetParams(BaseModel):
             raise ValueError(
                 f"dataset {self.dest!r} is not an existing folder; pass the --output of classify"
             )
+        return self
 
 
 class EvaluateParams(BaseModel):

@@ -26,17 +26,24 @@ from flows.params import ClassifyParams
 from flows.runners import SHARDS_IN_FLIGHT, shard_slots
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import EngineOptions, classify_files, progress_listeners
-from tasks.model import DEFAULT_MODEL, LoadedModel, ModelError, load_model
+from tasks.model import DEFAULT_MODEL, LoadedModel, load_model
+from tasks.redaction import redact
 from tasks.sink import model_slug, read_index, select_new, shard_id, shard_path, write_shard
-from tasks.storage import DiscoveredFile, check_output, check_source, list_images, open_location
+from tasks.storage import DiscoveredFile, check_output, check_source, is_transient, list_images, open_location
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry storage and network hiccups; never bad models, bad arguments or bugs."""
+    """Retry storage and network hiccups; never bad models, bad arguments, full disks or bugs."""
     error = state.data if isinstance(state.data, BaseException) else None
-    return isinstance(error, OSError | TimeoutError | ConnectionError) and not isinstance(
-        error, ModelError | FileNotFoundError | PermissionError
-    )
+    return error is not None and is_transient(error)
+
+
+class TooManyErrors(Exception):
+    """The run finished and wrote every row, but more files failed than --max-error-rate allows."""
+
+    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclass
@@ -78,6 +85,7 @@ def classify_shard(
         threshold=params.threshold,
         max_pixels=params.max_pixels,
         decode=params.decode,
+        exif_orientation=params.exif_orientation,
     )
     storage = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
     table = classify_files(files, open_location(params.source, storage).fs, model, options, run_id, shard)
@@ -143,6 +151,7 @@ def summarize(found: int, new: int, manifests: list[ShardManifest], seconds: flo
         "ok": ok,
         "errors": sum(errors.values()),
         "errors_by_category": dict(sorted(errors.items())),
+        "error_share": round(sum(errors.values()) / classified, 4) if classified else 0.0,
         "malignant": malignant,
         "malignant_share": round(malignant / ok, 4) if ok else 0.0,
         "images_per_second": round(classified / seconds, 2) if seconds > 0 and classified else 0.0,
@@ -165,7 +174,7 @@ def publish_summary(summary: dict[str, Any], params: ClassifyParams, model: Load
             "metric": "model",
             "value": f"{params.model} @ {model.revision} ({model.precision}, {model.device})",
         },
-        {"metric": "output", "value": params.output},
+        {"metric": "output", "value": redact(params.output)},
     ]
     create_table_artifact(
         rows,
@@ -193,6 +202,8 @@ def classify(
     decode: Literal["cpu", "gpu"] = "cpu",
     s3_endpoint_url: str | None = None,
     aws_credentials_block: str | None = None,
+    max_error_rate: float | None = None,
+    exif_orientation: bool = False,
 ) -> dict[str, Any]:
     """Classify every new or changed image under SOURCE into the Parquet dataset at OUTPUT."""
     params = ClassifyParams(**{k: v for k, v in locals().items()})
@@ -211,7 +222,19 @@ def classify(
         f"classified {summary['images_classified']} of {found} images ({summary['errors']} errors, "
         f"{summary['malignant']} Malignant) at {summary['images_per_second']} img/s"
     )
+    check_error_rate(summary, params.max_error_rate)
     return summary
+
+
+def check_error_rate(summary: dict[str, Any], max_error_rate: float | None) -> None:
+    """Fail a finished run whose share of error rows exceeds the limit (its rows are already written)."""
+    if max_error_rate is not None and summary["error_share"] > max_error_rate:
+        raise TooManyErrors(
+            f"{summary['errors']} of {summary['images_classified']} images failed "
+            f"({summary['error_share']:.1%}), more than --max-error-rate {max_error_rate:g} allows; "
+            f"by category: {summary['errors_by_category']}. Every row was written; see the `error` column",
+            summary,
+        )
 
 
 if __name__ == "__main__":

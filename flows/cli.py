@@ -29,6 +29,7 @@ from tasks.compact import TARGET_ROWS
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import progress_listeners
 from tasks.model import DEFAULT_BASE_MODEL, DEFAULT_MODEL, ModelError
+from tasks.redaction import redact
 
 app = typer.Typer(
     help="Batch classification of medical images (Normal / Malignant) with a ViT, as Prefect flows. "
@@ -44,18 +45,13 @@ def main() -> None:
     """oncoflow: classify medical images in bulk. Research use only, not a diagnosis."""
 
 
-EXPECTED_ERRORS = (
-    ModelError,
-    FileNotFoundError,
-    PermissionError,
-    NotADirectoryError,
-    ValueError,
-    ConnectionError,
-)
+# OSError covers storage failures (full disk, lost output location), whose messages say what to do.
+EXPECTED_ERRORS = (ModelError, OSError, ValueError)
+TOO_MANY_ERRORS_EXIT = 3  # the run completed and wrote its rows, but --max-error-rate was exceeded
 
 
 def fail(message: str, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(redact(message))}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -177,6 +173,15 @@ AwsBlockOption = Annotated[
         "Default: the standard AWS chain (environment, profile, instance role)."
     ),
 ]
+MaxErrorRateOption = Annotated[
+    float | None,
+    typer.Option(
+        help="Exit with code 3 (after writing every row) when the share of error rows exceeds this."
+    ),
+]
+ExifOption = Annotated[
+    bool, typer.Option(help="Rotate images per their EXIF orientation tag (the reference snippet does not).")
+]
 
 
 def classify_command(
@@ -197,6 +202,8 @@ def classify_command(
     decode: DecodeOption = "cpu",
     s3_endpoint_url: S3EndpointOption = None,
     aws_credentials_block: AwsBlockOption = None,
+    max_error_rate: MaxErrorRateOption = None,
+    exif_orientation: ExifOption = False,
 ) -> None:
     """Classify new or changed images under SOURCE; append one Parquet row per image to OUTPUT."""
     params = validated(
@@ -209,12 +216,15 @@ def classify_command(
         dask_workers=dask_workers,
         ray_address=ray_address,
     )
-    from flows.classify import classify
+    from flows.classify import TooManyErrors, classify
     from flows.runners import with_runner
 
     try:
         with progress_bar():
             summary = with_runner(classify, placement)(**params.model_dump())
+    except TooManyErrors as exc:
+        print_summary(exc.summary)
+        fail(str(exc), code=TOO_MANY_ERRORS_EXIT)
     except EXPECTED_ERRORS as exc:
         fail(str(exc))
     print_summary(summary)

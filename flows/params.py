@@ -6,11 +6,12 @@ import importlib.util
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.compact import TARGET_ROWS
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.model import DEFAULT_BASE_MODEL, DEFAULT_MODEL
+from tasks.redaction import has_credentials
 
 
 def _normalized(location: str) -> str:
@@ -51,6 +52,26 @@ class ClassifyParams(BaseModel):
         min_length=1,
         description="Name of a prefect-aws AwsCredentials block; default: the standard AWS credential chain",
     )
+    max_error_rate: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Fail the run (after writing) when the share of error rows exceeds this",
+    )
+    exif_orientation: bool = Field(
+        False, description="Rotate JPEGs per their EXIF tag (the reference does not)"
+    )
+
+    @field_validator("source", "output")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        # Parameters are stored in run records and logs; credentials belong in the environment.
+        if has_credentials(value):
+            raise ValueError(
+                "must not embed credentials, tokens or a signed query string; pass them through the "
+                "environment (AWS_* variables, an AWS profile) instead"
+            )
+        return value
 
     @model_validator(mode="after")
     def _check_locations(self) -> ClassifyParams:

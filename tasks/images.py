@@ -5,19 +5,43 @@ The reference is the seed card's snippet: `Image.open(f).convert("RGB")`, then t
 `image_mean`/`image_std`). `Preprocessor` reads those values from the model's preprocessor_config.json;
 nothing is hard-coded. Configurations outside that simple form (crops, shortest-edge resizes, padding)
 are handed to the transformers processor itself, slower but exact.
+
+Decoding follows the reference wherever the reference gives an answer (alpha dropped, first frame of a
+multi-page file, EXIF orientation not applied unless asked for) and departs from it only where the
+reference would feed the model garbage: 16-bit and float images are scaled to 8 bits by their value
+range instead of being clipped at 255, and DICOM files are windowed as a viewer would show them.
+Anything that cannot become an image raises ImageError with one of ERROR_CATEGORIES.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+# Every error row's `error` column starts with one of these, then ": " and a message.
+ERROR_CATEGORIES = (
+    "empty",  # zero bytes
+    "truncated",  # an image format's signature, but the data ends early or its header is damaged
+    "not_an_image",  # no image format recognised (text, HTML, random bytes, a DICOM without pixels)
+    "unsupported",  # a recognised format whose variant or codec cannot be decoded here
+    "too_large",  # more pixels than --max-pixels (decompression bombs), refused before decoding
+    "missing",  # listed, then gone before it was read
+    "read_failed",  # storage kept failing after retries, or refused access
+)
+
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+# File signatures of the formats Pillow decodes here: a file starting with one of them is an image
+# that went wrong (truncated), not a file that never was one (not_an_image).
+SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*", b"BM")
+HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 
 class ImageError(Exception):
@@ -28,32 +52,73 @@ class ImageError(Exception):
         self.category = category
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, name: str = "", exif_orientation: bool = False
+) -> Image.Image:
     """Decode bytes into an RGB PIL image, or raise ImageError with a category.
 
-    The pixel limit is checked from the header, before any pixel is allocated.
+    `name` (the file name) only marks `.dcm`/`.dicom` files as DICOM; DICOM files with the standard
+    preamble are recognised by content. The pixel limit is checked from the header, before any pixel
+    is allocated.
     """
     if not data:
         raise ImageError("empty", "the file has zero bytes")
+    with warnings.catch_warnings():
+        # Pillow and pydicom warn per file (corrupt EXIF, odd tags): one error row says enough, and a
+        # DICOM warning may quote an element's value.
+        warnings.simplefilter("ignore")
+        if data[128:132] == b"DICM" or os.path.splitext(name)[1].lower() in DICOM_EXTENSIONS:
+            from tasks.dicom import decode_dicom
+
+            return decode_dicom(data, max_pixels)
+        return _decode_with_pillow(data, max_pixels, exif_orientation)
+
+
+def _decode_with_pillow(data: bytes, max_pixels: int, exif_orientation: bool) -> Image.Image:
+    # Pillow refuses images beyond 2x its own limit in Image.open; a user who raised --max-pixels
+    # above that asked for them, and our own header check below still applies.
+    if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    damaged = "truncated" if data.startswith(SIGNATURES) or webp else "not_an_image"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError("too_large", f"{width}x{height} pixels exceeds the limit of {max_pixels}")
-            image.load()
+        image: Image.Image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError("too_large", f"{width}x{height} pixels exceeds the limit of {max_pixels}")
+        image.load()
+        if exif_orientation:
+            image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageError("too_large", str(exc)) from exc
     except UnidentifiedImageError as exc:
-        raise ImageError("not_an_image", "not a recognised image format") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        message = "the header is damaged or the file ends early" if damaged == "truncated" else ""
+        raise ImageError(damaged, message or "not a recognised image format") from exc
+    except MemoryError as exc:
+        raise ImageError("too_large", "not enough memory to decode it; lower --max-pixels") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as exc:
         message = str(exc) or type(exc).__name__
-        category = "truncated" if "truncated" in message or isinstance(exc, EOFError) else "unsupported"
-        raise ImageError(category, message) from exc
+        ends_early = isinstance(exc, EOFError) or "runcated" in message or "decoder object" in message
+        raise ImageError("truncated" if ends_early else "unsupported", message) from exc
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as the reference's `.convert("RGB")`, except high-bit-depth images, scaled by value range."""
+    if image.mode in HIGH_DEPTH_MODES:
+        return Image.fromarray(scale_to_8bit(np.asarray(image)), "L").convert("RGB")
     return image.convert("RGB")
+
+
+def scale_to_8bit(values: np.ndarray) -> np.ndarray:
+    """Map the array's own [min, max] linearly onto [0, 255] (a constant image becomes black)."""
+    values = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, np.uint8)
+    return np.round((values - low) * np.float32(255.0 / (high - low))).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -148,19 +213,21 @@ class DevicePreprocessor:
         self.host = preprocessor
         self.nvjpeg = nvjpeg
 
-    def encode_or_decode(self, data: bytes, max_pixels: int) -> tuple[np.ndarray, int, int]:
+    def encode_or_decode(
+        self, data: bytes, max_pixels: int, *, name: str = "", exif_orientation: bool = False
+    ) -> tuple[np.ndarray, int, int]:
         """Host side: raw JPEG bytes (header checked) for nvjpeg, else decoded uint8 RGB pixels (H, W, 3)."""
-        if self.nvjpeg and data[:3] == JPEG_MAGIC:
+        if self.nvjpeg and data[:3] == JPEG_MAGIC and not exif_orientation:
             try:
                 with Image.open(io.BytesIO(data)) as header:
                     width, height, mode = header.width, header.height, header.mode
             except (OSError, SyntaxError, ValueError) as exc:
-                raise ImageError("not_an_image", str(exc)) from exc
+                raise ImageError("truncated", "the JPEG header is damaged or the file ends early") from exc
             if width * height > max_pixels:
                 raise ImageError("too_large", f"{width}x{height} pixels exceeds the limit of {max_pixels}")
             if mode in ("RGB", "L"):  # CMYK/YCCK JPEGs take the exact host path
                 return np.frombuffer(data, np.uint8), width, height
-        image = decode_image(data, max_pixels)
+        image = decode_image(data, max_pixels, name=name, exif_orientation=exif_orientation)
         return np.array(image), image.width, image.height
 
     def batch(self, items: list[np.ndarray], device: Any, dtype: Any) -> tuple[Any, dict[int, str]]:

@@ -32,12 +32,15 @@ from tasks.images import (
     nvjpeg_available,
 )
 from tasks.model import LoadedModel
+from tasks.redaction import install_log_redaction, redact
 from tasks.sink import SCHEMA
 from tasks.storage import DiscoveredFile, read_bytes
 
 # Called as listener("total", n) once the work is known and listener("advance", n) after each batch;
 # the CLI's progress bar listens here.
 progress_listeners: list[Callable[[str, int], None]] = []
+
+MESSAGE_LIMIT = 500  # characters of an error row's message: enough to act on, never a dump
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class EngineOptions:
     # "gpu": host workers only decode (JPEGs: only read, for nvjpeg when torchvision has it); resize and
     # normalize run batched on the model's device. Faster on GPUs, close but not bit-exact.
     decode: Literal["cpu", "gpu"] = "cpu"
+    exif_orientation: bool = False  # rotate per EXIF before preprocessing; the reference snippet does not
 
 
 @dataclass
@@ -69,26 +73,31 @@ def prepare(
     fs: fsspec.AbstractFileSystem,
     preprocess: Preprocess,
     max_pixels: int,
+    exif_orientation: bool = False,
 ) -> Prepared:
     """Read, decode and preprocess one file; failures become a Prepared with an error, never raise."""
     try:
         data = read_bytes(fs, file.path)
-    except FileNotFoundError as exc:
-        return Prepared(file, error=f"missing: the file vanished after listing ({exc})")
+    except FileNotFoundError:
+        return Prepared(file, error="missing: the file vanished after listing")
     except ConnectionError:
         raise  # still failing after the storage layer's retries: fail the shard (the task retries it), never a final row
-    except OSError as exc:
-        return Prepared(file, error=f"read_failed: {type(exc).__name__}: {exc}")
+    except (
+        Exception
+    ) as exc:  # any other storage error (permissions, a local EIO after retries): this file only
+        return Prepared(file, error=redact(f"read_failed: {type(exc).__name__}: {exc}")[:MESSAGE_LIMIT])
     try:
         if isinstance(preprocess, DevicePreprocessor):
-            pixels, width, height = preprocess.encode_or_decode(data, max_pixels)
+            pixels, width, height = preprocess.encode_or_decode(
+                data, max_pixels, name=file.path, exif_orientation=exif_orientation
+            )
             return Prepared(file, pixels, width=width, height=height)
-        image = decode_image(data, max_pixels)
+        image = decode_image(data, max_pixels, name=file.path, exif_orientation=exif_orientation)
         return Prepared(file, preprocess(image), width=image.width, height=image.height)
     except ImageError as exc:
-        return Prepared(file, error=str(exc))
+        return Prepared(file, error=redact(str(exc))[:MESSAGE_LIMIT])
     except Exception as exc:  # a decoder bug on one hostile file must not kill the shard
-        return Prepared(file, error=f"unsupported: {type(exc).__name__}: {exc}")
+        return Prepared(file, error=redact(f"unsupported: {type(exc).__name__}: {exc}")[:MESSAGE_LIMIT])
 
 
 def prepared_stream(
@@ -103,7 +112,9 @@ def prepared_stream(
         pending: deque[Future[Prepared]] = deque()
         remaining = iter(files)
         for file in remaining:
-            pending.append(pool.submit(prepare, file, fs, preprocess, options.max_pixels))
+            pending.append(
+                pool.submit(prepare, file, fs, preprocess, options.max_pixels, options.exif_orientation)
+            )
             if len(pending) >= window:
                 yield pending.popleft().result()
         while pending:
@@ -197,6 +208,7 @@ def classify_files(
     shard: str,
 ) -> pa.Table:
     """Classify files in batches; one row per file, in input order."""
+    install_log_redaction()  # storage libraries log signed URLs at debug level
     preprocess = choose_preprocessor(model, options.decode)
     rows = RowBuilder(model, options.threshold, run_id, shard)
     batch: list[Prepared] = []

@@ -4,7 +4,9 @@ Storage errors are translated to Python's own (FileNotFoundError, PermissionErro
 here and nowhere else (`storage_call`), so the rest of the code never sees a backend-specific
 exception. Transient object-store errors are retried here too, at three levels: botocore retries each
 HTTP request (5xx, SlowDown, dropped connections), s3fs retries truncated reads, and `storage_call`
-retries the whole operation with capped exponential backoff.
+retries the whole operation with capped exponential backoff. Local filesystems (NFS and SMB mounts
+included) are retried on EIO-like errors, untranslated. Messages are redacted (tasks/redaction.py):
+they may end up in Prefect's run records, which logging filters never see.
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ from s3fs import S3FileSystem
 from s3fs.errors import translate_boto_error
 from urllib3.exceptions import IncompleteRead as UrllibIncompleteRead
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"})
+from tasks.redaction import redact, strip_query
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".dcm", ".dicom"}
+)
 
 S3_DEFAULTS: dict[str, Any] = {
     # A long-running worker (`prefect serve`) must see objects added since its last run.
@@ -62,6 +68,11 @@ TRANSIENT_ERRORS = (  # timeouts (socket, asyncio, fsspec) are all TimeoutError
     HttpIncompleteRead,
 )
 TRANSIENT_ERRNOS = frozenset({errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO)})  # s3fs: 503, 500
+# Local I/O errors that a second attempt can cure (a flaky disk or network mount); a missing file, a
+# permission problem or a full disk needs a person instead.
+LOCAL_TRANSIENT_ERRNOS = frozenset(
+    {errno.EIO, errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED}
+)
 
 T = TypeVar("T")
 
@@ -128,10 +139,37 @@ def s3_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """The full URI of a path: `file:///abs/path` or `s3://bucket/key`."""
+    """The full URI of a path: `file:///abs/path` or `s3://bucket/key`; never a signed URL's query string.
+
+    Bytes that are not UTF-8 (possible in local file names) are percent-encoded, so every URI is
+    valid text for Parquet.
+    """
     if isinstance(fs, LocalFileSystem):
-        return "file://" + path
-    return fs.unstrip_protocol(path)
+        return "file://" + printable_path(path)
+    return strip_query(fs.unstrip_protocol(path))
+
+
+def printable_path(path: str) -> str:
+    """A local path as valid UTF-8 text: undecodable bytes (kept by Python as surrogates) become %XX."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return _percent_encode_invalid(os.fsencode(path))
+
+
+def _percent_encode_invalid(raw: bytes) -> str:
+    text: list[str] = []
+    position = 0
+    while position < len(raw):
+        try:
+            text.append(raw[position:].decode("utf-8"))
+            break
+        except UnicodeDecodeError as exc:
+            text.append(raw[position : position + exc.start].decode("utf-8"))
+            text.extend(f"%{byte:02X}" for byte in raw[position + exc.start : position + exc.end])
+            position += exc.end
+    return "".join(text)
 
 
 def is_image_name(name: str) -> bool:
@@ -163,7 +201,10 @@ def _list_local(root: str) -> Iterator[DiscoveredFile]:
                     st = entry.stat()
                     if stat_module.S_ISREG(st.st_mode):
                         yield DiscoveredFile(
-                            "file://" + entry.path, entry.path, f"{st.st_size}:{st.st_mtime_ns}", st.st_size
+                            "file://" + printable_path(entry.path),
+                            entry.path,
+                            f"{st.st_size}:{st.st_mtime_ns}",
+                            st.st_size,
                         )
 
 
@@ -199,6 +240,14 @@ def write_atomic(location: Location, relative_path: str, data: bytes) -> str:
     if not location.is_local:
         storage_call(location.fs, target, lambda: location.fs.pipe_file(target, data))
         return target
+    try:
+        _write_local(target, data)
+    except OSError as exc:
+        raise output_error(exc, location.uri) from exc
+    return target
+
+
+def _write_local(target: str, data: bytes) -> None:
     folder, name = os.path.split(target)
     os.makedirs(folder, exist_ok=True)
     temporary = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
@@ -209,9 +258,28 @@ def write_atomic(location: Location, relative_path: str, data: bytes) -> str:
             os.fsync(handle.fileno())
         os.replace(temporary, target)
     finally:
-        if os.path.exists(temporary):
+        if os.path.lexists(temporary):
             os.remove(temporary)
-    return target
+
+
+def output_error(error: OSError, destination: str) -> OSError:
+    """The same kind of OSError (so retry decisions still work), with a message that says what to do."""
+    if error.errno == errno.ENOSPC:
+        advice = "the output device is full; free space or choose another --output"
+    elif isinstance(error, FileNotFoundError | NotADirectoryError | FileExistsError):
+        advice = (
+            "the output location is gone or blocked by a file; check that --output exists and is a folder"
+        )
+    elif isinstance(error, PermissionError):
+        advice = "no permission to write there; fix the permissions of --output"
+    else:
+        advice = "check that --output is reachable and writable"
+    reason = error.strerror or str(error) or type(error).__name__
+    message = (
+        f"cannot write to output {destination}: {reason}. {advice}, then re-run: shards already written "
+        "are kept and skipped, nothing is written twice"
+    )
+    return OSError(error.errno, message) if error.errno else type(error)(message)
 
 
 def check_source(location: Location) -> None:
@@ -255,31 +323,49 @@ def storage_call(fs: fsspec.AbstractFileSystem, path: str, operation: Callable[[
 
     The one boundary where backend exceptions become FileNotFoundError, PermissionError or
     ConnectionError with a message naming the URI and the likely fix (the original is kept as
-    `__cause__`). Local filesystems pass through untouched.
+    `__cause__`, the message is redacted). Local filesystems are retried but not translated.
     """
-    if isinstance(fs, LocalFileSystem):
-        return operation()
+    local = isinstance(fs, LocalFileSystem)
     attempt = 0
     while True:
         try:
             try:
                 return operation()
             except Exception as exc:
-                translated = translate_error(exc, fs, path)
+                translated = exc if local else translate_error(exc, fs, path)
                 if translated is exc:
                     raise
                 raise translated from exc
-        except ConnectionError as exc:
+        except Exception as exc:
             attempt += 1
             # botocore already retried the connection itself: an endpoint that never answers is wrong.
             unreachable = isinstance(exc.__cause__, EndpointConnectionError | ConnectTimeoutError)
-            if unreachable or attempt >= RETRY_ATTEMPTS:
+            if unreachable or attempt >= RETRY_ATTEMPTS or not is_transient(exc):
                 raise
             time.sleep(min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2**attempt) * random.uniform(0.5, 1.0))
 
 
+def is_transient(error: BaseException) -> bool:
+    """True for storage errors worth another attempt: dropped connections, timeouts, EIO-like errors."""
+    if isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+        return False
+    if isinstance(error, ConnectionError | TimeoutError):
+        return True
+    return isinstance(error, OSError) and error.errno in LOCAL_TRANSIENT_ERRNOS
+
+
 def translate_error(error: Exception, fs: fsspec.AbstractFileSystem, path: str) -> Exception:
-    """Python's own exception for a storage error on `path`, naming the URI and the likely fix."""
+    """Python's own exception for a storage error on `path`, naming the URI and the likely fix.
+
+    Backend texts can quote signed URLs or credentials: the new message is redacted.
+    """
+    translated = _translate_error(error, fs, path)
+    if translated is error or redact(str(translated)) == str(translated):
+        return translated
+    return type(translated)(redact(str(translated)))
+
+
+def _translate_error(error: Exception, fs: fsspec.AbstractFileSystem, path: str) -> Exception:
     uri = to_uri(fs, path)
     endpoint = getattr(fs, "endpoint_url", None) or "the default AWS endpoint"
     if isinstance(error, ClientError):

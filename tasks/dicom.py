@@ -1,0 +1,122 @@
+"""Decode DICOM files into the 8-bit RGB images the model expects, as a viewer would display them.
+
+First frame only; modality LUT (rescale slope/intercept), then the VOI window (the first
+WindowCenter/WindowWidth, or the VOI LUT sequence), else the frame's own value range; MONOCHROME1 is
+inverted so that bright always means dense; grey is replicated to RGB.
+
+Privacy: nothing read from the header goes into a message. DICOM headers carry patient names, ids and
+dates; every error text here is written by us, so no identifier can reach a row or a log.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset
+
+from tasks.images import ImageError, scale_to_8bit
+
+
+def decode_dicom(data: bytes, max_pixels: int) -> Image.Image:
+    """DICOM bytes → RGB PIL image, or ImageError with a category."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, pixel_array
+
+    preamble = data[128:132] == b"DICM"
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as exc:  # a damaged header can fail in many ways; none may quote a value
+        raise ImageError(
+            "truncated" if preamble else "not_an_image",
+            f"the DICOM header cannot be read ({type(exc).__name__})",
+        ) from exc
+    if "PixelData" not in dataset:
+        if not preamble:
+            raise ImageError("not_an_image", "neither a DICOM image nor a recognised image format")
+        if _is_image_object(dataset):
+            raise ImageError("truncated", "the DICOM image ends before its pixel data")
+        raise ImageError("not_an_image", "a DICOM object without pixel data (a report or similar)")
+    try:
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+    except Exception as exc:
+        raise ImageError("unsupported", "DICOM pixel data without valid Rows/Columns") from exc
+    if rows * columns > max_pixels:
+        raise ImageError("too_large", f"{columns}x{rows} pixels exceeds the limit of {max_pixels}")
+    try:
+        frame = pixel_array(dataset, index=0)
+    except Exception as exc:
+        meta = getattr(dataset, "file_meta", None)
+        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+        if syntax is not None and not syntax.is_compressed and len(dataset.PixelData) < _frame_bytes(dataset):
+            raise ImageError("truncated", "the DICOM pixel data ends early") from exc
+        name = syntax.name if syntax is not None else "unknown"
+        raise ImageError(
+            "unsupported",
+            f"DICOM pixel data cannot be decoded (transfer syntax {name}, {type(exc).__name__})",
+        ) from exc
+    if frame.ndim == 3:  # colour (RGB, or YBR already converted to RGB by pydicom)
+        return Image.fromarray(_colour_to_8bit(frame), "RGB")
+    grey = display_values(apply_modality_lut(frame, dataset).astype(np.float64), dataset)
+    return Image.fromarray(grey, "L").convert("RGB")
+
+
+def display_values(values: np.ndarray, dataset: Dataset) -> np.ndarray:
+    """Modality values → 8-bit display grey: VOI window or LUT, else value range; MONOCHROME1 inverted."""
+    from pydicom.pixels import apply_voi_lut
+
+    center, width = (
+        _first(getattr(dataset, "WindowCenter", None)),
+        _first(getattr(dataset, "WindowWidth", None)),
+    )
+    if center is not None and width is not None and width > 0:
+        function = str(getattr(dataset, "VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        shown = window(values, center, width, function)
+    elif "VOILUTSequence" in dataset:
+        shown = scale_to_8bit(apply_voi_lut(values, dataset, prefer_lut=True)).astype(np.float64) / 255
+    else:
+        shown = scale_to_8bit(values).astype(np.float64) / 255
+    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
+        shown = 1.0 - shown
+    return np.round(shown * 255).astype(np.uint8)
+
+
+def window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """The DICOM VOI window (PS3.3 C.11.2.1.2) mapped onto [0, 1]."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
+    if width <= 1:  # LINEAR with width 1 is a threshold at center - 0.5
+        return (values > center - 0.5).astype(np.float64)
+    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
+def _is_image_object(dataset: Dataset) -> bool:
+    """Whether the SOP class (from the dataset or its file meta) stores images; unknown counts as yes."""
+    meta = getattr(dataset, "file_meta", None)
+    sop = dataset.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+    return sop is None or "Rows" in dataset or "Image" in str(getattr(sop, "name", ""))
+
+
+def _first(value: object) -> float | None:
+    """The first of a possibly multi-valued number (several windows may be stored; the first is default)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return float(value[0]) if len(value) else None  # type: ignore[index, arg-type]
+    return float(value)  # type: ignore[arg-type]
+
+
+def _colour_to_8bit(frame: np.ndarray) -> np.ndarray:
+    if frame.dtype == np.uint8:
+        return np.ascontiguousarray(frame)
+    return scale_to_8bit(frame)
+
+
+def _frame_bytes(dataset: Dataset) -> int:
+    """Bytes one uncompressed frame needs."""
+    bits = int(getattr(dataset, "BitsAllocated", 8))
+    samples = int(getattr(dataset, "SamplesPerPixel", 1))
+    return int(dataset.Rows) * int(dataset.Columns) * samples * max(1, bits // 8)

@@ -1,0 +1,214 @@
+"""Broken and unusual files: every file becomes exactly one row, odd-but-valid images are classified as the
+reference would, DICOM is windowed like a viewer, bombs are refused before allocation."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks.dicom import window
+from tasks.images import ERROR_CATEGORIES, ImageError, decode_image
+from tasks.inference import EngineOptions, classify_files
+from tasks.model import load_model
+from tasks.storage import list_images, open_location
+from tests import corpus
+from tests.test_parity import reference_predictions
+
+
+def classify_folder(folder: Path, model_dir: str, **options: object) -> dict[str, dict]:
+    """Engine-level run over a folder; rows keyed by file name."""
+    location = open_location(str(folder))
+    files = list(list_images(location))
+    model = load_model(model_dir, device="cpu", precision="fp32")
+    table = classify_files(files, location.fs, model, EngineOptions(batch_size=4, **options), "run", "shard")  # type: ignore[arg-type]
+    assert table.num_rows == len(files)
+    return {row["image_uri"].rsplit("/", 1)[-1]: row for row in table.to_pylist()}
+
+
+def category(row: dict) -> str | None:
+    return row["error"].split(":", 1)[0] if row["error"] else None
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])  # "gpu" runs the device path on CPU tensors here
+def test_every_bad_file_gets_its_category(tmp_path: Path, tiny_model: str, decode: str) -> None:
+    files = corpus.bad_files()
+    corpus.write_files(tmp_path / "scans", {name: data for name, (data, _) in files.items()})
+    rows = classify_folder(tmp_path / "scans", tiny_model, decode=decode)
+
+    assert sorted(rows) == sorted(files)
+    for name, (_, expected) in files.items():
+        row = rows[name]
+        assert category(row) == expected, (name, row["error"])
+        assert row["status"] == ("ok" if expected is None else "error")
+        if expected is not None:
+            assert expected in ERROR_CATEGORIES and row["label"] is None and row["prob_malignant"] is None
+            assert len(row["error"]) > len(expected) + 5, "the message says more than the category"
+    assert "100000x100000" in rows["bomb.png"]["error"] or "10000000000" in rows["bomb.png"]["error"]
+
+
+def test_a_vanished_file_is_missing(tmp_path: Path, tiny_model: str) -> None:
+    folder = tmp_path / "scans"
+    corpus.write_files(
+        folder, {f"{n}.png": corpus.encode(corpus.random_rgb((20, 20), n), "PNG") for n in range(3)}
+    )
+    location = open_location(str(folder))
+    files = list(list_images(location))
+    (folder / "1.png").unlink()  # deleted between listing and reading
+    model = load_model(tiny_model, device="cpu", precision="fp32")
+    rows = classify_files(files, location.fs, model, EngineOptions(batch_size=2), "r", "s").to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "error", "ok"]
+    assert rows[1]["error"].startswith("missing: ")
+
+
+def test_bomb_is_refused_from_its_header() -> None:
+    with pytest.raises(ImageError) as raised:
+        decode_image(corpus.png_bomb(12_000, 10_000), max_pixels=1_000_000)
+    assert raised.value.category == "too_large" and "12000x10000 pixels exceeds the limit of 1000000" in str(
+        raised.value
+    )
+
+
+def test_max_pixels_is_ours_not_pillows(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = corpus.encode(corpus.random_rgb((64, 48), 1), "PNG")  # 3,072 pixels
+    with pytest.raises(ImageError, match="too_large"):
+        decode_image(data, max_pixels=3_000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # Pillow alone would refuse it as a bomb
+    assert decode_image(data, max_pixels=10_000).size == (64, 48)
+
+
+def odd_images(root: Path) -> list[str]:
+    """Valid images the reference snippet reads with `Image.open(f).convert("RGB")`."""
+    base = corpus.random_rgb((64, 48), 5)
+    files = {
+        "grey.png": corpus.encode(base.convert("L"), "PNG"),
+        "rgba.png": corpus.encode(base.convert("RGBA"), "PNG"),
+        "la.png": corpus.encode(base.convert("LA"), "PNG"),
+        "palette.png": corpus.encode(base.convert("P"), "PNG", transparency=0),
+        "bilevel.png": corpus.encode(base.convert("1"), "PNG"),
+        "animated.gif": corpus.animated_gif(),
+        "cmyk.jpg": corpus.encode(base.convert("CMYK"), "JPEG"),
+        "pages.tif": corpus.multipage_tiff(),
+        "pixel.png": corpus.encode(corpus.random_rgb((1, 1), 6), "PNG"),
+        "wide.png": corpus.encode(corpus.random_rgb((2000, 1), 7), "PNG"),
+        "tall.jpg": corpus.encode(corpus.random_rgb((3, 1500), 8), "JPEG"),
+        "lossless.webp": corpus.encode(base, "WEBP", lossless=True),
+        "lossy.webp": corpus.encode(base.convert("RGBA"), "WEBP"),
+        "plain.bmp": corpus.encode(base, "BMP"),
+        "rotated.jpg": corpus.exif_rotated_jpeg(),
+    }
+    corpus.write_files(root, files)
+    return sorted(files)
+
+
+def test_odd_but_valid_images_match_the_reference(tmp_path: Path, tiny_model: str) -> None:
+    names = odd_images(tmp_path / "odd")
+    rows = classify_folder(tmp_path / "odd", tiny_model)
+    expected = reference_predictions(tiny_model, [tmp_path / "odd" / name for name in names])
+    for name in names:
+        row = rows[name]
+        assert row["status"] == "ok", (name, row["error"])
+        label, confidence, prob_malignant = expected[row["image_uri"]]
+        assert row["label"] == label, name
+        assert row["prob_malignant"] == pytest.approx(prob_malignant, abs=1e-3), name
+    assert (rows["pages.tif"]["image_width"], rows["pages.tif"]["image_height"]) == (40, 30)  # first page
+    assert (rows["rotated.jpg"]["image_width"], rows["rotated.jpg"]["image_height"]) == (64, 32)
+
+
+def test_exif_orientation_is_applied_only_when_asked(tmp_path: Path) -> None:
+    data = corpus.exif_rotated_jpeg((64, 32), orientation=6)
+    assert decode_image(data).size == (64, 32)  # the reference's view
+    rotated = decode_image(data, exif_orientation=True)
+    assert rotated.size == (32, 64)
+    upright = np.asarray(decode_image(data).transpose(Image.Transpose.ROTATE_270), dtype=np.int16)
+    assert np.abs(np.asarray(rotated, dtype=np.int16) - upright).max() == 0
+
+
+def test_sixteen_bit_images_are_scaled_by_range_not_clipped() -> None:
+    data, pixels = corpus.sixteen_bit_png(1000, 4000)
+    clipped = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert (clipped == 255).all(), "Pillow's own conversion clips every value above 255"
+    decoded = np.asarray(decode_image(data))
+    assert decoded.shape == (48, 64, 3) and (decoded[..., 0] == decoded[..., 2]).all()
+    expected = np.round((pixels.astype(np.float64) - 1000) * 255 / 3000)
+    assert np.abs(decoded[..., 0] - expected).max() <= 1
+    assert decoded.min() == 0 and decoded.max() == 255 and len(np.unique(decoded)) > 200
+    tiff = corpus.encode(Image.fromarray(pixels), "TIFF")
+    assert np.array_equal(np.asarray(decode_image(tiff)), decoded)
+    floats = corpus.encode(Image.fromarray(pixels.astype(np.float32) / 4000), "TIFF")
+    assert np.abs(np.asarray(decode_image(floats)).astype(int) - decoded).max() <= 1
+
+
+def display(data: bytes, **kwargs: object) -> np.ndarray:
+    image = decode_image(data, **kwargs)  # type: ignore[arg-type]
+    pixels = np.asarray(image)
+    assert (
+        image.mode == "RGB"
+        and (pixels[..., 0] == pixels[..., 1]).all()
+        and (pixels[..., 1] == pixels[..., 2]).all()
+    )
+    return pixels[..., 0]
+
+
+def test_dicom_monochrome2_with_voi_window() -> None:
+    ramp = corpus.dicom_ramp()
+    shown = display(corpus.make_dicom(ramp, window=(2048, 1024), bits_stored=12))
+    row = ramp[0].astype(np.float64)
+    expected = np.clip((row - 2047.5) / 1023 + 0.5, 0, 1) * 255
+    assert np.abs(shown[0].astype(int) - np.round(expected)).max() <= 1
+    assert shown[0, 0] == 0 and shown[0, -1] == 255 and 0 < shown[0, 32] < 255  # clipped outside the window
+
+
+def test_dicom_monochrome1_is_inverted_and_rescaled() -> None:
+    ramp = corpus.dicom_ramp()
+    plain = display(corpus.make_dicom(ramp))
+    inverted = display(corpus.make_dicom(ramp, photometric="MONOCHROME1"))
+    assert plain[0, 0] == 0 and plain[0, -1] == 255  # no window: the frame's own range
+    assert np.array_equal(inverted, 255 - plain)
+    # Modality LUT first: stored 0..4095 with slope 2, intercept -1024 → window (3072, 2048) on real values.
+    rescaled = display(corpus.make_dicom(ramp, window=(3072, 2048), rescale=(2.0, -1024.0)))
+    real = ramp[0] * 2.0 - 1024
+    assert np.abs(rescaled[0].astype(int) - np.round(window(real, 3072, 2048) * 255)).max() <= 1
+
+
+def test_dicom_first_frame_only_and_sniffed_by_content(tmp_path: Path, tiny_model: str) -> None:
+    ramp = corpus.dicom_ramp()
+    frames = np.stack([ramp, ramp[:, ::-1]])
+    data = corpus.make_dicom(frames)
+    assert np.array_equal(display(data), display(corpus.make_dicom(ramp)))
+    corpus.write_files(tmp_path / "d", {"a.dcm": data, "b.DICOM": data, "c.png": data, "noext": data})
+    rows = classify_folder(tmp_path / "d", tiny_model)
+    assert sorted(rows) == ["a.dcm", "b.DICOM", "c.png"]  # discovery is by extension; decoding sniffs DICM
+    assert {r["status"] for r in rows.values()} == {"ok"}
+    assert (rows["a.dcm"]["image_width"], rows["a.dcm"]["image_height"]) == (64, 32)
+
+
+def test_window_functions() -> None:
+    values = np.array([0.0, 99.5, 100.0, 200.0])
+    assert window(values, 100, 1).tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert window(values, 100, 200, "LINEAR_EXACT").tolist() == pytest.approx([0.0, 0.4975, 0.5, 1.0])
+    assert window(values, 100, 200, "SIGMOID")[2] == pytest.approx(0.5)
+
+
+def test_no_patient_identifier_in_rows_or_logs(
+    tmp_path: Path, tiny_model: str, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    good = corpus.make_dicom(corpus.dicom_ramp(), window=(2048, 1024))
+    corpus.write_files(
+        tmp_path / "d",
+        {
+            "good.dcm": good,
+            "cut.dcm": good[:-500],
+            "header.dcm": good[:400],
+            "odd.dcm": good[:132] + b"\xff" * 300,
+        },
+    )
+    with caplog.at_level("DEBUG"):
+        rows = classify_folder(tmp_path / "d", tiny_model)
+    assert rows["good.dcm"]["status"] == "ok" and rows["cut.dcm"]["error"].startswith("truncated")
+    text = repr(rows) + caplog.text + "".join(capfd.readouterr())
+    for secret in (corpus.PATIENT_NAME, "SENTINEL", corpus.PATIENT_ID, "19700101"):
+        assert secret not in text

@@ -1,0 +1,207 @@
+"""Faults: flaky storage is retried per file, a full disk or a lost output fails the run cleanly, a re-run
+after the fix completes exactly once, and --max-error-rate fails a finished run."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from flows.classify import TooManyErrors, classify
+from flows.cli import TOO_MANY_ERRORS_EXIT, app
+from tasks.inference import EngineOptions, classify_files
+from tasks.model import load_model
+from tasks.storage import RETRY_ATTEMPTS, list_images, open_location
+from tests import corpus
+
+
+class FlakyFileSystem(LocalFileSystem):
+    """The real local filesystem, except that opening chosen files fails a set number of times.
+
+    Disks and object stores cannot be made to fail on cue in a test; this injects the fault at the
+    fsspec boundary, where a real backend's error would surface.
+    """
+
+    cachable = False
+
+    def __init__(self, failures: dict[str, tuple[int, Exception]]) -> None:
+        super().__init__()
+        self.failures = failures
+        self.attempts: Counter[str] = Counter()
+
+    def _open(self, path, mode="rb", **kwargs):  # type: ignore[no-untyped-def]
+        self.attempts[path] += 1
+        times, error = self.failures.get(path, (0, None))
+        if error is not None and self.attempts[path] <= times:
+            raise error
+        return super()._open(path, mode, **kwargs)
+
+
+def scans(folder: Path, count: int) -> Path:
+    corpus.write_files(
+        folder, {f"scan{n}.png": corpus.encode(corpus.random_rgb((24, 24), n), "PNG") for n in range(count)}
+    )
+    return folder
+
+
+def read_rows(output: Path) -> list[dict]:
+    return ds.dataset(str(output), format="parquet", partitioning="hive").to_table().to_pylist()
+
+
+def leftovers(output: Path) -> list[Path]:
+    return [p for p in output.rglob("*") if p.is_file() and p.name.startswith(".")]
+
+
+def test_storage_errors_are_retried_per_file_and_the_shard_is_kept(tmp_path: Path, tiny_model: str) -> None:
+    folder = scans(tmp_path / "scans", 5)
+    files = list(list_images(open_location(str(folder))))
+    hiccup, dead, denied = files[1].path, files[2].path, files[3].path
+    fs = FlakyFileSystem(
+        {
+            hiccup: (1, OSError(errno.EIO, "Input/output error")),
+            dead: (99, OSError(errno.EIO, "Input/output error")),
+            denied: (99, PermissionError(errno.EACCES, "Permission denied")),
+        }
+    )
+    model = load_model(tiny_model, device="cpu", precision="fp32")
+    rows = classify_files(files, fs, model, EngineOptions(batch_size=2), "r", "s").to_pylist()
+
+    assert [r["status"] for r in rows] == ["ok", "ok", "error", "error", "ok"]
+    assert fs.attempts[hiccup] == 2, "a transient error is retried"
+    assert fs.attempts[dead] == RETRY_ATTEMPTS, "retried, then the file becomes an error row"
+    assert fs.attempts[denied] == 1, "a permission problem is not transient"
+    assert rows[2]["error"].startswith("read_failed: OSError")
+    assert rows[3]["error"].startswith("read_failed: PermissionError")
+
+
+def test_a_lasting_outage_fails_the_shard_instead_of_writing_final_error_rows(
+    tmp_path: Path, tiny_model: str
+) -> None:
+    """Error rows are final; a connection that stays down must fail the shard (Prefect retries it)."""
+    files = list(list_images(open_location(str(scans(tmp_path / "scans", 2)))))
+    fs = FlakyFileSystem({files[0].path: (99, ConnectionError("connection reset by peer"))})
+    model = load_model(tiny_model, device="cpu", precision="fp32")
+    with pytest.raises(ConnectionError):
+        classify_files(files, fs, model, EngineOptions(batch_size=2), "r", "s")
+    assert fs.attempts[files[0].path] == RETRY_ATTEMPTS
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 64 KiB tmpfs, so that 'disk full' is the kernel's ENOSPC (needs root to mount)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_full_disk_fails_cleanly_and_a_rerun_completes_once(
+    tmp_path: Path, small_disk: Path, tiny_model: str
+) -> None:
+    folder = scans(tmp_path / "scans", 6)
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * 60 * 1024)  # leaves less room than one shard file needs
+    output = small_disk / "preds"
+    result = CliRunner().invoke(
+        app,
+        [
+            "classify",
+            str(folder),
+            "-o",
+            str(output),
+            "--model",
+            tiny_model,
+            "--device",
+            "cpu",
+            "--shard-size",
+            "2",
+        ],
+    )
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "output device is full" in text and str(output) in text and "re-run" in text
+    assert not leftovers(output)
+    kept = len(read_rows(output)) if list(output.rglob("*.parquet")) else 0  # whole shards written before
+
+    filler.unlink()  # the fix
+    summary = classify(str(folder), str(output), model=tiny_model, device="cpu", shard_size=2)
+    assert summary["images_classified"] == 6 - kept
+    rows = read_rows(output)
+    assert len(rows) == 6 and len({r["image_uri"] for r in rows}) == 6
+    assert not leftovers(output)
+
+
+@pytest.mark.slow
+def test_lost_output_location_fails_cleanly_and_a_rerun_completes_once(
+    tmp_path: Path, tiny_model: str
+) -> None:
+    folder = scans(tmp_path / "scans", 3)
+    blocker = tmp_path / "mnt"
+    blocker.write_text("an unmounted share leaves a file where the folder was")
+    output = blocker / "preds"
+    with pytest.raises(OSError) as raised:
+        classify(str(folder), str(output), model=tiny_model, device="cpu")
+    message = str(raised.value)
+    assert "output location is gone or blocked" in message and "--output" in message
+    assert list(tmp_path.rglob("*.parquet")) == []
+
+    blocker.unlink()
+    blocker.mkdir()
+    assert classify(str(folder), str(output), model=tiny_model, device="cpu")["images_classified"] == 3
+    assert classify(str(folder), str(output), model=tiny_model, device="cpu")["images_classified"] == 0
+    assert len(read_rows(output)) == 3 and not leftovers(output)
+
+
+def mixed_folder(folder: Path) -> Path:
+    scans(folder, 2)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.png").write_text("not a scan")
+    return folder
+
+
+@pytest.mark.slow
+def test_max_error_rate_fails_after_writing_every_row(tmp_path: Path, tiny_model: str) -> None:
+    folder = mixed_folder(tmp_path / "scans")
+    with pytest.raises(TooManyErrors) as raised:
+        classify(str(folder), str(tmp_path / "a"), model=tiny_model, device="cpu", max_error_rate=0.25)
+    assert "2 of 4 images failed" in str(raised.value) and "--max-error-rate 0.25" in str(raised.value)
+    assert raised.value.summary["errors_by_category"] == {"empty": 1, "not_an_image": 1}
+    assert len(read_rows(tmp_path / "a")) == 4, "every row is written before the run fails"
+
+    summary = classify(str(folder), str(tmp_path / "b"), model=tiny_model, device="cpu", max_error_rate=0.5)
+    assert summary["error_share"] == 0.5 and summary["errors"] == 2
+
+    result = CliRunner().invoke(
+        app,
+        ["classify", str(folder), "-o", str(tmp_path / "c"), "--model", tiny_model, "--device", "cpu"]
+        + ["--max-error-rate", "0.1"],
+    )
+    assert result.exit_code == TOO_MANY_ERRORS_EXIT
+    assert "--max-error-rate" in result.output and "errors: empty" in result.output
+
+
+def test_bad_max_error_rate_is_rejected_before_any_work(tmp_path: Path, image_folder: Path) -> None:
+    output = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["classify", str(image_folder), "-o", str(output), "--max-error-rate", "1.5"]
+    )
+    assert result.exit_code == 2 and "--max-error-rate" in result.output
+    with pytest.raises(ValidationError, match="max_error_rate"):
+        classify(str(image_folder), str(output), model="unused/model", max_error_rate=-0.1)
+    assert not output.exists()

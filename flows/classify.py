@@ -24,14 +24,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.credentials import storage_options
 from flows.guards import exclusive_output, gpu_slot
 from flows.params import ClassifyParams
+from flows.runners import SHARDS_IN_FLIGHT, shard_slots
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import EngineOptions, classify_files, progress_listeners
 from tasks.model import DEFAULT_MODEL, LoadedModel, load_model
 from tasks.redaction import redact
 from tasks.sink import model_slug, read_index, select_new, shard_id, shard_path, write_shard
 from tasks.storage import DiscoveredFile, check_output, check_source, is_transient, list_images, open_location
-
-SHARDS_IN_FLIGHT = 2  # shards classified at once: one computes while the other reads, decodes or writes
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -125,15 +124,15 @@ def cut_shards(files: list[DiscoveredFile], size: int) -> list[list[DiscoveredFi
 
 
 def run_shards(
-    shards: list[list[DiscoveredFile]], params: ClassifyParams, run_id: str
+    shards: list[list[DiscoveredFile]], params: ClassifyParams, run_id: str, slots: int = SHARDS_IN_FLIGHT
 ) -> list[ShardManifest]:
-    """Submit shards with a bounded window, so pending work never grows with the archive."""
+    """Submit shards with a bounded window (2 per slot), so pending work never grows with the archive."""
     day = datetime.now(UTC)
     manifests: list[ShardManifest] = []
     pending: deque[PrefectFuture[ShardManifest]] = deque()
     for number, files in enumerate(shards):
         pending.append(classify_shard.submit(number, files, params, run_id, day))
-        if len(pending) >= SHARDS_IN_FLIGHT * 2:
+        if len(pending) >= slots * 2:
             manifests.append(pending.popleft().result())
     manifests.extend(future.result() for future in pending)
     return manifests
@@ -223,7 +222,7 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
         for listener in progress_listeners:
             listener("total", len(new_files))
         with gpu_slot(loaded.device.type):
-            manifests = run_shards(cut_shards(new_files, params.shard_size), params, run_id)
+            manifests = run_shards(cut_shards(new_files, params.shard_size), params, run_id, shard_slots())
     summary = summarize(found, len(new_files), manifests, time.perf_counter() - started)
     summary.update(run_id=run_id, model=params.model, model_revision=loaded.revision)
     publish_summary(summary, params, loaded)

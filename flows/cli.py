@@ -17,7 +17,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from flows.params import ClassifyParams, EvaluateParams, TrainParams, describe_validation_error
+from flows.params import (
+    ClassifyParams,
+    DatasetParams,
+    EvaluateParams,
+    RunnerParams,
+    TrainParams,
+    describe_validation_error,
+)
+from tasks.compact import TARGET_ROWS
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import progress_listeners
 from tasks.model import DEFAULT_BASE_MODEL, DEFAULT_MODEL, ModelError
@@ -129,6 +137,20 @@ ShardOption = Annotated[int, typer.Option(help="Images per task and per output P
 MaxPixelsOption = Annotated[
     int, typer.Option(help="Images with more pixels become `too_large` error rows (decompression bombs).")
 ]
+RunnerOption = Annotated[
+    str, typer.Option(help="Where shards run: local (threads here), dask or ray (see docs/scaling.md).")
+]
+DaskAddressOption = Annotated[
+    str | None,
+    typer.Option(help="Dask scheduler (tcp://HOST:8786); without it --runner dask starts a LocalCluster."),
+]
+DaskWorkersOption = Annotated[
+    int, typer.Option(help="Worker processes of the LocalCluster that --runner dask starts without address.")
+]
+RayAddressOption = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster address (ray://HOST:10001); needs pip install 'oncoflow[ray]'."),
+]
 DecodeOption = Annotated[
     str,
     typer.Option(
@@ -173,6 +195,10 @@ def classify_command(
     threshold: ThresholdOption = 0.5,
     shard_size: ShardOption = 1000,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    runner: RunnerOption = "local",
+    dask_address: DaskAddressOption = None,
+    dask_workers: DaskWorkersOption = 1,
+    ray_address: RayAddressOption = None,
     decode: DecodeOption = "cpu",
     s3_endpoint_url: S3EndpointOption = None,
     aws_credentials_block: AwsBlockOption = None,
@@ -180,12 +206,22 @@ def classify_command(
     exif_orientation: ExifOption = False,
 ) -> None:
     """Classify new or changed images under SOURCE; append one Parquet row per image to OUTPUT."""
-    params = validated(ClassifyParams, **{k: v for k, v in locals().items()})
+    params = validated(
+        ClassifyParams, **{k: v for k, v in locals().items() if k not in RunnerParams.model_fields}
+    )
+    placement = validated(
+        RunnerParams,
+        runner=runner,
+        dask_address=dask_address,
+        dask_workers=dask_workers,
+        ray_address=ray_address,
+    )
     from flows.classify import TooManyErrors, classify
+    from flows.runners import with_runner
 
     try:
         with progress_bar():
-            summary = classify(**params.model_dump())
+            summary = with_runner(classify, placement)(**params.model_dump())
     except TooManyErrors as exc:
         print_summary(exc.summary)
         fail(str(exc), code=TOO_MANY_ERRORS_EXIT)
@@ -198,6 +234,62 @@ app.command("classify")(classify_command)
 
 classify_command_app = typer.Typer(add_completion=False)
 classify_command_app.command()(classify_command)
+
+
+Dest = Annotated[str, typer.Argument(help="Output dataset folder written by `oncoflow classify --output`.")]
+
+
+@app.command("compact")
+def compact_command(
+    dest: Dest,
+    target_rows: Annotated[
+        int, typer.Option(help="Rows per merged file (4,000,000 ≈ 80-120 MB; see docs/analytics.md).")
+    ] = TARGET_ROWS,
+) -> None:
+    """Merge each partition's small Parquet files into larger ones; no row is lost or doubled."""
+    params = validated(DatasetParams, dest=dest, target_rows=target_rows)
+    from flows.analytics import compact_dataset
+
+    try:
+        report = compact_dataset(params.dest, params.target_rows)
+    except EXPECTED_ERRORS as exc:
+        fail(str(exc))
+    Console().print(
+        f"merged {report['files_merged']} files into {report['files_written']} "
+        f"({report['rows_merged']} rows, {report['partitions']} partitions)"
+    )
+
+
+@app.command("latest")
+def latest_command(
+    dest: Dest,
+    output: Annotated[str, typer.Option("--output", "-o", help="File to write: .parquet or .csv.")],
+) -> None:
+    """Export one row per image, from the newest model revision that classified it (docs/analytics.md)."""
+    params = validated(DatasetParams, dest=dest)
+    from tasks.analytics import export_latest
+
+    try:
+        rows = export_latest(params.dest, output)
+    except EXPECTED_ERRORS as exc:
+        fail(str(exc))
+    Console().print(f"wrote {rows} rows (one per image) to {output}")
+
+
+@app.command("report")
+def report_command(
+    dest: Dest,
+    output: Annotated[str, typer.Option("--output", "-o", help="File to write: .html or .png.")],
+) -> None:
+    """Plot volumes per day, Malignant share, confidence and errors. Research use only, not a diagnosis."""
+    params = validated(DatasetParams, dest=dest)
+    from tasks.dataset_report import write_report
+
+    try:
+        data = write_report(params.dest, output)
+    except EXPECTED_ERRORS as exc:
+        fail(str(exc))
+    Console().print(f"wrote {output}: {data.totals['images (latest row each)']} images")
 
 
 def print_metrics(metrics: dict[str, Any], written: str) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tasks.compact import TARGET_ROWS
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.model import DEFAULT_BASE_MODEL, DEFAULT_MODEL
 from tasks.redaction import has_credentials
@@ -95,6 +97,58 @@ def describe_validation_error(error: ValidationError) -> str:
         message = problem["msg"].removeprefix("Value error, ")
         lines.append(f"invalid {where}{message}")
     return "\n".join(lines)
+
+
+DASK_SCHEMES = ("tcp://", "tls://", "ucx://", "inproc://")
+
+
+class RunnerParams(BaseModel):
+    """Where shard tasks run: `local` threads, a Dask cluster or a Ray cluster (see flows/runners.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    runner: Literal["local", "dask", "ray"] = "local"
+    dask_address: str | None = Field(None, description="Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    dask_workers: int = Field(
+        1, ge=1, le=256, description="Workers of the LocalCluster started without address"
+    )
+    ray_address: str | None = Field(None, description="Ray cluster, e.g. ray://10.0.0.5:10001")
+
+    @model_validator(mode="after")
+    def _check_runner(self) -> RunnerParams:
+        if self.dask_address and self.runner != "dask":
+            raise ValueError("--dask-address needs --runner dask")
+        if self.ray_address and self.runner != "ray":
+            raise ValueError("--ray-address needs --runner ray")
+        if self.dask_address and not self.dask_address.startswith(DASK_SCHEMES):
+            raise ValueError(
+                f"--dask-address {self.dask_address!r} is not a scheduler address; "
+                "use tcp://HOST:8786 (the address `dask scheduler` prints)"
+            )
+        if self.runner == "ray" and importlib.util.find_spec("prefect_ray") is None:
+            raise ValueError(
+                "--runner ray needs the optional Ray support: pip install 'oncoflow[ray]' (prefect-ray)"
+            )
+        return self
+
+
+class DatasetParams(BaseModel):
+    """An existing output dataset to compact, summarize or export (`oncoflow compact|latest|report`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dest: str = Field(min_length=1, description="Output dataset folder written by `oncoflow classify`")
+    target_rows: int = Field(TARGET_ROWS, ge=2, le=100_000_000, description="Rows per compacted file")
+
+    @model_validator(mode="after")
+    def _check_dest(self) -> DatasetParams:
+        if ("://" not in self.dest or self.dest.startswith("file://")) and not os.path.isdir(
+            _normalized(self.dest).rstrip("/") or "/"
+        ):
+            raise ValueError(
+                f"dataset {self.dest!r} is not an existing folder; pass the --output of classify"
+            )
+        return self
 
 
 class EvaluateParams(BaseModel):

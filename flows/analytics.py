@@ -1,0 +1,25 @@
+"""Flows over the output dataset: compaction (schedule it after the nightly classify run).
+
+`oncoflow latest` and `oncoflow report` read the dataset without Prefect; see docs/analytics.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from prefect import flow
+
+from tasks.compact import TARGET_ROWS, compact
+from tasks.storage import open_location
+
+
+@flow(name="compact", log_prints=True)
+def compact_dataset(dest: str, target_rows: int = TARGET_ROWS) -> dict[str, Any]:
+    """Merge each partition's small Parquet files into files of up to `target_rows` rows."""
+    report = compact(open_location(dest), target_rows)
+    print(
+        f"compacted {report.files_merged} files into {report.files_written} "
+        f"({report.rows_merged} rows) across {report.partitions} partitions"
+    )
+    return asdict(report)

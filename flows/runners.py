@@ -1,0 +1,59 @@
+"""Where shard tasks run: a bounded thread pool here, a Dask cluster, or a Ray cluster.
+
+The flows never change: the CLI picks a Prefect task runner and applies it with `flow.with_options`.
+Shards are the unit of work; each worker process loads the model once (tasks.model caches it per
+process) and keeps it for every shard it runs. Run one worker process per GPU, one thread each.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from prefect.context import FlowRunContext
+from prefect.flows import Flow
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from flows.params import RunnerParams
+
+SHARDS_IN_FLIGHT = 2  # local runner: one shard computes while the other reads, decodes or writes
+
+F = TypeVar("F", bound=Flow[Any, Any])
+
+
+def make_task_runner(params: RunnerParams) -> TaskRunner[Any]:
+    """The Prefect task runner that `params` names."""
+    if params.runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if params.dask_address:
+            return DaskTaskRunner(address=params.dask_address)
+        # No address: a LocalCluster of worker processes on this machine, one shard per worker at a time.
+        return DaskTaskRunner(
+            cluster_kwargs={"n_workers": params.dask_workers, "threads_per_worker": 1, "processes": True}
+        )
+    if params.runner == "ray":
+        from prefect_ray import RayTaskRunner  # type: ignore[import-not-found]
+
+        return RayTaskRunner(address=params.ray_address)  # type: ignore[no-any-return]
+    return ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT)  # type: ignore[return-value]
+
+
+def with_runner(flow: F, params: RunnerParams) -> F:
+    """The same flow, with its shard tasks running where `params` says."""
+    return flow.with_options(task_runner=make_task_runner(params))  # type: ignore[return-value]
+
+
+def shard_slots() -> int:
+    """How many shards the current flow run's task runner executes at once (worker threads in total)."""
+    context = FlowRunContext.get()
+    runner = context.task_runner if context else None
+    if type(runner).__name__ == "DaskTaskRunner":
+        return max(1, sum(runner.client.nthreads().values()))  # type: ignore[union-attr]
+    if type(runner).__name__ == "RayTaskRunner":
+        import ray  # type: ignore[import-not-found]
+
+        resources = ray.cluster_resources()
+        return max(1, int(resources.get("GPU") or resources.get("CPU") or 1))
+    if isinstance(runner, ThreadPoolTaskRunner):
+        return max(1, int(getattr(runner, "_max_workers", SHARDS_IN_FLIGHT) or SHARDS_IN_FLIGHT))
+    return SHARDS_IN_FLIGHT

@@ -1,0 +1,98 @@
+"""The output dataset as analysts read it: DuckDB views `predictions`, `revisions` and `latest`.
+
+- `predictions`: every row once. A row's identity is (image_uri, fingerprint, model_revision): the
+  incremental index never classifies a key twice, and a key can sit in two files only for the moment
+  between a compaction's write and its deletions (tasks/compact.py), or when a shard task was retried
+  after its file was compacted. The view keeps one of the copies, which hold the same prediction.
+- `revisions`: each (model, model_revision) with `first_seen`, the earliest processed_at of its rows.
+- `latest`: one row per image_uri: the row of the revision first seen most recently that has a row for
+  that image, and within that revision the newest row (max processed_at, i.e. the newest content
+  version). Error rows count: if the newest revision could not read an image, `latest` says so
+  (filter `status = 'ok'` for predictions). Images a new revision has not reached yet keep the older
+  revision's row, so `latest` is complete while a reprocess is half way.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import duckdb
+
+from tasks.storage import open_location
+
+VIEWS_SQL = """\
+create or replace view predictions as
+select *
+from read_parquet('{glob}', hive_partitioning = true, union_by_name = true)
+qualify row_number() over (
+    partition by image_uri, fingerprint, model_revision
+    order by processed_at desc, run_id desc
+) = 1;
+
+create or replace view revisions as
+select model, model_revision, min(processed_at) as first_seen, count(*) as row_count
+from predictions
+group by model, model_revision;
+
+create or replace view latest as
+select p.*
+from predictions p
+join revisions r using (model, model_revision)
+qualify row_number() over (
+    partition by p.image_uri
+    order by r.first_seen desc, p.processed_at desc, p.model_revision desc
+) = 1;
+"""
+
+EXPORT_FORMATS = {".parquet": "(format parquet, compression zstd)", ".csv": "(format csv, header true)"}
+
+
+def dataset_glob(destination: str) -> str:
+    """The glob every reader uses: all visible Parquet files under DEST (temporaries start with '.')."""
+    location = open_location(destination)
+    if not location.is_local:
+        raise ValueError(
+            f"{destination!r}: the analytics commands read local datasets; for S3 use DuckDB's httpfs "
+            "with the SQL in docs/analytics.md, or sync the dataset locally first"
+        )
+    if not os.path.isdir(location.path) or not any(
+        name.endswith(".parquet") for _, _, names in os.walk(location.path) for name in names
+    ):
+        raise FileNotFoundError(
+            f"no Parquet files under {destination!r}; run `oncoflow classify SOURCE --output {destination}` first"
+        )
+    return location.path.rstrip("/") + "/**/*.parquet"
+
+
+def connect(destination: str) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the `predictions`, `revisions` and `latest` views over DEST."""
+    connection = duckdb.connect()
+    connection.execute("set TimeZone = 'UTC'")
+    glob = dataset_glob(destination).replace("'", "''")
+    for statement in VIEWS_SQL.format(glob=glob).split(";"):
+        if statement.strip():
+            connection.execute(statement)
+    return connection
+
+
+def export_latest(destination: str, output: str) -> int:
+    """Write the `latest` view to OUTPUT (.parquet or .csv), atomically; return the row count."""
+    extension = os.path.splitext(output)[1].lower()
+    if extension not in EXPORT_FORMATS:
+        raise ValueError(f"--output {output!r} must end in .parquet or .csv")
+    connection = connect(destination)
+    target = os.path.abspath(output)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    temporary = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")
+    try:
+        connection.execute(
+            f"copy (select * from latest order by image_uri) to '{temporary.replace(chr(39), chr(39) * 2)}' "
+            + EXPORT_FORMATS[extension]
+        )
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    rows: int = connection.sql("select count(*) from latest").fetchall()[0][0]
+    return rows

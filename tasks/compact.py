@@ -1,0 +1,153 @@
+"""Merge a partition's small shard files into files sized for readers, without losing or doubling a row.
+
+Protocol, per partition folder (model_slug=.../date=...):
+1. Small files (fewer than `target_rows` rows) are grouped, in name order, into bins of at most
+   `target_rows` rows; only files with the same schema share a bin.
+2. Each bin becomes one merged file, `part-c<hash of its input names>.parquet`, written atomically
+   (temporary name + rename, or one PUT). Its Parquet metadata lists the inputs
+   (`oncoflow.compacted_from`). Only then are the inputs deleted.
+3. Every run first finishes interrupted compactions: inputs still listed by a merged file are deleted.
+
+At every instant every row is in at least one visible file (the merged file exists before any input
+goes). Between steps 2 and 3 a row can be in two files, with the same (image_uri, fingerprint,
+model_revision) key; the `predictions` and `latest` views (tasks/analytics.py) keep one row per key,
+so counts through them are exact at every instant. Re-running is safe: the merged name depends only
+on its inputs, so a retried bin overwrites its own file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.sink import SCHEMA_VERSION
+from tasks.storage import Location, write_atomic
+
+# Readers want files of ~100 MB-1 GB: at 20-30 bytes per row (measured, docs/analytics.md) 4 million
+# rows is ~80-120 MB; DuckDB, Spark and Athena then open 1 file per 4 million images instead of 4,000.
+TARGET_ROWS = 4_000_000
+ROW_GROUP_ROWS = 256_000  # readers skip row groups by min/max statistics; ~50 MB of Arrow in memory
+COMPACTED_FROM = b"oncoflow.compacted_from"
+MERGED_PREFIX = "part-c"
+
+
+@dataclass
+class CompactionReport:
+    """What one compaction run did."""
+
+    partitions: int = 0
+    files_merged: int = 0
+    files_written: int = 0
+    rows_merged: int = 0
+    leftovers_deleted: int = 0
+    written: list[str] = field(default_factory=list)
+
+
+def parquet_files_by_partition(destination: Location) -> dict[str, list[str]]:
+    """Visible Parquet files (no hidden temporaries), grouped by their folder, names sorted."""
+    fs = destination.fs
+    partitions: dict[str, list[str]] = defaultdict(list)
+    if not fs.exists(destination.path):
+        raise FileNotFoundError(f"dataset {destination.uri!r} does not exist; check the path")
+    for path in fs.find(destination.path):
+        folder, name = posixpath.split(path)
+        relative = path[len(destination.path.rstrip("/")) :]
+        if name.endswith(".parquet") and not any(part.startswith(".") for part in relative.split("/")):
+            partitions[folder].append(path)
+    return {folder: sorted(paths) for folder, paths in sorted(partitions.items())}
+
+
+def merged_name(inputs: list[str]) -> str:
+    """Content-addressed by the inputs' names: a retried merge of the same files overwrites itself."""
+    digest = hashlib.sha256("\n".join(sorted(posixpath.basename(p) for p in inputs)).encode())
+    return f"{MERGED_PREFIX}{digest.hexdigest()[:20]}.parquet"
+
+
+def finish_interrupted(destination: Location, files: list[str]) -> int:
+    """Delete inputs that a merged file in the same folder already holds; return how many."""
+    fs, present, deleted = destination.fs, set(files), 0
+    for path in files:
+        if not posixpath.basename(path).startswith(MERGED_PREFIX):
+            continue
+        metadata = pq.read_metadata(path, filesystem=fs).metadata or {}
+        for name in json.loads(metadata.get(COMPACTED_FROM, b"[]")):
+            leftover = posixpath.join(posixpath.dirname(path), name)
+            if leftover in present and leftover != path:
+                fs.rm(leftover)
+                present.discard(leftover)
+                deleted += 1
+    return deleted
+
+
+def plan_bins(destination: Location, files: list[str], target_rows: int) -> list[list[str]]:
+    """Groups of ≥2 small files with one schema, each group at most `target_rows` rows."""
+    groups: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for path in files:
+        info = pq.read_metadata(path, filesystem=destination.fs)
+        if info.num_rows < target_rows:
+            groups[info.schema.to_arrow_schema().remove_metadata().to_string()].append((path, info.num_rows))
+    bins: list[list[str]] = []
+    for members in groups.values():
+        current: list[str] = []
+        rows = 0
+        for path, count in members:
+            if current and rows + count > target_rows:
+                bins.append(current)
+                current, rows = [], 0
+            current.append(path)
+            rows += count
+        bins.append(current)
+    return [group for group in bins if len(group) >= 2]
+
+
+def merge_bin(destination: Location, inputs: list[str]) -> tuple[str, int]:
+    """Write one merged file holding every row of `inputs`, atomically; the inputs stay. Returns (path, rows)."""
+    fs = destination.fs
+    first = pq.read_schema(inputs[0], filesystem=fs)
+    metadata = dict(first.metadata or {})
+    metadata.setdefault(b"oncoflow.schema_version", SCHEMA_VERSION.encode())
+    metadata[COMPACTED_FROM] = json.dumps([posixpath.basename(p) for p in inputs]).encode()
+    schema = first.with_metadata(metadata)
+    buffer = io.BytesIO()
+    rows = 0
+    pending: list[pa.Table] = []
+    # At most one row group of inputs in memory; the compressed output is the only thing that grows.
+    with pq.ParquetWriter(buffer, schema, compression="zstd") as writer:
+        for path in inputs:
+            pending.append(pq.read_table(path, filesystem=fs, partitioning=None).cast(schema))
+            rows += pending[-1].num_rows
+            if sum(table.num_rows for table in pending) >= ROW_GROUP_ROWS:
+                writer.write_table(pa.concat_tables(pending))
+                pending.clear()
+        if pending:
+            writer.write_table(pa.concat_tables(pending))
+    folder = posixpath.dirname(inputs[0])
+    relative = posixpath.relpath(posixpath.join(folder, merged_name(inputs)), destination.path)
+    return write_atomic(destination, relative, buffer.getvalue()), rows
+
+
+def compact(destination: Location, target_rows: int = TARGET_ROWS) -> CompactionReport:
+    """Merge small files in every partition of the dataset at `destination`."""
+    if target_rows < 2:
+        raise ValueError(f"target_rows must be at least 2, got {target_rows}")
+    report = CompactionReport()
+    for files in parquet_files_by_partition(destination).values():
+        report.partitions += 1
+        report.leftovers_deleted += finish_interrupted(destination, files)
+        files = [path for path in files if destination.fs.exists(path)]
+        for inputs in plan_bins(destination, files, target_rows):
+            path, rows = merge_bin(destination, inputs)
+            for leftover in inputs:
+                destination.fs.rm(leftover)
+            report.files_merged += len(inputs)
+            report.files_written += 1
+            report.rows_merged += rows
+            report.written.append(path)
+    return report

@@ -1,0 +1,153 @@
+"""`oncoflow report`: a one-page report on the output dataset: volumes, Malignant share, confidence and errors, as plots.
+
+Rendered with matplotlib's Agg backend (no display needed) into one PNG, written as is or embedded in
+a self-contained HTML page. Research use only: the figures describe model outputs, not diagnoses.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: render without a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tasks.analytics import connect  # noqa: E402
+
+DISCLAIMER = (
+    "For research, not diagnosis: these are outputs of a statistical model, not clinical findings. "
+    "Every result must be reviewed by a qualified person."
+)
+
+
+@dataclass
+class ReportData:
+    """The numbers behind the plots, each a list of tuples straight from DuckDB."""
+
+    volumes: list[tuple[Any, ...]]  # (date, ok, errors)
+    share: list[tuple[Any, ...]]  # (date, model_revision, malignant share among ok rows, ok rows)
+    confidence: list[tuple[Any, ...]]  # (label, confidence) for ok rows of `latest`
+    errors: list[tuple[Any, ...]]  # (category, rows)
+    totals: dict[str, Any]
+
+
+def gather(destination: str) -> ReportData:
+    """Query the dataset through the deduplicating views."""
+    db = connect(destination)
+    volumes = db.sql(
+        "select date, count(*) filter (status = 'ok'), count(*) filter (status = 'error') "
+        "from predictions group by date order by date"
+    ).fetchall()
+    share = db.sql(
+        "select date, model_revision, avg((label = 'Malignant')::int), count(*) from predictions "
+        "where status = 'ok' group by date, model_revision order by date, model_revision"
+    ).fetchall()
+    confidence = db.sql("select label, confidence from latest where status = 'ok'").fetchall()
+    errors = db.sql(
+        "select split_part(error, ':', 1) as category, count(*) from predictions where status = 'error' "
+        "group by category order by count(*) desc, category"
+    ).fetchall()
+    images, ok, malignant, revisions = db.sql(
+        "select count(*), count(*) filter (status = 'ok'), count(*) filter (label = 'Malignant'), "
+        "count(distinct model_revision) from latest"
+    ).fetchall()[0]
+    totals = {
+        "images (latest row each)": images,
+        "classified ok": ok,
+        "Malignant": malignant,
+        "Malignant share": f"{malignant / ok:.1%}" if ok else "n/a",
+        "rows in dataset": db.sql("select count(*) from predictions").fetchall()[0][0],
+        "model revisions in latest": revisions,
+    }
+    return ReportData(volumes, share, confidence, errors, totals)
+
+
+def render_png(data: ReportData, title: str) -> bytes:
+    """The four plots on one 2×2 figure, as PNG bytes."""
+    figure, axes = plt.subplots(2, 2, figsize=(13, 8.5), dpi=110)
+    (volume_ax, share_ax), (confidence_ax, error_ax) = axes
+
+    days = [str(row[0]) for row in data.volumes]
+    ok = [row[1] for row in data.volumes]
+    failed = [row[2] for row in data.volumes]
+    volume_ax.bar(days, ok, color="#4c72b0", label="ok")
+    volume_ax.bar(days, failed, bottom=ok, color="#dd8452", label="error")
+    volume_ax.set_title("Images processed per day")
+    volume_ax.set_ylabel("rows")
+    volume_ax.legend()
+    volume_ax.tick_params(axis="x", rotation=30)
+
+    for revision in sorted({row[1] for row in data.share}):
+        points = [(str(row[0]), row[2] * 100) for row in data.share if row[1] == revision]
+        share_ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=revision)
+    share_ax.set_title("Malignant share per day (ok rows), by model revision")
+    share_ax.set_ylabel("% Malignant")
+    share_ax.set_ylim(0, 100)
+    share_ax.legend(fontsize=8)
+    share_ax.tick_params(axis="x", rotation=30)
+
+    bins = [i / 20 for i in range(10, 21)]  # the decided class's probability is ≥ 0.5 at threshold 0.5
+    for label, color in (("Normal", "#4c72b0"), ("Malignant", "#c44e52")):
+        values = [row[1] for row in data.confidence if row[0] == label]
+        confidence_ax.hist(values, bins=bins, alpha=0.7, color=color, label=f"{label} ({len(values)})")
+    confidence_ax.set_title("Confidence of the latest prediction per image")
+    confidence_ax.set_xlabel("confidence (probability of the decided class)")
+    confidence_ax.set_ylabel("images")
+    confidence_ax.legend()
+
+    categories = [row[0] for row in data.errors] or ["(no errors)"]
+    counts = [row[1] for row in data.errors] or [0]
+    error_ax.barh(categories[::-1], counts[::-1], color="#dd8452")
+    error_ax.set_title("Error rows by category")
+    error_ax.set_xlabel("rows")
+
+    figure.suptitle(title, fontsize=14)
+    figure.text(0.5, 0.01, DISCLAIMER, ha="center", fontsize=9, style="italic")
+    figure.tight_layout(rect=(0, 0.03, 1, 0.96))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def render_html(data: ReportData, png: bytes, title: str) -> str:
+    """A self-contained page: totals, the plots (embedded PNG) and the research-use statement."""
+    rows = "".join(
+        f"<tr><th>{html.escape(key)}</th><td>{html.escape(str(value))}</td></tr>"
+        for key, value in data.totals.items()
+    )
+    image = base64.b64encode(png).decode()
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}th{text-align:left;padding-right:2em}"
+        ".note{background:#fff3cd;padding:.8em;border:1px solid #e0c36c}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p class='note'><strong>{html.escape(DISCLAIMER)}</strong></p>"
+        f"<table>{rows}</table><img alt='oncoflow report plots' src='data:image/png;base64,{image}' "
+        "style='max-width:100%'></body></html>"
+    )
+
+
+def write_report(destination: str, output: str) -> ReportData:
+    """Render the report of DEST to OUTPUT (.html or .png), atomically."""
+    extension = os.path.splitext(output)[1].lower()
+    if extension not in {".html", ".png"}:
+        raise ValueError(f"--output {output!r} must end in .html or .png")
+    data = gather(destination)
+    title = f"oncoflow report: {os.path.basename(os.path.abspath(destination))}"
+    png = render_png(data, title)
+    content = png if extension == ".png" else render_html(data, png, title).encode()
+    target = os.path.abspath(output)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    temporary = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")
+    with open(temporary, "wb") as handle:
+        handle.write(content)
+    os.replace(temporary, target)
+    return data

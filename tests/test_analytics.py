@@ -1,0 +1,189 @@
+"""The output as an analytics dataset: compaction, the `latest` view and export, old schemas, the report."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from datetime import timedelta
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tasks.analytics import connect
+from tasks.compact import compact, merge_bin, parquet_files_by_partition
+from tasks.dataset_report import DISCLAIMER
+from tasks.sink import SCHEMA, read_index
+from tasks.storage import open_location
+from tests.analytics_data import FIRST_DAY, NEW, OLD, make_dataset, rows, write
+
+
+def all_rows(dest: Path) -> list[tuple]:
+    """Every row of every visible file, all columns, as sortable tuples (duplicates kept)."""
+    table = ds.dataset(str(dest), format="parquet", partitioning="hive").to_table()
+    return sorted(tuple(str(v) for v in row.values()) for row in table.to_pylist())
+
+
+def parquet_files(dest: Path) -> list[Path]:
+    return sorted(p for p in dest.rglob("*.parquet") if not p.name.startswith("."))
+
+
+def count(dest: Path, sql: str) -> int:
+    return connect(str(dest)).sql(sql).fetchall()[0][0]
+
+
+def test_compaction_keeps_every_row_once_and_merges_small_files(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    make_dataset(dest)
+    before = all_rows(dest)
+    assert len(parquet_files(dest)) == 7
+
+    report = compact(open_location(str(dest)), target_rows=1000)
+
+    assert all_rows(dest) == before, "same rows, same values, nothing lost or doubled"
+    files = parquet_files(dest)
+    assert len(files) == 3 and report.files_merged == 7 and report.rows_merged == 140
+    assert all(f.name.startswith("part-c") for f in files)
+    assert pq.read_metadata(files[0]).metadata[b"oncoflow.schema_version"] == b"1"
+    assert not [p for p in dest.rglob(".*")], "no temporary files left"
+    again = compact(open_location(str(dest)), target_rows=1000)
+    assert again.files_written == 0 and all_rows(dest) == before
+
+
+def test_compaction_respects_the_target_size(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    make_dataset(dest)  # day 1 holds 3 files of 20 rows
+    compact(open_location(str(dest)), target_rows=50)
+    day_one = [f for f in parquet_files(dest) if "date=2026-03-01" in str(f)]
+    assert sorted(pq.read_metadata(f).num_rows for f in day_one) == [20, 40]
+
+
+def test_interrupted_compaction_never_double_counts_and_the_next_run_finishes_it(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    make_dataset(dest)
+    location = open_location(str(dest))
+    latest_before = connect(str(dest)).sql("select * from latest order by image_uri").fetchall()
+    inputs = next(iter(parquet_files_by_partition(location).values()))
+    merge_bin(location, inputs)  # the crash: merged file written, inputs not yet deleted
+
+    raw = duckdb.sql(f"select count(*) from read_parquet('{dest}/**/*.parquet')").fetchall()[0][0]
+    assert raw == 140 + 60, "raw files hold the merged rows twice for now"
+    assert count(dest, "select count(*) from predictions") == 140
+    assert connect(str(dest)).sql("select * from latest order by image_uri").fetchall() == latest_before
+
+    report = compact(location, target_rows=1000)
+    assert report.leftovers_deleted == len(inputs) == 3
+    assert duckdb.sql(f"select count(*) from read_parquet('{dest}/**/*.parquet')").fetchall()[0][0] == 140
+
+
+def test_incremental_runs_keep_working_after_compaction(
+    image_folder: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    from flows.classify import classify
+
+    dest = tmp_path / "preds"
+    classify(str(image_folder), str(dest), model=tiny_model, device="cpu", shard_size=2)
+    before = all_rows(dest)
+    result = CliRunner().invoke(app, ["compact", str(dest)])
+    assert result.exit_code == 0, result.output
+    assert "merged 3 files into 1" in result.output
+    assert len(parquet_files(dest)) == 1 and all_rows(dest) == before
+
+    again = classify(str(image_folder), str(dest), model=tiny_model, device="cpu", shard_size=2)
+    assert again["images_new"] == 0 and all_rows(dest) == before
+
+
+def test_latest_is_one_row_per_image_from_the_newest_revision(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    make_dataset(dest)
+    # site-b/img_00003 changes content on day 4: the old revision classifies the new version.
+    changed = rows(range(3, 4), OLD, FIRST_DAY + timedelta(days=3), 99, "changed", "site-b")
+    changed = changed.set_column(1, "fingerprint", pa.array(["2000:1800000000000000000"]))
+    write(dest, changed, OLD, FIRST_DAY + timedelta(days=3), "changed")
+
+    latest = {
+        row[0]: row
+        for row in connect(str(dest))
+        .sql("select image_uri, model_revision, fingerprint from latest")
+        .fetchall()
+    }
+    assert len(latest) == 100
+    site_a = [uri for uri in latest if "/site-a/" in uri]
+    assert {latest[u][1] for u in site_a if int(u[-9:-4]) < 40} == {NEW}
+    assert {latest[u][1] for u in site_a if int(u[-9:-4]) >= 40} == {OLD}, "not reprocessed yet: old row"
+    assert latest["file:///scans/site-b/img_00003.jpg"][2] == "2000:1800000000000000000"
+
+
+@pytest.mark.parametrize("extension", [".parquet", ".csv"])
+def test_latest_command_exports_one_row_per_image(tmp_path: Path, extension: str) -> None:
+    dest = tmp_path / "dest"
+    make_dataset(dest)
+    output = tmp_path / "export" / f"latest{extension}"
+    result = CliRunner().invoke(app, ["latest", str(dest), "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    reader = "read_parquet" if extension == ".parquet" else "read_csv"
+    uris, images, newest = duckdb.sql(
+        f"select count(*), count(distinct image_uri), count(*) filter (model_revision = '{NEW}') "
+        f"from {reader}('{output}')"
+    ).fetchall()[0]
+    assert (uris, images, newest) == (100, 100, 40)
+
+
+def test_analytics_commands_reject_a_missing_dataset(tmp_path: Path) -> None:
+    for command in (["compact"], ["latest", "--output", "x.csv"], ["report", "--output", "r.html"]):
+        result = CliRunner().invoke(app, [command[0], str(tmp_path / "nope"), *command[1:]])
+        assert result.exit_code == 2 and "not an existing folder" in " ".join(result.output.split()), command
+    result = CliRunner().invoke(app, ["compact", str(tmp_path), "--target-rows", "1"])
+    assert result.exit_code == 2 and "--target-rows" in result.output
+
+
+def test_files_of_an_older_schema_stay_readable(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    make_dataset(dest)
+    # A v0-like file: the contract columns only, no schema_version metadata (as before the extras).
+    contract = [
+        name for name in SCHEMA.names if name not in {"shard_id", "precision", "image_width", "image_height"}
+    ]
+    old = (
+        rows(range(500, 505), OLD, FIRST_DAY, 5, "v0", "site-old")
+        .select(contract)
+        .replace_schema_metadata(None)
+    )
+    folder = next(dest.glob("model_slug=*")) / "date=2026-03-01"
+    pq.write_table(old, folder / "part-v0.parquet")
+
+    unified = pa.unify_schemas([SCHEMA, pa.schema([("date", pa.string()), ("model_slug", pa.string())])])
+    table = ds.dataset(str(dest), format="parquet", partitioning="hive", schema=unified).to_table()
+    assert table.num_rows == 145
+    old_rows = table.filter(pa.compute.field("shard_id").is_null())
+    assert old_rows.num_rows == 5 and old_rows.column("precision").null_count == 5
+
+    assert count(dest, "select count(*) from predictions where image_width is null and status = 'ok'") == 5
+    index = read_index(open_location(str(dest)), OLD)
+    assert "file:///scans/site-old/img_00500.jpg" in index.column("image_uri").to_pylist()
+    compact(open_location(str(dest)), target_rows=1000)  # schemas are never mixed in one file
+    assert (folder / "part-v0.parquet").exists() and count(dest, "select count(*) from predictions") == 145
+
+
+@pytest.mark.parametrize("extension", [".html", ".png"])
+def test_report_renders_the_four_plots(tmp_path: Path, extension: str) -> None:
+    dest = tmp_path / "dest"
+    make_dataset(dest)
+    output = tmp_path / f"report{extension}"
+    result = CliRunner().invoke(app, ["report", str(dest), "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    if extension == ".html":
+        page = output.read_text()
+        assert DISCLAIMER in page and "Malignant share" in page
+        png = base64.b64decode(re.search(r"base64,([A-Za-z0-9+/=]+)", page).group(1))  # type: ignore[union-attr]
+    else:
+        png = output.read_bytes()
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG" and image.width >= 1200 and image.height >= 800

@@ -1,0 +1,111 @@
+"""Scale-out: the classify flow on a real Dask cluster writes exactly what the local runner writes."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.params import RunnerParams
+from flows.runners import with_runner
+
+VOLATILE = {"run_id", "processed_at"}  # differ between any two runs, whatever the runner
+
+
+def rows_and_files(output: Path) -> tuple[list[dict], list[str]]:
+    table = ds.dataset(str(output), format="parquet", partitioning="hive").to_table()
+    rows = sorted(
+        ({k: v for k, v in row.items() if k not in VOLATILE} for row in table.to_pylist()),
+        key=lambda row: row["image_uri"],
+    )
+    return rows, sorted(str(p.relative_to(output)) for p in output.rglob("*.parquet"))
+
+
+def cached_models() -> int:
+    """Runs on each Dask worker: how many models this worker process holds."""
+    from tasks import model
+
+    return len(model._cache)
+
+
+@pytest.mark.slow
+def test_dask_cluster_matches_local_runner(image_folder: Path, tmp_path: Path, tiny_model: str) -> None:
+    from distributed import Client, LocalCluster
+
+    from flows.classify import classify
+
+    (image_folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (image_folder / "empty.png").write_bytes(b"")
+    common = {"model": tiny_model, "device": "cpu", "shard_size": 2, "batch_size": 2}
+    local = classify(str(image_folder), str(tmp_path / "local"), **common)
+
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        on_dask = with_runner(classify, RunnerParams(runner="dask", dask_address=cluster.scheduler_address))
+        distributed = on_dask(str(image_folder), str(tmp_path / "dask"), **common)
+        again = on_dask(str(image_folder), str(tmp_path / "dask"), **common)
+        models_per_worker = client.run(cached_models)
+
+    assert distributed["images_classified"] == local["images_classified"] == 8
+    assert distributed["errors_by_category"] == local["errors_by_category"] == {"empty": 1, "not_an_image": 1}
+    assert again["images_new"] == 0, "the incremental index works the same on the cluster"
+    local_rows, local_files = rows_and_files(tmp_path / "local")
+    dask_rows, dask_files = rows_and_files(tmp_path / "dask")
+    assert dask_files == local_files and len(dask_files) == 4  # same shards, same deterministic names
+    assert dask_rows == local_rows
+    # Each worker process loaded the model at most once and kept it, for every shard it ran.
+    assert sorted(models_per_worker.values()) in ([1, 1], [0, 1])
+
+
+@pytest.mark.slow
+def test_dask_runner_started_without_address_uses_a_local_cluster(
+    image_folder: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "classify",
+            str(image_folder),
+            "--output",
+            str(tmp_path / "out"),
+            "--model",
+            tiny_model,
+            "--device",
+            "cpu",
+            "--runner",
+            "dask",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows, files = rows_and_files(tmp_path / "out")
+    assert len(rows) == 6 and len(files) == 1 and all(row["status"] == "ok" for row in rows)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--runner", "spark"], "--runner"),
+        (["--dask-address", "tcp://127.0.0.1:8786"], "--dask-address needs --runner dask"),
+        (["--runner", "dask", "--dask-address", "localhost:8786"], "tcp://HOST:8786"),
+        (["--ray-address", "ray://127.0.0.1:10001"], "--ray-address needs --runner ray"),
+    ],
+)
+def test_bad_runner_options_fail_before_any_work(image_folder: Path, tmp_path: Path, args, expected) -> None:
+    output = tmp_path / "out"
+    result = CliRunner().invoke(app, ["classify", str(image_folder), "--output", str(output), *args])
+    assert result.exit_code == 2 and expected in result.output
+    assert not output.exists()
+
+
+@pytest.mark.skipif(bool(importlib.util.find_spec("prefect_ray")), reason="prefect-ray is installed here")
+def test_ray_runner_without_the_extra_says_what_to_install(image_folder: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["classify", str(image_folder), "--output", str(tmp_path / "out"), "--runner", "ray"]
+    )
+    assert result.exit_code == 2 and "pip install 'oncoflow[ray]'" in " ".join(result.output.split())

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from tasks.storage import Location
+from tasks.storage import Location, output_error
 
 LEASE_FOLDER = "_leases"
 DEFAULT_WAIT_SECONDS = 3600.0  # a nightly run waits this long behind a run still writing, then fails
@@ -181,8 +181,11 @@ def acquire(
 def _try_file(location: Location, key: str, holder: Holder) -> Lease | Holder | None:
     """The lease, or the current holder's record (None if unreadable) when another process holds it."""
     folder = location.join(LEASE_FOLDER)
-    os.makedirs(folder, exist_ok=True)
-    fd = os.open(os.path.join(folder, f"{key}.lease"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(os.path.join(folder, f"{key}.lease"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise output_error(exc, location.uri) from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -7,13 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import fsspec
 import pyarrow.dataset as ds
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from moto.server import ThreadedMotoServer
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -26,7 +27,7 @@ from flows.guards import gpu_slot
 from flows.history import prune_runs, recent_runs
 from flows.serve import build_deployments
 from tasks.lease import LeaseBusy, acquire, lease_key
-from tasks.storage import open_location
+from tasks.storage import RETRY_ATTEMPTS, open_location
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -53,7 +54,7 @@ def test_local_lease_excludes_a_second_holder_until_released(tmp_path: Path) -> 
 
 def test_local_lease_of_a_killed_process_is_free_and_names_the_dead_run(tmp_path: Path) -> None:
     code = (
-        "import sys, time; from tasks.lease import acquire; from tasks.storage import open_location; "
+        "import sys, time; from tasks.lease import acquire; from tasks.storage import RETRY_ATTEMPTS, open_location; "
         "acquire(open_location(sys.argv[1]), 'm', 'run-dead', wait_seconds=0); print('held', flush=True); "
         "time.sleep(60)"
     )
@@ -172,32 +173,33 @@ def test_gpu_slot_creates_the_limit_and_serialises_holders(monkeypatch: pytest.M
         pass  # free again once the first run let go
 
 
+class OutageFileSystem(LocalFileSystem):
+    """The local filesystem reached as `outage://`, except that opening one chosen file fails like a
+    dropped connection a set number of times: the storage layer's retries give up, the shard fails,
+    and only Prefect's task retry can complete the run."""
+
+    protocol = ("outage",)
+    cachable = False
+    failing_path = ""
+    failures_left = 0
+
+    def _open(self, path, mode="rb", **kwargs):  # type: ignore[no-untyped-def]
+        if path == OutageFileSystem.failing_path and OutageFileSystem.failures_left > 0:
+            OutageFileSystem.failures_left -= 1
+            raise ConnectionError("connection reset by peer")
+        return super()._open(path, mode, **kwargs)
+
+
 def test_a_transient_failure_in_a_shard_is_retried_and_the_run_completes(
     image_folder: Path, tmp_path: Path, tiny_model: str
 ) -> None:
-    """A real OSError: the shard's date folder is a dangling symlink (makedirs raises FileExistsError;
-    readers skip it) until the first attempt has failed."""
-    output = tmp_path / "preds"
-    summary = classify(str(image_folder), str(output), model=tiny_model, device="cpu")
-    slug = Path(summary["output_files"][0]).parent.parent.name
-    blocked = tmp_path / "preds-retry" / slug / f"date={datetime.now(UTC):%Y-%m-%d}"
-    blocked.parent.mkdir(parents=True)
-    blocked.symlink_to(tmp_path / "nowhere")
-
-    def unblock_after_first_failure() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            with get_client(sync_client=True) as client:
-                if any(run.state_name == "AwaitingRetry" for run in client.read_task_runs()):
-                    blocked.unlink()
-                    return
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=unblock_after_first_failure)
-    watcher.start()
-    retried = classify(str(image_folder), str(tmp_path / "preds-retry"), model=tiny_model, device="cpu")
-    watcher.join()
-    assert not blocked.is_symlink() and retried["images_classified"] == 6
+    fsspec.register_implementation("outage", OutageFileSystem, clobber=True)
+    OutageFileSystem.failing_path = str(image_folder / "a.jpg")
+    OutageFileSystem.failures_left = RETRY_ATTEMPTS  # every attempt of the shard's first run fails
+    retried = classify(f"outage://{image_folder}", str(tmp_path / "preds"), model=tiny_model, device="cpu")
+    assert OutageFileSystem.failures_left == 0
+    assert retried["images_classified"] == 6 and retried["errors"] == 0
+    assert len(rows(tmp_path / "preds")) == 6
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[retried["run_id"]]))

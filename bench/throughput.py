@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from tasks.inference import EngineOptions, classify_files, progress_listeners  # noqa: E402
-from tasks.model import DTYPES, load_model  # noqa: E402
+from tasks.model import DTYPES, load_model, resolve_precision  # noqa: E402
 from tasks.storage import list_images, open_location  # noqa: E402
 
 LABELS = {0: "Normal", 1: "Malignant"}
@@ -336,7 +336,7 @@ def main() -> None:
             results["engine_fp32_vs_snippet_reference"] = agreement(reference, probs)
         else:
             results[f"engine_{precision}_vs_fp32"] = agreement(fp32_probs, probs)
-    default_precision = "fp32" if args.device == "cpu" else "bf16"
+    default_precision = resolve_precision("auto", torch.device(args.device))
     if args.device == "cuda" or args.quick:  # on a CPU the device path only proves it runs
         speed, probs, _ = bench_engine(model_dir, corpus, args.device, default_precision, batch, decode="gpu")
         results[f"engine_{default_precision}_decode_gpu_img_s"] = speed

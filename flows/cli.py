@@ -126,7 +126,10 @@ RevisionOption = Annotated[
 ]
 DeviceOption = Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")]
 PrecisionOption = Annotated[
-    str, typer.Option(help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16 (GPU only).")
+    str,
+    typer.Option(
+        help="auto (bf16/fp16 on GPU; bf16 on CPUs with AVX512-BF16/AMX, else fp32), fp32 (exact reference parity), bf16 or fp16 (GPU only)."
+    ),
 ]
 BatchOption = Annotated[int, typer.Option(help="Images per forward pass (GPU: 256 and more).")]
 ThresholdOption = Annotated[

@@ -56,15 +56,30 @@ def resolve_device(device: Device) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX512-BF16 or AMX-BF16 instructions (where bf16 matmuls are fast)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_precision(precision: Precision, device: torch.device) -> str:
-    """`auto`: bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU (see bench/README.md)."""
+    """`auto`: bf16 on GPUs that support it (else fp16); on CPUs, bf16 where the CPU has native bf16, else fp32.
+
+    bf16 on CPU is chosen because bench/throughput.py measured it about twice as fast as fp32 on an
+    AVX512-BF16 CPU with every label equal and probabilities within 0.0035 of fp32 (the issue's bar is
+    0.01). `--precision fp32` gives exact parity with the reference snippet.
+    """
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
             raise ModelError("--precision fp16 is not supported on CPU; use fp32 or bf16")
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def weights_revision(directory: str) -> str:

@@ -7,6 +7,8 @@ nightly run only classifies what is new or changed. Run it with `oncoflow classi
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import uuid
 from collections import Counter, deque
@@ -116,6 +118,20 @@ def check_storage(params: ClassifyParams) -> None:
 
 def load_classifier(params: ClassifyParams) -> LoadedModel:
     return load_model(params.model, params.revision, params.device, params.precision)
+
+
+def start_loading_model(params: ClassifyParams) -> None:
+    """Load the model in the background while Prefect starts its temporary server (seconds each).
+
+    The flow's own load_classifier then finds it in the per-process cache. A model that fails to load
+    is not cached, so the flow loads it again and reports the error itself.
+    """
+
+    def load() -> None:
+        with contextlib.suppress(Exception):
+            load_classifier(params)
+
+    threading.Thread(target=load, name="oncoflow-preload", daemon=True).start()
 
 
 def cut_shards(files: list[DiscoveredFile], size: int) -> list[list[DiscoveredFile]]:

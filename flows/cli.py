@@ -219,12 +219,20 @@ def classify_command(
         dask_workers=dask_workers,
         ray_address=ray_address,
     )
-    from flows.classify import TooManyErrors, classify
+    from flows.classify import classify, start_loading_model
+
+    start_loading_model(params)
+    run_and_report(classify, placement, **params.model_dump())
+
+
+def run_and_report(flow: Any, placement: RunnerParams, **parameters: Any) -> None:
+    """Run a classify-style flow on the chosen runner with a progress bar; print its summary; exit codes."""
+    from flows.classify import TooManyErrors
     from flows.runners import with_runner
 
     try:
         with progress_bar():
-            summary = with_runner(classify, placement)(**params.model_dump())
+            summary = with_runner(flow, placement)(**parameters)
     except TooManyErrors as exc:
         print_summary(exc.summary)
         fail(str(exc), code=TOO_MANY_ERRORS_EXIT)
@@ -428,18 +436,23 @@ def reprocess_command(
     decode: DecodeOption = "cpu",
     s3_endpoint_url: S3EndpointOption = None,
     aws_credentials_block: AwsBlockOption = None,
+    max_error_rate: MaxErrorRateOption = None,
+    exif_orientation: ExifOption = False,
+    runner: RunnerOption = "local",
+    dask_address: DaskAddressOption = None,
+    dask_workers: DaskWorkersOption = 1,
+    ray_address: RayAddressOption = None,
 ) -> None:
     """Classify every image under SOURCE with MODEL; other models' rows stay; re-run to resume."""
     from flows.reprocess import reprocess, within
 
     values = {k: v for k, v in locals().items() if k not in {"prefix", "reprocess", "within"}}
-    validated(ClassifyParams, **{**values, "source": within(source, prefix)})
-    try:
-        with progress_bar():
-            summary = reprocess(**values, prefix=prefix)
-    except EXPECTED_ERRORS as exc:
-        fail(str(exc))
-    print_summary(summary)
+    flow_values = {k: v for k, v in values.items() if k not in RunnerParams.model_fields}
+    from flows.classify import start_loading_model
+
+    start_loading_model(validated(ClassifyParams, **{**flow_values, "source": within(source, prefix)}))
+    placement = validated(RunnerParams, **{k: v for k, v in values.items() if k in RunnerParams.model_fields})
+    run_and_report(reprocess, placement, **flow_values, prefix=prefix)
 
 
 @app.command("history")

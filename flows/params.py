@@ -23,6 +23,24 @@ def _normalized(location: str) -> str:
     return location.rstrip("/") + "/"
 
 
+def require_folder(location: str, name: str, fix: str = "check the path") -> None:
+    """Fail unless a local path or file:// URI is an existing folder (object stores are checked later)."""
+    if "://" in location and not location.startswith("file://"):
+        return
+    if not os.path.isdir(_normalized(location).rstrip("/") or "/"):
+        raise ValueError(f"{name} {location!r} is not an existing folder; {fix}")
+
+
+def require_apart(inputs: str, inputs_name: str, output: str, output_name: str = "output") -> None:
+    """Fail when the output lies inside the inputs or the other way round (a run would read its own output)."""
+    a, b = _normalized(inputs), _normalized(output)
+    if a.startswith(b) or b.startswith(a):
+        raise ValueError(
+            f"{output_name} {output!r} and {inputs_name} {inputs!r} overlap; "
+            f"choose an {output_name} folder outside the {inputs_name}"
+        )
+
+
 class ClassifyParams(BaseModel):
     """Everything one classify (or reprocess) run needs to know."""
 
@@ -75,16 +93,8 @@ class ClassifyParams(BaseModel):
 
     @model_validator(mode="after")
     def _check_locations(self) -> ClassifyParams:
-        source, output = _normalized(self.source), _normalized(self.output)
-        if output.startswith(source) or source.startswith(output):
-            raise ValueError(
-                f"output {self.output!r} and source {self.source!r} overlap; "
-                "choose an output folder outside the source"
-            )
-        if "://" not in self.source or self.source.startswith("file://"):
-            local = source.rstrip("/") or "/"
-            if not os.path.isdir(local):
-                raise ValueError(f"source {self.source!r} is not an existing folder; check the path")
+        require_apart(self.source, "source", self.output)
+        require_folder(self.source, "source")
         return self
 
 
@@ -142,12 +152,7 @@ class DatasetParams(BaseModel):
 
     @model_validator(mode="after")
     def _check_dest(self) -> DatasetParams:
-        if ("://" not in self.dest or self.dest.startswith("file://")) and not os.path.isdir(
-            _normalized(self.dest).rstrip("/") or "/"
-        ):
-            raise ValueError(
-                f"dataset {self.dest!r} is not an existing folder; pass the --output of classify"
-            )
+        require_folder(self.dest, "dataset", "pass the --output of classify")
         return self
 
 
@@ -181,13 +186,8 @@ class EvaluateParams(BaseModel):
         if self.data is not None:
             if self.labels or self.model_revision:
                 raise ValueError("--labels and --model-revision go with --predictions, not with --data")
-            if not os.path.isdir(os.path.expanduser(self.data)):
-                raise ValueError(f"--data {self.data!r} is not an existing folder; check the path")
-            data, output = _normalized(self.data), _normalized(self.output)
-            if output.startswith(data) or data.startswith(output):
-                raise ValueError(
-                    f"output {self.output!r} and data {self.data!r} overlap; choose another output"
-                )
+            require_folder(self.data, "--data")
+            require_apart(self.data, "data", self.output)
         return self
 
 
@@ -209,8 +209,7 @@ class TrainParams(BaseModel):
 
     @model_validator(mode="after")
     def _check_folders(self) -> TrainParams:
-        if not os.path.isdir(os.path.expanduser(self.data)):
-            raise ValueError(f"--data {self.data!r} is not an existing folder; check the path")
+        require_folder(self.data, "--data")
         output = os.path.expanduser(self.output)
         if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
             raise ValueError(f"--output {self.output!r} exists and is not empty; choose a new folder")

@@ -13,8 +13,9 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.classify import SHARDS_IN_FLIGHT, classify_images
+from flows.classify import classify_images
 from flows.params import ClassifyParams
+from flows.runners import SHARDS_IN_FLIGHT
 from tasks.images import DEFAULT_MAX_PIXELS
 
 
@@ -44,6 +45,8 @@ def reprocess(
     decode: Literal["cpu", "gpu"] = "cpu",
     s3_endpoint_url: str | None = None,
     aws_credentials_block: str | None = None,
+    max_error_rate: float | None = None,
+    exif_orientation: bool = False,
 ) -> dict[str, Any]:
     """Classify every image under SOURCE (or SOURCE/PREFIX) with MODEL, resuming an interrupted run."""
     values = {k: v for k, v in locals().items() if k != "prefix"}

@@ -143,6 +143,12 @@ _cache: dict[tuple[str, str | None, str, str], LoadedModel] = {}
 _cache_lock = threading.Lock()
 
 
+def clear_model_cache() -> None:
+    """Forget loaded models (benchmarks measuring a cold start; freeing memory between archives)."""
+    with _cache_lock:
+        _cache.clear()
+
+
 def load_model(
     name: str, revision: str | None = None, device: Device = "auto", precision: Precision = "auto"
 ) -> LoadedModel:

@@ -26,10 +26,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.credentials import storage_options
 from flows.guards import exclusive_output, gpu_slot
 from flows.params import ClassifyParams
-from flows.runners import SHARDS_IN_FLIGHT, shard_slots
+from flows.runners import SHARDS_IN_FLIGHT, shard_slots, shards_run_here
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import EngineOptions, classify_files, progress_listeners
-from tasks.model import DEFAULT_MODEL, LoadedModel, load_model
+from tasks.model import DEFAULT_MODEL, LoadedModel, inspect_model, load_model
 from tasks.redaction import redact
 from tasks.sink import model_slug, read_index, select_new, shard_id, shard_path, write_shard
 from tasks.storage import DiscoveredFile, check_output, check_source, is_transient, list_images, open_location
@@ -177,7 +177,7 @@ def summarize(found: int, new: int, manifests: list[ShardManifest], seconds: flo
     }
 
 
-def publish_summary(summary: dict[str, Any], params: ClassifyParams, model: LoadedModel) -> None:
+def publish_summary(summary: dict[str, Any], params: ClassifyParams, model: str) -> None:
     """A table artifact in the Prefect UI (research use only, not a diagnosis)."""
     rows = [
         {"metric": key, "value": str(value)}
@@ -187,10 +187,7 @@ def publish_summary(summary: dict[str, Any], params: ClassifyParams, model: Load
     rows += [{"metric": f"errors: {k}", "value": str(v)} for k, v in summary["errors_by_category"].items()]
     rows += [
         {"metric": "output_files_written", "value": str(len(summary["output_files"]))},
-        {
-            "metric": "model",
-            "value": f"{params.model} @ {model.revision} ({model.precision}, {model.device})",
-        },
+        {"metric": "model", "value": model},
         {"metric": "output", "value": redact(params.output)},
     ]
     create_table_artifact(
@@ -223,7 +220,7 @@ def classify(
     exif_orientation: bool = False,
 ) -> dict[str, Any]:
     """Classify every new or changed image under SOURCE into the Parquet dataset at OUTPUT."""
-    return classify_images(ClassifyParams(**{k: v for k, v in locals().items()}))
+    return classify_images(ClassifyParams(**locals()))
 
 
 def classify_images(params: ClassifyParams) -> dict[str, Any]:
@@ -231,17 +228,26 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
     started = time.perf_counter()
     check_storage(params)
     run_id = str(flow_run.get_id() or uuid.uuid4())
-    loaded = load_classifier(params)  # before the lease: a model that cannot load leaves OUTPUT untouched
+    # Before the lease, so a model that cannot load leaves OUTPUT untouched. With the local runner the
+    # shards reuse this very load; on a cluster only the workers build the network (the flow process
+    # may have no GPU), and the flow just checks the files and learns the revision.
+    if shards_run_here():
+        loaded = load_classifier(params)
+        revision, device_type = loaded.revision, loaded.device.type
+        placement = f"{loaded.precision}, {loaded.device}"
+    else:
+        revision, device_type = inspect_model(params.model, params.revision).revision, "workers"
+        placement = f"{params.precision} precision, {params.device} device, on the runner's workers"
     # The lease makes overlapping runs take turns: listing happens only once it is held (exactly once).
     with exclusive_output(params, run_id):
-        found, new_files = discover_new_images(params, loaded.revision)
+        found, new_files = discover_new_images(params, revision)
         for listener in progress_listeners:
             listener("total", len(new_files))
-        with gpu_slot(loaded.device.type):
+        with gpu_slot(device_type):
             manifests = run_shards(cut_shards(new_files, params.shard_size), params, run_id, shard_slots())
     summary = summarize(found, len(new_files), manifests, time.perf_counter() - started)
-    summary.update(run_id=run_id, model=params.model, model_revision=loaded.revision)
-    publish_summary(summary, params, loaded)
+    summary.update(run_id=run_id, model=params.model, model_revision=revision)
+    publish_summary(summary, params, f"{params.model} @ {revision} ({placement})")
     print(
         f"classified {summary['images_classified']} of {found} images ({summary['errors']} errors, "
         f"{summary['malignant']} Malignant) at {summary['images_per_second']} img/s"

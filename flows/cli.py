@@ -28,6 +28,7 @@ from flows.params import (
 from tasks.compact import TARGET_ROWS
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import progress_listeners
+from tasks.lease import LeaseBusy, LeaseLost
 from tasks.model import DEFAULT_BASE_MODEL, DEFAULT_MODEL, ModelError
 from tasks.redaction import redact
 
@@ -46,7 +47,7 @@ def main() -> None:
 
 
 # OSError covers storage failures (full disk, lost output location), whose messages say what to do.
-EXPECTED_ERRORS = (ModelError, OSError, ValueError)
+EXPECTED_ERRORS = (ModelError, OSError, ValueError, LeaseBusy, LeaseLost)
 TOO_MANY_ERRORS_EXIT = 3  # the run completed and wrote its rows, but --max-error-rate was exceeded
 
 
@@ -450,7 +451,11 @@ def reprocess_command(
     flow_values = {k: v for k, v in values.items() if k not in RunnerParams.model_fields}
     from flows.classify import start_loading_model
 
-    start_loading_model(validated(ClassifyParams, **{**flow_values, "source": within(source, prefix)}))
+    try:
+        narrowed = within(source, prefix)
+    except ValueError as exc:
+        fail(str(exc), code=2)
+    start_loading_model(validated(ClassifyParams, **{**flow_values, "source": narrowed}))
     placement = validated(RunnerParams, **{k: v for k, v in values.items() if k in RunnerParams.model_fields})
     run_and_report(reprocess, placement, **flow_values, prefix=prefix)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 
 import numpy as np
 from PIL import Image
@@ -137,7 +138,7 @@ def main() -> None:
     print(f"Parquet dataset: {output}")
     print("Query it with DuckDB:")
     print(
-        f'  python -c "import duckdb; duckdb.sql(\\"select label, count(*) n, avg(confidence) conf from '
+        f'  {os.path.relpath(sys.executable)} -c "import duckdb; duckdb.sql(\\"select label, count(*) n, avg(confidence) conf from '
         f"read_parquet('{output}/**/*.parquet', hive_partitioning=true) group by label\\\").show()\""
     )
 

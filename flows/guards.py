@@ -22,7 +22,7 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from flows.credentials import storage_options
 from flows.history import mark_crashed
 from flows.params import ClassifyParams
-from tasks.lease import DEFAULT_WAIT_SECONDS, Lease, acquire, lease_key
+from tasks.lease import DEFAULT_WAIT_SECONDS, Lease, LeaseLost, acquire, lease_key
 from tasks.storage import open_location
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def exclusive_output(params: ClassifyParams, run_id: str) -> Iterator[Lease]:
                 logger.warning("marked %s as Crashed: it died without reporting", dead.describe())
         yield lease
         if lease.lost:
-            raise RuntimeError(lease.lost)
+            raise LeaseLost(lease.lost)
 
 
 def gpu_limit_name() -> str:

@@ -80,11 +80,11 @@ class ClassifyParams(BaseModel):
         False, description="Rotate JPEGs per their EXIF tag (the reference does not)"
     )
 
-    @field_validator("source", "output")
+    @field_validator("source", "output", "s3_endpoint_url")
     @classmethod
-    def _no_credentials(cls, value: str) -> str:
+    def _no_credentials(cls, value: str | None) -> str | None:
         # Parameters are stored in run records and logs; credentials belong in the environment.
-        if has_credentials(value):
+        if value and has_credentials(value):
             raise ValueError(
                 "must not embed credentials, tokens or a signed query string; pass them through the "
                 "environment (AWS_* variables, an AWS profile) instead"

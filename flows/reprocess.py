@@ -22,6 +22,8 @@ from tasks.images import DEFAULT_MAX_PIXELS
 def within(source: str, prefix: str) -> str:
     """SOURCE narrowed to the sub-folder `prefix` (relative to SOURCE); SOURCE itself when empty."""
     prefix = prefix.strip("/")
+    if ".." in prefix.split("/"):
+        raise ValueError(f"--prefix {prefix!r} must stay inside SOURCE: give a sub-folder path without '..'")
     return f"{source.rstrip('/')}/{prefix}" if prefix else source
 
 

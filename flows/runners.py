@@ -43,6 +43,12 @@ def with_runner(flow: F, params: RunnerParams) -> F:
     return flow.with_options(task_runner=make_task_runner(params))  # type: ignore[return-value]
 
 
+def shards_run_here() -> bool:
+    """True when the current flow run's shards execute in this process (the local thread-pool runner)."""
+    context = FlowRunContext.get()
+    return context is None or isinstance(context.task_runner, ThreadPoolTaskRunner)
+
+
 def shard_slots() -> int:
     """How many shards the current flow run's task runner executes at once (worker threads in total)."""
     context = FlowRunContext.get()

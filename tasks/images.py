@@ -219,8 +219,12 @@ class DevicePreprocessor:
         """Host side: raw JPEG bytes (header checked) for nvjpeg, else decoded uint8 RGB pixels (H, W, 3)."""
         if self.nvjpeg and data[:3] == JPEG_MAGIC and not exif_orientation:
             try:
-                with Image.open(io.BytesIO(data)) as header:
-                    width, height, mode = header.width, header.height, header.mode
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    with Image.open(io.BytesIO(data)) as header:
+                        width, height, mode = header.width, header.height, header.mode
+            except Image.DecompressionBombError as exc:  # the same category as the host path gives
+                raise ImageError("too_large", str(exc)) from exc
             except (OSError, SyntaxError, ValueError) as exc:
                 raise ImageError("truncated", "the JPEG header is damaged or the file ends early") from exc
             if width * height > max_pixels:
@@ -275,7 +279,8 @@ class DevicePreprocessor:
     def _decode_jpegs(
         items: list[np.ndarray], indices: list[int], device: Any, failures: dict[int, str]
     ) -> dict[int, Any]:
-        """nvjpeg in one batched call; files it rejects are decoded on the host instead (exact fallback)."""
+        """nvjpeg in one batched call; if it rejects the batch, nvjpeg per image, and only the files it
+        still rejects are decoded on the host (exact fallback), so one bad file costs one host decode."""
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -286,7 +291,12 @@ class DevicePreprocessor:
             )
         except RuntimeError:
             decoded = {}
-            for i in indices:
+            for i, tensor in zip(indices, tensors, strict=True):
+                try:
+                    decoded[i] = decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device)
+                    continue
+                except RuntimeError:
+                    pass
                 try:
                     image = decode_image(items[i].tobytes())
                     decoded[i] = torch.from_numpy(np.asarray(image).copy()).to(device).permute(2, 0, 1)

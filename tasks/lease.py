@@ -53,6 +53,10 @@ class LeaseBusy(Exception):
     """Another live run holds the lease and did not release it within the wait."""
 
 
+class LeaseLost(Exception):
+    """This run's lease expired or was taken over while it ran (object stores); its rows may overlap."""
+
+
 @dataclass(frozen=True)
 class Holder:
     """Who holds a lease: enough to find the run in Prefect and the process on its machine."""

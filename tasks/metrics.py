@@ -50,11 +50,10 @@ def read_predictions(destination: str, model_revision: str | None = None) -> pd.
         raise FileNotFoundError(f"predictions dataset {destination!r} does not exist; check --predictions")
     dataset = ds.dataset(location.path, filesystem=location.fs, format="parquet", partitioning="hive")
     columns = [*PREDICTION_COLUMNS, "status", "processed_at", "model_slug"]
-    table = dataset.to_table(columns=columns)
-    if model_revision:
+    wanted = None
+    if model_revision:  # pushed down: other revisions' files are skipped, not loaded and dropped
         wanted = (pc.field("model_revision") == model_revision) | (pc.field("model_slug") == model_revision)
-        table = table.filter(wanted)
-    frame = table.to_pandas()
+    frame = dataset.to_table(columns=columns, filter=wanted).to_pandas()
     revisions = sorted(frame["model_revision"].dropna().unique())
     if not revisions:
         which = f" for model revision {model_revision!r}" if model_revision else ""

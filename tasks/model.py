@@ -160,11 +160,19 @@ def load_model(
         return _cache[key]
 
 
-def _load(name: str, revision: str | None, device: Device, precision: Precision) -> LoadedModel:
-    from transformers import AutoModelForImageClassification
+@dataclass(frozen=True)
+class ModelFiles:
+    """A model's folder and identity, checked without building the network (cheap; needs no GPU)."""
 
-    torch_device = resolve_device(device)
-    chosen_precision = resolve_precision(precision, torch_device)
+    directory: str
+    revision: str
+    processor_config: dict[str, Any]
+    id2label: dict[int, str]
+    positive_id: int
+
+
+def inspect_model(name: str, revision: str | None = None) -> ModelFiles:
+    """Fetch (hub) or find (folder) a model and check its files: processor config, labels, safetensors."""
     directory, resolved_revision = fetch_model(name, revision)
     processor_path = os.path.join(directory, "preprocessor_config.json")
     if not os.path.exists(processor_path):
@@ -172,24 +180,40 @@ def _load(name: str, revision: str | None, device: Device, precision: Precision)
             f"model {name!r} has no preprocessor_config.json; save the image processor beside the weights "
             "(`AutoImageProcessor.from_pretrained(base).save_pretrained(folder)`)"
         )
-    with open(processor_path) as handle:
-        processor_config = json.load(handle)
+    try:
+        with open(processor_path) as handle:
+            processor_config = json.load(handle)
+        with open(os.path.join(directory, "config.json")) as handle:
+            labels = json.load(handle).get("id2label") or {}
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the configuration of model {name!r} in {directory!r}: {exc}") from exc
+    id2label = {int(k): str(v) for k, v in labels.items()}
+    return ModelFiles(
+        directory, resolved_revision, processor_config, id2label, positive_class(id2label, name)
+    )
+
+
+def _load(name: str, revision: str | None, device: Device, precision: Precision) -> LoadedModel:
+    from transformers import AutoModelForImageClassification
+
+    torch_device = resolve_device(device)
+    chosen_precision = resolve_precision(precision, torch_device)
+    files = inspect_model(name, revision)
     try:
         network = AutoModelForImageClassification.from_pretrained(
-            directory, use_safetensors=True, trust_remote_code=False
+            files.directory, use_safetensors=True, trust_remote_code=False
         )
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load model {name!r} from {directory!r}: {exc}") from exc
+        raise ModelError(f"cannot load model {name!r} from {files.directory!r}: {exc}") from exc
     network = network.to(device=torch_device, dtype=DTYPES[chosen_precision]).eval()
-    id2label = {int(k): str(v) for k, v in network.config.id2label.items()}
     return LoadedModel(
         name=name,
-        revision=resolved_revision,
-        directory=directory,
+        revision=files.revision,
+        directory=files.directory,
         network=network,
-        id2label=id2label,
-        positive_id=positive_class(id2label, name),
-        processor_config=processor_config,
+        id2label=files.id2label,
+        positive_id=files.positive_id,
+        processor_config=files.processor_config,
         device=torch_device,
         precision=chosen_precision,
     )

@@ -8,6 +8,7 @@ column's values in pyarrow and DuckDB.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import re
@@ -48,6 +49,7 @@ SCHEMA = pa.schema(
 )
 
 INDEX_COLUMNS = ["image_uri", "fingerprint"]
+INDEX_ATTEMPTS = 3
 
 
 def model_slug(model: str, revision: str) -> str:
@@ -80,8 +82,19 @@ def write_shard(destination: Location, relative_path: str, table: pa.Table) -> s
 
 
 def read_index(destination: Location, revision: str) -> pa.Table:
-    """(image_uri, fingerprint) of every row DEST already holds for this model revision."""
-    return storage_call(destination.fs, destination.path, lambda: _read_index(destination, revision))
+    """(image_uri, fingerprint) of every row DEST already holds for this model revision.
+
+    A file that vanishes between listing and reading was replaced by a concurrent `oncoflow compact`
+    (its merged file is written before the inputs are deleted), so the read starts over.
+    """
+
+    def read() -> pa.Table:
+        return storage_call(destination.fs, destination.path, lambda: _read_index(destination, revision))
+
+    for _ in range(INDEX_ATTEMPTS - 1):
+        with contextlib.suppress(FileNotFoundError):
+            return read()
+    return read()
 
 
 def _read_index(destination: Location, revision: str) -> pa.Table:

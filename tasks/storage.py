@@ -186,17 +186,26 @@ def list_images(location: Location) -> Iterator[DiscoveredFile]:
 
 
 def _list_local(root: str) -> Iterator[DiscoveredFile]:
+    """Walk the tree, following folder links but entering each real folder once: a link loop (`a/up -> ..`)
+    or a second link to a folder already scanned neither hangs discovery nor lists an image twice."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"source folder {root!r} does not exist or is not a folder; check the path")
+    root_stat = os.stat(root)
+    visited = {(root_stat.st_dev, root_stat.st_ino)}
     stack = [root]
     while stack:
         folder = stack.pop()
-        with os.scandir(folder) as entries:
+        with os.scandir(folder) as scanned:
+            # Real folders before links to them, then by name: which path wins is the same every night.
+            entries = sorted(scanned, key=lambda e: (e.is_symlink(), e.name))
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
                 if entry.is_dir(follow_symlinks=True):
-                    stack.append(entry.path)
+                    target = os.stat(entry.path)
+                    if (target.st_dev, target.st_ino) not in visited:
+                        visited.add((target.st_dev, target.st_ino))
+                        stack.append(entry.path)
                 elif is_image_name(entry.name):
                     st = entry.stat()
                     if stat_module.S_ISREG(st.st_mode):

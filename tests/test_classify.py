@@ -143,3 +143,16 @@ def test_summary_artifact_is_published(image_folder: Path, tmp_path: Path, tiny_
     text = str(mine[0].data)
     assert "images_classified" in text and "malignant_share" in text
     assert table is None or table["images_classified"] == "6"
+
+
+def test_folder_links_are_followed_once_and_loops_do_not_hang(tmp_path: Path) -> None:
+    from tasks.storage import list_images, open_location
+
+    root = tmp_path / "scans"
+    make_image(root / "a" / "x.png")
+    make_image(tmp_path / "elsewhere" / "y.png")
+    (root / "a" / "up").symlink_to(root)  # a loop
+    (root / "again").symlink_to(root / "a")  # a second way into a folder already scanned
+    (root / "linked").symlink_to(tmp_path / "elsewhere")  # a real folder reached only through a link
+    paths = sorted(f.path for f in list_images(open_location(str(root))))
+    assert paths == [str(root / "a" / "x.png"), str(root / "linked" / "y.png")]

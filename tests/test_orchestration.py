@@ -259,6 +259,18 @@ def test_reprocess_requires_a_model_and_an_existing_prefix(image_folder: Path, t
         app, ["reprocess", str(image_folder), "-o", str(tmp_path / "o"), "--model", "m", "--prefix", "nope"]
     )
     assert result.exit_code == 2 and "nope" in result.output
+    escape = [
+        "reprocess",
+        str(image_folder / "sub"),
+        "-o",
+        str(tmp_path / "o"),
+        "--model",
+        "m",
+        "--prefix",
+        "../..",
+    ]
+    result = runner.invoke(app, escape)
+    assert result.exit_code == 2 and "inside SOURCE" in result.output
 
 
 def test_history_lists_runs_with_their_image_counts(

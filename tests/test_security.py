@@ -170,11 +170,22 @@ def test_signed_url_secrets_never_reach_rows_or_logs(
     assert SECRET not in text and "AKIAIOSFODNN7EXAMPLE" not in text
 
 
-def test_credentials_in_locations_are_refused_without_echoing_them(image_folder: Path) -> None:
-    result = CliRunner().invoke(
-        app, ["classify", str(image_folder), "-o", f"s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@bucket/preds"]
-    )
-    assert result.exit_code == 2 and "--output" in result.output and "environment" in result.output
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("-o", f"s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@bucket/preds"),
+        ("--s3-endpoint-url", f"http://AKIAIOSFODNN7EXAMPLE:{SECRET}@minio:9000"),
+    ],
+)
+def test_credentials_in_locations_are_refused_without_echoing_them(
+    image_folder: Path, option: str, value: str
+) -> None:
+    arguments = ["classify", str(image_folder), option, value]
+    if option != "-o":
+        arguments += ["-o", str(image_folder.parent / "preds")]
+    result = CliRunner().invoke(app, arguments)
+    expected = "--output" if option == "-o" else option
+    assert result.exit_code == 2 and expected in result.output and "environment" in result.output
     assert SECRET not in result.output and "AKIAIOSFODNN7EXAMPLE" not in result.output
 
 

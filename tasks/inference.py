@@ -36,6 +36,10 @@ from tasks.redaction import install_log_redaction, redact
 from tasks.sink import SCHEMA
 from tasks.storage import DiscoveredFile, read_bytes
 
+# Each decode worker holds one whole file in memory: larger files are refused from their listed size,
+# before any byte is read (no valid scan within the default pixel limit comes near it).
+MAX_FILE_BYTES = 1 << 30
+
 # Called as listener("total", n) once the work is known and listener("advance", n) after each batch;
 # the CLI's progress bar listens here.
 progress_listeners: list[Callable[[str, int], None]] = []
@@ -76,15 +80,18 @@ def prepare(
     exif_orientation: bool = False,
 ) -> Prepared:
     """Read, decode and preprocess one file; failures become a Prepared with an error, never raise."""
+    if file.size > MAX_FILE_BYTES:
+        return Prepared(
+            file, error=f"too_large: {file.size} bytes; files over {MAX_FILE_BYTES} bytes are not read"
+        )
     try:
         data = read_bytes(fs, file.path)
     except FileNotFoundError:
         return Prepared(file, error="missing: the file vanished after listing")
     except ConnectionError:
         raise  # still failing after the storage layer's retries: fail the shard (the task retries it), never a final row
-    except (
-        Exception
-    ) as exc:  # any other storage error (permissions, a local EIO after retries): this file only
+    # Any other storage error (permissions, a local EIO after retries) concerns this file only.
+    except Exception as exc:
         return Prepared(file, error=redact(f"read_failed: {type(exc).__name__}: {exc}")[:MESSAGE_LIMIT])
     try:
         if isinstance(preprocess, DevicePreprocessor):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from tasks.dicom import window
 from tasks.images import ERROR_CATEGORIES, ImageError, decode_image
-from tasks.inference import EngineOptions, classify_files
+from tasks.inference import MAX_FILE_BYTES, EngineOptions, classify_files
 from tasks.model import load_model
 from tasks.storage import list_images, open_location
 from tests import corpus
@@ -212,3 +212,18 @@ def test_no_patient_identifier_in_rows_or_logs(
     text = repr(rows) + caplog.text + "".join(capfd.readouterr())
     for secret in (corpus.PATIENT_NAME, "SENTINEL", corpus.PATIENT_ID, "19700101"):
         assert secret not in text
+
+
+def test_a_giant_file_is_refused_from_its_listed_size_without_reading_it(
+    tmp_path: Path, tiny_model: str
+) -> None:
+    giant = tmp_path / "scans" / "giant.tif"
+    giant.parent.mkdir()
+    with open(giant, "wb") as handle:  # sparse: takes no disk space, and is never read
+        handle.truncate(MAX_FILE_BYTES + 1)
+    location = open_location(str(giant.parent))
+    model = load_model(tiny_model, device="cpu", precision="fp32")
+    rows = classify_files(
+        list(list_images(location)), location.fs, model, EngineOptions(), "r", "s"
+    ).to_pylist()
+    assert [r["status"] for r in rows] == ["error"] and rows[0]["error"].startswith("too_large:")

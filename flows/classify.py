@@ -21,12 +21,11 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.credentials import storage_options
 from flows.guards import exclusive_output, gpu_slot
 from flows.params import ClassifyParams
-from flows.runners import SHARDS_IN_FLIGHT, shard_slots, shards_run_here
+from flows.runners import SHARDS_IN_FLIGHT, local_task_runner, shard_slots, shards_run_here
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import EngineOptions, classify_files, progress_listeners
 from tasks.model import DEFAULT_MODEL, LoadedModel, inspect_model, load_model
@@ -199,7 +198,7 @@ def publish_summary(summary: dict[str, Any], params: ClassifyParams, model: str)
 
 @flow(
     name="classify",
-    task_runner=ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT),  # type: ignore[arg-type]
+    task_runner=local_task_runner(),
     log_prints=True,
 )
 def classify(

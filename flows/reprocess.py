@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.classify import classify_images
 from flows.params import ClassifyParams
-from flows.runners import SHARDS_IN_FLIGHT
+from flows.runners import local_task_runner
 from tasks.images import DEFAULT_MAX_PIXELS
 
 
@@ -29,7 +28,7 @@ def within(source: str, prefix: str) -> str:
 
 @flow(
     name="reprocess",
-    task_runner=ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT),  # type: ignore[arg-type]
+    task_runner=local_task_runner(),
     log_prints=True,
 )
 def reprocess(

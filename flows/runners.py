@@ -35,7 +35,12 @@ def make_task_runner(params: RunnerParams) -> TaskRunner[Any]:
         from prefect_ray import RayTaskRunner  # type: ignore[import-not-found]
 
         return RayTaskRunner(address=params.ray_address)  # type: ignore[no-any-return]
-    return ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT)  # type: ignore[return-value]
+    return local_task_runner()
+
+
+def local_task_runner() -> Any:
+    """The default: shards in a bounded thread pool of this process."""
+    return ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT)
 
 
 def with_runner(flow: F, params: RunnerParams) -> F:

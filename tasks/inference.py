@@ -28,7 +28,6 @@ from tasks.images import (
     Preprocessor,
     ProcessorFallback,
     decode_image,
-    make_preprocessor,
     nvjpeg_available,
 )
 from tasks.model import LoadedModel
@@ -133,7 +132,7 @@ Preprocess = Preprocessor | ProcessorFallback | DevicePreprocessor
 
 def choose_preprocessor(model: LoadedModel, decode: str) -> Preprocess:
     """Host PIL preprocessing (exact), or device-side resizing (+ nvjpeg where torchvision provides it)."""
-    host = make_preprocessor(model.processor_config, model.directory)
+    host = model.preprocess
     if decode == "gpu" and isinstance(host, Preprocessor):
         return DevicePreprocessor(host, nvjpeg=nvjpeg_available(model.device))
     return host

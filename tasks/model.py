@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import torch
 
+from tasks.images import Preprocessor, ProcessorFallback, make_preprocessor
+
 DEFAULT_MODEL = "Shivamnegi92/cancer-classification-vit"
 DEFAULT_BASE_MODEL = "google/vit-base-patch16-224-in21k"  # what the default model was fine-tuned from
 POSITIVE_LABEL = "Malignant"
@@ -41,6 +43,7 @@ class LoadedModel:
     processor_config: dict[str, Any]
     device: torch.device
     precision: str
+    preprocess: Preprocessor | ProcessorFallback  # built once with the model, reused by every shard
 
     @property
     def dtype(self) -> torch.dtype:
@@ -216,4 +219,5 @@ def _load(name: str, revision: str | None, device: Device, precision: Precision)
         processor_config=files.processor_config,
         device=torch_device,
         precision=chosen_precision,
+        preprocess=make_preprocessor(files.processor_config, files.directory),
     )

@@ -1,13 +1,30 @@
 #!/usr/bin/env bash
-# One GPU benchmark run for the `device` tool (H100/H200): prepared to run once, under ~8 minutes.
-#   run: bash bench/gpu.sh            (writes bench/results-gpu.jsonl and prints the table)
-# The device machine has no network: it needs torch (CUDA) + torchvision (for nvjpeg), transformers,
-# prefect, pyarrow, fsspec there already, or wheels carried in ./wheelhouse (pip install --no-index).
-set -euo pipefail
+# The one prepared GPU benchmark run (H100/H200 through the `device` tool), under ~6 minutes:
+#   bash bench/gpu.sh                  # results: $OUT (or bench/)/results-gpu.jsonl, log gpu.log
+# The device machine has no network but has torch (CUDA), torchvision, transformers, pyarrow, fsspec;
+# what oncoflow needs beyond that (prefect, pydantic, s3fs, ...) travels as wheels in ./.whl (see
+# bench/README.md for the pip download command) and is installed into /tmp/site.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -d wheelhouse ]; then python3 -m pip install -q --no-index --find-links wheelhouse -e . || true; fi
-python3 -c "import torch, torchvision; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0))"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-export PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 PREFECT_HOME="${OUT:-/tmp}/prefect"
-python3 bench/throughput.py --device cuda --images "${IMAGES:-4000}" --batch-size 256 --snippet-images 200 \
-  --rss-images 1000 20000 --json "${OUT:-bench}/results-gpu.jsonl"
+DEST="${OUT:-bench}"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    2>&1 | grep -v -i "warning" | tail -3
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD"
+fi
+export PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 PREFECT_HOME=/tmp/prefect-home PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 - <<'PY'
+import torch, torchvision, transformers, prefect
+from torchvision.io import decode_jpeg, encode_jpeg
+print("torch", torch.__version__, "torchvision", torchvision.__version__, "transformers", transformers.__version__,
+      "prefect", prefect.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0))
+jpeg = encode_jpeg(torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8))
+print("nvjpeg decode:", tuple(decode_jpeg([jpeg, jpeg], device="cuda")[0].shape))
+PY
+timeout "${BENCH_TIMEOUT:-420}" python3 bench/throughput.py --device cuda --images "${IMAGES:-16000}" \
+  --unique-images 2000 --batch-size "${BATCH:-256}" --snippet-images 200 --pipeline-images 1000 \
+  --rss-images 0 0 --discovery-files 0 --flow-shard-sizes 1000 4000 \
+  --json "$DEST/results-gpu.jsonl" 2>&1 | grep -v -E "it/s\]|Loading weights|Writing model|INFO" | tee "$DEST/gpu.log"

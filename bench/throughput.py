@@ -43,19 +43,37 @@ from tasks.storage import list_images, open_location  # noqa: E402
 LABELS = {0: "Normal", 1: "Malignant"}
 
 
-def make_corpus(folder: Path, count: int, size: tuple[int, int] = (700, 460)) -> list[Path]:
-    """Smooth noisy colour images saved as JPEG q90 (~100 KB at 700×460, like the anchors' corpus)."""
-    rng = np.random.default_rng(0)
+def _make_jpeg(job: tuple[int, str, tuple[int, int]]) -> None:
+    n, path, (width, height) = job
+    rng = np.random.default_rng(n)
+    coarse = rng.integers(0, 256, size=(height // 20 + 1, width // 20 + 1, 3), dtype=np.uint8)
+    base = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+    noisy = np.asarray(base, np.int16) + rng.integers(-25, 26, size=(height, width, 3), dtype=np.int16)
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def make_corpus(
+    folder: Path, count: int, size: tuple[int, int] = (700, 460), unique: int | None = None
+) -> list[Path]:
+    """Smooth noisy colour images saved as JPEG q90 (~100–150 KB at 700×460, like the anchors' corpus).
+
+    With `unique` < count, only that many are encoded (in parallel) and the rest are hard links to them:
+    the same decode work per file, a fraction of the set-up time for GPU-sized corpora.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    width, height = size
-    coarse = rng.integers(0, 256, size=(count, height // 20 + 1, width // 20 + 1, 3), dtype=np.uint8)
-    paths = []
-    for n in range(count):
-        base = Image.fromarray(coarse[n]).resize(size, Image.Resampling.BICUBIC)
-        noisy = np.asarray(base, np.int16) + rng.integers(-25, 26, size=(height, width, 3), dtype=np.int16)
-        path = folder / f"img_{n:06d}.jpg"
-        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, quality=90)
-        paths.append(path)
+    distinct = min(count, unique or count)
+    paths = [folder / f"img_{n:06d}.jpg" for n in range(count)]
+    jobs = [(n, str(paths[n]), size) for n in range(distinct)]
+    if distinct > 64:
+        from multiprocessing import get_context
+
+        with get_context("spawn").Pool(os.cpu_count()) as pool:
+            pool.map(_make_jpeg, jobs, chunksize=16)
+    else:
+        for job in jobs:
+            _make_jpeg(job)
+    for n in range(distinct, count):
+        os.link(paths[n % distinct], paths[n])
     return paths
 
 
@@ -132,13 +150,19 @@ def bench_model_only(model_dir: str, device: str, precision: str, batch_size: in
 
 
 def bench_engine(
-    model_dir: str, folder: Path, device: str, precision: str, batch_size: int, decode: str = "cpu"
+    model_dir: str,
+    folder: Path,
+    device: str,
+    precision: str,
+    batch_size: int,
+    decode: str = "cpu",
+    overlap: bool = True,
 ) -> tuple[float, dict[str, float], dict[str, str]]:
     """oncoflow's engine (read → decode → batched forward → rows), without Prefect."""
     model = load_model(model_dir, device=device, precision=precision)  # type: ignore[arg-type]
     location = open_location(str(folder))
     files = list(list_images(location))
-    options = EngineOptions(batch_size=batch_size, decode=decode)  # type: ignore[arg-type]
+    options = EngineOptions(batch_size=batch_size, decode=decode, overlap=overlap)  # type: ignore[arg-type]
     classify_files(files[: min(len(files), batch_size)], location.fs, model, options, "warm-up", "bench")
     table, seconds = timed(lambda: classify_files(files, location.fs, model, options, "bench", "bench"))
     uris = table.column("image_uri").to_pylist()
@@ -147,8 +171,34 @@ def bench_engine(
     return rate(len(files), seconds), probs, labels
 
 
+def bench_device_preprocess(model_dir: str, paths: list[Path], device: str, batch_size: int) -> float:
+    """`--decode gpu`'s device side alone (nvjpeg where available + batched resize/normalize) on bytes
+    already in memory: the ceiling that decoding on the device puts on the engine."""
+    from tasks.images import DevicePreprocessor, nvjpeg_available
+
+    model = load_model(model_dir, device=device, precision="bf16")  # type: ignore[arg-type]
+    preprocess = DevicePreprocessor(model.preprocess, nvjpeg=nvjpeg_available(model.device))  # type: ignore[arg-type]
+    items = [preprocess.encode_or_decode(path.read_bytes(), 1 << 30)[0] for path in paths]
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    preprocess.batch(batches[0], model.device, model.dtype)  # warm-up (nvjpeg handles, kernels)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for batch in batches:
+        preprocess.batch(batch, model.device, model.dtype)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return rate(len(items), time.perf_counter() - started)
+
+
 def bench_flow(
-    model_dir: str, folder: Path, device: str, precision: str, batch_size: int
+    model_dir: str,
+    folder: Path,
+    device: str,
+    precision: str,
+    batch_size: int,
+    decode: str = "cpu",
+    shard_size: int = 1000,
 ) -> dict[str, float]:
     """The Prefect classify flow end to end (discovery, shards, Parquet).
 
@@ -170,14 +220,18 @@ def bench_flow(
 
     progress_listeners.append(listen)
     output = Path(tempfile.mkdtemp(prefix="oncoflow-bench-out-"))
-    parameters = ClassifyParams(
-        source=str(folder),
-        output=str(output),
-        model=model_dir,
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-    )  # type: ignore[arg-type]
+    parameters = ClassifyParams.model_validate(
+        dict(
+            source=str(folder),
+            output=str(output),
+            model=model_dir,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            decode=decode,
+            shard_size=shard_size,
+        )
+    )
     clear_model_cache()
     started = time.perf_counter()
     try:
@@ -292,10 +346,35 @@ def machine() -> str:
     return f"{os.cpu_count()} cores {cpu}; {gpu}"
 
 
+class Sections:
+    """Runs the benchmark's sections in turn: each is timed and printed as it ends, a failing one is
+    recorded (with its error) instead of losing the rest, and the results so far are rewritten to
+    `partial` after every section, so a run cut short still leaves its figures."""
+
+    def __init__(self, results: dict[str, Any], partial: Path | None) -> None:
+        self.results, self.partial, self.started = results, partial, time.perf_counter()
+
+    def run(self, name: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            value = function(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a benchmark section's failure is a result too
+            self.results[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            value = None
+        spent = time.perf_counter() - began
+        print(f"[{time.perf_counter() - self.started:7.1f}s] {name}: {spent:.1f}s", flush=True)
+        if self.partial is not None:
+            self.partial.write_text(json.dumps(self.results, indent=1))
+        return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--images", type=int, default=64, help="corpus size for the engine, flow and pipeline"
+    )
+    parser.add_argument(
+        "--unique-images", type=int, default=None, help="encode only this many; the rest are hard links"
     )
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
@@ -303,9 +382,18 @@ def main() -> None:
     parser.add_argument("--model-size", choices=["base", "tiny"], default="base")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 32 on CPU, 256 on GPU")
     parser.add_argument("--snippet-images", type=int, default=16, help="the seed loop is slow: a subset")
-    parser.add_argument("--rss-images", type=int, nargs=2, default=[1000, 20000], metavar=("SMALL", "LARGE"))
-    parser.add_argument("--discovery-files", type=int, default=100_000)
+    parser.add_argument("--pipeline-images", type=int, default=None, help="default: all --images")
+    parser.add_argument(
+        "--rss-images",
+        type=int,
+        nargs=2,
+        default=[1000, 20000],
+        metavar=("SMALL", "LARGE"),
+        help="0 0 skips the memory runs",
+    )
+    parser.add_argument("--discovery-files", type=int, default=100_000, help="0 skips discovery")
     parser.add_argument("--history-rows", type=int, default=1_000_000)
+    parser.add_argument("--flow-shard-sizes", type=int, nargs="*", default=[1000], help="none skips the flow")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for the test suite")
     parser.add_argument("--json", help="append the results as one JSON line to this file")
     args = parser.parse_args()
@@ -316,58 +404,103 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="oncoflow-bench-"))
     corpus = work / "corpus"
-    paths = make_corpus(corpus, args.images)
-    model_dir = make_model(work / "model", args.model_size)
     results: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": machine(),
+        "software": f"torch {torch.__version__}, python {platform.python_version()}",
         "device": args.device,
         "model": f"ViT-{args.model_size} random weights",
         "images": args.images,
         "batch_size": batch,
-        "corpus_kb_per_image": round(sum(p.stat().st_size for p in paths) / len(paths) / 1024, 1),
     }
+    sections = Sections(results, Path(args.json + ".partial") if args.json else None)
+    paths = sections.run("corpus", lambda: make_corpus(corpus, args.images, unique=args.unique_images))
+    model_dir = make_model(work / "model", args.model_size)
+    results["corpus_kb_per_image"] = round(sum(p.stat().st_size for p in paths) / len(paths) / 1024, 1)
 
-    snippet_rate, reference = bench_snippet(model_dir, paths[: args.snippet_images], args.device)
+    snippet = sections.run(
+        "snippet", lambda: bench_snippet(model_dir, paths[: args.snippet_images], args.device)
+    )
+    snippet_rate, reference = snippet if snippet else (0.0, {})
     results["seed_snippet_img_s"] = snippet_rate
     for precision in precisions:
-        results[f"pipeline_{precision}_img_s"] = bench_pipeline(model_dir, paths, args.device, precision, 64)
+        pipeline_paths = paths[: args.pipeline_images or len(paths)]
+        results[f"pipeline_{precision}_img_s"] = sections.run(
+            f"pipeline_{precision}", bench_pipeline, model_dir, pipeline_paths, args.device, precision, 64
+        )
     for precision in precisions + (["tf32"] if args.device == "cuda" else []):
         model_precision = "fp32" if precision == "tf32" else precision
         batches = 3 if args.device == "cpu" else 20
-        results[f"model_only_{precision}_img_s"] = bench_model_only(
-            model_dir, args.device, model_precision, batch, batches
+        results[f"model_only_{precision}_img_s"] = sections.run(
+            f"model_only_{precision}",
+            bench_model_only,
+            model_dir,
+            args.device,
+            model_precision,
+            batch,
+            batches,
         )
-    torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
     fp32_probs: dict[str, float] = {}
-    for precision in precisions:
-        speed, probs, _ = bench_engine(model_dir, corpus, args.device, precision, batch)
-        results[f"engine_{precision}_img_s"] = speed
-        results[f"engine_{precision}_vs_model_only"] = round(
-            speed / results[f"model_only_{precision}_img_s"], 3
+
+    def engine(precision: str, decode: str = "cpu", overlap: bool = True) -> None:
+        nonlocal fp32_probs
+        speed, probs, _ = bench_engine(model_dir, corpus, args.device, precision, batch, decode, overlap)
+        key = (
+            f"engine_{precision}"
+            + ("_decode_gpu" if decode == "gpu" else "")
+            + ("" if overlap else "_serial")
         )
-        if precision == "fp32":
+        results[f"{key}_img_s"] = speed
+        ceiling = results.get(f"model_only_{precision}_img_s")
+        if ceiling:
+            results[f"{key}_vs_model_only"] = round(speed / ceiling, 3)
+        if precision == "fp32" and decode == "cpu":
             fp32_probs = probs
             results["engine_fp32_vs_snippet_reference"] = agreement(reference, probs)
-        else:
-            results[f"engine_{precision}_vs_fp32"] = agreement(fp32_probs, probs)
+        elif fp32_probs:
+            results[f"{key}_vs_fp32"] = agreement(fp32_probs, probs)
+
+    for precision in precisions:
+        sections.run(f"engine_{precision}", engine, precision)
     default_precision = resolve_precision("auto", torch.device(args.device))
     if args.device == "cuda" or args.quick:  # on a CPU the device path only proves it runs
-        speed, probs, _ = bench_engine(model_dir, corpus, args.device, default_precision, batch, decode="gpu")
-        results[f"engine_{default_precision}_decode_gpu_img_s"] = speed
-        results[f"engine_{default_precision}_decode_gpu_vs_fp32"] = agreement(fp32_probs, probs)
-    results.update(bench_flow(model_dir, corpus, args.device, default_precision, batch))
-    results["flow_precision"] = default_precision
-    results["engine_fp32_vs_seed_snippet"] = round(results["engine_fp32_img_s"] / snippet_rate, 2)
+        results["device_preprocess_img_s"] = sections.run(
+            "device_preprocess",
+            lambda: bench_device_preprocess(model_dir, paths[: 8 * batch], args.device, batch),
+        )
+        for precision in dict.fromkeys([default_precision, "fp16" if args.device == "cuda" else "fp32"]):
+            sections.run(f"engine_{precision}_decode_gpu", engine, precision, "gpu")
+        sections.run("engine_decode_gpu_serial", lambda: engine(default_precision, "gpu", overlap=False))
+    flow_decode = "gpu" if args.device == "cuda" else "cpu"
+    for shard_size in args.flow_shard_sizes:
+        flow = sections.run(
+            f"flow_shard_{shard_size}",
+            bench_flow,
+            *(model_dir, corpus, args.device, default_precision, batch, flow_decode, shard_size),
+        )
+        suffix = "" if shard_size == args.flow_shard_sizes[0] else f"_shard_{shard_size}"
+        results.update({f"{key}{suffix}": value for key, value in (flow or {}).items()})
+    results["flow_precision"], results["flow_decode"] = default_precision, flow_decode
+    if snippet_rate and results.get("engine_fp32_img_s"):
+        results["engine_fp32_vs_seed_snippet"] = round(results["engine_fp32_img_s"] / snippet_rate, 2)
 
     small, large = args.rss_images
-    results[f"peak_rss_mb_{small}_images_tiny"] = bench_rss(
-        make_model(work / "tiny", "tiny"), corpus, small, 32
-    )
-    results[f"peak_rss_mb_{large}_images_tiny"] = bench_rss(str(work / "tiny"), corpus, large, 32)
+    if small and large:
+        tiny = make_model(work / "tiny", "tiny")
+        results[f"peak_rss_mb_{small}_images_tiny"] = sections.run(
+            "rss_small", lambda: bench_rss(tiny, corpus, small, 32)
+        )
+        results[f"peak_rss_mb_{large}_images_tiny"] = sections.run(
+            "rss_large", lambda: bench_rss(tiny, corpus, large, 32)
+        )
     results["peak_rss_mb_this_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    results.update(bench_discovery(work, args.discovery_files, args.history_rows))
+    if args.discovery_files:
+        results.update(
+            sections.run("discovery", lambda: bench_discovery(work, args.discovery_files, args.history_rows))
+            or {}
+        )
 
     print("| metric | value |\n|---|---|")
     for key, value in results.items():

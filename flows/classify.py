@@ -27,7 +27,7 @@ from flows.guards import exclusive_output, gpu_slot
 from flows.params import ClassifyParams
 from flows.runners import SHARDS_IN_FLIGHT, local_task_runner, shard_slots, shards_run_here
 from tasks.images import DEFAULT_MAX_PIXELS
-from tasks.inference import EngineOptions, classify_files, progress_listeners
+from tasks.inference import EngineOptions, classify_files, progress_listeners, resolve_options
 from tasks.model import DEFAULT_MODEL, LoadedModel, inspect_model, load_model
 from tasks.redaction import redact
 from tasks.sink import model_slug, read_index, select_new, shard_id, shard_path, write_shard
@@ -208,11 +208,11 @@ def classify(
     revision: str | None = None,
     device: Literal["auto", "cpu", "cuda"] = "auto",
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     threshold: float = 0.5,
     shard_size: int = 1000,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    decode: Literal["cpu", "gpu"] = "cpu",
+    decode: Literal["auto", "cpu", "gpu"] = "auto",
     s3_endpoint_url: str | None = None,
     aws_credentials_block: str | None = None,
     max_error_rate: float | None = None,
@@ -233,7 +233,8 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
     if shards_run_here():
         loaded = load_classifier(params)
         revision, device_type = loaded.revision, loaded.device.type
-        placement = f"{loaded.precision}, {loaded.device}"
+        engine = resolve_options(EngineOptions(batch_size=params.batch_size, decode=params.decode), loaded)
+        placement = f"{loaded.precision}, {loaded.device}, batch {engine.batch_size}, {engine.decode} decode"
     else:
         revision, device_type = inspect_model(params.model, params.revision).revision, "workers"
         placement = f"{params.precision} precision, {params.device} device, on the runner's workers"

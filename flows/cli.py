@@ -129,10 +129,12 @@ DeviceOption = Annotated[str, typer.Option(help="auto (CUDA if present), cpu or 
 PrecisionOption = Annotated[
     str,
     typer.Option(
-        help="auto (bf16/fp16 on GPU; bf16 on CPUs with AVX512-BF16/AMX, else fp32), fp32 (exact reference parity), bf16 or fp16 (GPU only)."
+        help="auto (fp16 on GPU; bf16 on CPUs with AVX512-BF16/AMX, else fp32), fp32 (exact reference parity), bf16 or fp16 (GPU only)."
     ),
 ]
-BatchOption = Annotated[int, typer.Option(help="Images per forward pass (GPU: 256 and more).")]
+BatchOption = Annotated[
+    int | None, typer.Option(help="Images per forward pass. Default: 256 on a GPU, 32 on a CPU.")
+]
 ThresholdOption = Annotated[
     float,
     typer.Option(help="Decision threshold on prob_malignant: label is Malignant iff prob >= threshold."),
@@ -158,7 +160,8 @@ RayAddressOption = Annotated[
 DecodeOption = Annotated[
     str,
     typer.Option(
-        help="cpu: decode, resize and normalize with PIL (exact parity with the reference snippet). "
+        help="auto (default): gpu when the model runs on a GPU and its processor resizes bilinearly, else "
+        "cpu. cpu: decode, resize and normalize with PIL (exact parity with the reference snippet). "
         "gpu: resize/normalize batched on the model's device and decode JPEGs with nvjpeg when torchvision "
         "is installed (faster on GPUs; agreement in bench/README.md)."
     ),
@@ -195,7 +198,7 @@ def classify_command(
     revision: RevisionOption = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
-    batch_size: BatchOption = 32,
+    batch_size: BatchOption = None,
     threshold: ThresholdOption = 0.5,
     shard_size: ShardOption = 1000,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
@@ -203,7 +206,7 @@ def classify_command(
     dask_address: DaskAddressOption = None,
     dask_workers: DaskWorkersOption = 1,
     ray_address: RayAddressOption = None,
-    decode: DecodeOption = "cpu",
+    decode: DecodeOption = "auto",
     s3_endpoint_url: S3EndpointOption = None,
     aws_credentials_block: AwsBlockOption = None,
     max_error_rate: MaxErrorRateOption = None,
@@ -358,7 +361,7 @@ def evaluate_command(
     revision: RevisionOption = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
-    batch_size: BatchOption = 32,
+    batch_size: BatchOption = None,
     target_sensitivity: Annotated[
         float | None, typer.Option(help="Also report the highest threshold whose sensitivity is >= this.")
     ] = None,
@@ -430,11 +433,11 @@ def reprocess_command(
     revision: RevisionOption = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
-    batch_size: BatchOption = 32,
+    batch_size: BatchOption = None,
     threshold: ThresholdOption = 0.5,
     shard_size: ShardOption = 1000,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
-    decode: DecodeOption = "cpu",
+    decode: DecodeOption = "auto",
     s3_endpoint_url: S3EndpointOption = None,
     aws_credentials_block: AwsBlockOption = None,
     max_error_rate: MaxErrorRateOption = None,

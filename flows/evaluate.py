@@ -103,7 +103,7 @@ def evaluate(
     revision: str | None = None,
     device: Literal["auto", "cpu", "cuda"] = "auto",
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     target_sensitivity: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate predictions against labels; write metrics.json, report.md and plots to OUTPUT."""

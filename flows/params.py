@@ -52,12 +52,15 @@ class ClassifyParams(BaseModel):
     revision: str | None = Field(None, description="Hub branch, tag or commit (hub models only)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    batch_size: int = Field(32, ge=1, le=4096, description="Images per forward pass")
+    batch_size: int | None = Field(
+        None, ge=1, le=4096, description="Images per forward pass; default 256 on a GPU, 32 on a CPU"
+    )
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="Malignant iff prob_malignant >= threshold")
     shard_size: int = Field(1000, ge=1, le=100_000, description="Images per task and per output file")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger images become too_large rows")
-    decode: Literal["cpu", "gpu"] = Field(
-        "cpu", description="cpu: exact PIL path; gpu: resize (+nvjpeg) on device"
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        "auto",
+        description="cpu: exact PIL path; gpu: resize (+nvjpeg) on device; auto: gpu on a GPU (bilinear models)",
     )
     s3_endpoint_url: str | None = Field(
         None,
@@ -172,7 +175,9 @@ class EvaluateParams(BaseModel):
     revision: str | None = Field(None, description="Hub branch, tag or commit (with data, hub models only)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    batch_size: int = Field(32, ge=1, le=4096, description="Images per forward pass (with data)")
+    batch_size: int | None = Field(
+        None, ge=1, le=4096, description="Images per forward pass (with data); default 256 GPU, 32 CPU"
+    )
     target_sensitivity: float | None = Field(
         None, gt=0.0, le=1.0, description="Also report the highest threshold reaching this sensitivity"
     )

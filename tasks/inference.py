@@ -9,10 +9,13 @@ the next batch while the pool keeps up. Every file becomes exactly one row: `ok`
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -20,6 +23,8 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import torch
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
 
 from tasks.images import (
     DEFAULT_MAX_PIXELS,
@@ -30,7 +35,7 @@ from tasks.images import (
     decode_image,
     nvjpeg_available,
 )
-from tasks.model import LoadedModel
+from tasks.model import LoadedModel, ModelError
 from tasks.redaction import install_log_redaction, redact
 from tasks.sink import SCHEMA
 from tasks.storage import DiscoveredFile, read_bytes
@@ -48,16 +53,23 @@ MESSAGE_LIMIT = 500  # characters of an error row's message: enough to act on, n
 
 @dataclass(frozen=True)
 class EngineOptions:
-    batch_size: int = 32  # CPU: larger batches gain nothing; GPU callers raise it (see bench/README.md)
+    batch_size: int | None = None  # None: 256 on a GPU, 32 on a CPU (larger gains nothing there)
     threshold: float = 0.5  # label is Malignant iff prob_malignant >= threshold; 0.5 is the argmax
-    decode_workers: int = field(default_factory=lambda: min(16, os.cpu_count() or 1))
+    # Reader/decoder threads; None: one per core up to 16, but only 4 when JPEGs go to nvjpeg from local
+    # disk (the host then only reads and checks headers, and more threads just contend for the GIL).
+    decode_workers: int | None = None
     prefetch_batches: int = 2  # decoded batches allowed to wait for the model
     max_pixels: int = DEFAULT_MAX_PIXELS
     # "cpu": decode, resize and normalize in host workers with PIL (exact reference parity).
     # "gpu": host workers only decode (JPEGs: only read, for nvjpeg when torchvision has it); resize and
     # normalize run batched on the model's device. Faster on GPUs, close but not bit-exact.
-    decode: Literal["cpu", "gpu"] = "cpu"
+    # "auto": "gpu" when the model is on a GPU and its processor resizes bilinearly (the device resize
+    # is within 2 of 255 levels of PIL there; bicubic differs more), else "cpu".
+    decode: Literal["auto", "cpu", "gpu"] = "auto"
     exif_orientation: bool = False  # rotate per EXIF before preprocessing; the reference snippet does not
+    # Build the next batch on the device (copy, or nvjpeg decode + resize) in a feeder thread on its own
+    # CUDA stream while the model runs the current one. False runs both in turn (benchmarks compare).
+    overlap: bool = True
 
 
 @dataclass
@@ -106,28 +118,60 @@ def prepare(
         return Prepared(file, error=redact(f"unsupported: {type(exc).__name__}: {exc}")[:MESSAGE_LIMIT])
 
 
+def host_workers(preprocess: Preprocess, fs: fsspec.AbstractFileSystem) -> int:
+    cores = os.cpu_count() or 1
+    if isinstance(preprocess, DevicePreprocessor) and preprocess.nvjpeg and isinstance(fs, LocalFileSystem):
+        return min(4, cores)
+    return min(16, cores)
+
+
 def prepared_stream(
     files: Sequence[DiscoveredFile],
     fs: fsspec.AbstractFileSystem,
     preprocess: Preprocess,
     options: EngineOptions,
 ) -> Iterator[Prepared]:
-    """Prepared files in input order, with at most a bounded number in flight."""
-    window = options.batch_size * (options.prefetch_batches + 1)
-    with ThreadPoolExecutor(options.decode_workers, thread_name_prefix="oncoflow-decode") as pool:
-        pending: deque[Future[Prepared]] = deque()
-        remaining = iter(files)
-        for file in remaining:
-            pending.append(
-                pool.submit(prepare, file, fs, preprocess, options.max_pixels, options.exif_orientation)
-            )
-            if len(pending) >= window:
-                yield pending.popleft().result()
+    """Prepared files in input order, with at most a bounded number in flight.
+
+    Files go to the workers in small runs (up to 16 at a time, fewer when that would leave workers
+    idle): one future per file cost more Python time than reading a JPEG for nvjpeg does.
+    """
+    window = (options.batch_size or CPU_BATCH_SIZE) * (options.prefetch_batches + 1)
+    workers = options.decode_workers or host_workers(preprocess, fs)
+    run = max(1, min(16, window // (2 * workers)))
+
+    def prepare_run(start: int) -> list[Prepared]:
+        return [
+            prepare(file, fs, preprocess, options.max_pixels, options.exif_orientation)
+            for file in files[start : start + run]
+        ]
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="oncoflow-decode") as pool:
+        pending: deque[Future[list[Prepared]]] = deque()
+        for start in range(0, len(files), run):
+            pending.append(pool.submit(prepare_run, start))
+            if len(pending) * run >= window:
+                yield from pending.popleft().result()
         while pending:
-            yield pending.popleft().result()
+            yield from pending.popleft().result()
 
 
 Preprocess = Preprocessor | ProcessorFallback | DevicePreprocessor
+
+
+GPU_BATCH_SIZE, CPU_BATCH_SIZE = 256, 32
+
+
+def resolve_options(options: EngineOptions, model: LoadedModel) -> EngineOptions:
+    """Fill in the `auto` batch size and decode mode for the device the model is on."""
+    cuda = model.device.type == "cuda"
+    decode = options.decode
+    if decode == "auto":
+        host = model.preprocess
+        bilinear = isinstance(host, Preprocessor) and host.resample == Image.Resampling.BILINEAR
+        decode = "gpu" if cuda and bilinear else "cpu"
+    batch_size = options.batch_size or (GPU_BATCH_SIZE if cuda else CPU_BATCH_SIZE)
+    return replace(options, decode=decode, batch_size=batch_size)
 
 
 def choose_preprocessor(model: LoadedModel, decode: str) -> Preprocess:
@@ -154,7 +198,16 @@ def to_model_input(
 def predict(model: LoadedModel, inputs: torch.Tensor) -> np.ndarray:
     """Class probabilities (n, num_labels) as float64, softmax computed in fp32."""
     logits = model.network(pixel_values=inputs).logits
-    return torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float64)
+    probabilities = torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float64)
+    if not np.isfinite(probabilities).all():
+        fix = (
+            "--precision bf16 or fp32" if model.precision == "fp16" else "--precision fp32, or another model"
+        )
+        raise ModelError(
+            f"the model gave non-finite scores in {model.precision} on {model.device} "
+            f"(overflow or broken weights); nothing was written for this shard. Rerun with {fix}."
+        )
+    return probabilities
 
 
 def decide(probabilities: np.ndarray, positive_id: int, threshold: float) -> np.ndarray:
@@ -205,6 +258,106 @@ class RowBuilder:
         return pa.table(self.columns, schema=SCHEMA)
 
 
+@dataclass
+class DeviceBatch:
+    """One batch: every item in input order, and the decodable ones' pixels on the model's device."""
+
+    items: list[Prepared]
+    decodable: list[Prepared]
+    inputs: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None  # recorded on the feeder's stream once `inputs` are complete
+
+
+def assemble(items: list[Prepared], preprocess: Preprocess, model: LoadedModel) -> DeviceBatch:
+    """Move a batch's pixels onto the device; items that fail there (nvjpeg) become error items."""
+    decodable = [item for item in items if item.pixels is not None]
+    if not decodable:
+        return DeviceBatch(items, [])
+    inputs, failures = to_model_input([item.pixels for item in decodable], preprocess, model)  # type: ignore[misc]
+    for index, error in failures.items():
+        decodable[index].pixels, decodable[index].error = None, error
+    decodable = [item for item in decodable if item.pixels is not None]
+    return DeviceBatch(items, decodable, inputs if decodable else None)
+
+
+def batched(stream: Iterator[Prepared], size: int) -> Generator[list[Prepared], None, None]:
+    batch: list[Prepared] = []
+    for item in stream:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def device_batches(
+    files: Sequence[DiscoveredFile],
+    fs: fsspec.AbstractFileSystem,
+    preprocess: Preprocess,
+    model: LoadedModel,
+    options: EngineOptions,
+) -> Iterator[DeviceBatch]:
+    """Batches ready on the model's device, in input order.
+
+    With `options.overlap`, a feeder thread assembles batch k+1 (on a side CUDA stream when the model is
+    on a GPU) while the caller runs the model on batch k; at most one assembled batch waits. An error in
+    the feeder (a storage outage) is raised here, in the caller's thread.
+    """
+    source = batched(prepared_stream(files, fs, preprocess, options), options.batch_size or CPU_BATCH_SIZE)
+    if not options.overlap:
+        for items in source:
+            yield assemble(items, preprocess, model)
+        return
+    cuda = model.device.type == "cuda"
+    side = torch.cuda.Stream(model.device) if cuda else None
+    handoff: queue.Queue[DeviceBatch | BaseException | None] = queue.Queue(maxsize=1)  # None: done
+    stop = threading.Event()
+
+    def hand(value: DeviceBatch | BaseException | None) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def feed() -> None:
+        try:
+            with torch.cuda.stream(side) if side is not None else nullcontext():
+                for items in source:
+                    batch = assemble(items, preprocess, model)
+                    if side is not None and batch.inputs is not None:
+                        batch.ready = torch.cuda.Event()
+                        batch.ready.record(side)
+                    if not hand(batch):
+                        return
+            hand(None)
+        except BaseException as exc:  # handed to the caller's thread, raised there
+            hand(exc)
+        finally:
+            source.close()
+
+    feeder = threading.Thread(target=feed, name="oncoflow-feeder", daemon=True)
+    feeder.start()
+    try:
+        while True:
+            batch = handoff.get()
+            if batch is None:
+                return
+            if isinstance(batch, BaseException):
+                raise batch
+            if batch.ready is not None and batch.inputs is not None:
+                current = torch.cuda.current_stream(model.device)
+                current.wait_event(batch.ready)
+                batch.inputs.record_stream(current)
+            yield batch
+    finally:
+        stop.set()
+        feeder.join()
+
+
 def classify_files(
     files: Sequence[DiscoveredFile],
     fs: fsspec.AbstractFileSystem,
@@ -215,37 +368,22 @@ def classify_files(
 ) -> pa.Table:
     """Classify files in batches; one row per file, in input order."""
     install_log_redaction()  # storage libraries log signed URLs at debug level
+    options = resolve_options(options, model)
     preprocess = choose_preprocessor(model, options.decode)
     rows = RowBuilder(model, options.threshold, run_id, shard)
-    batch: list[Prepared] = []
-
-    def flush() -> None:
-        decodable = [item for item in batch if item.pixels is not None]
+    for batch in device_batches(files, fs, preprocess, model, options):
         predictions: dict[int, tuple[np.ndarray, int]] = {}
-        if decodable:
-            inputs, failures = to_model_input([item.pixels for item in decodable], preprocess, model)  # type: ignore[misc]
-            for index, error in failures.items():
-                decodable[index].pixels, decodable[index].error = None, error
-            decodable = [item for item in decodable if item.pixels is not None]
-        if decodable:
-            probabilities = predict(model, inputs)
+        if batch.inputs is not None:
+            probabilities = predict(model, batch.inputs)
             class_ids = decide(probabilities, model.positive_id, options.threshold)
             predictions = {
-                id(item): (probabilities[n], int(class_ids[n])) for n, item in enumerate(decodable)
+                id(item): (probabilities[n], int(class_ids[n])) for n, item in enumerate(batch.decodable)
             }
-        for item in batch:
+        for item in batch.items:
             if id(item) in predictions:
                 rows.add(item, *predictions[id(item)])
             else:
                 rows.add(item)
         for listener in progress_listeners:
-            listener("advance", len(batch))
-        batch.clear()
-
-    for item in prepared_stream(files, fs, preprocess, options):
-        batch.append(item)
-        if len(batch) >= options.batch_size:
-            flush()
-    if batch:
-        flush()
+            listener("advance", len(batch.items))
     return rows.table()

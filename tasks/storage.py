@@ -235,7 +235,14 @@ def _list_remote(location: Location) -> Iterator[DiscoveredFile]:
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     """The whole content of one file (one GET on object stores)."""
+    if type(fs) is LocalFileSystem:  # plain local paths: skip fsspec's per-call path handling (~15 µs)
+        return storage_call(fs, path, lambda: _read_local(path))
     return storage_call(fs, path, lambda: fs.cat_file(path))
+
+
+def _read_local(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 def write_atomic(location: Location, relative_path: str, data: bytes) -> str:

@@ -6,16 +6,21 @@ which checks its batching, error handling and agreement with the exact PIL path.
 
 from __future__ import annotations
 
+import copy
+import io
+import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
 
-from tasks.images import DevicePreprocessor, Preprocessor, decode_image
-from tasks.inference import EngineOptions, classify_files
-from tasks.model import load_model
+from tasks.images import DevicePreprocessor, ImageError, Preprocessor, decode_image, jpeg_frame
+from tasks.inference import EngineOptions, classify_files, device_batches, resolve_options
+from tasks.model import ModelError, load_model, resolve_precision
 from tasks.storage import list_images, open_location
 
 
@@ -58,3 +63,115 @@ def test_gpu_decode_mode_gives_the_same_labels(image_folder: Path, tiny_model: s
 def test_unsupported_resample_is_refused() -> None:
     with pytest.raises(ValueError, match="--decode cpu"):
         DevicePreprocessor(Preprocessor(224, 224, Image.Resampling.LANCZOS, 1 / 255, (0,) * 3, (1,) * 3))
+
+
+def jpeg_bytes(mode: str, size: tuple[int, int] = (70, 46), **save: object) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, "JPEG", **save)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("mode", "save", "components"),
+    [
+        ("RGB", {}, 3),
+        ("L", {}, 1),
+        ("CMYK", {}, 4),
+        ("RGB", {"progressive": True}, 3),
+        ("RGB", {"exif": b"Exif\0\0" + b"\0" * 64}, 3),
+    ],
+)
+def test_jpeg_frame_reads_size_and_components_like_pillow(mode: str, save: dict, components: int) -> None:
+    assert jpeg_frame(jpeg_bytes(mode, **save)) == (70, 46, components)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xff\xd8\xff",
+        b"\xff\xd8\xff\xe0\x00\x10JFIF",
+        b"\xff\xd8" + b"\x00" * 40,
+        b"\xff\xd8\xff\xda\x00\x08" + b"\0" * 8,
+    ],
+)
+def test_jpeg_frame_gives_none_for_damaged_headers(data: bytes) -> None:
+    assert jpeg_frame(data) is None
+
+
+def test_nvjpeg_host_side_passes_bytes_and_gives_the_host_categories() -> None:
+    device = DevicePreprocessor(
+        Preprocessor(224, 224, Image.Resampling.BILINEAR, 1 / 255, (0,) * 3, (1,) * 3), nvjpeg=True
+    )
+    good = jpeg_bytes("RGB")
+    pixels, width, height = device.encode_or_decode(good, 10_000)
+    assert pixels.ndim == 1 and pixels.tobytes() == good and (width, height) == (70, 46)
+    cmyk_pixels, _, _ = device.encode_or_decode(jpeg_bytes("CMYK"), 10_000)
+    assert cmyk_pixels.shape == (46, 70, 3), "CMYK JPEGs are decoded on the host"
+    with pytest.raises(ImageError, match="too_large"):
+        device.encode_or_decode(good, 1000)
+    with pytest.raises(ImageError, match="truncated"):
+        device.encode_or_decode(good[:30], 10_000)
+
+
+def rows_without_time(table: pa.Table) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "processed_at"} for row in table.to_pylist()]
+
+
+def test_overlapped_feeder_gives_the_same_rows_as_running_in_turn(
+    image_folder: Path, tiny_model: str
+) -> None:
+    model = load_model(tiny_model, device="cpu", precision="fp32")
+    location = open_location(str(image_folder))
+    files = list(list_images(location)) * 3
+    tables = [
+        classify_files(
+            files, location.fs, model, EngineOptions(batch_size=4, decode=decode, overlap=overlap), "r", "s"
+        )
+        for decode in ("cpu", "gpu")
+        for overlap in (True, False)
+    ]
+    assert rows_without_time(tables[0]) == rows_without_time(tables[1])
+    assert rows_without_time(tables[2]) == rows_without_time(tables[3])
+    assert tables[0].num_rows == len(files)
+
+
+def test_feeder_thread_ends_when_the_consumer_stops_early(image_folder: Path, tiny_model: str) -> None:
+    model = load_model(tiny_model, device="cpu", precision="fp32")
+    location = open_location(str(image_folder))
+    files = list(list_images(location)) * 20
+    options = resolve_options(EngineOptions(batch_size=2), model)
+    batches = device_batches(files, location.fs, model.preprocess, model, options)
+    first = next(batches)
+    assert len(first.items) == 2
+    batches.close()
+    assert not [t for t in threading.enumerate() if t.name == "oncoflow-feeder"]
+
+
+def test_auto_options_follow_the_device(tiny_model: str, tiny_model_imagenet: str) -> None:
+    cpu = load_model(tiny_model, device="cpu", precision="fp32")
+    on_cpu = resolve_options(EngineOptions(), cpu)
+    assert (on_cpu.batch_size, on_cpu.decode) == (32, "cpu")
+    on_gpu = resolve_options(EngineOptions(), replace(cpu, device=torch.device("cuda")))
+    assert (on_gpu.batch_size, on_gpu.decode) == (256, "gpu")
+    chosen = resolve_options(
+        EngineOptions(batch_size=64, decode="cpu"), replace(cpu, device=torch.device("cuda"))
+    )
+    assert (chosen.batch_size, chosen.decode) == (64, "cpu")
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+
+
+def test_non_finite_scores_fail_with_the_precision_to_use(image_folder: Path, tiny_model: str) -> None:
+    model = load_model(tiny_model, device="cpu", precision="fp32")
+    broken = copy.deepcopy(model.network)
+    with torch.no_grad():
+        broken.classifier.weight.fill_(float("inf"))
+    location = open_location(str(image_folder))
+    with pytest.raises(ModelError, match="--precision fp32"):
+        classify_files(
+            list(list_images(location)),
+            location.fs,
+            replace(model, network=broken),
+            EngineOptions(),
+            "r",
+            "s",
+        )

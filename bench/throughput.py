@@ -257,6 +257,8 @@ def agreement(
     reference: dict[str, float], fast: dict[str, float], threshold: float = 0.5
 ) -> dict[str, float]:
     common = sorted(set(reference) & set(fast))
+    if not common:
+        return {"compared": 0}
     ref = np.array([reference[k] for k in common])
     got = np.array([fast[k] for k in common])
     return {

@@ -139,7 +139,10 @@ ThresholdOption = Annotated[
     float,
     typer.Option(help="Decision threshold on prob_malignant: label is Malignant iff prob >= threshold."),
 ]
-ShardOption = Annotated[int, typer.Option(help="Images per task and per output Parquet file.")]
+ShardOption = Annotated[
+    int | None,
+    typer.Option(help="Images per task and per output Parquet file. Default: 4000 on a GPU, else 1000."),
+]
 MaxPixelsOption = Annotated[
     int, typer.Option(help="Images with more pixels become `too_large` error rows (decompression bombs).")
 ]
@@ -200,7 +203,7 @@ def classify_command(
     precision: PrecisionOption = "auto",
     batch_size: BatchOption = None,
     threshold: ThresholdOption = 0.5,
-    shard_size: ShardOption = 1000,
+    shard_size: ShardOption = None,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     runner: RunnerOption = "local",
     dask_address: DaskAddressOption = None,
@@ -435,7 +438,7 @@ def reprocess_command(
     precision: PrecisionOption = "auto",
     batch_size: BatchOption = None,
     threshold: ThresholdOption = 0.5,
-    shard_size: ShardOption = 1000,
+    shard_size: ShardOption = None,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     decode: DecodeOption = "auto",
     s3_endpoint_url: S3EndpointOption = None,

@@ -56,7 +56,12 @@ class ClassifyParams(BaseModel):
         None, ge=1, le=4096, description="Images per forward pass; default 256 on a GPU, 32 on a CPU"
     )
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="Malignant iff prob_malignant >= threshold")
-    shard_size: int = Field(1000, ge=1, le=100_000, description="Images per task and per output file")
+    shard_size: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Images per task and per output file; default 4000 when the model runs on a GPU, else 1000",
+    )
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger images become too_large rows")
     decode: Literal["auto", "cpu", "gpu"] = Field(
         "auto",

@@ -41,7 +41,7 @@ def reprocess(
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
     batch_size: int | None = None,
     threshold: float = 0.5,
-    shard_size: int = 1000,
+    shard_size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     decode: Literal["auto", "cpu", "gpu"] = "auto",
     s3_endpoint_url: str | None = None,

@@ -1,0 +1,86 @@
+"""Host-side ceiling of `--decode gpu`: how many files/s the engine's CPU side can hand to nvjpeg.
+
+    PYTHONPATH=. .venv/bin/python bench/host_ceiling.py --images 10000 --unique-images 500
+
+On a GPU machine the engine's device side (nvjpeg decode + resize: 9,374 img/s on an H100; the fp16
+forward: 9,350 img/s) must be fed by the host side: listing, reading each file, checking its JPEG
+header, batching, building rows. This measures that host side alone, on any machine, by replacing the
+two device stages with no-ops: `DevicePreprocessor.batch` returns a ready tensor and the network
+returns zeros. Everything else is the real engine (`classify_files`, threads, feeder, RowBuilder).
+It reports the reader stream alone (`prepared_stream`) and the whole engine, with the default
+number of reader threads and with 16 (the old default), so a change to the host side shows here
+before a GPU is at hand. These are not GPU throughputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from throughput import machine, make_corpus, make_model  # noqa: E402
+
+import tasks.images as images  # noqa: E402
+from tasks.inference import EngineOptions, classify_files, prepared_stream  # noqa: E402
+from tasks.model import load_model  # noqa: E402
+from tasks.storage import list_images, open_location  # noqa: E402
+
+
+class NoOpNetwork(torch.nn.Module):
+    """Stands in for the forward pass: zeros logits, no compute."""
+
+    def forward(self, pixel_values: torch.Tensor) -> Any:
+        return type("Output", (), {"logits": torch.zeros(pixel_values.shape[0], 2)})()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--unique-images", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--json", help="append the results as one JSON line to this file")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="oncoflow-host-"))
+    make_corpus(work / "corpus", args.images, unique=args.unique_images)
+    model = load_model(make_model(work / "model", "tiny"), device="cpu", precision="fp32")
+    model = replace(model, network=NoOpNetwork())
+    ready = torch.zeros(args.batch_size, 3, 224, 224)
+    images.DevicePreprocessor.batch = lambda self, items, device, dtype: (ready[: len(items)], {})  # type: ignore[method-assign]
+    location = open_location(str(work / "corpus"))
+    files = list(list_images(location))
+    preprocess = images.DevicePreprocessor(model.preprocess, nvjpeg=True)  # type: ignore[arg-type]
+
+    results: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "images": len(files)}
+    for workers in (None, 16):
+        label = "default_workers" if workers is None else f"{workers}_workers"
+        options = EngineOptions(batch_size=args.batch_size, decode="gpu", decode_workers=workers)
+        started = time.perf_counter()
+        count = sum(1 for _ in prepared_stream(files, location.fs, preprocess, options))
+        results[f"reader_stream_{label}_files_s"] = round(count / (time.perf_counter() - started))
+        # classify_files builds its own DevicePreprocessor only on CUDA; hand it the nvjpeg one here.
+        images.nvjpeg_available = lambda device: True  # type: ignore[assignment]
+        import tasks.inference as inference
+
+        inference.nvjpeg_available = lambda device: True  # type: ignore[assignment]
+        started = time.perf_counter()
+        table = classify_files(files, location.fs, model, options, "bench", "bench")
+        results[f"engine_{label}_files_s"] = round(table.num_rows / (time.perf_counter() - started))
+    for key, value in results.items():
+        print(f"| {key} | {value} |")
+    if args.json:
+        with open(args.json, "a") as handle:
+            handle.write(json.dumps(results) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,14 +10,22 @@ from typing import Any
 
 from prefect import flow
 
+from flows.credentials import storage_options
 from tasks.compact import TARGET_ROWS, compact
 from tasks.storage import open_location
 
 
 @flow(name="compact", log_prints=True)
-def compact_dataset(dest: str, target_rows: int = TARGET_ROWS) -> dict[str, Any]:
+def compact_dataset(
+    dest: str,
+    target_rows: int = TARGET_ROWS,
+    s3_endpoint_url: str | None = None,
+    aws_credentials_block: str | None = None,
+) -> dict[str, Any]:
     """Merge each partition's small Parquet files into files of up to `target_rows` rows."""
-    report = compact(open_location(dest), target_rows)
+    report = compact(
+        open_location(dest, storage_options(aws_credentials_block, s3_endpoint_url)), target_rows
+    )
     print(
         f"compacted {report.files_merged} files into {report.files_written} "
         f"({report.rows_merged} rows) across {report.partitions} partitions"

@@ -263,13 +263,15 @@ def compact_command(
     target_rows: Annotated[
         int, typer.Option(help="Rows per merged file (4,000,000 ≈ 80-120 MB; see docs/analytics.md).")
     ] = TARGET_ROWS,
+    s3_endpoint_url: S3EndpointOption = None,
+    aws_credentials_block: AwsBlockOption = None,
 ) -> None:
     """Merge each partition's small Parquet files into larger ones; no row is lost or doubled."""
-    params = validated(DatasetParams, dest=dest, target_rows=target_rows)
+    params = validated(DatasetParams, **locals())
     from flows.analytics import compact_dataset
 
     try:
-        report = compact_dataset(params.dest, params.target_rows)
+        report = compact_dataset(**params.model_dump())
     except EXPECTED_ERRORS as exc:
         fail(str(exc))
     Console().print(
@@ -278,17 +280,32 @@ def compact_command(
     )
 
 
+def dataset_storage(params: DatasetParams) -> dict[str, Any]:
+    """fsspec options for DEST; a credentials block that cannot be read fails here, cleanly."""
+    from flows.credentials import storage_options
+
+    try:
+        return storage_options(params.aws_credentials_block, params.s3_endpoint_url)
+    except EXPECTED_ERRORS as exc:
+        fail(str(exc))
+        raise
+
+
 @app.command("latest")
 def latest_command(
     dest: Dest,
     output: Annotated[str, typer.Option("--output", "-o", help="File to write: .parquet or .csv.")],
+    s3_endpoint_url: S3EndpointOption = None,
+    aws_credentials_block: AwsBlockOption = None,
 ) -> None:
     """Export one row per image, from the newest model revision that classified it (docs/analytics.md)."""
-    params = validated(DatasetParams, dest=dest)
+    params = validated(
+        DatasetParams, dest=dest, s3_endpoint_url=s3_endpoint_url, aws_credentials_block=aws_credentials_block
+    )
     from tasks.analytics import export_latest
 
     try:
-        rows = export_latest(params.dest, output)
+        rows = export_latest(params.dest, output, dataset_storage(params))
     except EXPECTED_ERRORS as exc:
         fail(str(exc))
     Console().print(f"wrote {rows} rows (one per image) to {output}")
@@ -298,13 +315,17 @@ def latest_command(
 def report_command(
     dest: Dest,
     output: Annotated[str, typer.Option("--output", "-o", help="File to write: .html or .png.")],
+    s3_endpoint_url: S3EndpointOption = None,
+    aws_credentials_block: AwsBlockOption = None,
 ) -> None:
     """Plot volumes per day, Malignant share, confidence and errors. Research use only, not a diagnosis."""
-    params = validated(DatasetParams, dest=dest)
+    params = validated(
+        DatasetParams, dest=dest, s3_endpoint_url=s3_endpoint_url, aws_credentials_block=aws_credentials_block
+    )
     from tasks.dataset_report import write_report
 
     try:
-        data = write_report(params.dest, output)
+        data = write_report(params.dest, output, dataset_storage(params))
     except EXPECTED_ERRORS as exc:
         fail(str(exc))
     Console().print(f"wrote {output}: {data.totals['images (latest row each)']} images")

@@ -41,10 +41,41 @@ def require_apart(inputs: str, inputs_name: str, output: str, output_name: str =
         )
 
 
-class ClassifyParams(BaseModel):
-    """Everything one classify (or reprocess) run needs to know."""
+class StorageParams(BaseModel):
+    """Where S3 endpoint and credentials come from, for every command that reads or writes a dataset."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    s3_endpoint_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^/\s]+",
+        description="S3-compatible endpoint (MinIO, SeaweedFS, Ceph), e.g. http://minio:9000; "
+        "default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS",
+    )
+    aws_credentials_block: str | None = Field(
+        None,
+        min_length=1,
+        description="Name of a prefect-aws AwsCredentials block; default: the standard AWS credential chain",
+    )
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _no_credentials_in_endpoint(cls, value: str | None) -> str | None:
+        return refuse_credentials(value)
+
+
+def refuse_credentials(value: str | None) -> str | None:
+    # Parameters are stored in run records and logs; credentials belong in the environment.
+    if value and has_credentials(value):
+        raise ValueError(
+            "must not embed credentials, tokens or a signed query string; pass them through the "
+            "environment (AWS_* variables, an AWS profile) instead"
+        )
+    return value
+
+
+class ClassifyParams(StorageParams):
+    """Everything one classify (or reprocess) run needs to know."""
 
     source: str = Field(min_length=1, description="Folder, file:// URI or s3://bucket/prefix to classify")
     output: str = Field(min_length=1, description="Output dataset folder or s3:// prefix (Hive Parquet)")
@@ -67,17 +98,6 @@ class ClassifyParams(BaseModel):
         "auto",
         description="cpu: exact PIL path; gpu: resize (+nvjpeg) on device; auto: gpu on a GPU (bilinear models)",
     )
-    s3_endpoint_url: str | None = Field(
-        None,
-        pattern=r"^https?://[^/\s]+",
-        description="S3-compatible endpoint (MinIO, SeaweedFS, Ceph), e.g. http://minio:9000; "
-        "default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS",
-    )
-    aws_credentials_block: str | None = Field(
-        None,
-        min_length=1,
-        description="Name of a prefect-aws AwsCredentials block; default: the standard AWS credential chain",
-    )
     max_error_rate: float | None = Field(
         None,
         ge=0.0,
@@ -88,16 +108,10 @@ class ClassifyParams(BaseModel):
         False, description="Rotate JPEGs per their EXIF tag (the reference does not)"
     )
 
-    @field_validator("source", "output", "s3_endpoint_url")
+    @field_validator("source", "output")
     @classmethod
-    def _no_credentials(cls, value: str | None) -> str | None:
-        # Parameters are stored in run records and logs; credentials belong in the environment.
-        if value and has_credentials(value):
-            raise ValueError(
-                "must not embed credentials, tokens or a signed query string; pass them through the "
-                "environment (AWS_* variables, an AWS profile) instead"
-            )
-        return value
+    def _no_credentials(cls, value: str) -> str:
+        return refuse_credentials(value) or value
 
     @model_validator(mode="after")
     def _check_locations(self) -> ClassifyParams:
@@ -150,10 +164,8 @@ class RunnerParams(BaseModel):
         return self
 
 
-class DatasetParams(BaseModel):
+class DatasetParams(StorageParams):
     """An existing output dataset to compact, summarize or export (`oncoflow compact|latest|report`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     dest: str = Field(min_length=1, description="Output dataset folder written by `oncoflow classify`")
     target_rows: int = Field(TARGET_ROWS, ge=2, le=100_000_000, description="Rows per compacted file")
@@ -162,6 +174,11 @@ class DatasetParams(BaseModel):
     def _check_dest(self) -> DatasetParams:
         require_folder(self.dest, "dataset", "pass the --output of classify")
         return self
+
+    @field_validator("dest")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        return refuse_credentials(value) or value
 
 
 class EvaluateParams(BaseModel):

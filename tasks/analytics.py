@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import os
 import uuid
+from typing import Any
 
 import duckdb
 
-from tasks.storage import open_location
+from tasks.storage import Location, open_location, storage_call, to_uri
 
 VIEWS_SQL = """\
 create or replace view predictions as
 select *
-from read_parquet('{glob}', hive_partitioning = true, union_by_name = true)
+from read_parquet({files}, hive_partitioning = true, union_by_name = true)
 qualify row_number() over (
     partition by image_uri, fingerprint, model_revision
     order by processed_at desc, run_id desc
@@ -51,11 +52,6 @@ EXPORT_FORMATS = {".parquet": "(format parquet, compression zstd)", ".csv": "(fo
 def dataset_glob(destination: str) -> str:
     """The glob every reader uses: all visible Parquet files under DEST (temporaries start with '.')."""
     location = open_location(destination)
-    if not location.is_local:
-        raise ValueError(
-            f"{destination!r}: the analytics commands read local datasets; for S3 use DuckDB's httpfs "
-            "with the SQL in docs/analytics.md, or sync the dataset locally first"
-        )
     if not os.path.isdir(location.path) or not any(
         name.endswith(".parquet") for _, _, names in os.walk(location.path) for name in names
     ):
@@ -65,23 +61,55 @@ def dataset_glob(destination: str) -> str:
     return location.path.rstrip("/") + "/**/*.parquet"
 
 
-def connect(destination: str) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the `predictions`, `revisions` and `latest` views over DEST."""
+def object_store_files(location: Location) -> list[str]:
+    """Every visible Parquet file of a dataset on an object store, as URIs (fsspec lists them)."""
+    found = storage_call(location.fs, location.path, lambda: location.fs.find(location.path))
+    prefix = location.path.rstrip("/") + "/"
+    files = [
+        to_uri(location.fs, path)
+        for path in sorted(found)
+        if path.endswith(".parquet")
+        and not any(part.startswith(".") for part in path[len(prefix) :].split("/"))
+    ]
+    if not files:
+        raise FileNotFoundError(
+            f"no Parquet files under {location.uri!r}; run `oncoflow classify SOURCE --output {location.uri}` "
+            "first, or check --s3-endpoint-url and the credentials"
+        )
+    return files
+
+
+def sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def connect(destination: str, storage: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the `predictions`, `revisions` and `latest` views over DEST.
+
+    A local DEST is read by DuckDB's own glob. On S3 the files are listed and read through the same
+    fsspec filesystem (endpoint, credentials block) the flows use, registered with DuckDB, so no httpfs
+    extension (a download) is needed.
+    """
     connection = duckdb.connect()
     connection.execute("set TimeZone = 'UTC'")
-    glob = dataset_glob(destination).replace("'", "''")
-    for statement in VIEWS_SQL.format(glob=glob).split(";"):
+    location = open_location(destination, storage or {})
+    if location.is_local:
+        files = sql_string(dataset_glob(destination))
+    else:
+        connection.register_filesystem(location.fs)
+        files = "[" + ", ".join(sql_string(uri) for uri in object_store_files(location)) + "]"
+    for statement in VIEWS_SQL.format(files=files).split(";"):
         if statement.strip():
             connection.execute(statement)
     return connection
 
 
-def export_latest(destination: str, output: str) -> int:
-    """Write the `latest` view to OUTPUT (.parquet or .csv), atomically; return the row count."""
+def export_latest(destination: str, output: str, storage: dict[str, Any] | None = None) -> int:
+    """Write the `latest` view to the local file OUTPUT (.parquet or .csv), atomically; return the row count."""
     extension = os.path.splitext(output)[1].lower()
     if extension not in EXPORT_FORMATS:
         raise ValueError(f"--output {output!r} must end in .parquet or .csv")
-    connection = connect(destination)
+    connection = connect(destination, storage)
     target = os.path.abspath(output)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     temporary = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")

@@ -39,9 +39,9 @@ class ReportData:
     totals: dict[str, Any]
 
 
-def gather(destination: str) -> ReportData:
+def gather(destination: str, storage: dict[str, Any] | None = None) -> ReportData:
     """Query the dataset through the deduplicating views."""
-    db = connect(destination)
+    db = connect(destination, storage)
     volumes = db.sql(
         "select date, count(*) filter (status = 'ok'), count(*) filter (status = 'error') "
         "from predictions group by date order by date"
@@ -135,13 +135,14 @@ def render_html(data: ReportData, png: bytes, title: str) -> str:
     )
 
 
-def write_report(destination: str, output: str) -> ReportData:
-    """Render the report of DEST to OUTPUT (.html or .png), atomically."""
+def write_report(destination: str, output: str, storage: dict[str, Any] | None = None) -> ReportData:
+    """Render the report of DEST to the local file OUTPUT (.html or .png), atomically."""
     extension = os.path.splitext(output)[1].lower()
     if extension not in {".html", ".png"}:
         raise ValueError(f"--output {output!r} must end in .html or .png")
-    data = gather(destination)
-    title = f"oncoflow report: {os.path.basename(os.path.abspath(destination))}"
+    data = gather(destination, storage)
+    name = destination.rstrip("/").rsplit("/", 1)[-1] if "://" in destination else None
+    title = f"oncoflow report: {name or os.path.basename(os.path.abspath(destination))}"
     png = render_png(data, title)
     content = png if extension == ".png" else render_html(data, png, title).encode()
     target = os.path.abspath(output)

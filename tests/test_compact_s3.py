@@ -31,3 +31,45 @@ def test_compact_command_on_s3_keeps_every_row_once(s3: s3fs.S3FileSystem, tmp_p
     s3.invalidate_cache()
     assert rows() == before and len(before) == 140
     assert len([p for p in s3.find("preds/dest") if p.endswith(".parquet")]) == 3
+
+
+def test_latest_and_report_read_a_dataset_on_s3_through_the_given_endpoint(
+    s3: s3fs.S3FileSystem, s3_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_dataset(tmp_path / "dest")
+    upload_folder(s3, tmp_path / "dest", "preds/site")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # only --s3-endpoint-url says where the server is
+    runner = CliRunner()
+    local = tmp_path / "local.csv"
+    assert runner.invoke(app, ["latest", str(tmp_path / "dest"), "-o", str(local)]).exit_code == 0
+
+    remote = tmp_path / "remote.csv"
+    result = runner.invoke(
+        app, ["latest", "s3://preds/site", "-o", str(remote), "--s3-endpoint-url", s3_server]
+    )
+    assert result.exit_code == 0, result.output
+    assert "wrote 100 rows (one per image)" in result.output
+    assert remote.read_text() == local.read_text()
+
+    report = tmp_path / "report.html"
+    result = runner.invoke(
+        app, ["report", "s3://preds/site", "-o", str(report), "--s3-endpoint-url", s3_server]
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        "oncoflow report: site" in report.read_text() and "For research, not diagnosis" in report.read_text()
+    )
+
+    result = runner.invoke(
+        app, ["compact", "s3://preds/site", "--target-rows", "1000", "--s3-endpoint-url", s3_server]
+    )
+    assert result.exit_code == 0 and "merged 7 files into 3" in result.output, result.output
+
+
+def test_analytics_on_a_missing_s3_dataset_names_it(
+    s3: s3fs.S3FileSystem, s3_server: str, tmp_path: Path
+) -> None:
+    s3.mkdir("empty-bucket")
+    result = CliRunner().invoke(app, ["latest", "s3://empty-bucket/nothing", "-o", str(tmp_path / "x.csv")])
+    assert result.exit_code == 1
+    assert "no Parquet files under 's3://empty-bucket/nothing'" in " ".join(result.output.split())

@@ -30,8 +30,11 @@ def block_options(name: str) -> dict[str, Any]:
         ) from exc
     session = block.get_boto3_session()
     options: dict[str, Any] = {}
-    credentials = session.get_credentials()
-    if credentials is not None:
+    if block.profile_name and block.aws_access_key_id is None:
+        # A named profile (an assumed role, SSO): s3fs opens the profile itself, so botocore refreshes
+        # its temporary credentials during a long run instead of using the first ones until they expire.
+        options["profile"] = block.profile_name
+    elif (credentials := session.get_credentials()) is not None:
         frozen = credentials.get_frozen_credentials()
         options.update(key=frozen.access_key, secret=frozen.secret_key, token=frozen.token)
     if session.region_name:

@@ -20,7 +20,7 @@ from flows.classify import classify
 from flows.cli import app
 from tasks.storage import open_location, storage_call, write_atomic
 from tests.conftest import make_image
-from tests.s3_fixtures import FaultyProxy, free_port, upload_folder
+from tests.s3_fixtures import ACCESS_KEY, SECRET_KEY, FaultyProxy, free_port, upload_folder
 
 pytestmark = pytest.mark.s3
 
@@ -295,3 +295,35 @@ def test_cli_rejects_a_malformed_endpoint(image_folder: Path, tmp_path: Path) ->
         ["classify", str(image_folder), "--output", str(tmp_path / "out"), "--s3-endpoint-url", "minio:9000"],
     )
     assert result.exit_code == 2 and "--s3-endpoint-url" in result.output
+
+
+def test_a_block_naming_an_assumed_role_profile_lets_botocore_refresh_it(
+    image_folder: Path,
+    s3: s3fs.S3FileSystem,
+    tiny_model: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prefect_aws import AwsCredentials
+
+    from flows.credentials import block_options
+
+    (tmp_path / "no-aws-config").write_text(
+        "[profile nightly]\nrole_arn = arn:aws:iam::123456789012:role/oncoflow-nightly\n"
+        "source_profile = base\nrole_session_name = oncoflow\nregion = us-east-1\n"
+    )
+    (tmp_path / "no-aws-credentials").write_text(
+        f"[base]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+    )
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    block = f"role-{uuid.uuid4().hex[:8]}"
+    AwsCredentials(profile_name="nightly").save(block)
+
+    options = block_options(block)
+    assert options["profile"] == "nightly" and "key" not in options and "token" not in options
+    upload_folder(s3, image_folder, "scans/incoming")
+    summary = classify(
+        "s3://scans/incoming", "s3://preds/out", model=tiny_model, device="cpu", aws_credentials_block=block
+    )
+    assert summary["images_classified"] == summary["images_found"] > 0

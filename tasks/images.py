@@ -105,6 +105,29 @@ def _decode_with_pillow(data: bytes, max_pixels: int, exif_orientation: bool) ->
         raise ImageError("truncated" if ends_early else "unsupported", message) from exc
 
 
+def oversized(head: bytes, max_pixels: int) -> str | None:
+    """The too_large message if the image header at the start of a file already exceeds max_pixels.
+
+    Used on the first bytes of large files, so that a decompression bomb padded to hundreds of MB is
+    refused without being read whole. None when the header is fine or not readable from `head` alone
+    (DICOM, a TIFF whose directory sits at the end): the whole file is then read and decoded as usual.
+    """
+    if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(head)) as image:
+                width, height = image.size
+    except Image.DecompressionBombError as exc:
+        return f"too_large: {exc}"
+    except Exception:  # noqa: BLE001 - any other header problem is for the full decode to categorise
+        return None
+    if width * height > max_pixels:
+        return f"too_large: {width}x{height} pixels exceeds the limit of {max_pixels}"
+    return None
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB as the reference's `.convert("RGB")`, except high-bit-depth images, scaled by value range."""
     if image.mode in HIGH_DEPTH_MODES:

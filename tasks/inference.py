@@ -34,15 +34,19 @@ from tasks.images import (
     ProcessorFallback,
     decode_image,
     nvjpeg_available,
+    oversized,
 )
 from tasks.model import LoadedModel, ModelError
 from tasks.redaction import install_log_redaction, redact
 from tasks.sink import SCHEMA
-from tasks.storage import DiscoveredFile, read_bytes
+from tasks.storage import DiscoveredFile, read_bytes, read_head
 
 # Each decode worker holds one whole file in memory: larger files are refused from their listed size,
 # before any byte is read (no valid scan within the default pixel limit comes near it).
 MAX_FILE_BYTES = 1 << 30
+# Files above PROBE_FROM_BYTES have their first PROBE_BYTES header-checked before they are read whole, so
+# a decompression bomb padded to hundreds of MB costs one small read, not a worker's memory.
+PROBE_FROM_BYTES, PROBE_BYTES = 64 << 20, 1 << 20
 
 # Called as listener("total", n) once the work is known and listener("advance", n) after each batch;
 # the CLI's progress bar listens here.
@@ -96,6 +100,10 @@ def prepare(
             file, error=f"too_large: {file.size} bytes; files over {MAX_FILE_BYTES} bytes are not read"
         )
     try:
+        if file.size > PROBE_FROM_BYTES and (
+            refusal := oversized(read_head(fs, file.path, PROBE_BYTES), max_pixels)
+        ):
+            return Prepared(file, error=refusal[:MESSAGE_LIMIT])
         data = read_bytes(fs, file.path)
     except FileNotFoundError:
         return Prepared(file, error="missing: the file vanished after listing")

@@ -240,9 +240,16 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     return storage_call(fs, path, lambda: fs.cat_file(path))
 
 
-def _read_local(path: str) -> bytes:
+def _read_local(path: str, size: int = -1) -> bytes:
     with open(path, "rb") as handle:
-        return handle.read()
+        return handle.read(size)
+
+
+def read_head(fs: fsspec.AbstractFileSystem, path: str, size: int) -> bytes:
+    """The first `size` bytes of a file (one ranged GET on object stores)."""
+    if type(fs) is LocalFileSystem:
+        return storage_call(fs, path, lambda: _read_local(path, size))
+    return storage_call(fs, path, lambda: fs.cat_file(path, start=0, end=size))
 
 
 def write_atomic(location: Location, relative_path: str, data: bytes) -> str:

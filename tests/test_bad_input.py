@@ -4,15 +4,17 @@ reference would, DICOM is windowed like a viewer, bombs are refused before alloc
 from __future__ import annotations
 
 import io
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from tasks.dicom import window
 from tasks.images import ERROR_CATEGORIES, ImageError, decode_image
-from tasks.inference import MAX_FILE_BYTES, EngineOptions, classify_files
+from tasks.inference import MAX_FILE_BYTES, PROBE_BYTES, PROBE_FROM_BYTES, EngineOptions, classify_files
 from tasks.model import load_model
 from tasks.storage import list_images, open_location
 from tests import corpus
@@ -227,3 +229,44 @@ def test_a_giant_file_is_refused_from_its_listed_size_without_reading_it(
         list(list_images(location)), location.fs, model, EngineOptions(), "r", "s"
     ).to_pylist()
     assert [r["status"] for r in rows] == ["error"] and rows[0]["error"].startswith("too_large:")
+
+
+class CountingFileSystem(LocalFileSystem):
+    """The real local filesystem, recording how many bytes each read returned."""
+
+    cachable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[tuple[str, int]] = []
+
+    def cat_file(self, path, start=None, end=None, **kwargs):  # type: ignore[no-untyped-def,override]
+        data = super().cat_file(path, start=start, end=end, **kwargs)
+        self.reads.append((Path(path).name, len(data)))
+        return data
+
+
+def test_a_padded_decompression_bomb_costs_one_small_read(tmp_path: Path, tiny_model: str) -> None:
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    header = io.BytesIO()
+    Image.new("L", (1, 1)).save(header, "PNG")
+    bomb = bytearray(header.getvalue())
+    bomb[16:24] = (50_000).to_bytes(4, "big") * 2  # IHDR width and height: 2.5 billion pixels declared
+    bomb[29:33] = zlib.crc32(bytes(bomb[12:29])).to_bytes(4, "big")  # a valid chunk checksum
+    padded = PROBE_FROM_BYTES + 4096
+    for name, data in (("bomb.png", bytes(bomb)), ("big-but-fine.png", header.getvalue())):
+        with open(folder / name, "wb") as handle:  # trailing zeros: sparse on disk, ignored by decoders
+            handle.write(data)
+            handle.truncate(padded)
+    fs = CountingFileSystem()
+    files = list(list_images(open_location(str(folder))))
+    model = load_model(tiny_model, device="cpu", precision="fp32")
+    rows = {
+        r["image_uri"].rsplit("/", 1)[-1]: r
+        for r in classify_files(files, fs, model, EngineOptions(), "r", "s").to_pylist()
+    }
+    assert rows["bomb.png"]["error"].startswith("too_large:")
+    assert rows["big-but-fine.png"]["status"] == "ok"
+    assert [n for name, n in fs.reads if name == "bomb.png"] == [PROBE_BYTES], "only the header was read"
+    assert [n for name, n in fs.reads if name == "big-but-fine.png"] == [PROBE_BYTES, padded]

@@ -22,7 +22,8 @@ def reference_predictions(model_dir: str, paths: list[Path]) -> dict[str, tuple[
     model = AutoModelForImageClassification.from_pretrained(model_dir).eval()
     results = {}
     for path in paths:
-        image = Image.open(path).convert("RGB")
+        with Image.open(path) as opened:  # the seed snippet's Image.open(f).convert("RGB"), file closed
+            image = opened.convert("RGB")
         inputs = processor(images=image, return_tensors="pt")
         with torch.no_grad():
             probs = torch.softmax(model(**inputs).logits, dim=-1)[0]

@@ -133,10 +133,11 @@ def bench_pipeline(model_dir: str, paths: list[Path], device: str, precision: st
 
 
 def bench_model_only(model_dir: str, device: str, precision: str, batch_size: int, batches: int) -> float:
-    """Forward passes on ready tensors: the ceiling for everything else."""
-    model = load_model(model_dir, device=device, precision=precision)  # type: ignore[arg-type]
-    if precision == "tf32":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    """Forward passes on ready tensors: the ceiling for everything else. "tf32" = fp32 weights with
+    TF32 matrix products allowed, switched off again afterwards."""
+    tf32 = precision == "tf32"
+    model = load_model(model_dir, device=device, precision="fp32" if tf32 else precision)  # type: ignore[arg-type]
+    torch.backends.cuda.matmul.allow_tf32 = tf32  # PyTorch's default is False (cuDNN's is already True)
     inputs = torch.randn(batch_size, 3, 224, 224, device=model.device, dtype=model.dtype)
     with torch.inference_mode():
         model.network(pixel_values=inputs[: min(4, batch_size)])  # warm-up
@@ -416,7 +417,7 @@ def main() -> None:
         "batch_size": batch,
     }
     sections = Sections(results, Path(args.json + ".partial") if args.json else None)
-    paths = sections.run("corpus", lambda: make_corpus(corpus, args.images, unique=args.unique_images))
+    paths = make_corpus(corpus, args.images, unique=args.unique_images)  # nothing runs without it
     model_dir = make_model(work / "model", args.model_size)
     results["corpus_kb_per_image"] = round(sum(p.stat().st_size for p in paths) / len(paths) / 1024, 1)
 
@@ -431,18 +432,11 @@ def main() -> None:
             f"pipeline_{precision}", bench_pipeline, model_dir, pipeline_paths, args.device, precision, 64
         )
     for precision in precisions + (["tf32"] if args.device == "cuda" else []):
-        model_precision = "fp32" if precision == "tf32" else precision
         batches = 3 if args.device == "cpu" else 20
         results[f"model_only_{precision}_img_s"] = sections.run(
-            f"model_only_{precision}",
-            bench_model_only,
-            model_dir,
-            args.device,
-            model_precision,
-            batch,
-            batches,
+            f"model_only_{precision}", bench_model_only, model_dir, args.device, precision, batch, batches
         )
-        torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
     fp32_probs: dict[str, float] = {}
 

@@ -19,7 +19,7 @@ import io
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -236,22 +236,23 @@ class DevicePreprocessor:
             raise ValueError(f"resample={preprocessor.resample} has no device equivalent; use --decode cpu")
         self.host = preprocessor
         self.nvjpeg = nvjpeg
+        self._constants: dict[str, tuple[Any, Any]] = {}
 
     def encode_or_decode(
         self, data: bytes, max_pixels: int, *, name: str = "", exif_orientation: bool = False
     ) -> tuple[np.ndarray, int, int]:
         """Host side: raw JPEG bytes (header checked) for nvjpeg, else decoded uint8 RGB pixels (H, W, 3)."""
         if self.nvjpeg and data[:3] == JPEG_MAGIC and not exif_orientation:
-            header = jpeg_frame(data)
-            if header is not None:
-                width, height, components = header
-                if width * height > max_pixels:
+            frame = jpeg_frame(data)
+            if frame is not None:
+                if frame.width * frame.height > max_pixels:
                     raise ImageError(
-                        "too_large", f"{width}x{height} pixels exceeds the limit of {max_pixels}"
+                        "too_large", f"{frame.width}x{frame.height} pixels exceeds the limit of {max_pixels}"
                     )
-                if components in (1, 3):  # CMYK/YCCK JPEGs take the exact host path
-                    return np.frombuffer(data, np.uint8), width, height
-            # No readable frame header: the host decoder gives the file its error category.
+                if frame.for_nvjpeg:
+                    return np.frombuffer(data, np.uint8), frame.width, frame.height
+            # No readable frame header, or a frame nvjpeg does not take: the exact host path decodes it
+            # (or gives the file its error category).
         image = decode_image(data, max_pixels, name=name, exif_orientation=exif_orientation)
         return np.array(image), image.width, image.height
 
@@ -301,10 +302,21 @@ class DevicePreprocessor:
         if self.host.do_rescale:
             batch = batch * self.host.rescale_factor
         if self.host.do_normalize:
-            mean = torch.tensor(self.host.mean, device=device).view(1, 3, 1, 1)
-            std = torch.tensor(self.host.std, device=device).view(1, 3, 1, 1)
+            mean, std = self._normalization(device)
             batch = (batch - mean) / std
         return batch.to(dtype), failures
+
+    def _normalization(self, device: Any) -> tuple[Any, Any]:
+        """mean and std as (1, 3, 1, 1) tensors on `device`, uploaded once (an upload is a host sync)."""
+        import torch
+
+        key = str(device)
+        if key not in self._constants:
+            self._constants[key] = (
+                torch.tensor(self.host.mean, device=device).view(1, 3, 1, 1),
+                torch.tensor(self.host.std, device=device).view(1, 3, 1, 1),
+            )
+        return self._constants[key]
 
     @staticmethod
     def _decode_jpegs(
@@ -340,11 +352,29 @@ SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-fram
 STANDALONE_MARKERS = frozenset(range(0xD0, 0xDA)) | {0x01}  # RSTn, SOI, EOI, TEM: no length field
 
 
-def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
-    """(width, height, components) from a JPEG's start-of-frame header, or None if it has none before the
-    scan (damaged, DNL-sized). Reads only the marker segments: a few microseconds, where Pillow's full
+class JpegFrame(NamedTuple):
+    width: int
+    height: int
+    components: int
+    marker: int  # 0xC0 baseline, 0xC1 extended, 0xC2 progressive, 0xC3 lossless, 0xC9.. arithmetic, ...
+    precision: int  # bits per sample
+
+    @property
+    def for_nvjpeg(self) -> bool:
+        """8-bit Huffman-coded grey or colour frames: what nvjpeg decodes. Anything else (12-bit,
+        lossless, arithmetic, CMYK) goes to the host decoder, so one such file cannot make nvjpeg
+        reject a whole batch."""
+        return self.marker in (0xC0, 0xC1, 0xC2) and self.precision == 8 and self.components in (1, 3)
+
+
+FRAME_SCAN_LIMIT = 1 << 20  # a frame header further in than this (huge APPn blocks) is left to the host
+
+
+def jpeg_frame(data: bytes) -> JpegFrame | None:
+    """The start-of-frame header of a JPEG, or None if there is none within FRAME_SCAN_LIMIT bytes before
+    the scan (damaged, DNL-sized). Reads only the marker segments: a few microseconds, where Pillow's full
     header parse costs ~40 µs of Python per file, which capped nvjpeg feeding at a few thousand files/s."""
-    position, end = 2, len(data)
+    position, end = 2, min(len(data), FRAME_SCAN_LIMIT)
     while position + 4 <= end:
         if data[position] != 0xFF:
             return None
@@ -361,8 +391,8 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
                 return None
             height = (data[position + 5] << 8) | data[position + 6]
             width = (data[position + 7] << 8) | data[position + 8]
-            components = data[position + 9]
-            return (width, height, components) if width and height else None
+            frame = JpegFrame(width, height, data[position + 9], marker, data[position + 4])
+            return frame if width and height else None
         if marker == 0xDA or length < 2:  # start of scan before any frame, or a broken length
             return None
         position += 2 + length

@@ -126,10 +126,17 @@ def prepare(
         return Prepared(file, error=redact(f"unsupported: {type(exc).__name__}: {exc}")[:MESSAGE_LIMIT])
 
 
-def host_workers(preprocess: Preprocess, fs: fsspec.AbstractFileSystem) -> int:
+def host_workers(
+    files: Sequence[DiscoveredFile], preprocess: Preprocess, fs: fsspec.AbstractFileSystem, exif: bool
+) -> int:
+    """Reader threads: one per core up to 16, but 4 when (nearly) all files are local JPEGs bound for
+    nvjpeg: the threads then only read and check headers, and more of them only contend for the GIL."""
     cores = os.cpu_count() or 1
-    if isinstance(preprocess, DevicePreprocessor) and preprocess.nvjpeg and isinstance(fs, LocalFileSystem):
-        return min(4, cores)
+    nvjpeg = isinstance(preprocess, DevicePreprocessor) and preprocess.nvjpeg and not exif
+    if nvjpeg and isinstance(fs, LocalFileSystem) and files:
+        jpegs = sum(file.path.lower().endswith((".jpg", ".jpeg")) for file in files)
+        if jpegs >= 0.9 * len(files):
+            return min(4, cores)
     return min(16, cores)
 
 
@@ -145,7 +152,7 @@ def prepared_stream(
     idle): one future per file cost more Python time than reading a JPEG for nvjpeg does.
     """
     window = (options.batch_size or CPU_BATCH_SIZE) * (options.prefetch_batches + 1)
-    workers = options.decode_workers or host_workers(preprocess, fs)
+    workers = options.decode_workers or host_workers(files, preprocess, fs, options.exif_orientation)
     run = max(1, min(16, window // (2 * workers)))
 
     def prepare_run(start: int) -> list[Prepared]:
@@ -339,6 +346,9 @@ def device_batches(
                     if side is not None and batch.inputs is not None:
                         batch.ready = torch.cuda.Event()
                         batch.ready.record(side)
+                        # nvjpeg writes its outputs from its own stream, waiting for nothing on ours: let
+                        # this batch's kernels finish before the next decode may reuse their freed memory.
+                        batch.ready.synchronize()
                     if not hand(batch):
                         return
             hand(None)

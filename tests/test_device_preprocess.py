@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -16,12 +17,20 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-from tasks.images import DevicePreprocessor, ImageError, Preprocessor, decode_image, jpeg_frame
-from tasks.inference import EngineOptions, classify_files, device_batches, resolve_options
+from tasks.images import (
+    FRAME_SCAN_LIMIT,
+    DevicePreprocessor,
+    ImageError,
+    Preprocessor,
+    decode_image,
+    jpeg_frame,
+)
+from tasks.inference import EngineOptions, classify_files, device_batches, host_workers, resolve_options
 from tasks.model import ModelError, load_model, resolve_precision
-from tasks.storage import list_images, open_location
+from tasks.storage import DiscoveredFile, list_images, open_location
 
 
 # Levels of 255: bilinear matches PIL up to rounding; torch's bicubic kernel (a=-0.75) differs from
@@ -72,17 +81,36 @@ def jpeg_bytes(mode: str, size: tuple[int, int] = (70, 46), **save: object) -> b
 
 
 @pytest.mark.parametrize(
-    ("mode", "save", "components"),
+    ("mode", "save", "components", "for_nvjpeg"),
     [
-        ("RGB", {}, 3),
-        ("L", {}, 1),
-        ("CMYK", {}, 4),
-        ("RGB", {"progressive": True}, 3),
-        ("RGB", {"exif": b"Exif\0\0" + b"\0" * 64}, 3),
+        ("RGB", {}, 3, True),
+        ("L", {}, 1, True),
+        ("CMYK", {}, 4, False),
+        ("RGB", {"progressive": True}, 3, True),
+        ("RGB", {"exif": b"Exif\0\0" + b"\0" * 64}, 3, True),
     ],
 )
-def test_jpeg_frame_reads_size_and_components_like_pillow(mode: str, save: dict, components: int) -> None:
-    assert jpeg_frame(jpeg_bytes(mode, **save)) == (70, 46, components)
+def test_jpeg_frame_reads_size_and_components_like_pillow(
+    mode: str, save: dict, components: int, for_nvjpeg: bool
+) -> None:
+    frame = jpeg_frame(jpeg_bytes(mode, **save))
+    assert frame is not None and frame[:3] == (70, 46, components) and frame.precision == 8
+    assert frame.for_nvjpeg is for_nvjpeg
+
+
+def test_frames_nvjpeg_does_not_take_go_to_the_host_decoder() -> None:
+    data = bytearray(jpeg_bytes("RGB"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 4] = 12  # a 12-bit frame
+    frame = jpeg_frame(bytes(data))
+    assert frame is not None and frame.precision == 12 and not frame.for_nvjpeg
+    device = DevicePreprocessor(
+        Preprocessor(224, 224, Image.Resampling.BILINEAR, 1 / 255, (0,) * 3, (1,) * 3), nvjpeg=True
+    )
+    with pytest.raises(ImageError):  # decoded (and here refused) on the host, never handed to nvjpeg
+        device.encode_or_decode(bytes(data), 10_000)
+    padded = b"\xff\xd8" + b"\xff" * (FRAME_SCAN_LIMIT + 10) + bytes(data[sof:])
+    assert jpeg_frame(padded) is None, "frame headers beyond the scan limit are left to the host"
 
 
 @pytest.mark.parametrize(
@@ -175,3 +203,19 @@ def test_non_finite_scores_fail_with_the_precision_to_use(image_folder: Path, ti
             "r",
             "s",
         )
+
+
+def test_reader_threads_shrink_only_for_local_jpegs_bound_for_nvjpeg(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    device = DevicePreprocessor(
+        Preprocessor(224, 224, Image.Resampling.BILINEAR, 1 / 255, (0,) * 3, (1,) * 3), nvjpeg=True
+    )
+    jpegs = [DiscoveredFile(f"file:///data/{n}.jpg", f"/data/{n}.jpg", "1:1", 1) for n in range(10)]
+    pngs = [DiscoveredFile(f"file:///data/{n}.png", f"/data/{n}.png", "1:1", 1) for n in range(10)]
+    local = LocalFileSystem()
+    assert host_workers(jpegs, device, local, exif=False) == 4
+    assert host_workers(pngs, device, local, exif=False) == 16, "PNGs are decoded on the host"
+    assert host_workers(jpegs, device, local, exif=True) == 16, "EXIF rotation decodes on the host"
+    assert host_workers(jpegs, DevicePreprocessor(device.host), local, exif=False) == 16

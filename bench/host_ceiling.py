@@ -15,7 +15,6 @@ before a GPU is at hand. These are not GPU throughputs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from throughput import machine, make_corpus, make_model  # noqa: E402
+from throughput import machine, make_corpus, make_model, publish  # noqa: E402
 
 import tasks.images as images  # noqa: E402
 from tasks.inference import EngineOptions, classify_files, prepared_stream  # noqa: E402
@@ -75,11 +74,7 @@ def main() -> None:
         started = time.perf_counter()
         table = classify_files(files, location.fs, model, options, "bench", "bench")
         results[f"engine_{label}_files_s"] = round(table.num_rows / (time.perf_counter() - started))
-    for key, value in results.items():
-        print(f"| {key} | {value} |")
-    if args.json:
-        with open(args.json, "a") as handle:
-            handle.write(json.dumps(results) + "\n")
+    publish(results, args.json)
 
 
 if __name__ == "__main__":

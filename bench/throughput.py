@@ -498,11 +498,16 @@ def main() -> None:
             or {}
         )
 
+    publish(results, args.json)
+
+
+def publish(results: dict[str, Any], json_lines: str | None) -> None:
+    """Print the results as a Markdown table; append them as one JSON line to `json_lines` if given."""
     print("| metric | value |\n|---|---|")
     for key, value in results.items():
         print(f"| {key} | {value} |")
-    if args.json:
-        with open(args.json, "a") as handle:
+    if json_lines:
+        with open(json_lines, "a") as handle:
             handle.write(json.dumps(results) + "\n")
 
 

@@ -280,15 +280,25 @@ def compact_command(
     )
 
 
-def dataset_storage(params: DatasetParams) -> dict[str, Any]:
-    """fsspec options for DEST; a credentials block that cannot be read fails here, cleanly."""
+def read_dataset(
+    action: Callable[[str, str, dict[str, Any]], Any],
+    dest: str,
+    output: str,
+    s3_endpoint_url: str | None,
+    aws_credentials_block: str | None,
+) -> Any:
+    """Validate DEST and its S3 options, then run action(dest, output, storage options); errors exit 1."""
     from flows.credentials import storage_options
 
+    params = validated(
+        DatasetParams, dest=dest, s3_endpoint_url=s3_endpoint_url, aws_credentials_block=aws_credentials_block
+    )
     try:
-        return storage_options(params.aws_credentials_block, params.s3_endpoint_url)
+        return action(
+            params.dest, output, storage_options(params.aws_credentials_block, params.s3_endpoint_url)
+        )
     except EXPECTED_ERRORS as exc:
         fail(str(exc))
-        raise
 
 
 @app.command("latest")
@@ -299,15 +309,9 @@ def latest_command(
     aws_credentials_block: AwsBlockOption = None,
 ) -> None:
     """Export one row per image, from the newest model revision that classified it (docs/analytics.md)."""
-    params = validated(
-        DatasetParams, dest=dest, s3_endpoint_url=s3_endpoint_url, aws_credentials_block=aws_credentials_block
-    )
     from tasks.analytics import export_latest
 
-    try:
-        rows = export_latest(params.dest, output, dataset_storage(params))
-    except EXPECTED_ERRORS as exc:
-        fail(str(exc))
+    rows = read_dataset(export_latest, dest, output, s3_endpoint_url, aws_credentials_block)
     Console().print(f"wrote {rows} rows (one per image) to {output}")
 
 
@@ -319,15 +323,9 @@ def report_command(
     aws_credentials_block: AwsBlockOption = None,
 ) -> None:
     """Plot volumes per day, Malignant share, confidence and errors. Research use only, not a diagnosis."""
-    params = validated(
-        DatasetParams, dest=dest, s3_endpoint_url=s3_endpoint_url, aws_credentials_block=aws_credentials_block
-    )
     from tasks.dataset_report import write_report
 
-    try:
-        data = write_report(params.dest, output, dataset_storage(params))
-    except EXPECTED_ERRORS as exc:
-        fail(str(exc))
+    data = read_dataset(write_report, dest, output, s3_endpoint_url, aws_credentials_block)
     Console().print(f"wrote {output}: {data.totals['images (latest row each)']} images")
 
 

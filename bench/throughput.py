@@ -36,11 +36,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tasks.inference import EngineOptions, classify_files, progress_listeners  # noqa: E402
+from tasks.inference import EngineOptions, classify_files, progress_listeners, stage_times  # noqa: E402
 from tasks.model import DTYPES, clear_model_cache, load_model, resolve_precision  # noqa: E402
 from tasks.storage import list_images, open_location  # noqa: E402
 
 LABELS = {0: "Normal", 1: "Malignant"}
+last_stage_times: dict[str, float] = {}  # seconds per engine stage in the last bench_engine run
 
 
 def _make_jpeg(job: tuple[int, str, tuple[int, int]]) -> None:
@@ -165,7 +166,9 @@ def bench_engine(
     files = list(list_images(location))
     options = EngineOptions(batch_size=batch_size, decode=decode, overlap=overlap)  # type: ignore[arg-type]
     classify_files(files[: min(len(files), batch_size)], location.fs, model, options, "warm-up", "bench")
+    stage_times.take()
     table, seconds = timed(lambda: classify_files(files, location.fs, model, options, "bench", "bench"))
+    last_stage_times.update(stage_times.take())
     uris = table.column("image_uri").to_pylist()
     probs = dict(zip(uris, table.column("prob_malignant").to_pylist(), strict=True))
     labels = dict(zip(uris, table.column("label").to_pylist(), strict=True))
@@ -200,7 +203,7 @@ def bench_flow(
     batch_size: int,
     decode: str = "cpu",
     shard_size: int = 1000,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """The Prefect classify flow end to end (discovery, shards, Parquet).
 
     start-up = from the call until the work is known (model loaded from disk, Prefect's temporary server
@@ -234,6 +237,7 @@ def bench_flow(
         )
     )
     clear_model_cache()
+    stage_times.take()
     started = time.perf_counter()
     try:
         start_loading_model(parameters)  # as the CLI does: the model loads while Prefect starts
@@ -251,12 +255,11 @@ def bench_flow(
         "flow_img_s": rate(images, finished - started),
         "flow_steady_img_s": steady,
         "startup_to_work_known_s": round(marks.get("work_known", finished) - started, 2),
+        "flow_stage_seconds": stage_times.take(),
     }
 
 
-def agreement(
-    reference: dict[str, float], fast: dict[str, float], threshold: float = 0.5
-) -> dict[str, float]:
+def agreement(reference: dict[str, float], fast: dict[str, float], threshold: float = 0.5) -> dict[str, Any]:
     common = sorted(set(reference) & set(fast))
     if not common:
         return {"compared": 0}
@@ -449,6 +452,8 @@ def main() -> None:
             + ("" if overlap else "_serial")
         )
         results[f"{key}_img_s"] = speed
+        results[f"{key}_stage_seconds"] = dict(last_stage_times)
+        last_stage_times.clear()
         ceiling = results.get(f"model_only_{precision}_img_s")
         if ceiling:
             results[f"{key}_vs_model_only"] = round(speed / ceiling, 3)

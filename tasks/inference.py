@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,6 +54,34 @@ PROBE_FROM_BYTES, PROBE_BYTES = 64 << 20, 1 << 20
 progress_listeners: list[Callable[[str, int], None]] = []
 
 MESSAGE_LIMIT = 500  # characters of an error row's message: enough to act on, never a dump
+
+
+class StageTimes:
+    """Seconds spent in each engine stage, summed over batches and shards. bench/throughput.py reads
+    them to say which stage held a run back (a few clock reads per batch: always on)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seconds: dict[str, float] = {}
+
+    def add(self, stage: str, since: float) -> float:
+        """Add the time from `since` to now to `stage`; return now."""
+        now = time.perf_counter()
+        with self._lock:
+            self._seconds[stage] = self._seconds.get(stage, 0.0) + now - since
+        return now
+
+    def take(self) -> dict[str, float]:
+        """The totals so far (rounded), and start again from zero."""
+        with self._lock:
+            totals = {stage: round(seconds, 3) for stage, seconds in self._seconds.items()}
+            self._seconds.clear()
+        return totals
+
+
+# feeder_waits_for_files: readers behind; feeder_device_prep: copy / nvjpeg / resize; feeder_waits_for_model
+# and model_waits_for_batches: which side of the hand-over waited; model_forward; rows.
+stage_times = StageTimes()
 
 
 @dataclass(frozen=True)
@@ -341,7 +370,9 @@ def device_batches(
     def feed() -> None:
         try:
             with torch.cuda.stream(side) if side is not None else nullcontext():
+                clock = time.perf_counter()
                 for items in source:
+                    clock = stage_times.add("feeder_waits_for_files", clock)
                     batch = assemble(items, preprocess, model)
                     if side is not None and batch.inputs is not None:
                         batch.ready = torch.cuda.Event()
@@ -349,8 +380,10 @@ def device_batches(
                         # nvjpeg writes its outputs from its own stream, waiting for nothing on ours: let
                         # this batch's kernels finish before the next decode may reuse their freed memory.
                         batch.ready.synchronize()
+                    clock = stage_times.add("feeder_device_prep", clock)
                     if not hand(batch):
                         return
+                    clock = stage_times.add("feeder_waits_for_model", clock)
             hand(None)
         except BaseException as exc:  # handed to the caller's thread, raised there
             hand(exc)
@@ -361,7 +394,9 @@ def device_batches(
     feeder.start()
     try:
         while True:
+            clock = time.perf_counter()
             batch = handoff.get()
+            stage_times.add("model_waits_for_batches", clock)
             if batch is None:
                 return
             if isinstance(batch, BaseException):
@@ -391,12 +426,14 @@ def classify_files(
     rows = RowBuilder(model, options.threshold, run_id, shard)
     for batch in device_batches(files, fs, preprocess, model, options):
         predictions: dict[int, tuple[np.ndarray, int]] = {}
+        clock = time.perf_counter()
         if batch.inputs is not None:
             probabilities = predict(model, batch.inputs)
             class_ids = decide(probabilities, model.positive_id, options.threshold)
             predictions = {
                 id(item): (probabilities[n], int(class_ids[n])) for n, item in enumerate(batch.decodable)
             }
+        clock = stage_times.add("model_forward", clock)
         for item in batch.items:
             if id(item) in predictions:
                 rows.add(item, *predictions[id(item)])
@@ -404,4 +441,5 @@ def classify_files(
                 rows.add(item)
         for listener in progress_listeners:
             listener("advance", len(batch.items))
+        stage_times.add("rows", clock)
     return rows.table()

@@ -39,6 +39,10 @@ def test_throughput_bench_runs_on_a_tiny_model(tmp_path: Path, prefect_server: s
     device_path = next(v for k, v in record.items() if k.endswith("_decode_gpu_vs_fp32"))
     assert device_path["label_agreement"] == 1.0
     assert record["discovery_new"] == 100  # half of the 200 listed files are in the history
+    stages = record["engine_fp32_stage_seconds"]
+    assert (
+        stages["model_forward"] > 0 and "model_waits_for_batches" in stages and "feeder_device_prep" in stages
+    )
     for key in [
         "seed_snippet_img_s",
         "pipeline_fp32_img_s",

@@ -20,6 +20,7 @@ from typing import Any
 
 import duckdb
 
+from tasks.compact import parquet_files_by_partition
 from tasks.storage import Location, open_location, storage_call, to_uri
 
 VIEWS_SQL = """\
@@ -62,15 +63,12 @@ def dataset_glob(destination: str) -> str:
 
 
 def object_store_files(location: Location) -> list[str]:
-    """Every visible Parquet file of a dataset on an object store, as URIs (fsspec lists them)."""
-    found = storage_call(location.fs, location.path, lambda: location.fs.find(location.path))
-    prefix = location.path.rstrip("/") + "/"
-    files = [
-        to_uri(location.fs, path)
-        for path in sorted(found)
-        if path.endswith(".parquet")
-        and not any(part.startswith(".") for part in path[len(prefix) :].split("/"))
-    ]
+    """Every visible Parquet file of a dataset on an object store, as URIs (the files compaction sees)."""
+    try:
+        partitions = storage_call(location.fs, location.path, lambda: parquet_files_by_partition(location))
+    except FileNotFoundError:
+        partitions = {}
+    files = [to_uri(location.fs, path) for paths in partitions.values() for path in paths]
     if not files:
         raise FileNotFoundError(
             f"no Parquet files under {location.uri!r}; run `oncoflow classify SOURCE --output {location.uri}` "

@@ -40,7 +40,7 @@ from tasks.images import (
 from tasks.model import LoadedModel, ModelError
 from tasks.redaction import install_log_redaction, redact
 from tasks.sink import SCHEMA
-from tasks.storage import DiscoveredFile, read_bytes, read_head
+from tasks.storage import DiscoveredFile, read_bytes
 
 # Each decode worker holds one whole file in memory: larger files are refused from their listed size,
 # before any byte is read (no valid scan within the default pixel limit comes near it).
@@ -130,7 +130,7 @@ def prepare(
         )
     try:
         if file.size > PROBE_FROM_BYTES and (
-            refusal := oversized(read_head(fs, file.path, PROBE_BYTES), max_pixels)
+            refusal := oversized(read_bytes(fs, file.path, PROBE_BYTES), max_pixels)
         ):
             return Prepared(file, error=refusal[:MESSAGE_LIMIT])
         data = read_bytes(fs, file.path)

@@ -233,23 +233,16 @@ def _list_remote(location: Location) -> Iterator[DiscoveredFile]:
         yield DiscoveredFile(to_uri(location.fs, path), path, fingerprint, size)
 
 
-def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
-    """The whole content of one file (one GET on object stores)."""
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str, size: int | None = None) -> bytes:
+    """The whole content of one file, or its first `size` bytes (one GET, ranged, on object stores)."""
     if type(fs) is LocalFileSystem:  # plain local paths: skip fsspec's per-call path handling (~15 µs)
-        return storage_call(fs, path, lambda: _read_local(path))
-    return storage_call(fs, path, lambda: fs.cat_file(path))
+        return storage_call(fs, path, lambda: _read_local(path, -1 if size is None else size))
+    return storage_call(fs, path, lambda: fs.cat_file(path, start=None if size is None else 0, end=size))
 
 
-def _read_local(path: str, size: int = -1) -> bytes:
+def _read_local(path: str, size: int) -> bytes:
     with open(path, "rb") as handle:
         return handle.read(size)
-
-
-def read_head(fs: fsspec.AbstractFileSystem, path: str, size: int) -> bytes:
-    """The first `size` bytes of a file (one ranged GET on object stores)."""
-    if type(fs) is LocalFileSystem:
-        return storage_call(fs, path, lambda: _read_local(path, size))
-    return storage_call(fs, path, lambda: fs.cat_file(path, start=0, end=size))
 
 
 def write_atomic(location: Location, relative_path: str, data: bytes) -> str:

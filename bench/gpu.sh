@@ -26,5 +26,5 @@ print("nvjpeg decode:", tuple(decode_jpeg([jpeg, jpeg], device="cuda")[0].shape)
 PY
 timeout "${BENCH_TIMEOUT:-420}" python3 bench/throughput.py --device cuda --images "${IMAGES:-16000}" \
   --unique-images 2000 --batch-size "${BATCH:-256}" --snippet-images 200 --pipeline-images 1000 \
-  --rss-images 0 0 --discovery-files 0 --flow-shard-sizes 1000 4000 \
+  --rss-images 0 0 --discovery-files 0 --flow-shard-sizes 4000 10000 \
   --json "$DEST/results-gpu.jsonl" 2>&1 | grep -v -E "it/s\]|Loading weights|Writing model|INFO" | tee "$DEST/gpu.log"

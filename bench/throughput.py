@@ -36,12 +36,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tasks.inference import EngineOptions, classify_files, progress_listeners, stage_times  # noqa: E402
+from tasks.inference import (  # noqa: E402
+    EngineOptions,
+    classify_files,
+    learned_split_share,
+    progress_listeners,
+    split_images,
+    stage_times,
+)
 from tasks.model import DTYPES, clear_model_cache, load_model, resolve_precision  # noqa: E402
 from tasks.storage import list_images, open_location  # noqa: E402
 
 LABELS = {0: "Normal", 1: "Malignant"}
-last_stage_times: dict[str, float] = {}  # seconds per engine stage in the last bench_engine run
+last_stage_times: dict[str, Any] = {}  # seconds per engine stage in the last bench_engine run, and
+# with nvjpeg how the decoding was split between the host and the GPU
 
 
 def _make_jpeg(job: tuple[int, str, tuple[int, int]]) -> None:
@@ -159,16 +167,26 @@ def bench_engine(
     batch_size: int,
     decode: str = "cpu",
     overlap: bool = True,
+    host_decode_share: float | None = None,
 ) -> tuple[float, dict[str, float], dict[str, str]]:
     """oncoflow's engine (read → decode → batched forward → rows), without Prefect."""
     model = load_model(model_dir, device=device, precision=precision)  # type: ignore[arg-type]
     location = open_location(str(folder))
     files = list(list_images(location))
-    options = EngineOptions(batch_size=batch_size, decode=decode, overlap=overlap)  # type: ignore[arg-type]
+    options = EngineOptions(
+        batch_size=batch_size,
+        decode=decode,  # type: ignore[arg-type]
+        overlap=overlap,
+        host_decode_share=host_decode_share,
+    )
     classify_files(files[: min(len(files), batch_size)], location.fs, model, options, "warm-up", "bench")
     stage_times.take()
+    split_images.clear()
     table, seconds = timed(lambda: classify_files(files, location.fs, model, options, "bench", "bench"))
     last_stage_times.update(stage_times.take())
+    if split_images:
+        last_stage_times["jpegs_decoded_by"] = dict(split_images)
+        last_stage_times["split_share_at_end"] = learned_split_share.get(str(model.device))
     uris = table.column("image_uri").to_pylist()
     probs = dict(zip(uris, table.column("prob_malignant").to_pylist(), strict=True))
     labels = dict(zip(uris, table.column("label").to_pylist(), strict=True))
@@ -443,12 +461,15 @@ def main() -> None:
 
     fp32_probs: dict[str, float] = {}
 
-    def engine(precision: str, decode: str = "cpu", overlap: bool = True) -> None:
+    def engine(precision: str, decode: str = "cpu", overlap: bool = True, share: float | None = None) -> None:
         nonlocal fp32_probs
-        speed, probs, _ = bench_engine(model_dir, corpus, args.device, precision, batch, decode, overlap)
+        speed, probs, _ = bench_engine(
+            model_dir, corpus, args.device, precision, batch, decode, overlap, share
+        )
         key = (
             f"engine_{precision}"
             + ("_decode_gpu" if decode == "gpu" else "")
+            + ("_nvjpeg_only" if share == 0 else "" if share is None else f"_host_share_{share}")
             + ("" if overlap else "_serial")
         )
         results[f"{key}_img_s"] = speed
@@ -474,6 +495,8 @@ def main() -> None:
         for precision in dict.fromkeys([default_precision, "fp16" if args.device == "cuda" else "fp32"]):
             sections.run(f"engine_{precision}_decode_gpu", engine, precision, "gpu")
         sections.run("engine_decode_gpu_serial", lambda: engine(default_precision, "gpu", overlap=False))
+        # The host/nvjpeg split (on by default with nvjpeg) against nvjpeg decoding every JPEG.
+        sections.run("engine_decode_gpu_nvjpeg_only", lambda: engine(default_precision, "gpu", share=0.0))
     flow_decode = "gpu" if args.device == "cuda" else "cpu"
     for shard_size in args.flow_shard_sizes:
         flow = sections.run(

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import warnings
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -186,11 +188,15 @@ class Preprocessor:
             do_normalize=bool(config.get("do_normalize", True)),
         )
 
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        """An RGB image → float32 array (3, height, width), ready for the model."""
+    def resize(self, image: Image.Image) -> Image.Image:
+        """The resize step alone (the reference's PIL resize; a no-op at the target size)."""
         if self.do_resize and image.size != (self.width, self.height):
             image = image.resize((self.width, self.height), resample=self.resample)
-        pixels: np.ndarray = np.asarray(image, dtype=np.float32)
+        return image
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """An RGB image → float32 array (3, height, width), ready for the model."""
+        pixels: np.ndarray = np.asarray(self.resize(image), dtype=np.float32)
         if self.do_rescale:
             pixels = pixels * np.float32(self.rescale_factor)
         if self.do_normalize:
@@ -219,6 +225,53 @@ def make_preprocessor(config: dict[str, Any], model_dir: str) -> Preprocessor | 
 TORCH_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
 JPEG_MAGIC = b"\xff\xd8\xff"
 RESIZE_CHUNK_PIXELS = 64 * 1024 * 1024  # source pixels resized at once on the device (~768 MB as float)
+
+
+SPLIT_STEP = 1 / 32  # share of a batch's JPEGs moved between host and nvjpeg after each batch
+SPLIT_SLACK_SECONDS = 0.0005  # waits shorter than this count as no wait
+
+
+class DecodeSplit:
+    """How many of a batch's JPEGs spare CPU threads decode (PIL decode + resize, exactly the reference's
+    pixels) while nvjpeg decodes the rest on the GPU.
+
+    nvjpeg and the model share the GPU: on the H100, decode + resize alone ran 9,374 img/s and the fp16
+    forward 9,350, so the two in series cap near 4,700 img/s (bench/README.md). Each JPEG the idle cores
+    decode instead gives that GPU time back to the model. With `share=None` the share adapts after every
+    batch, starting where the previous shard on this device left it: up by SPLIT_STEP while the host
+    threads finish their part before nvjpeg finishes its own, or while the feeder is ahead of the model
+    anyway (the model is the limit, so GPU time is what to save); down when the host part held the
+    feeder back while the model waited, or when the reader threads fell behind (the cores are busy).
+    A fixed `share` (0: nvjpeg decodes every JPEG; 1: the host decodes them all) is for benchmarks/tests.
+    """
+
+    def __init__(
+        self,
+        pool: Executor | None,
+        share: float | None = None,
+        start: float = 0.0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        if share is not None and not 0.0 <= share <= 1.0:
+            raise ValueError(f"host decode share must be between 0 and 1, got {share}")
+        self.adaptive = share is None
+        self.share = min(1.0, max(0.0, start)) if share is None else share
+        self.max_pixels = max_pixels
+        self.pool = pool  # shared by the engines running at once in this process (tasks.inference)
+        self.host_wait = 0.0  # seconds the last batch waited for its host part after nvjpeg was done
+        self.on_host = self.on_device = 0  # JPEGs decoded so far by each side
+
+    def count(self, jpegs: int) -> int:
+        """How many of `jpegs` JPEGs in this batch the host decodes."""
+        return 0 if self.pool is None else min(jpegs, round(self.share * jpegs))
+
+    def adjust(self, readers_behind: bool, feeder_ahead: bool) -> None:
+        """Move the share after a batch (adaptive mode only)."""
+        if not self.adaptive:
+            return
+        host_held_back = self.host_wait > SPLIT_SLACK_SECONDS and not feeder_ahead
+        step = -SPLIT_STEP if readers_behind or host_held_back else SPLIT_STEP
+        self.share = min(1.0, max(0.0, self.share + step))
 
 
 class DevicePreprocessor:
@@ -256,23 +309,71 @@ class DevicePreprocessor:
         image = decode_image(data, max_pixels, name=name, exif_orientation=exif_orientation)
         return np.array(image), image.width, image.height
 
-    def batch(self, items: list[np.ndarray], device: Any, dtype: Any) -> tuple[Any, dict[int, str]]:
-        """Device tensor (n_ok, 3, H, W) for the items, and {item index: error} for those that failed."""
-        import torch
-        import torch.nn.functional as functional
+    def resized(self, data: np.ndarray, max_pixels: int) -> np.ndarray:
+        """Host side of a DecodeSplit: JPEG bytes → uint8 RGB pixels (H, W, 3) at the model's size."""
+        return np.asarray(self.host.resize(decode_image(data.tobytes(), max_pixels)))
 
+    def batch(
+        self, items: list[np.ndarray], device: Any, dtype: Any, split: DecodeSplit | None = None
+    ) -> tuple[Any, dict[int, str]]:
+        """Device tensor (n_ok, 3, H, W) for the items, and {item index: error} for those that failed.
+
+        Items are JPEG bytes (1-D, for nvjpeg) or decoded uint8 pixels (H, W, 3). With a `split`, its
+        share of the JPEGs is decoded and resized by its host threads while nvjpeg decodes the rest.
+        """
         decoded: dict[int, Any] = {}
         failures: dict[int, str] = {}
         encoded = [i for i, item in enumerate(items) if item.ndim == 1]
+        on_host: dict[int, Future[np.ndarray]] = {}
+        if split is not None and split.pool is not None and encoded:
+            keep = len(encoded) - split.count(len(encoded))
+            pool = split.pool
+            on_host = {i: pool.submit(self.resized, items[i], split.max_pixels) for i in encoded[keep:]}
+            encoded = encoded[:keep]
+            split.on_host, split.on_device = split.on_host + len(on_host), split.on_device + keep
         if encoded:
             decoded.update(self._decode_jpegs(items, encoded, device, failures))
-        for i, item in enumerate(items):
-            if item.ndim == 3:
-                decoded[i] = (
-                    torch.from_numpy(np.ascontiguousarray(item))
-                    .to(device, non_blocking=True)
-                    .permute(2, 0, 1)
-                )
+        pixels = {i: item for i, item in enumerate(items) if item.ndim == 3}
+        if split is not None:
+            clock = time.perf_counter()
+            for i, future in on_host.items():
+                try:
+                    pixels[i] = future.result()
+                except ImageError as exc:
+                    failures[i] = str(exc)
+                except Exception as exc:  # a decoder bug on one hostile file must not fail the batch
+                    failures[i] = f"unsupported: {type(exc).__name__}: {exc}"
+            split.host_wait = time.perf_counter() - clock
+        decoded.update(self._upload(pixels, device))
+        return self._resize_normalize(decoded, device, dtype), failures
+
+    @staticmethod
+    def _upload(pixels: dict[int, np.ndarray], device: Any) -> dict[int, Any]:
+        """Host pixels (H, W, 3) onto the device as (3, H, W) views: one copy per run of same-sized
+        images (at most RESIZE_CHUNK_PIXELS pixels each, so large scans are not stacked all at once),
+        from pinned memory on a GPU, instead of one small copy per image."""
+        import torch
+
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, item in pixels.items():
+            by_shape.setdefault(item.shape, []).append(i)
+        uploaded: dict[int, Any] = {}
+        for shape, indices in by_shape.items():
+            step = max(1, RESIZE_CHUNK_PIXELS // max(1, shape[0] * shape[1]))
+            for start in range(0, len(indices), step):
+                chunk = indices[start : start + step]
+                stacked = torch.from_numpy(np.stack([pixels[i] for i in chunk]))
+                if getattr(device, "type", str(device)) == "cuda":
+                    stacked = stacked.pin_memory()
+                on_device = stacked.to(device, non_blocking=True).permute(0, 3, 1, 2)
+                uploaded.update(zip(chunk, on_device, strict=True))
+        return uploaded
+
+    def _resize_normalize(self, decoded: dict[int, Any], device: Any, dtype: Any) -> Any:
+        """The decoded images (3, h, w) in item order, resized and normalized as one (n, 3, H, W) batch."""
+        import torch
+        import torch.nn.functional as functional
+
         order = sorted(decoded)
         out = torch.empty(len(order), 3, self.host.height, self.host.width, device=device)
         # Same-sized images are resized together (one kernel per chunk instead of one per image), in
@@ -304,7 +405,7 @@ class DevicePreprocessor:
         if self.host.do_normalize:
             mean, std = self._normalization(device)
             batch = (batch - mean) / std
-        return batch.to(dtype), failures
+        return batch.to(dtype)
 
     def _normalization(self, device: Any) -> tuple[Any, Any]:
         """mean and std as (1, 3, 1, 1) tensors on `device`, uploaded once (an upload is a host sync)."""

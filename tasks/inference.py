@@ -12,7 +12,7 @@ import os
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -29,6 +29,8 @@ from PIL import Image
 
 from tasks.images import (
     DEFAULT_MAX_PIXELS,
+    SPLIT_SLACK_SECONDS,
+    DecodeSplit,
     DevicePreprocessor,
     ImageError,
     Preprocessor,
@@ -67,9 +69,12 @@ class StageTimes:
     def add(self, stage: str, since: float) -> float:
         """Add the time from `since` to now to `stage`; return now."""
         now = time.perf_counter()
-        with self._lock:
-            self._seconds[stage] = self._seconds.get(stage, 0.0) + now - since
+        self.record(stage, now - since)
         return now
+
+    def record(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self._seconds[stage] = self._seconds.get(stage, 0.0) + seconds
 
     def take(self) -> dict[str, float]:
         """The totals so far (rounded), and start again from zero."""
@@ -79,9 +84,16 @@ class StageTimes:
         return totals
 
 
-# feeder_waits_for_files: readers behind; feeder_device_prep: copy / nvjpeg / resize; feeder_waits_for_model
-# and model_waits_for_batches: which side of the hand-over waited; model_forward; rows.
+# feeder_waits_for_files: readers behind; feeder_device_prep: copy / nvjpeg / resize (including
+# feeder_waits_for_host_decode: the host share of a DecodeSplit finishing after nvjpeg); feeder_waits_for_model
+# and model_waits_for_batches: which side of the hand-over waited; model_forward: launching the forward
+# (on a CPU: running it); model_waits_for_results: the GPU finishing it; rows.
 stage_times = StageTimes()
+
+# The DecodeSplit share each device ended its last shard with: the next shard starts there; and how many
+# JPEGs each side decoded so far in this process (benchmarks read them).
+learned_split_share: dict[str, float] = {}
+split_images: Counter[str] = Counter()
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,13 @@ class EngineOptions:
     # Build the next batch on the device (copy, or nvjpeg decode + resize) in a feeder thread on its own
     # CUDA stream while the model runs the current one. False runs both in turn (benchmarks compare).
     overlap: bool = True
+    # With nvjpeg: the share of JPEGs that spare CPU threads decode instead (exact PIL decode + resize; the
+    # GPU then only normalizes them), so nvjpeg takes less GPU time from the model. None: adapt per batch
+    # (tasks.images.DecodeSplit); 0: nvjpeg decodes every JPEG; 1: the host decodes them all.
+    host_decode_share: float | None = None
+    # Threads for that host share; None: the cores left after the reader threads and two more (the
+    # feeder and the model's thread); 0 turns the split off.
+    host_decode_workers: int | None = None
 
 
 @dataclass
@@ -227,22 +246,48 @@ def choose_preprocessor(model: LoadedModel, decode: str) -> Preprocess:
 
 
 def to_model_input(
-    items: list[np.ndarray], preprocess: Preprocess, model: LoadedModel
+    items: list[np.ndarray], preprocess: Preprocess, model: LoadedModel, split: DecodeSplit | None = None
 ) -> tuple[torch.Tensor, dict[int, str]]:
     """One batch on the model's device, plus {index: error} for items that failed there."""
     if isinstance(preprocess, DevicePreprocessor):
-        return preprocess.batch(items, model.device, model.dtype)
+        return preprocess.batch(items, model.device, model.dtype, split)
     inputs = torch.from_numpy(np.stack(items))
     if model.device.type == "cuda":
         inputs = inputs.pin_memory()
     return inputs.to(model.device, dtype=model.dtype, non_blocking=True), {}
 
 
+@dataclass
+class Launched:
+    """A batch whose forward pass was launched: its probabilities arrive in `probabilities` (pinned host
+    memory on a GPU) once `done` has fired."""
+
+    batch: DeviceBatch
+    probabilities: torch.Tensor
+    done: torch.cuda.Event | None = None
+
+
 @torch.inference_mode()
-def predict(model: LoadedModel, inputs: torch.Tensor) -> np.ndarray:
-    """Class probabilities (n, num_labels) as float64, softmax computed in fp32."""
-    logits = model.network(pixel_values=inputs).logits
-    probabilities = torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float64)
+def launch(model: LoadedModel, batch: DeviceBatch) -> Launched:
+    """Start the forward pass and the copy of its softmax (fp32) to the host, without waiting for them:
+    on a GPU the caller turns the previous batch into rows while this one computes."""
+    assert batch.inputs is not None
+    logits = model.network(pixel_values=batch.inputs).logits
+    probabilities = torch.softmax(logits.float(), dim=-1)
+    if model.device.type != "cuda":
+        return Launched(batch, probabilities)
+    host = torch.empty(probabilities.shape, dtype=probabilities.dtype, pin_memory=True)
+    host.copy_(probabilities, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return Launched(batch, host, done)
+
+
+def results(model: LoadedModel, launched: Launched) -> np.ndarray:
+    """Class probabilities (n, num_labels) as float64, once the launched forward pass has finished."""
+    if launched.done is not None:
+        launched.done.synchronize()
+    probabilities = launched.probabilities.numpy().astype(np.float64)
     if not np.isfinite(probabilities).all():
         fix = (
             "--precision bf16 or fp32" if model.precision == "fp16" else "--precision fp32, or another model"
@@ -312,12 +357,14 @@ class DeviceBatch:
     ready: torch.cuda.Event | None = None  # recorded on the feeder's stream once `inputs` are complete
 
 
-def assemble(items: list[Prepared], preprocess: Preprocess, model: LoadedModel) -> DeviceBatch:
+def assemble(
+    items: list[Prepared], preprocess: Preprocess, model: LoadedModel, split: DecodeSplit | None = None
+) -> DeviceBatch:
     """Move a batch's pixels onto the device; items that fail there (nvjpeg) become error items."""
     decodable = [item for item in items if item.pixels is not None]
     if not decodable:
         return DeviceBatch(items, [])
-    inputs, failures = to_model_input([item.pixels for item in decodable], preprocess, model)  # type: ignore[misc]
+    inputs, failures = to_model_input([item.pixels for item in decodable], preprocess, model, split)  # type: ignore[misc]
     for index, error in failures.items():
         decodable[index].pixels, decodable[index].error = None, error
     decodable = [item for item in decodable if item.pixels is not None]
@@ -335,6 +382,45 @@ def batched(stream: Iterator[Prepared], size: int) -> Generator[list[Prepared], 
         yield batch
 
 
+def decode_split(
+    files: Sequence[DiscoveredFile],
+    fs: fsspec.AbstractFileSystem,
+    preprocess: Preprocess,
+    model: LoadedModel,
+    options: EngineOptions,
+) -> DecodeSplit | None:
+    """The host/nvjpeg split for this run, or None when nothing goes to nvjpeg or no core is spare."""
+    if (
+        not (isinstance(preprocess, DevicePreprocessor) and preprocess.nvjpeg)
+        or options.host_decode_share == 0
+    ):
+        return None
+    workers = options.host_decode_workers
+    if workers is None:
+        readers = options.decode_workers or host_workers(files, preprocess, fs, options.exif_orientation)
+        workers = max(0, (os.cpu_count() or 1) - readers - 2)
+        if options.host_decode_share is not None:
+            workers = max(1, workers)  # a share asked for explicitly gets at least one thread
+    if workers <= 0:
+        return None
+    start = learned_split_share.get(str(model.device), 0.0)
+    pool = split_pool(workers)
+    return DecodeSplit(pool, options.host_decode_share, start=start, max_pixels=options.max_pixels)
+
+
+_split_pools: dict[int, ThreadPoolExecutor] = {}
+_split_pools_lock = threading.Lock()
+
+
+def split_pool(workers: int) -> ThreadPoolExecutor:
+    """One pool of host-decode threads per size for the whole process, so the shards that run at once
+    (two with the local runner) share the spare cores instead of each claiming them all."""
+    with _split_pools_lock:
+        if workers not in _split_pools:
+            _split_pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="oncoflow-split")
+        return _split_pools[workers]
+
+
 def device_batches(
     files: Sequence[DiscoveredFile],
     fs: fsspec.AbstractFileSystem,
@@ -346,13 +432,34 @@ def device_batches(
 
     With `options.overlap`, a feeder thread assembles batch k+1 (on a side CUDA stream when the model is
     on a GPU) while the caller runs the model on batch k; at most one assembled batch waits. An error in
-    the feeder (a storage outage) is raised here, in the caller's thread.
+    the feeder (a storage outage) is raised here, in the caller's thread. With nvjpeg, a DecodeSplit
+    lets spare cores decode part of each batch (see EngineOptions.host_decode_share).
     """
     source = batched(prepared_stream(files, fs, preprocess, options), options.batch_size or CPU_BATCH_SIZE)
-    if not options.overlap:
-        for items in source:
-            yield assemble(items, preprocess, model)
-        return
+    split = decode_split(files, fs, preprocess, model, options)
+    try:
+        if options.overlap:
+            yield from fed_batches(source, preprocess, model, split)
+        else:
+            for items in source:
+                yield assemble(items, preprocess, model, split)
+                if split is not None:
+                    split.adjust(readers_behind=False, feeder_ahead=False)
+    finally:
+        source.close()
+        if split is not None:
+            split_images.update(host=split.on_host, nvjpeg=split.on_device)
+            if split.adaptive:
+                learned_split_share[str(model.device)] = split.share
+
+
+def fed_batches(
+    source: Generator[list[Prepared], None, None],
+    preprocess: Preprocess,
+    model: LoadedModel,
+    split: DecodeSplit | None,
+) -> Iterator[DeviceBatch]:
+    """device_batches with the feeder thread (see there)."""
     cuda = model.device.type == "cuda"
     side = torch.cuda.Stream(model.device) if cuda else None
     handoff: queue.Queue[DeviceBatch | BaseException | None] = queue.Queue(maxsize=1)  # None: done
@@ -371,9 +478,10 @@ def device_batches(
         try:
             with torch.cuda.stream(side) if side is not None else nullcontext():
                 clock = time.perf_counter()
-                for items in source:
+                for number, items in enumerate(source):
+                    waited = time.perf_counter() - clock
                     clock = stage_times.add("feeder_waits_for_files", clock)
-                    batch = assemble(items, preprocess, model)
+                    batch = assemble(items, preprocess, model, split)
                     if side is not None and batch.inputs is not None:
                         batch.ready = torch.cuda.Event()
                         batch.ready.record(side)
@@ -383,12 +491,16 @@ def device_batches(
                     clock = stage_times.add("feeder_device_prep", clock)
                     if not hand(batch):
                         return
+                    ahead = time.perf_counter() - clock
                     clock = stage_times.add("feeder_waits_for_model", clock)
+                    if split is not None:
+                        stage_times.record("feeder_waits_for_host_decode", split.host_wait)
+                        # A shard's first batch always waits for the readers to start: not a signal.
+                        behind = number > 0 and waited > SPLIT_SLACK_SECONDS
+                        split.adjust(readers_behind=behind, feeder_ahead=ahead > SPLIT_SLACK_SECONDS)
             hand(None)
         except BaseException as exc:  # handed to the caller's thread, raised there
             hand(exc)
-        finally:
-            source.close()
 
     feeder = threading.Thread(target=feed, name="oncoflow-feeder", daemon=True)
     feeder.start()
@@ -419,27 +531,46 @@ def classify_files(
     run_id: str,
     shard: str,
 ) -> pa.Table:
-    """Classify files in batches; one row per file, in input order."""
+    """Classify files in batches; one row per file, in input order.
+
+    The forward pass of batch k+1 is launched before batch k's results are read back and turned into
+    rows, so on a GPU the rows cost no GPU time (on a CPU the forward runs at launch, in turn as before).
+    """
     install_log_redaction()  # storage libraries log signed URLs at debug level
     options = resolve_options(options, model)
     preprocess = choose_preprocessor(model, options.decode)
     rows = RowBuilder(model, options.threshold, run_id, shard)
+    waiting: Launched | DeviceBatch | None = None  # the previous batch, launched or without inputs
     for batch in device_batches(files, fs, preprocess, model, options):
-        predictions: dict[int, tuple[np.ndarray, int]] = {}
         clock = time.perf_counter()
-        if batch.inputs is not None:
-            probabilities = predict(model, batch.inputs)
-            class_ids = decide(probabilities, model.positive_id, options.threshold)
-            predictions = {
-                id(item): (probabilities[n], int(class_ids[n])) for n, item in enumerate(batch.decodable)
-            }
-        clock = stage_times.add("model_forward", clock)
-        for item in batch.items:
-            if id(item) in predictions:
-                rows.add(item, *predictions[id(item)])
-            else:
-                rows.add(item)
-        for listener in progress_listeners:
-            listener("advance", len(batch.items))
-        stage_times.add("rows", clock)
+        launched = launch(model, batch) if batch.inputs is not None else batch
+        stage_times.add("model_forward", clock)
+        if waiting is not None:
+            add_rows(rows, model, options.threshold, waiting)
+        waiting = launched
+    if waiting is not None:
+        add_rows(rows, model, options.threshold, waiting)
     return rows.table()
+
+
+def add_rows(rows: RowBuilder, model: LoadedModel, threshold: float, done: Launched | DeviceBatch) -> None:
+    """One row per item of a finished batch: its prediction, or its error."""
+    predictions: dict[int, tuple[np.ndarray, int]] = {}
+    if isinstance(done, Launched):
+        clock = time.perf_counter()
+        batch, probabilities = done.batch, results(model, done)
+        stage_times.add("model_waits_for_results", clock)
+        class_ids = decide(probabilities, model.positive_id, threshold)
+        for n, item in enumerate(batch.decodable):
+            predictions[id(item)] = (probabilities[n], int(class_ids[n]))
+    else:
+        batch = done
+    clock = time.perf_counter()
+    for item in batch.items:
+        if id(item) in predictions:
+            rows.add(item, *predictions[id(item)])
+        else:
+            rows.add(item)
+    for listener in progress_listeners:
+        listener("advance", len(batch.items))
+    stage_times.add("rows", clock)

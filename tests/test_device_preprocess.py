@@ -10,6 +10,7 @@ import copy
 import io
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,8 +21,11 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
+from tasks import inference
 from tasks.images import (
     FRAME_SCAN_LIMIT,
+    SPLIT_STEP,
+    DecodeSplit,
     DevicePreprocessor,
     ImageError,
     Preprocessor,
@@ -219,3 +223,95 @@ def test_reader_threads_shrink_only_for_local_jpegs_bound_for_nvjpeg(
     assert host_workers(pngs, device, local, exif=False) == 16, "PNGs are decoded on the host"
     assert host_workers(jpegs, device, local, exif=True) == 16, "EXIF rotation decodes on the host"
     assert host_workers(jpegs, DevicePreprocessor(device.host), local, exif=False) == 16
+
+
+def noise_jpeg(seed: int, size: tuple[int, int] = (120, 80)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_host_share_of_a_split_batch_gives_the_reference_pixels_and_error_categories() -> None:
+    host = Preprocessor(224, 224, Image.Resampling.BILINEAR, 1 / 255, (0.5, 0.4, 0.3), (0.2, 0.3, 0.4))
+    device = DevicePreprocessor(host, nvjpeg=True)
+    jpegs = [noise_jpeg(seed) for seed in range(5)]
+    broken = jpegs[0][: len(jpegs[0]) // 2]  # header intact, scan cut: only decoding finds out
+    png_bytes = _png(9)
+    png = np.array(decode_image(png_bytes))
+    items = [device.encode_or_decode(data, 10**6)[0] for data in [*jpegs, broken]] + [png]
+    assert all(item.ndim == 1 for item in items[:6]), "JPEGs arrive as bytes, as they do for nvjpeg"
+    with ThreadPoolExecutor(2) as pool:
+        split = DecodeSplit(pool, share=1.0)
+        batch, failures = device.batch(items, torch.device("cpu"), torch.float32, split)
+    assert list(failures) == [5] and failures[5].startswith("truncated:")
+    assert tuple(batch.shape) == (6, 3, 224, 224)
+    for row, data in zip(batch[:5], jpegs, strict=True):
+        np.testing.assert_allclose(row.numpy(), host(decode_image(data)), atol=1e-5)  # the reference's
+    # The PNG came decoded and was resized on the device: within 2 of 255 levels (std >= 0.2).
+    np.testing.assert_allclose(batch[5].numpy(), host(decode_image(png_bytes)), atol=2 / 255 / 0.2 + 1e-5)
+    assert (split.on_host, split.on_device) == (6, 0)
+
+
+def _png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_decode_split_moves_its_share_towards_whichever_side_has_time() -> None:
+    with ThreadPoolExecutor(1) as pool:
+        split = DecodeSplit(pool)
+        assert split.share == 0.0 and split.count(256) == 0
+        split.host_wait = 0.0  # the host part was done before nvjpeg: give the host more
+        split.adjust(readers_behind=False, feeder_ahead=False)
+        assert split.share == SPLIT_STEP and split.count(256) == 8
+        split.host_wait = 0.01  # the feeder waited for the host while the model waited for the feeder
+        split.adjust(readers_behind=False, feeder_ahead=False)
+        assert split.share == 0.0
+        split.adjust(readers_behind=False, feeder_ahead=True)  # the model is the limit: spare the GPU
+        assert split.share == SPLIT_STEP
+        split.host_wait = 0.0
+        split.adjust(readers_behind=True, feeder_ahead=True)  # the cores cannot even keep up reading
+        assert split.share == 0.0
+        split.adjust(readers_behind=True, feeder_ahead=False)
+        assert split.share == 0.0, "never below 0"
+        for _ in range(100):
+            split.adjust(readers_behind=False, feeder_ahead=True)
+        assert split.share == 1.0 and split.count(256) == 256, "never above 1"
+        fixed = DecodeSplit(pool, share=0.25)
+        fixed.adjust(readers_behind=True, feeder_ahead=False)
+        assert fixed.share == 0.25 and fixed.count(10) == 2
+    assert DecodeSplit(None, share=0.5).count(256) == 0, "no threads, no host share"
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        DecodeSplit(None, share=1.5)
+
+
+def test_engine_with_the_host_decoding_every_jpeg_matches_the_exact_path(
+    image_folder: Path, tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The nvjpeg engine path end to end on a CPU: torchvision's nvjpeg is not here, so the split takes
+    every JPEG (share 1), which runs everything of that path except the nvjpeg call itself."""
+    monkeypatch.setattr(inference, "nvjpeg_available", lambda device: True)
+    model = load_model(tiny_model, device="cpu", precision="fp32")
+    location = open_location(str(image_folder))
+    files = list(list_images(location)) * 3
+    exact = classify_files(files, location.fs, model, EngineOptions(batch_size=4), "r", "s")
+    split = classify_files(
+        files,
+        location.fs,
+        model,
+        EngineOptions(batch_size=4, decode="gpu", host_decode_share=1.0),
+        "r",
+        "s",
+    )
+    assert [r["image_uri"] for r in exact.to_pylist()] == [r["image_uri"] for r in split.to_pylist()]
+    assert split.column("label").to_pylist() == exact.column("label").to_pylist()
+    jpeg_rows = [
+        (a["prob_malignant"], b["prob_malignant"])
+        for a, b in zip(exact.to_pylist(), split.to_pylist(), strict=True)
+        if a["image_uri"].endswith((".jpg", ".jpeg"))
+    ]
+    assert len(jpeg_rows) == 6 and max(abs(a - b) for a, b in jpeg_rows) < 1e-5
+    assert inference.split_images["host"] >= 6, "the JPEGs were decoded by the split's host threads"

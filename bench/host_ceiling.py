@@ -9,12 +9,14 @@ two device stages with no-ops: `DevicePreprocessor.batch` returns a ready tensor
 returns zeros. Everything else is the real engine (`classify_files`, threads, feeder, RowBuilder).
 It reports the reader stream alone (`prepared_stream`) and the whole engine, with the default
 number of reader threads and with 16 (the old default), so a change to the host side shows here
-before a GPU is at hand. These are not GPU throughputs.
+before a GPU is at hand; then the host share of a DecodeSplit at its largest (PIL decode + resize of
+every JPEG in one thread per core, real batch code, no forward), per core. These are not GPU throughputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--unique-images", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--split-images", type=int, default=2000, help="files for the host-decode run")
     parser.add_argument("--json", help="append the results as one JSON line to this file")
     args = parser.parse_args()
 
@@ -61,6 +64,7 @@ def main() -> None:
     ) -> tuple[torch.Tensor, dict[int, str]]:
         return ready[: len(items)], {}
 
+    real_batch = images.DevicePreprocessor.batch
     images.DevicePreprocessor.batch = no_device_work  # type: ignore[method-assign]
     location = open_location(str(work / "corpus"))
     files = list(list_images(location))
@@ -81,6 +85,21 @@ def main() -> None:
         started = time.perf_counter()
         table = classify_files(files, location.fs, model, options, "bench", "bench")
         results[f"engine_{label}_files_s"] = round(table.num_rows / (time.perf_counter() - started))
+
+    # The host share of a DecodeSplit at its largest: every JPEG decoded and resized by PIL in the split's
+    # threads (one per core), the real batch code around it, still no forward pass. Per core, this is
+    # what each spare core of a GPU machine can take off nvjpeg.
+    images.DevicePreprocessor.batch = real_batch  # type: ignore[method-assign]
+    cores = os.cpu_count() or 1
+    options = EngineOptions(
+        batch_size=args.batch_size, decode="gpu", host_decode_share=1.0, host_decode_workers=cores
+    )
+    subset = files[: args.split_images]
+    started = time.perf_counter()
+    table = classify_files(subset, location.fs, model, options, "bench", "bench")
+    rate = table.num_rows / (time.perf_counter() - started)
+    results[f"split_host_decode_{cores}_threads_files_s"] = round(rate)
+    results["split_host_decode_per_core_files_s"] = round(rate / cores)
     publish(results, args.json)
 
 

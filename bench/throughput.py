@@ -182,6 +182,7 @@ def bench_engine(
     classify_files(files[: min(len(files), batch_size)], location.fs, model, options, "warm-up", "bench")
     stage_times.take()
     split_images.clear()
+    learned_split_share.clear()  # every adaptive run starts from share 0, whatever ran before it
     table, seconds = timed(lambda: classify_files(files, location.fs, model, options, "bench", "bench"))
     last_stage_times.update(stage_times.take())
     if split_images:

@@ -27,7 +27,13 @@ from flows.guards import exclusive_output, gpu_slot
 from flows.params import ClassifyParams
 from flows.runners import SHARDS_IN_FLIGHT, local_task_runner, shard_slots, shards_run_here
 from tasks.images import DEFAULT_MAX_PIXELS
-from tasks.inference import EngineOptions, classify_files, progress_listeners, resolve_options
+from tasks.inference import (
+    EngineOptions,
+    classify_files,
+    host_decode_share_from_env,
+    progress_listeners,
+    resolve_options,
+)
 from tasks.model import DEFAULT_MODEL, LoadedModel, inspect_model, load_model
 from tasks.redaction import redact
 from tasks.sink import model_slug, read_index, select_new, shard_id, shard_path, write_shard
@@ -93,6 +99,7 @@ def classify_shard(
         max_pixels=params.max_pixels,
         decode=params.decode,
         exif_orientation=params.exif_orientation,
+        host_decode_share=host_decode_share_from_env(),
     )
     storage = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
     table = classify_files(files, open_location(params.source, storage).fs, model, options, run_id, shard)

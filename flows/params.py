@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tasks.compact import TARGET_ROWS
 from tasks.images import DEFAULT_MAX_PIXELS
+from tasks.inference import host_decode_share_from_env
 from tasks.model import DEFAULT_BASE_MODEL, DEFAULT_MODEL
 from tasks.redaction import has_credentials
 
@@ -117,6 +118,7 @@ class ClassifyParams(StorageParams):
     def _check_locations(self) -> ClassifyParams:
         require_apart(self.source, "source", self.output)
         require_folder(self.source, "source")
+        host_decode_share_from_env()  # a bad value fails here, before any work starts
         return self
 
 

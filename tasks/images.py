@@ -225,10 +225,15 @@ def make_preprocessor(config: dict[str, Any], model_dir: str) -> Preprocessor | 
 TORCH_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
 JPEG_MAGIC = b"\xff\xd8\xff"
 RESIZE_CHUNK_PIXELS = 64 * 1024 * 1024  # source pixels resized at once on the device (~768 MB as float)
+PIN_LIMIT_BYTES = 32 << 20  # host pixels copied to a GPU through pinned memory at most this much at once
+# How an ok row's pixels were made (the `decoder` column): PIL decode + PIL resize (the reference's pixels),
+# PIL decode + resize on the model's device, nvjpeg decode on the GPU + resize there.
+DECODERS = ("pil", "pil+device_resize", "nvjpeg+device_resize")
 
 
 SPLIT_STEP = 1 / 32  # share of a batch's JPEGs moved between host and nvjpeg after each batch
-SPLIT_SLACK_SECONDS = 0.0005  # waits shorter than this count as no wait
+SPLIT_SLACK_SECONDS = 0.0005  # waits shorter than this count as no wait,
+SPLIT_SLACK_SHARE = 0.05  # and so do waits under 5% of the batch's preparation time
 
 
 class DecodeSplit:
@@ -265,11 +270,11 @@ class DecodeSplit:
         """How many of `jpegs` JPEGs in this batch the host decodes."""
         return 0 if self.pool is None else min(jpegs, round(self.share * jpegs))
 
-    def adjust(self, readers_behind: bool, feeder_ahead: bool) -> None:
-        """Move the share after a batch (adaptive mode only)."""
+    def adjust(self, readers_behind: bool, feeder_ahead: bool, slack: float = SPLIT_SLACK_SECONDS) -> None:
+        """Move the share after a batch (adaptive mode only); host waits up to `slack` seconds are none."""
         if not self.adaptive:
             return
-        host_held_back = self.host_wait > SPLIT_SLACK_SECONDS and not feeder_ahead
+        host_held_back = self.host_wait > slack and not feeder_ahead
         step = -SPLIT_STEP if readers_behind or host_held_back else SPLIT_STEP
         self.share = min(1.0, max(0.0, self.share + step))
 
@@ -315,14 +320,18 @@ class DevicePreprocessor:
 
     def batch(
         self, items: list[np.ndarray], device: Any, dtype: Any, split: DecodeSplit | None = None
-    ) -> tuple[Any, dict[int, str]]:
-        """Device tensor (n_ok, 3, H, W) for the items, and {item index: error} for those that failed.
+    ) -> tuple[Any, dict[int, str], list[str]]:
+        """The items that decoded as one device tensor (n_ok, 3, H, W) in item order, {item index: error}
+        for those that did not, and for each of the n_ok which DECODERS entry produced its pixels.
 
         Items are JPEG bytes (1-D, for nvjpeg) or decoded uint8 pixels (H, W, 3). With a `split`, its
-        share of the JPEGs is decoded and resized by its host threads while nvjpeg decodes the rest.
+        share of the JPEGs is decoded and resized by its host threads while nvjpeg decodes the rest and
+        the device resizes those.
         """
-        decoded: dict[int, Any] = {}
+        import torch
+
         failures: dict[int, str] = {}
+        decoders: dict[int, str] = {}
         encoded = [i for i, item in enumerate(items) if item.ndim == 1]
         on_host: dict[int, Future[np.ndarray]] = {}
         if split is not None and split.pool is not None and encoded:
@@ -331,27 +340,44 @@ class DevicePreprocessor:
             on_host = {i: pool.submit(self.resized, items[i], split.max_pixels) for i in encoded[keep:]}
             encoded = encoded[:keep]
             split.on_host, split.on_device = split.on_host + len(on_host), split.on_device + keep
-        if encoded:
-            decoded.update(self._decode_jpegs(items, encoded, device, failures))
+        decoded = self._decode_jpegs(items, encoded, device, failures, decoders) if encoded else {}
         pixels = {i: item for i, item in enumerate(items) if item.ndim == 3}
+        decoders.update(dict.fromkeys(pixels, "pil+device_resize"))
+        decoded.update(self._upload(pixels, device))
+        # Every image that may still arrive gets a slot; nvjpeg's are resized while the host works.
+        slots = sorted([*decoded, *on_host])
+        out = torch.empty(len(slots), 3, self.host.height, self.host.width, device=device)
+        position = {i: n for n, i in enumerate(slots)}
+        self._resize_into(out, position, decoded, device)
         if split is not None:
             clock = time.perf_counter()
+            host: dict[int, np.ndarray] = {}
             for i, future in on_host.items():
                 try:
-                    pixels[i] = future.result()
+                    host[i] = future.result()
+                    decoders[i] = "pil"
                 except ImageError as exc:
                     failures[i] = str(exc)
                 except Exception as exc:  # a decoder bug on one hostile file must not fail the batch
                     failures[i] = f"unsupported: {type(exc).__name__}: {exc}"
             split.host_wait = time.perf_counter() - clock
-        decoded.update(self._upload(pixels, device))
-        return self._resize_normalize(decoded, device, dtype), failures
+            self._resize_into(out, position, self._upload(host, device), device)
+            if len(host) < len(on_host):  # drop the slots of host decodes that failed
+                slots = [i for i in slots if i not in failures]
+                out = out[torch.tensor([position[i] for i in slots], device=device)]
+        if self.host.do_rescale:
+            out = out * self.host.rescale_factor
+        if self.host.do_normalize:
+            mean, std = self._normalization(device)
+            out = (out - mean) / std
+        return out.to(dtype), failures, [decoders[i] for i in slots]
 
     @staticmethod
     def _upload(pixels: dict[int, np.ndarray], device: Any) -> dict[int, Any]:
         """Host pixels (H, W, 3) onto the device as (3, H, W) views: one copy per run of same-sized
-        images (at most RESIZE_CHUNK_PIXELS pixels each, so large scans are not stacked all at once),
-        from pinned memory on a GPU, instead of one small copy per image."""
+        images (at most RESIZE_CHUNK_PIXELS pixels each, so large scans are not stacked all at once).
+        On a GPU runs up to PIN_LIMIT_BYTES go through pinned memory (asynchronous); larger ones are
+        copied from pageable memory, so big scans never grow the never-released pinned-memory cache."""
         import torch
 
         by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -363,29 +389,28 @@ class DevicePreprocessor:
             for start in range(0, len(indices), step):
                 chunk = indices[start : start + step]
                 stacked = torch.from_numpy(np.stack([pixels[i] for i in chunk]))
-                if getattr(device, "type", str(device)) == "cuda":
+                pin = getattr(device, "type", str(device)) == "cuda" and stacked.nbytes <= PIN_LIMIT_BYTES
+                if pin:
                     stacked = stacked.pin_memory()
-                on_device = stacked.to(device, non_blocking=True).permute(0, 3, 1, 2)
+                on_device = stacked.to(device, non_blocking=pin).permute(0, 3, 1, 2)
                 uploaded.update(zip(chunk, on_device, strict=True))
         return uploaded
 
-    def _resize_normalize(self, decoded: dict[int, Any], device: Any, dtype: Any) -> Any:
-        """The decoded images (3, h, w) in item order, resized and normalized as one (n, 3, H, W) batch."""
+    def _resize_into(self, out: Any, position: dict[int, int], decoded: dict[int, Any], device: Any) -> None:
+        """Resize decoded images (3, h, w) to the model's size into their rows of `out`."""
         import torch
         import torch.nn.functional as functional
 
-        order = sorted(decoded)
-        out = torch.empty(len(order), 3, self.host.height, self.host.width, device=device)
         # Same-sized images are resized together (one kernel per chunk instead of one per image), in
         # chunks of at most RESIZE_CHUNK_PIXELS source pixels so a batch of large scans stays bounded.
         groups: dict[tuple[int, ...], list[int]] = {}
-        for position, i in enumerate(order):
-            groups.setdefault(tuple(decoded[i].shape), []).append(position)
-        for shape, positions in groups.items():
+        for i in sorted(decoded):
+            groups.setdefault(tuple(decoded[i].shape), []).append(i)
+        for shape, indices in groups.items():
             step = max(1, RESIZE_CHUNK_PIXELS // max(1, shape[1] * shape[2]))
-            for start in range(0, len(positions), step):
-                chunk = positions[start : start + step]
-                pixels = torch.stack([decoded[order[p]] for p in chunk]).float()
+            for start in range(0, len(indices), step):
+                chunk = indices[start : start + step]
+                pixels = torch.stack([decoded[i] for i in chunk]).float()
                 if self.host.do_resize and tuple(pixels.shape[-2:]) != (self.host.height, self.host.width):
                     pixels = functional.interpolate(
                         pixels,
@@ -395,17 +420,11 @@ class DevicePreprocessor:
                         align_corners=False,
                     )
                     pixels = pixels.round_().clamp_(0, 255)
-                if chunk[-1] - chunk[0] == len(chunk) - 1:  # contiguous: a plain slice, no index upload
-                    out[chunk[0] : chunk[-1] + 1] = pixels
+                rows = [position[i] for i in chunk]
+                if rows[-1] - rows[0] == len(rows) - 1:  # contiguous: a plain slice, no index upload
+                    out[rows[0] : rows[-1] + 1] = pixels
                 else:
-                    out[torch.tensor(chunk, device=device)] = pixels
-        batch = out
-        if self.host.do_rescale:
-            batch = batch * self.host.rescale_factor
-        if self.host.do_normalize:
-            mean, std = self._normalization(device)
-            batch = (batch - mean) / std
-        return batch.to(dtype)
+                    out[torch.tensor(rows, device=device)] = pixels
 
     def _normalization(self, device: Any) -> tuple[Any, Any]:
         """mean and std as (1, 3, 1, 1) tensors on `device`, uploaded once (an upload is a host sync)."""
@@ -421,29 +440,39 @@ class DevicePreprocessor:
 
     @staticmethod
     def _decode_jpegs(
-        items: list[np.ndarray], indices: list[int], device: Any, failures: dict[int, str]
+        items: list[np.ndarray],
+        indices: list[int],
+        device: Any,
+        failures: dict[int, str],
+        decoders: dict[int, str],
     ) -> dict[int, Any]:
         """nvjpeg in one batched call; if it rejects the batch, nvjpeg per image, and only the files it
         still rejects are decoded on the host (exact fallback), so one bad file costs one host decode."""
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        if getattr(device, "type", str(device)) == "cuda":
+            # nvjpeg allocates its outputs on our stream but writes them from its own, waiting for
+            # nothing queued here: memory a still-running kernel of ours freed must not be handed out.
+            torch.cuda.current_stream(device).synchronize()
         tensors = [torch.from_numpy(items[i].copy()) for i in indices]
         try:
-            return dict(
-                zip(indices, decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device), strict=True)
-            )
+            images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+            decoders.update(dict.fromkeys(indices, "nvjpeg+device_resize"))
+            return dict(zip(indices, images, strict=True))
         except RuntimeError:
             decoded = {}
             for i, tensor in zip(indices, tensors, strict=True):
                 try:
                     decoded[i] = decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device)
+                    decoders[i] = "nvjpeg+device_resize"
                     continue
                 except RuntimeError:
                     pass
                 try:
                     image = decode_image(items[i].tobytes())
                     decoded[i] = torch.from_numpy(np.asarray(image).copy()).to(device).permute(2, 0, 1)
+                    decoders[i] = "pil+device_resize"
                 except ImageError as exc:
                     failures[i] = str(exc)
             return decoded

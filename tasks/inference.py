@@ -30,6 +30,7 @@ from PIL import Image
 from tasks.images import (
     DEFAULT_MAX_PIXELS,
     SPLIT_SLACK_SECONDS,
+    SPLIT_SLACK_SHARE,
     DecodeSplit,
     DevicePreprocessor,
     ImageError,
@@ -133,6 +134,7 @@ class Prepared:
     error: str | None = None
     width: int | None = None
     height: int | None = None
+    decoder: str | None = None  # one of tasks.images.DECODERS, once the pixels are on the device
 
 
 def prepare(
@@ -179,7 +181,7 @@ def host_workers(
 ) -> int:
     """Reader threads: one per core up to 16, but 4 when (nearly) all files are local JPEGs bound for
     nvjpeg: the threads then only read and check headers, and more of them only contend for the GIL."""
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     nvjpeg = isinstance(preprocess, DevicePreprocessor) and preprocess.nvjpeg and not exif
     if nvjpeg and isinstance(fs, LocalFileSystem) and files:
         jpegs = sum(file.path.lower().endswith((".jpg", ".jpeg")) for file in files)
@@ -193,11 +195,14 @@ def prepared_stream(
     fs: fsspec.AbstractFileSystem,
     preprocess: Preprocess,
     options: EngineOptions,
+    blocked: list[float] | None = None,
 ) -> Iterator[Prepared]:
     """Prepared files in input order, with at most a bounded number in flight.
 
     Files go to the workers in small runs (up to 16 at a time, fewer when that would leave workers
-    idle): one future per file cost more Python time than reading a JPEG for nvjpeg does.
+    idle): one future per file cost more Python time than reading a JPEG for nvjpeg does. Seconds spent
+    waiting for runs the workers had not finished yet are added to `blocked[0]` (the DecodeSplit's sign
+    that the readers are behind).
     """
     window = (options.batch_size or CPU_BATCH_SIZE) * (options.prefetch_batches + 1)
     workers = options.decode_workers or host_workers(files, preprocess, fs, options.exif_orientation)
@@ -209,20 +214,47 @@ def prepared_stream(
             for file in files[start : start + run]
         ]
 
+    def take(future: Future[list[Prepared]]) -> list[Prepared]:
+        if blocked is None or future.done():
+            return future.result()
+        clock = time.perf_counter()
+        prepared = future.result()
+        blocked[0] += time.perf_counter() - clock
+        return prepared
+
     with ThreadPoolExecutor(workers, thread_name_prefix="oncoflow-decode") as pool:
         pending: deque[Future[list[Prepared]]] = deque()
         for start in range(0, len(files), run):
             pending.append(pool.submit(prepare_run, start))
             if len(pending) * run >= window:
-                yield from pending.popleft().result()
+                yield from take(pending.popleft())
         while pending:
-            yield from pending.popleft().result()
+            yield from take(pending.popleft())
 
 
 Preprocess = Preprocessor | ProcessorFallback | DevicePreprocessor
 
 
 GPU_BATCH_SIZE, CPU_BATCH_SIZE = 256, 32
+
+
+def host_decode_share_from_env() -> float | None:
+    """EngineOptions.host_decode_share as the flows take it: ONCOFLOW_HOST_DECODE_SHARE unset or `auto`
+    adapts per batch; a number from 0 to 1 fixes it (0: nvjpeg decodes every JPEG, which makes reruns
+    on the same GPU reproducible)."""
+    value = os.environ.get("ONCOFLOW_HOST_DECODE_SHARE", "auto").strip().lower()
+    if value in ("", "auto"):
+        return None
+    try:
+        share = float(value)
+    except ValueError:
+        share = -1.0
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(
+            f"ONCOFLOW_HOST_DECODE_SHARE={value!r} is not `auto` or a number from 0 to 1; unset it, or set "
+            "0 to let nvjpeg decode every JPEG"
+        )
+    return share
 
 
 def resolve_options(options: EngineOptions, model: LoadedModel) -> EngineOptions:
@@ -247,14 +279,15 @@ def choose_preprocessor(model: LoadedModel, decode: str) -> Preprocess:
 
 def to_model_input(
     items: list[np.ndarray], preprocess: Preprocess, model: LoadedModel, split: DecodeSplit | None = None
-) -> tuple[torch.Tensor, dict[int, str]]:
-    """One batch on the model's device, plus {index: error} for items that failed there."""
+) -> tuple[torch.Tensor, dict[int, str], list[str]]:
+    """One batch on the model's device, {index: error} for items that failed there, and the decoder
+    of each item that did not (tasks.images.DECODERS)."""
     if isinstance(preprocess, DevicePreprocessor):
         return preprocess.batch(items, model.device, model.dtype, split)
     inputs = torch.from_numpy(np.stack(items))
     if model.device.type == "cuda":
         inputs = inputs.pin_memory()
-    return inputs.to(model.device, dtype=model.dtype, non_blocking=True), {}
+    return inputs.to(model.device, dtype=model.dtype, non_blocking=True), {}, ["pil"] * len(items)
 
 
 @dataclass
@@ -329,6 +362,7 @@ class RowBuilder:
             "precision": self.model.precision,
             "image_width": item.width,
             "image_height": item.height,
+            "decoder": item.decoder,
         }
         if probabilities is not None and class_id is not None:
             values.update(
@@ -364,10 +398,13 @@ def assemble(
     decodable = [item for item in items if item.pixels is not None]
     if not decodable:
         return DeviceBatch(items, [])
-    inputs, failures = to_model_input([item.pixels for item in decodable], preprocess, model, split)  # type: ignore[misc]
+    pixels = [item.pixels for item in decodable]
+    inputs, failures, decoders = to_model_input(pixels, preprocess, model, split)  # type: ignore[arg-type]
     for index, error in failures.items():
-        decodable[index].pixels, decodable[index].error = None, error
+        decodable[index].pixels, decodable[index].error = None, redact(error)[:MESSAGE_LIMIT]
     decodable = [item for item in decodable if item.pixels is not None]
+    for item, decoder in zip(decodable, decoders, strict=True):
+        item.decoder = decoder
     return DeviceBatch(items, decodable, inputs if decodable else None)
 
 
@@ -398,7 +435,8 @@ def decode_split(
     workers = options.host_decode_workers
     if workers is None:
         readers = options.decode_workers or host_workers(files, preprocess, fs, options.exif_orientation)
-        workers = max(0, (os.cpu_count() or 1) - readers - 2)
+        # Readers of bytes for nvjpeg mostly wait (on disk, or on S3 with 16 of them): count at most 4 cores.
+        workers = min(MAX_SPLIT_WORKERS, max(0, usable_cores() - min(readers, 4) - 2))
         if options.host_decode_share is not None:
             workers = max(1, workers)  # a share asked for explicitly gets at least one thread
     if workers <= 0:
@@ -408,8 +446,16 @@ def decode_split(
     return DecodeSplit(pool, options.host_decode_share, start=start, max_pixels=options.max_pixels)
 
 
+MAX_SPLIT_WORKERS = 16  # each thread may hold one decoded scan: bounded however many cores a node has
 _split_pools: dict[int, ThreadPoolExecutor] = {}
 _split_pools_lock = threading.Lock()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset), not the node's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def split_pool(workers: int) -> ThreadPoolExecutor:
@@ -435,11 +481,13 @@ def device_batches(
     the feeder (a storage outage) is raised here, in the caller's thread. With nvjpeg, a DecodeSplit
     lets spare cores decode part of each batch (see EngineOptions.host_decode_share).
     """
-    source = batched(prepared_stream(files, fs, preprocess, options), options.batch_size or CPU_BATCH_SIZE)
+    blocked = [0.0]  # seconds spent waiting for reader threads that were not done yet
+    stream = prepared_stream(files, fs, preprocess, options, blocked)
+    source = batched(stream, options.batch_size or CPU_BATCH_SIZE)
     split = decode_split(files, fs, preprocess, model, options)
     try:
         if options.overlap:
-            yield from fed_batches(source, preprocess, model, split)
+            yield from fed_batches(source, preprocess, model, split, blocked)
         else:
             for items in source:
                 yield assemble(items, preprocess, model, split)
@@ -448,7 +496,8 @@ def device_batches(
     finally:
         source.close()
         if split is not None:
-            split_images.update(host=split.on_host, nvjpeg=split.on_device)
+            with _split_pools_lock:
+                split_images.update(host=split.on_host, nvjpeg=split.on_device)
             if split.adaptive:
                 learned_split_share[str(model.device)] = split.share
 
@@ -458,6 +507,7 @@ def fed_batches(
     preprocess: Preprocess,
     model: LoadedModel,
     split: DecodeSplit | None,
+    blocked: list[float],
 ) -> Iterator[DeviceBatch]:
     """device_batches with the feeder thread (see there)."""
     cuda = model.device.type == "cuda"
@@ -477,10 +527,10 @@ def fed_batches(
     def feed() -> None:
         try:
             with torch.cuda.stream(side) if side is not None else nullcontext():
-                clock = time.perf_counter()
+                clock, blocked_before = time.perf_counter(), 0.0
                 for number, items in enumerate(source):
-                    waited = time.perf_counter() - clock
                     clock = stage_times.add("feeder_waits_for_files", clock)
+                    readers_blocked, blocked_before = blocked[0] - blocked_before, blocked[0]
                     batch = assemble(items, preprocess, model, split)
                     if side is not None and batch.inputs is not None:
                         batch.ready = torch.cuda.Event()
@@ -488,6 +538,7 @@ def fed_batches(
                         # nvjpeg writes its outputs from its own stream, waiting for nothing on ours: let
                         # this batch's kernels finish before the next decode may reuse their freed memory.
                         batch.ready.synchronize()
+                    prep = time.perf_counter() - clock
                     clock = stage_times.add("feeder_device_prep", clock)
                     if not hand(batch):
                         return
@@ -495,9 +546,12 @@ def fed_batches(
                     clock = stage_times.add("feeder_waits_for_model", clock)
                     if split is not None:
                         stage_times.record("feeder_waits_for_host_decode", split.host_wait)
-                        # A shard's first batch always waits for the readers to start: not a signal.
-                        behind = number > 0 and waited > SPLIT_SLACK_SECONDS
-                        split.adjust(readers_behind=behind, feeder_ahead=ahead > SPLIT_SLACK_SECONDS)
+                        # Waits count from a share of the batch's own preparation time up (GIL switches
+                        # and Python overheads are not signals); a shard's first batch always waits for
+                        # the readers to start.
+                        slack = max(SPLIT_SLACK_SECONDS, SPLIT_SLACK_SHARE * prep)
+                        behind = number > 0 and readers_blocked > slack
+                        split.adjust(readers_behind=behind, feeder_ahead=ahead > slack, slack=slack)
             hand(None)
         except BaseException as exc:  # handed to the caller's thread, raised there
             hand(exc)

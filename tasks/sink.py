@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 
 from tasks.storage import DiscoveredFile, Location, storage_call, write_atomic
 
-SCHEMA_VERSION = "1"
+# 1: the contract columns + shard_id, precision, image_width/height; 2: + decoder.
+SCHEMA_VERSION = "2"
 
 SCHEMA = pa.schema(
     [
@@ -44,6 +45,7 @@ SCHEMA = pa.schema(
         ("precision", pa.string()),
         ("image_width", pa.int32()),
         ("image_height", pa.int32()),
+        ("decoder", pa.string()),
     ],
     metadata={"oncoflow.schema_version": SCHEMA_VERSION},
 )

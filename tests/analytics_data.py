@@ -46,6 +46,7 @@ def rows(
             "precision": "fp32",
             "image_width": 640 if ok else None,
             "image_height": 480 if ok else None,
+            "decoder": "pil" if ok else None,
         }
         for name in SCHEMA.names:
             columns[name].append(values[name])

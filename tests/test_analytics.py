@@ -51,7 +51,7 @@ def test_compaction_keeps_every_row_once_and_merges_small_files(tmp_path: Path) 
     files = parquet_files(dest)
     assert len(files) == 3 and report.files_merged == 7 and report.rows_merged == 140
     assert all(f.name.startswith("part-c") for f in files)
-    assert pq.read_metadata(files[0]).metadata[b"oncoflow.schema_version"] == b"1"
+    assert pq.read_metadata(files[0]).metadata[b"oncoflow.schema_version"] == b"2"
     assert not [p for p in dest.rglob(".*")], "no temporary files left"
     again = compact(open_location(str(dest)), target_rows=1000)
     assert again.files_written == 0 and all_rows(dest) == before
@@ -149,7 +149,9 @@ def test_files_of_an_older_schema_stay_readable(tmp_path: Path) -> None:
     make_dataset(dest)
     # A v0-like file: the contract columns only, no schema_version metadata (as before the extras).
     contract = [
-        name for name in SCHEMA.names if name not in {"shard_id", "precision", "image_width", "image_height"}
+        name
+        for name in SCHEMA.names
+        if name not in {"shard_id", "precision", "image_width", "image_height", "decoder"}
     ]
     old = (
         rows(range(500, 505), OLD, FIRST_DAY, 5, "v0", "site-old")

@@ -69,7 +69,7 @@ def test_classify_writes_the_contract(image_folder: Path, tmp_path: Path, tiny_m
         assert row["confidence"] == pytest.approx(expected_confidence, abs=1e-9)
         assert row["model"] == tiny_model and row["model_revision"].startswith("sha256:")
         assert row["run_id"] == summary["run_id"]
-    assert SCHEMA.metadata[b"oncoflow.schema_version"] == b"1"
+    assert SCHEMA.metadata[b"oncoflow.schema_version"] == b"2"
 
 
 def test_duckdb_reads_the_dataset(image_folder: Path, tmp_path: Path, tiny_model: str) -> None:

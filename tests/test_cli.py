@@ -37,6 +37,28 @@ def test_bad_options_fail_before_any_work(image_folder: Path, tmp_path: Path, ar
     assert not output.exists()
 
 
+@pytest.mark.parametrize("value", ["half", "1.5", "-0.1"])
+def test_bad_host_decode_share_fails_before_any_work(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("ONCOFLOW_HOST_DECODE_SHARE", value)
+    output = tmp_path / "preds"
+    result = invoke("classify", str(image_folder), "--output", str(output))
+    assert result.exit_code == 2
+    assert "ONCOFLOW_HOST_DECODE_SHARE" in result.output and "from 0 to 1" in " ".join(result.output.split())
+    assert not output.exists()
+
+
+def test_host_decode_share_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.inference import host_decode_share_from_env
+
+    for value, share in [("auto", None), ("", None), ("0", 0.0), ("0.25", 0.25), ("1", 1.0)]:
+        monkeypatch.setenv("ONCOFLOW_HOST_DECODE_SHARE", value)
+        assert host_decode_share_from_env() == share
+    monkeypatch.delenv("ONCOFLOW_HOST_DECODE_SHARE")
+    assert host_decode_share_from_env() is None
+
+
 def test_missing_source(tmp_path: Path) -> None:
     result = invoke("classify", str(tmp_path / "nope"), "--output", str(tmp_path / "out"))
     assert result.exit_code == 2

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -51,8 +50,10 @@ def test_device_resize_agrees_with_pil(image_folder: Path, resample: int, levels
         if p.is_file() and not p.name.startswith(".") and p.suffix != ".txt"
     )
     images = [decode_image(p.read_bytes()) for p in paths if ".cache" not in p.parts]
-    batch, failures = device.batch([np.array(i) for i in images], torch.device("cpu"), torch.float32)
+    pixels = [np.array(i) for i in images]
+    batch, failures, decoders = device.batch(pixels, torch.device("cpu"), torch.float32)
     assert failures == {} and tuple(batch.shape) == (len(images), 3, 224, 224)
+    assert decoders == ["pil+device_resize"] * len(images)
     for row, image in zip(batch, images, strict=True):
         difference = np.abs(row.numpy() - host(image)) * 0.5 * 255  # back to 8-bit levels (std 0.5)
         assert difference.max() <= levels + 1e-3 and difference.mean() < 1.0
@@ -212,7 +213,7 @@ def test_non_finite_scores_fail_with_the_precision_to_use(image_folder: Path, ti
 def test_reader_threads_shrink_only_for_local_jpegs_bound_for_nvjpeg(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    monkeypatch.setattr(inference, "usable_cores", lambda: 32)
     device = DevicePreprocessor(
         Preprocessor(224, 224, Image.Resampling.BILINEAR, 1 / 255, (0,) * 3, (1,) * 3), nvjpeg=True
     )
@@ -243,7 +244,7 @@ def test_host_share_of_a_split_batch_gives_the_reference_pixels_and_error_catego
     assert all(item.ndim == 1 for item in items[:6]), "JPEGs arrive as bytes, as they do for nvjpeg"
     with ThreadPoolExecutor(2) as pool:
         split = DecodeSplit(pool, share=1.0)
-        batch, failures = device.batch(items, torch.device("cpu"), torch.float32, split)
+        batch, failures, decoders = device.batch(items, torch.device("cpu"), torch.float32, split)
     assert list(failures) == [5] and failures[5].startswith("truncated:")
     assert tuple(batch.shape) == (6, 3, 224, 224)
     for row, data in zip(batch[:5], jpegs, strict=True):
@@ -251,6 +252,9 @@ def test_host_share_of_a_split_batch_gives_the_reference_pixels_and_error_catego
     # The PNG came decoded and was resized on the device: within 2 of 255 levels (std >= 0.2).
     np.testing.assert_allclose(batch[5].numpy(), host(decode_image(png_bytes)), atol=2 / 255 / 0.2 + 1e-5)
     assert (split.on_host, split.on_device) == (6, 0)
+    assert decoders == ["pil"] * 5 + ["pil+device_resize"], (
+        "host share: PIL's own pixels; the PNG: resized here"
+    )
 
 
 def _png(seed: int) -> bytes:
@@ -315,3 +319,97 @@ def test_engine_with_the_host_decoding_every_jpeg_matches_the_exact_path(
     ]
     assert len(jpeg_rows) == 6 and max(abs(a - b) for a, b in jpeg_rows) < 1e-5
     assert inference.split_images["host"] >= 6, "the JPEGs were decoded by the split's host threads"
+
+
+def pil_stand_in_for_nvjpeg(
+    items: list[np.ndarray],
+    indices: list[int],
+    device: torch.device,
+    failures: dict[int, str],
+    decoders: dict[int, str],
+) -> dict[int, torch.Tensor]:
+    """What nvjpeg returns (uint8 (3, h, w) tensors, unresized), made with PIL: torchvision's nvjpeg cannot
+    run on this machine, and these tests are about how a batch is split and put back together."""
+    decoded = {}
+    for i in indices:
+        try:
+            decoded[i] = torch.from_numpy(np.array(decode_image(items[i].tobytes()))).permute(2, 0, 1)
+            decoders[i] = "nvjpeg+device_resize"
+        except ImageError as exc:
+            failures[i] = str(exc)
+    return decoded
+
+
+def test_a_batch_split_between_host_and_device_keeps_item_order_and_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(DevicePreprocessor, "_decode_jpegs", staticmethod(pil_stand_in_for_nvjpeg))
+    host = Preprocessor(224, 224, Image.Resampling.BILINEAR, 1 / 255, (0.5, 0.4, 0.3), (0.2, 0.3, 0.4))
+    device = DevicePreprocessor(host, nvjpeg=True)
+    jpegs = [noise_jpeg(seed, (120 + seed, 80)) for seed in range(8)]
+    jpegs[2] = jpegs[2][: len(jpegs[2]) // 2]  # goes to the device side, fails there
+    jpegs[7] = jpegs[7][: len(jpegs[7]) // 2]  # goes to the host side (the tail), fails there
+    items = [device.encode_or_decode(data, 10**6)[0] for data in jpegs]
+    with ThreadPoolExecutor(2) as pool:
+        split = DecodeSplit(pool, share=0.5)
+        batch, failures, decoders = device.batch(items, torch.device("cpu"), torch.float32, split)
+    assert sorted(failures) == [2, 7] and all(f.startswith("truncated:") for f in failures.values())
+    assert (split.on_host, split.on_device) == (4, 4)
+    assert decoders == ["nvjpeg+device_resize"] * 3 + ["pil"] * 3
+    good = [0, 1, 3, 4, 5, 6]
+    assert tuple(batch.shape) == (6, 3, 224, 224)
+    for row, index in zip(batch, good, strict=True):
+        reference = host(decode_image(jpegs[index]))
+        exact = index >= 4  # the host half: PIL's own resize; the device half within 2 levels
+        np.testing.assert_allclose(row.numpy(), reference, atol=1e-5 if exact else 2 / 255 / 0.2 + 1e-5)
+
+
+def test_the_decoder_column_says_how_each_row_was_made(
+    image_folder: Path, tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = load_model(tiny_model, device="cpu", precision="fp32")
+    location = open_location(str(image_folder))
+    (image_folder / "broken.jpg").write_bytes(noise_jpeg(1)[:300])
+    files = list(list_images(location))
+
+    def decoders(**options: object) -> dict[str, str | None]:
+        table = classify_files(files, location.fs, model, EngineOptions(batch_size=4, **options), "r", "s")  # type: ignore[arg-type]
+        return {row["image_uri"].rsplit("/", 1)[1]: row["decoder"] for row in table.to_pylist()}
+
+    exact = decoders()
+    assert exact.pop("broken.jpg") is None, "error rows have no decoder"
+    assert set(exact.values()) == {"pil"}
+    on_device = decoders(decode="gpu")
+    assert on_device.pop("broken.jpg") is None and set(on_device.values()) == {"pil+device_resize"}
+    monkeypatch.setattr(inference, "nvjpeg_available", lambda device: True)
+    monkeypatch.setattr(DevicePreprocessor, "_decode_jpegs", staticmethod(pil_stand_in_for_nvjpeg))
+    split = decoders(decode="gpu", host_decode_share=0.5, host_decode_workers=1)
+    assert split.pop("broken.jpg") is None
+    assert {split[name] for name in ("b.PNG", "c.png", "d.tif", "f.bmp")} == {"pil+device_resize"}
+    assert {split["a.jpg"], split["e.jpeg"]} <= {"pil", "nvjpeg+device_resize"}
+
+
+def test_the_adaptive_split_runs_both_sides_and_keeps_the_exact_labels(
+    tmp_path: Path, tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The feeder's signals drive the share between batches; whichever way it moves on this machine,
+    every row is there, in order, with the exact path's labels."""
+    folder = tmp_path / "jpegs"
+    folder.mkdir()
+    for n in range(48):
+        (folder / f"{n:03d}.jpg").write_bytes(noise_jpeg(n))
+    monkeypatch.setattr(inference, "nvjpeg_available", lambda device: True)
+    monkeypatch.setattr(DevicePreprocessor, "_decode_jpegs", staticmethod(pil_stand_in_for_nvjpeg))
+    monkeypatch.setitem(inference.learned_split_share, "cpu", 0.5)  # this shard starts where the last ended
+    inference.split_images.clear()
+    model = load_model(tiny_model, device="cpu", precision="fp32")
+    location = open_location(str(folder))
+    files = list(list_images(location))
+    exact = classify_files(files, location.fs, model, EngineOptions(batch_size=4), "r", "s")
+    options = EngineOptions(batch_size=4, decode="gpu", host_decode_workers=1)
+    split = classify_files(files, location.fs, model, options, "r", "s")
+    assert split.column("image_uri").to_pylist() == exact.column("image_uri").to_pylist()
+    assert split.column("label").to_pylist() == exact.column("label").to_pylist()
+    assert inference.split_images["host"] > 0 and inference.split_images["nvjpeg"] > 0
+    assert inference.split_images.total() == 48
+    assert 0.0 <= inference.learned_split_share["cpu"] <= 1.0

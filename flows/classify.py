@@ -88,9 +88,17 @@ def discover_new_images(params: ClassifyParams, revision: str) -> tuple[int, lis
     task_run_name="classify-shard-{number}",
 )
 def classify_shard(
-    number: int, files: list[DiscoveredFile], params: ClassifyParams, run_id: str, day: datetime
+    number: int,
+    files: list[DiscoveredFile],
+    params: ClassifyParams,
+    run_id: str,
+    day: datetime,
+    host_decode_share: float | None = None,
 ) -> ShardManifest:
-    """Classify one shard and write its rows as one Parquet file, atomically."""
+    """Classify one shard and write its rows as one Parquet file, atomically.
+
+    `host_decode_share` is ONCOFLOW_HOST_DECODE_SHARE as the flow process read it (workers on a
+    cluster may not have that environment)."""
     model = load_classifier(params)
     shard = shard_id(files, model.revision)
     options = EngineOptions(
@@ -99,7 +107,7 @@ def classify_shard(
         max_pixels=params.max_pixels,
         decode=params.decode,
         exif_orientation=params.exif_orientation,
-        host_decode_share=host_decode_share_from_env(),
+        host_decode_share=host_decode_share,
     )
     storage = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
     table = classify_files(files, open_location(params.source, storage).fs, model, options, run_id, shard)
@@ -155,10 +163,11 @@ def run_shards(
 ) -> list[ShardManifest]:
     """Submit shards with a bounded window (2 per slot), so pending work never grows with the archive."""
     day = datetime.now(UTC)
+    share = host_decode_share_from_env()
     manifests: list[ShardManifest] = []
     pending: deque[PrefectFuture[ShardManifest]] = deque()
     for number, files in enumerate(shards):
-        pending.append(classify_shard.submit(number, files, params, run_id, day))
+        pending.append(classify_shard.submit(number, files, params, run_id, day, share))
         if len(pending) >= slots * 2:
             manifests.append(pending.popleft().result())
     manifests.extend(future.result() for future in pending)

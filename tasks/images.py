@@ -364,7 +364,7 @@ class DevicePreprocessor:
             self._resize_into(out, position, self._upload(host, device), device)
             if len(host) < len(on_host):  # drop the slots of host decodes that failed
                 slots = [i for i in slots if i not in failures]
-                out = out[torch.tensor([position[i] for i in slots], device=device)]
+                out = out[torch.tensor([position[i] for i in slots], dtype=torch.long, device=device)]
         if self.host.do_rescale:
             out = out * self.host.rescale_factor
         if self.host.do_normalize:

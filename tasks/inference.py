@@ -401,7 +401,13 @@ def assemble(
     pixels = [item.pixels for item in decodable]
     inputs, failures, decoders = to_model_input(pixels, preprocess, model, split)  # type: ignore[arg-type]
     for index, error in failures.items():
-        decodable[index].pixels, decodable[index].error = None, redact(error)[:MESSAGE_LIMIT]
+        failed = decodable[index]
+        failed.pixels, failed.error, failed.width, failed.height = (
+            None,
+            redact(error)[:MESSAGE_LIMIT],
+            None,
+            None,
+        )
     decodable = [item for item in decodable if item.pixels is not None]
     for item, decoder in zip(decodable, decoders, strict=True):
         item.decoder = decoder

@@ -413,3 +413,34 @@ def test_the_adaptive_split_runs_both_sides_and_keeps_the_exact_labels(
     assert inference.split_images["host"] > 0 and inference.split_images["nvjpeg"] > 0
     assert inference.split_images.total() == 48
     assert 0.0 <= inference.learned_split_share["cpu"] <= 1.0
+
+
+def test_a_batch_whose_host_share_all_fails_becomes_error_rows_not_a_failed_shard(
+    tmp_path: Path, tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = Preprocessor(224, 224, Image.Resampling.BILINEAR, 1 / 255, (0,) * 3, (1,) * 3)
+    broken = noise_jpeg(3)[:400]  # the frame header reads fine; the scan is cut
+    device = DevicePreprocessor(host, nvjpeg=True)
+    with ThreadPoolExecutor(1) as pool:
+        batch, failures, decoders = device.batch(
+            [device.encode_or_decode(broken, 10**6)[0]],
+            torch.device("cpu"),
+            torch.float32,
+            DecodeSplit(pool, 1.0),
+        )
+    assert tuple(batch.shape) == (0, 3, 224, 224) and list(failures) == [0] and decoders == []
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for n in range(4):
+        (folder / f"{n}.jpg").write_bytes(noise_jpeg(n))
+    (folder / "9.jpg").write_bytes(broken)  # alone in the last batch of 4
+    monkeypatch.setattr(inference, "nvjpeg_available", lambda device: True)
+    model = load_model(tiny_model, device="cpu", precision="fp32")
+    location = open_location(str(folder))
+    options = EngineOptions(batch_size=4, decode="gpu", host_decode_share=1.0)
+    rows = classify_files(list(list_images(location)), location.fs, model, options, "r", "s").to_pylist()
+    assert [row["status"] for row in rows] == ["ok"] * 4 + ["error"]
+    last = rows[-1]
+    assert last["error"].startswith("truncated:")
+    assert (last["image_width"], last["image_height"], last["decoder"], last["label"]) == (None,) * 4

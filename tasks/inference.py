@@ -120,6 +120,9 @@ class EngineOptions:
     # GPU then only normalizes them), so nvjpeg takes less GPU time from the model. None: adapt per batch
     # (tasks.images.DecodeSplit); 0: nvjpeg decodes every JPEG; 1: the host decodes them all.
     host_decode_share: float | None = None
+    # Launch batch k+1's forward before turning batch k into rows; None: on a GPU only (on a CPU the
+    # forward runs at launch, so it would only delay the rows and the progress they report).
+    launch_ahead: bool | None = None
     # Threads for that host share; None: the cores left after the reader threads and two more (the
     # feeder and the model's thread); 0 turns the split off.
     host_decode_workers: int | None = None
@@ -593,13 +596,15 @@ def classify_files(
 ) -> pa.Table:
     """Classify files in batches; one row per file, in input order.
 
-    The forward pass of batch k+1 is launched before batch k's results are read back and turned into
-    rows, so on a GPU the rows cost no GPU time (on a CPU the forward runs at launch, in turn as before).
+    On a GPU the forward pass of batch k+1 is launched before batch k's results are read back and turned
+    into rows, so building rows costs no GPU time. On a CPU the forward runs at launch, so each batch's
+    rows follow at once (launching ahead would only delay them and the progress they report).
     """
     install_log_redaction()  # storage libraries log signed URLs at debug level
     options = resolve_options(options, model)
     preprocess = choose_preprocessor(model, options.decode)
     rows = RowBuilder(model, options.threshold, run_id, shard)
+    ahead = options.launch_ahead if options.launch_ahead is not None else model.device.type == "cuda"
     waiting: Launched | DeviceBatch | None = None  # the previous batch, launched or without inputs
     for batch in device_batches(files, fs, preprocess, model, options):
         clock = time.perf_counter()
@@ -608,6 +613,9 @@ def classify_files(
         if waiting is not None:
             add_rows(rows, model, options.threshold, waiting)
         waiting = launched
+        if not ahead:
+            add_rows(rows, model, options.threshold, waiting)
+            waiting = None
     if waiting is not None:
         add_rows(rows, model, options.threshold, waiting)
     return rows.table()

@@ -158,10 +158,15 @@ def test_overlapped_feeder_gives_the_same_rows_as_running_in_turn(
     files = list(list_images(location)) * 3
     tables = [
         classify_files(
-            files, location.fs, model, EngineOptions(batch_size=4, decode=decode, overlap=overlap), "r", "s"
+            files,
+            location.fs,
+            model,
+            EngineOptions(batch_size=4, decode=decode, overlap=overlap, launch_ahead=ahead),
+            "r",
+            "s",
         )
         for decode in ("cpu", "gpu")
-        for overlap in (True, False)
+        for overlap, ahead in ((True, True), (False, False))
     ]
     assert rows_without_time(tables[0]) == rows_without_time(tables[1])
     assert rows_without_time(tables[2]) == rows_without_time(tables[3])
@@ -193,7 +198,10 @@ def test_auto_options_follow_the_device(tiny_model: str, tiny_model_imagenet: st
     assert resolve_precision("auto", torch.device("cuda")) == "fp16"
 
 
-def test_non_finite_scores_fail_with_the_precision_to_use(image_folder: Path, tiny_model: str) -> None:
+@pytest.mark.parametrize("launch_ahead", [None, True])
+def test_non_finite_scores_fail_with_the_precision_to_use(
+    image_folder: Path, tiny_model: str, launch_ahead: bool | None
+) -> None:
     model = load_model(tiny_model, device="cpu", precision="fp32")
     broken = copy.deepcopy(model.network)
     with torch.no_grad():
@@ -204,7 +212,7 @@ def test_non_finite_scores_fail_with_the_precision_to_use(image_folder: Path, ti
             list(list_images(location)),
             location.fs,
             replace(model, network=broken),
-            EngineOptions(),
+            EngineOptions(batch_size=2, launch_ahead=launch_ahead),
             "r",
             "s",
         )

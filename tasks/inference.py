@@ -405,12 +405,8 @@ def assemble(
     inputs, failures, decoders = to_model_input(pixels, preprocess, model, split)  # type: ignore[arg-type]
     for index, error in failures.items():
         failed = decodable[index]
-        failed.pixels, failed.error, failed.width, failed.height = (
-            None,
-            redact(error)[:MESSAGE_LIMIT],
-            None,
-            None,
-        )
+        failed.pixels, failed.width, failed.height = None, None, None  # error rows carry no size
+        failed.error = redact(error)[:MESSAGE_LIMIT]
     decodable = [item for item in decodable if item.pixels is not None]
     for item, decoder in zip(decodable, decoders, strict=True):
         item.decoder = decoder
@@ -457,7 +453,7 @@ def decode_split(
 
 MAX_SPLIT_WORKERS = 16  # each thread may hold one decoded scan: bounded however many cores a node has
 _split_pools: dict[int, ThreadPoolExecutor] = {}
-_split_pools_lock = threading.Lock()
+_split_lock = threading.Lock()
 
 
 def usable_cores() -> int:
@@ -470,7 +466,7 @@ def usable_cores() -> int:
 def split_pool(workers: int) -> ThreadPoolExecutor:
     """One pool of host-decode threads per size for the whole process, so the shards that run at once
     (two with the local runner) share the spare cores instead of each claiming them all."""
-    with _split_pools_lock:
+    with _split_lock:
         if workers not in _split_pools:
             _split_pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="oncoflow-split")
         return _split_pools[workers]
@@ -505,7 +501,7 @@ def device_batches(
     finally:
         source.close()
         if split is not None:
-            with _split_pools_lock:
+            with _split_lock:
                 split_images.update(host=split.on_host, nvjpeg=split.on_device)
             if split.adaptive:
                 learned_split_share[str(model.device)] = split.share

@@ -498,6 +498,9 @@ def main() -> None:
         sections.run("engine_decode_gpu_serial", lambda: engine(default_precision, "gpu", overlap=False))
         # The host/nvjpeg split (on by default with nvjpeg) against nvjpeg decoding every JPEG.
         sections.run("engine_decode_gpu_nvjpeg_only", lambda: engine(default_precision, "gpu", share=0.0))
+        if args.device == "cuda":  # fixed shares map the curve the adaptive share should find the top of
+            for share in (0.25, 0.5):
+                sections.run(f"engine_host_share_{share}", engine, default_precision, "gpu", True, share)
     flow_decode = "gpu" if args.device == "cuda" else "cpu"
     for shard_size in args.flow_shard_sizes:
         flow = sections.run(

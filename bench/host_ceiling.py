@@ -62,7 +62,7 @@ def main() -> None:
     def no_device_work(
         self: Any, items: list[Any], device: Any, dtype: Any, split: Any = None
     ) -> tuple[torch.Tensor, dict[int, str], list[str]]:
-        return ready[: len(items)], {}, ["nvjpeg+device_resize"] * len(items)
+        return ready[: len(items)], {}, [images.NVJPEG_DEVICE_RESIZE] * len(items)
 
     real_batch = images.DevicePreprocessor.batch
     images.DevicePreprocessor.batch = no_device_work  # type: ignore[method-assign]

@@ -229,6 +229,7 @@ PIN_LIMIT_BYTES = 32 << 20  # host pixels copied to a GPU through pinned memory 
 # How an ok row's pixels were made (the `decoder` column): PIL decode + PIL resize (the reference's pixels),
 # PIL decode + resize on the model's device, nvjpeg decode on the GPU + resize there.
 DECODERS = ("pil", "pil+device_resize", "nvjpeg+device_resize")
+PIL, PIL_DEVICE_RESIZE, NVJPEG_DEVICE_RESIZE = DECODERS
 
 
 SPLIT_STEP = 1 / 32  # share of a batch's JPEGs moved between host and nvjpeg after each batch
@@ -342,7 +343,7 @@ class DevicePreprocessor:
             split.on_host, split.on_device = split.on_host + len(on_host), split.on_device + keep
         decoded = self._decode_jpegs(items, encoded, device, failures, decoders) if encoded else {}
         pixels = {i: item for i, item in enumerate(items) if item.ndim == 3}
-        decoders.update(dict.fromkeys(pixels, "pil+device_resize"))
+        decoders.update(dict.fromkeys(pixels, PIL_DEVICE_RESIZE))
         decoded.update(self._upload(pixels, device))
         # Every image that may still arrive gets a slot; nvjpeg's are resized while the host works.
         slots = sorted([*decoded, *on_host])
@@ -355,7 +356,7 @@ class DevicePreprocessor:
             for i, future in on_host.items():
                 try:
                     host[i] = future.result()
-                    decoders[i] = "pil"
+                    decoders[i] = PIL
                 except ImageError as exc:
                     failures[i] = str(exc)
                 except Exception as exc:  # a decoder bug on one hostile file must not fail the batch
@@ -458,21 +459,21 @@ class DevicePreprocessor:
         tensors = [torch.from_numpy(items[i].copy()) for i in indices]
         try:
             images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
-            decoders.update(dict.fromkeys(indices, "nvjpeg+device_resize"))
+            decoders.update(dict.fromkeys(indices, NVJPEG_DEVICE_RESIZE))
             return dict(zip(indices, images, strict=True))
         except RuntimeError:
             decoded = {}
             for i, tensor in zip(indices, tensors, strict=True):
                 try:
                     decoded[i] = decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device)
-                    decoders[i] = "nvjpeg+device_resize"
+                    decoders[i] = NVJPEG_DEVICE_RESIZE
                     continue
                 except RuntimeError:
                     pass
                 try:
                     image = decode_image(items[i].tobytes())
                     decoded[i] = torch.from_numpy(np.asarray(image).copy()).to(device).permute(2, 0, 1)
-                    decoders[i] = "pil+device_resize"
+                    decoders[i] = PIL_DEVICE_RESIZE
                 except ImageError as exc:
                     failures[i] = str(exc)
             return decoded

@@ -29,6 +29,7 @@ from PIL import Image
 
 from tasks.images import (
     DEFAULT_MAX_PIXELS,
+    PIL,
     SPLIT_SLACK_SECONDS,
     SPLIT_SLACK_SHARE,
     DecodeSplit,
@@ -290,7 +291,7 @@ def to_model_input(
     inputs = torch.from_numpy(np.stack(items))
     if model.device.type == "cuda":
         inputs = inputs.pin_memory()
-    return inputs.to(model.device, dtype=model.dtype, non_blocking=True), {}, ["pil"] * len(items)
+    return inputs.to(model.device, dtype=model.dtype, non_blocking=True), {}, [PIL] * len(items)
 
 
 @dataclass

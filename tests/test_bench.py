@@ -51,3 +51,18 @@ def test_throughput_bench_runs_on_a_tiny_model(tmp_path: Path, prefect_server: s
         "flow_img_s",
     ]:
         assert record[key] > 0, key
+
+
+@pytest.mark.slow
+def test_split_emulation_bench_runs(tmp_path: Path) -> None:
+    results = tmp_path / "split.jsonl"
+    script = BENCH.parent / "split_emulated.py"
+    command = [sys.executable, str(script), "--images", "48", "--unique-images", "8", "--batch-size", "8"]
+    command += ["--shares", "0", "1", "--json", str(results)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(results.read_text())
+    assert record["fixed_0.0"]["host_decoded"] == 0  # nvjpeg (emulated) took every JPEG
+    assert record["fixed_1.0"]["host_decoded"] == 48  # the split's PIL threads took every JPEG
+    assert 0 <= record["adaptive"]["host_decoded"] <= 48
+    assert record["adaptive"]["img_s"] > 0 and record["emulated_device_img_s"] > 0

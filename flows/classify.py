@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.futures import PrefectFuture
@@ -36,7 +36,15 @@ from tasks.inference import (
 )
 from tasks.model import DEFAULT_MODEL, LoadedModel, inspect_model, load_model
 from tasks.redaction import redact
-from tasks.sink import model_slug, read_index, select_new, shard_id, shard_path, write_shard
+from tasks.sink import (
+    earlier_thresholds,
+    model_slug,
+    read_index,
+    select_new,
+    shard_id,
+    shard_path,
+    write_shard,
+)
 from tasks.storage import DiscoveredFile, check_output, check_source, is_transient, list_images, open_location
 
 # A shard is one Prefect task and one Parquet file. On a GPU a 1000-image shard lasts well under a
@@ -77,6 +85,18 @@ def discover_new_images(params: ClassifyParams, revision: str) -> tuple[int, lis
     options = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
     listed = list(list_images(open_location(params.source, options)))
     index = read_index(open_location(params.output, options), revision)
+    earlier = earlier_thresholds(index, params.threshold)
+    if earlier:
+        decided = ", ".join(f"{rows} at {threshold:g}" for threshold, rows in sorted(earlier.items()))
+        get_run_logger().warning(
+            "%s already holds rows of this model revision decided at another threshold (%s); --threshold "
+            "%g applies to new and changed images only. To re-decide the others, query "
+            "`prob_malignant >= %g` (docs/analytics.md) or classify into a new --output",
+            redact(params.output),
+            decided,
+            params.threshold,
+            params.threshold,
+        )
     return len(listed), select_new(listed, index)
 
 
@@ -123,7 +143,7 @@ def classify_shard(
         path=path,
         rows=table.num_rows,
         ok=statuses.count("ok"),
-        malignant=table.column("label").to_pylist().count("Malignant"),
+        malignant=table.column("label_id").to_pylist().count(model.positive_id),
         errors=dict(errors),
     )
 
@@ -161,16 +181,25 @@ def cut_shards(files: list[DiscoveredFile], size: int) -> list[list[DiscoveredFi
 def run_shards(
     shards: list[list[DiscoveredFile]], params: ClassifyParams, run_id: str, slots: int = SHARDS_IN_FLIGHT
 ) -> list[ShardManifest]:
-    """Submit shards with a bounded window (2 per slot), so pending work never grows with the archive."""
+    """Submit shards with a bounded window (2 per slot), so pending work never grows with the archive.
+
+    If a shard fails, the shards already submitted are waited for before the error propagates: the
+    caller releases the output lease on the way out, and no write may land after that (exactly once).
+    """
     day = datetime.now(UTC)
     share = host_decode_share_from_env()
     manifests: list[ShardManifest] = []
     pending: deque[PrefectFuture[ShardManifest]] = deque()
-    for number, files in enumerate(shards):
-        pending.append(classify_shard.submit(number, files, params, run_id, day, share))
-        if len(pending) >= slots * 2:
+    try:
+        for number, files in enumerate(shards):
+            pending.append(classify_shard.submit(number, files, params, run_id, day, share))
+            if len(pending) >= slots * 2:
+                manifests.append(pending.popleft().result())
+        while pending:
             manifests.append(pending.popleft().result())
-    manifests.extend(future.result() for future in pending)
+    finally:
+        for future in pending:
+            future.wait()
     return manifests
 
 

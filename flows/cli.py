@@ -24,6 +24,7 @@ from flows.params import (
     RunnerParams,
     TrainParams,
     describe_validation_error,
+    require_apart,
 )
 from tasks.compact import TARGET_ROWS
 from tasks.images import DEFAULT_MAX_PIXELS
@@ -293,6 +294,10 @@ def read_dataset(
     params = validated(
         DatasetParams, dest=dest, s3_endpoint_url=s3_endpoint_url, aws_credentials_block=aws_credentials_block
     )
+    try:
+        require_apart(dest, "DEST", output, "--output")  # a file written into DEST would join the dataset
+    except ValueError as exc:
+        fail(str(exc), code=2)
     try:
         return action(
             params.dest, output, storage_options(params.aws_credentials_block, params.s3_endpoint_url)

@@ -212,6 +212,8 @@ class EvaluateParams(BaseModel):
             raise ValueError("give either --predictions DEST with --labels FILE, or --data LABELED_DIR")
         if self.predictions is not None and not self.labels:
             raise ValueError("--predictions needs --labels FILE (csv or parquet with image_uri,label)")
+        if self.predictions is not None:
+            require_apart(self.predictions, "predictions", self.output)
         if self.data is not None:
             if self.labels or self.model_revision:
                 raise ValueError("--labels and --model-revision go with --predictions, not with --data")

@@ -21,6 +21,7 @@ from typing import Any
 import duckdb
 
 from tasks.compact import parquet_files_by_partition
+from tasks.sink import DATASET_GLOB, dataset_files
 from tasks.storage import Location, open_location, storage_call, to_uri
 
 VIEWS_SQL = """\
@@ -51,15 +52,13 @@ EXPORT_FORMATS = {".parquet": "(format parquet, compression zstd)", ".csv": "(fo
 
 
 def dataset_glob(destination: str) -> str:
-    """The glob every reader uses: all visible Parquet files under DEST (temporaries start with '.')."""
+    """The glob every reader uses: the dataset's partition files (tasks.sink.DATASET_GLOB)."""
     location = open_location(destination)
-    if not os.path.isdir(location.path) or not any(
-        name.endswith(".parquet") for _, _, names in os.walk(location.path) for name in names
-    ):
+    if not dataset_files(location):
         raise FileNotFoundError(
             f"no Parquet files under {destination!r}; run `oncoflow classify SOURCE --output {destination}` first"
         )
-    return location.path.rstrip("/") + "/**/*.parquet"
+    return location.path.rstrip("/") + "/" + DATASET_GLOB
 
 
 def object_store_files(location: Location) -> list[str]:
@@ -108,6 +107,7 @@ def export_latest(destination: str, output: str, storage: dict[str, Any] | None 
     if extension not in EXPORT_FORMATS:
         raise ValueError(f"--output {output!r} must end in .parquet or .csv")
     connection = connect(destination, storage)
+    rows: int = connection.sql("select count(*) from latest").fetchall()[0][0]
     target = os.path.abspath(output)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     temporary = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")
@@ -120,5 +120,4 @@ def export_latest(destination: str, output: str, storage: dict[str, Any] | None 
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
-    rows: int = connection.sql("select count(*) from latest").fetchall()[0][0]
     return rows

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.sink import SCHEMA_VERSION
+from tasks.sink import SCHEMA_VERSION, dataset_files
 from tasks.storage import Location, write_atomic
 
 # Readers want files of ~100 MB-1 GB: at 20-30 bytes per row (measured, docs/analytics.md) 4 million
@@ -51,17 +51,13 @@ class CompactionReport:
 
 
 def parquet_files_by_partition(destination: Location) -> dict[str, list[str]]:
-    """Visible Parquet files (no hidden temporaries), grouped by their folder, names sorted."""
-    fs = destination.fs
-    partitions: dict[str, list[str]] = defaultdict(list)
-    if not fs.exists(destination.path):
+    """The dataset's Parquet files (tasks.sink.dataset_files), grouped by their folder, names sorted."""
+    if not destination.fs.exists(destination.path):
         raise FileNotFoundError(f"dataset {destination.uri!r} does not exist; check the path")
-    for path in fs.find(destination.path):
-        folder, name = posixpath.split(path)
-        relative = path[len(destination.path.rstrip("/")) :]
-        if name.endswith(".parquet") and not any(part.startswith(".") for part in relative.split("/")):
-            partitions[folder].append(path)
-    return {folder: sorted(paths) for folder, paths in sorted(partitions.items())}
+    partitions: dict[str, list[str]] = defaultdict(list)
+    for path in dataset_files(destination):
+        partitions[posixpath.dirname(path)].append(path)
+    return dict(partitions)
 
 
 def merged_name(inputs: list[str]) -> str:

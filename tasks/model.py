@@ -130,9 +130,18 @@ def fetch_model(name: str, revision: str | None) -> tuple[str, str]:
             f"cannot fetch model {name!r} from the Hugging Face Hub ({type(exc).__name__}): no network, "
             "HF_HUB_OFFLINE=1, or a wrong id/revision. Without network, pass a local folder saved with "
             "`save_pretrained` (--model /path/to/model), or download it elsewhere with "
-            f"`huggingface-cli download {name}` and copy the cache (HF_HOME)."
+            f"`hf download {name}` and copy the cache (HF_HOME)."
         ) from exc
     return directory, os.path.basename(directory.rstrip("/"))
+
+
+CANONICAL_LABELS = {label.lower(): label for label in ("Normal", POSITIVE_LABEL)}
+
+
+def canonical_label(label: str) -> str:
+    """`malignant`/`NORMAL` as the output contract spells them (`Malignant`/`Normal`), so the rows and
+    every query on `label = 'Malignant'` agree whatever case the model's config used; others as given."""
+    return CANONICAL_LABELS.get(label.strip().lower(), label)
 
 
 def positive_class(id2label: dict[int, str], name: str) -> int:
@@ -194,7 +203,7 @@ def inspect_model(name: str, revision: str | None = None) -> ModelFiles:
             labels = json.load(handle).get("id2label") or {}
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read the configuration of model {name!r} in {directory!r}: {exc}") from exc
-    id2label = {int(k): str(v) for k, v in labels.items()}
+    id2label = {int(k): canonical_label(str(v)) for k, v in labels.items()}
     return ModelFiles(
         directory, resolved_revision, processor_config, id2label, positive_class(id2label, name)
     )

@@ -99,22 +99,49 @@ def read_index(destination: Location, revision: str) -> pa.Table:
     return read()
 
 
+PARTITION_FILE = re.compile(r"model_slug=[^/]+/date=[^/]+/[^./][^/]*\.parquet")
+DATASET_GLOB = "model_slug=*/date=*/*.parquet"  # the same files, for DuckDB and other readers
+
+
+def dataset_files(destination: Location) -> list[str]:
+    """The dataset's Parquet files: `model_slug=…/date=…/*.parquet`, no hidden temporaries, sorted.
+
+    Only these are read, so a stray file in DEST (a report or an export saved there) cannot break a run.
+    A DEST that does not exist has no files.
+    """
+    root = destination.path.rstrip("/")
+    if not destination.fs.exists(root):
+        return []
+    paths = (path for path in destination.fs.find(root) if path.startswith(root + "/"))
+    return sorted(path for path in paths if PARTITION_FILE.fullmatch(path[len(root) + 1 :]))
+
+
 def _read_index(destination: Location, revision: str) -> pa.Table:
-    empty = pa.table({name: pa.array([], pa.string()) for name in INDEX_COLUMNS})
-    fs = destination.fs
-    if not fs.exists(destination.path):
+    empty = pa.table({name: pa.array([], pa.string()) for name in INDEX_COLUMNS}).append_column(
+        "threshold", pa.array([], pa.float64())
+    )
+    files = dataset_files(destination)
+    if not files:
         return empty
     dataset = ds.dataset(
-        destination.path,
-        filesystem=fs,
+        files,
+        filesystem=destination.fs,
         format="parquet",
         partitioning="hive",
+        partition_base_dir=destination.path.rstrip("/"),
         exclude_invalid_files=False,
     )
-    if not dataset.files:
-        return empty
-    table = dataset.to_table(columns=INDEX_COLUMNS, filter=pc.field("model_revision") == revision)
+    table = dataset.to_table(
+        columns=[*INDEX_COLUMNS, "threshold"], filter=pc.field("model_revision") == revision
+    )
     return table.cast(empty.schema)
+
+
+def earlier_thresholds(index: pa.Table, threshold: float) -> dict[float, int]:
+    """Rows of the index decided at a threshold other than `threshold`, counted per threshold (error
+    rows have none). A new --threshold applies to new and changed images only: these keep theirs."""
+    counts = pc.value_counts(index.column("threshold").drop_null()).to_pylist()
+    return {c["values"]: c["counts"] for c in counts if c["values"] != threshold}
 
 
 def select_new(files: Iterable[DiscoveredFile], index: pa.Table) -> list[DiscoveredFile]:

@@ -12,6 +12,7 @@ they may end up in Prefect's run records, which logging filters never see.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 import stat as stat_module
@@ -75,6 +76,8 @@ LOCAL_TRANSIENT_ERRNOS = frozenset(
 )
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,14 @@ def list_images(location: Location) -> Iterator[DiscoveredFile]:
 
 def _list_local(root: str) -> Iterator[DiscoveredFile]:
     """Walk the tree, following folder links but entering each real folder once: a link loop (`a/up -> ..`)
-    or a second link to a folder already scanned neither hangs discovery nor lists an image twice."""
+    or a second link to a folder already scanned neither hangs discovery nor lists an image twice.
+
+    An image name that cannot be stat-ed (a broken link, a file deleted during the listing) and a
+    sub-folder that cannot be opened are left out with a warning instead of failing the whole run; only
+    the source folder itself must open. Such a name is not listed as a `missing` row: it has no size or
+    mtime to fingerprint, and an error row is final, so a made-up fingerprint would record a file that
+    never had content. Left out, a repaired link or a readable folder is simply classified next run.
+    """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"source folder {root!r} does not exist or is not a folder; check the path")
     root_stat = os.stat(root)
@@ -195,26 +205,56 @@ def _list_local(root: str) -> Iterator[DiscoveredFile]:
     stack = [root]
     while stack:
         folder = stack.pop()
-        with os.scandir(folder) as scanned:
-            # Real folders before links to them, then by name: which path wins is the same every night.
-            entries = sorted(scanned, key=lambda e: (e.is_symlink(), e.name))
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir(follow_symlinks=True):
-                    target = os.stat(entry.path)
-                    if (target.st_dev, target.st_ino) not in visited:
-                        visited.add((target.st_dev, target.st_ino))
-                        stack.append(entry.path)
-                elif is_image_name(entry.name):
-                    st = entry.stat()
-                    if stat_module.S_ISREG(st.st_mode):
-                        yield DiscoveredFile(
-                            "file://" + printable_path(entry.path),
-                            entry.path,
-                            f"{st.st_size}:{st.st_mtime_ns}",
-                            st.st_size,
-                        )
+        try:
+            with os.scandir(folder) as scanned:
+                # Real folders before links to them, then by name: which path wins is the same every night.
+                entries = sorted(scanned, key=lambda e: (e.is_symlink(), e.name))
+        except OSError as exc:
+            if folder == root:
+                raise
+            _warn_left_out(folder, exc)
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            st = _followed_stat(entry)
+            if st is None:
+                continue
+            if stat_module.S_ISDIR(st.st_mode):
+                if (st.st_dev, st.st_ino) not in visited:
+                    visited.add((st.st_dev, st.st_ino))
+                    stack.append(entry.path)
+            elif stat_module.S_ISREG(st.st_mode):
+                yield DiscoveredFile(
+                    "file://" + printable_path(entry.path),
+                    entry.path,
+                    f"{st.st_size}:{st.st_mtime_ns}",
+                    st.st_size,
+                )
+
+
+def _followed_stat(entry: os.DirEntry[str]) -> os.stat_result | None:
+    """The stat of a folder or image `entry` points to, links followed; None for other names and failures.
+
+    A broken link with no image extension is not an image and is skipped quietly (is_dir says False)."""
+    try:
+        if entry.is_dir(follow_symlinks=True):
+            return os.stat(entry.path)
+        if is_image_name(entry.name):
+            return entry.stat()
+    except OSError as exc:
+        _warn_left_out(entry.path, exc)
+    return None
+
+
+def _warn_left_out(path: str, error: OSError) -> None:
+    if os.path.islink(path) and (isinstance(error, FileNotFoundError) or error.errno == errno.ELOOP):
+        fix = "it is a broken link: repair or remove it (a repaired link is classified by the next run)"
+    elif isinstance(error, FileNotFoundError):
+        fix = "it was deleted while the source was being listed"
+    else:
+        fix = "make it readable; the next run then lists it"
+    logger.warning("left %s out of the listing (%s): %s", printable_path(path), error.strerror or error, fix)
 
 
 def _list_remote(location: Location) -> Iterator[DiscoveredFile]:
@@ -276,6 +316,15 @@ def _write_local(target: str, data: bytes) -> None:
     finally:
         if os.path.lexists(temporary):
             os.remove(temporary)
+    # The rename is recorded in the folder, which needs its own fsync or a power loss can undo it.
+    # Best effort: some filesystems (network mounts among them) cannot fsync a folder, and a write-only
+    # folder cannot be opened; the file's content is already synced either way.
+    with suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def output_error(error: OSError, destination: str) -> OSError:

@@ -189,3 +189,32 @@ def test_report_renders_the_four_plots(tmp_path: Path, extension: str) -> None:
         png = output.read_bytes()
     image = Image.open(io.BytesIO(png))
     assert image.format == "PNG" and image.width >= 1200 and image.height >= 800
+
+
+def test_files_saved_inside_dest_are_refused_or_ignored(
+    image_folder: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    """An export or report written into DEST would join the dataset: the commands refuse it, and files
+    that land there anyway (a user's notes, an old export) are not read as data."""
+    from flows.classify import classify
+
+    dest = tmp_path / "preds"
+    classify(str(image_folder), str(dest), model=tiny_model, device="cpu")
+    before = all_rows(dest)
+    for command in (["latest", "-o", "latest.parquet"], ["report", "-o", "report.html"]):
+        result = CliRunner().invoke(app, [command[0], str(dest), command[1], str(dest / command[2])])
+        assert result.exit_code == 2 and "--output" in result.output, result.output
+        assert not (dest / command[2]).exists()
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", "--predictions", str(dest), "--labels", str(tmp_path / "l.csv"), "-o", str(dest / "e")],
+    )
+    assert result.exit_code == 2 and "overlap" in result.output
+
+    (dest / "notes.txt").write_text("checked by Dr. X")
+    duckdb.sql(f"copy (select 1 as n) to '{dest / 'old-export.parquet'}' (format parquet)")
+    again = classify(str(image_folder), str(dest), model=tiny_model, device="cpu")
+    assert again["images_new"] == 0
+    assert count(dest, "select count(*) from predictions") == len(before) == 6
+    result = CliRunner().invoke(app, ["latest", str(dest), "-o", str(tmp_path / "latest.csv")])
+    assert result.exit_code == 0 and "wrote 6 rows" in result.output, result.output

@@ -156,3 +156,39 @@ def test_folder_links_are_followed_once_and_loops_do_not_hang(tmp_path: Path) ->
     (root / "linked").symlink_to(tmp_path / "elsewhere")  # a real folder reached only through a link
     paths = sorted(f.path for f in list_images(open_location(str(root))))
     assert paths == [str(root / "a" / "x.png"), str(root / "linked" / "y.png")]
+
+
+def test_lowercase_model_labels_are_written_as_the_contract_spells_them(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    """A model saved with `malignant`/`normal` gets the contract's labels, and the summary counts them."""
+    import json
+
+    from flows.demo import build_tiny_model
+
+    model = build_tiny_model(str(tmp_path / "lowercase"), seed=1)
+    config_path = Path(model) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["id2label"] = {"0": "normal", "1": "malignant"}
+    config_path.write_text(json.dumps(config))
+
+    summary = classify(str(image_folder), str(tmp_path / "preds"), model=model, device="cpu", threshold=0.0)
+    rows = read_rows(tmp_path / "preds")
+    assert {r["label"] for r in rows} == {"Malignant"}
+    assert summary["malignant"] == len(rows) == 6
+
+
+def test_a_new_threshold_on_an_existing_output_says_what_it_applies_to(
+    image_folder: Path, tmp_path: Path, tiny_model: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rows already written keep their threshold (they are not classified again): the run says so."""
+    output = tmp_path / "preds"
+    classify(str(image_folder), str(output), model=tiny_model, device="cpu")
+    make_image(image_folder / "later.png", seed=99)
+    with caplog.at_level("WARNING"):
+        summary = classify(str(image_folder), str(output), model=tiny_model, device="cpu", threshold=0.9)
+    assert summary["images_new"] == 1
+    assert {r["threshold"] for r in read_rows(output)} == {0.5, 0.9}
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "6 at 0.5" in warning and "--threshold 0.9 applies to new and changed images only" in warning
+    assert "prob_malignant >= 0.9" in warning

@@ -40,7 +40,7 @@ def sql_results(dest: Path) -> list[list[tuple]]:
 
 
 def test_the_documented_views_are_the_code(sql_results: list) -> None:
-    assert blocks("sql")[0] == VIEWS_SQL.format(files="'DEST/**/*.parquet'")
+    assert blocks("sql")[0] == VIEWS_SQL.format(files="'DEST/model_slug=*/date=*/*.parquet'")
     assert len(blocks("sql")) >= 6 and len(blocks("python")) == 2
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import subprocess
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,3 +207,35 @@ def test_bad_max_error_rate_is_rejected_before_any_work(tmp_path: Path, image_fo
     with pytest.raises(ValidationError, match="max_error_rate"):
         classify(str(image_folder), str(output), model="unused/model", max_error_rate=-0.1)
     assert not output.exists()
+
+
+@pytest.mark.slow
+def test_a_failed_shard_keeps_the_lease_until_the_shards_in_flight_have_written(
+    tmp_path: Path, tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease is released only after every submitted shard is done: a run waiting for it must not
+    list the output while shards of the failed run still write (they would be classified twice)."""
+    import flows.classify
+    from tests.test_exactly_once import lease_held
+
+    folder = scans(tmp_path / "scans", 6)
+    output = tmp_path / "preds"
+    failed = threading.Event()
+    lease_while_writing: list[bool] = []
+    real = flows.classify.classify_files
+
+    def classify_files_with_a_full_disk(files, fs, model, options, run_id, shard):  # type: ignore[no-untyped-def]
+        if any(f.path.endswith("scan0.png") for f in files):
+            failed.set()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        failed.wait(timeout=30)
+        time.sleep(1.5)  # the flow has long seen the failure by now
+        lease_while_writing.append(lease_held(output))
+        return real(files, fs, model, options, run_id, shard)
+
+    monkeypatch.setattr(flows.classify, "classify_files", classify_files_with_a_full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        classify(str(folder), str(output), model=tiny_model, device="cpu", shard_size=2)
+    assert lease_while_writing == [True, True]
+    assert not lease_held(output)
+    assert len(read_rows(output)) == 4  # the other two shards were written, under the lease

@@ -1,0 +1,119 @@
+"""Listing faults: a broken link, a vanished or unreadable sub-folder leave the rest of the source listed,
+with a warning that names what was left out; only an unreadable source folder itself fails the run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from flows.classify import classify
+from tasks.storage import _list_local, list_images, open_location
+from tests.conftest import make_image
+
+needs_non_root = pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads folders whatever their permissions"
+)
+
+
+def listed_names(folder: Path) -> list[str]:
+    return [os.path.relpath(f.path, folder) for f in list_images(open_location(str(folder)))]
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.name == "tasks.storage" and r.levelno == logging.WARNING
+    ]
+
+
+@pytest.fixture
+def locked() -> Iterator[list[Path]]:
+    """Folders a test makes unreadable, given their permissions back so tmp_path can be removed."""
+    folders: list[Path] = []
+    yield folders
+    for folder in folders:
+        folder.chmod(0o755)
+
+
+def test_a_broken_link_is_left_out_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "scans"
+    make_image(folder / "a.jpg", seed=1)
+    make_image(folder / "b.png", seed=2)
+    (folder / "broken.jpg").symlink_to("/nonexistent/x.jpg")
+    (folder / "loop.jpg").symlink_to("loop.jpg")  # stat fails with ELOOP, not FileNotFoundError
+    (folder / "gone").symlink_to("/nonexistent/folder")  # not an image name: ignored quietly
+
+    with caplog.at_level(logging.WARNING, logger="tasks.storage"):
+        assert listed_names(folder) == ["a.jpg", "b.png"]
+
+    warnings = warnings_of(caplog)
+    assert len(warnings) == 2, warnings
+    for name, warning in zip(["broken.jpg", "loop.jpg"], warnings, strict=True):
+        assert str(folder / name) in warning and "broken link: repair or remove it" in warning
+
+
+def test_a_sub_folder_deleted_during_listing_is_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "scans"
+    make_image(folder / "sub" / "a.png", seed=1)
+    make_image(folder / "z.png", seed=2)
+    # list_images sorts, so it reads the whole tree at once; the walk itself is a generator that has
+    # queued `sub` when it hands out z.png, which lets the test delete `sub` at exactly that point.
+    walk = _list_local(str(folder))
+    assert next(walk).path == str(folder / "z.png")
+    shutil.rmtree(folder / "sub")
+
+    with caplog.at_level(logging.WARNING, logger="tasks.storage"):
+        assert list(walk) == []
+    [warning] = warnings_of(caplog)
+    assert str(folder / "sub") in warning and "deleted while the source was being listed" in warning
+
+
+@needs_non_root
+def test_an_unreadable_sub_folder_is_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, locked: list[Path]
+) -> None:
+    folder = tmp_path / "scans"
+    make_image(folder / "a.png", seed=1)
+    make_image(folder / "private" / "b.png", seed=2)
+    locked.append(folder / "private")
+    (folder / "private").chmod(0)
+
+    with caplog.at_level(logging.WARNING, logger="tasks.storage"):
+        assert listed_names(folder) == ["a.png"]
+    [warning] = warnings_of(caplog)
+    assert str(folder / "private") in warning and "make it readable" in warning
+
+
+@needs_non_root
+def test_an_unreadable_source_folder_still_fails(tmp_path: Path, locked: list[Path]) -> None:
+    folder = tmp_path / "scans"
+    make_image(folder / "a.png")
+    locked.append(folder)
+    folder.chmod(0)
+    with pytest.raises(PermissionError):
+        listed_names(folder)
+
+
+def test_classify_succeeds_past_a_broken_link(tmp_path: Path, tiny_model: str) -> None:
+    folder = tmp_path / "scans"
+    make_image(folder / "a.jpg", seed=1)
+    make_image(folder / "sub" / "b.png", seed=2)
+    (folder / "broken.jpg").symlink_to("/nonexistent/x.jpg")
+    output = tmp_path / "preds"
+
+    summary = classify(str(folder), str(output), model=tiny_model, device="cpu")
+
+    assert summary["images_found"] == 2 and summary["errors"] == 0
+    rows = ds.dataset(str(output), format="parquet", partitioning="hive").to_table().to_pylist()
+    assert sorted(r["image_uri"] for r in rows) == [
+        "file://" + str(folder / "a.jpg"),
+        "file://" + str(folder / "sub" / "b.png"),
+    ]
+    assert {r["status"] for r in rows} == {"ok"}

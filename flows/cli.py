@@ -5,6 +5,7 @@ Research use only: oncoflow's labels are model outputs, not diagnoses.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -227,10 +228,51 @@ def classify_command(
         dask_workers=dask_workers,
         ray_address=ray_address,
     )
-    from flows.classify import classify, start_loading_model
+    from flows.classify import classify
 
-    start_loading_model(params)
+    prepare_local_run(params, placement)
     run_and_report(classify, placement, **params.model_dump())
+
+
+def prepare_local_run(params: ClassifyParams, placement: RunnerParams) -> None:
+    """With the local runner, this process runs the model: check --device and --precision against this
+    machine (exit 2 before any work) and start loading the model while Prefect starts. On a cluster the
+    workers check and load it (this machine may have no GPU)."""
+    if placement.runner != "local":
+        return
+    from flows.classify import start_loading_model
+    from tasks.model import resolve_device, resolve_precision
+
+    try:
+        resolve_precision(params.precision, resolve_device(params.device))
+    except ModelError as exc:
+        fail(str(exc), code=2)
+    start_loading_model(params)
+
+
+class OneLineExpectedErrors(logging.Filter):
+    """On the terminal, Prefect's report of a failed run keeps its one line but drops the traceback when
+    the error is one this CLI explains itself (its `error:` line follows). The run's logs in the Prefect
+    API, written by another handler before this one, keep the whole traceback."""
+
+    def __init__(self, expected: tuple[type[BaseException], ...]) -> None:
+        super().__init__()
+        self.expected = expected
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], self.expected):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_expected_tracebacks(expected: tuple[type[BaseException], ...]) -> None:
+    """Install OneLineExpectedErrors on the terminal handlers (Prefect puts its console handler on the
+    root logger; run loggers reach it by propagation, after their own API handler), once."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not any(
+            isinstance(f, OneLineExpectedErrors) for f in handler.filters
+        ):
+            handler.addFilter(OneLineExpectedErrors(expected))
 
 
 def run_and_report(flow: Any, placement: RunnerParams, **parameters: Any) -> None:
@@ -238,6 +280,7 @@ def run_and_report(flow: Any, placement: RunnerParams, **parameters: Any) -> Non
     from flows.classify import TooManyErrors
     from flows.runners import with_runner
 
+    quiet_expected_tracebacks((*EXPECTED_ERRORS, TooManyErrors))
     try:
         with progress_bar():
             summary = with_runner(flow, placement)(**parameters)
@@ -360,7 +403,8 @@ def print_metrics(metrics: dict[str, Any], written: str) -> None:
             f"precision {100 * point['precision']:.2f}%)",
         )
     images = metrics["images"]
-    table.add_row("not evaluated: error rows", str(images["error_rows"]))
+    # Rows add up: evaluated + labelled error rows + predictions without label = prediction rows.
+    table.add_row("not evaluated: labelled, but an error row", str(images["labelled_error_rows"]))
     table.add_row("not evaluated: predictions without label", str(images["predictions_without_label"]))
     table.add_row("not evaluated: labels without prediction", str(images["labels_without_prediction"]))
     Console().print(table)
@@ -479,15 +523,29 @@ def reprocess_command(
 
     values = {k: v for k, v in locals().items() if k not in {"prefix", "reprocess", "within"}}
     flow_values = {k: v for k, v in values.items() if k not in RunnerParams.model_fields}
-    from flows.classify import start_loading_model
-
     try:
         narrowed = within(source, prefix)
     except ValueError as exc:
         fail(str(exc), code=2)
-    start_loading_model(validated(ClassifyParams, **{**flow_values, "source": narrowed}))
     placement = validated(RunnerParams, **{k: v for k, v in values.items() if k in RunnerParams.model_fields})
+    prepare_local_run(validated(ClassifyParams, **{**flow_values, "source": narrowed}), placement)
     run_and_report(reprocess, placement, **flow_values, prefix=prefix)
+
+
+@contextmanager
+def prefect_api() -> Iterator[None]:
+    """Calls to the Prefect API: an unreachable server is an error that names the URL and the fix."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    try:
+        yield
+    except httpx.TransportError as exc:
+        url = PREFECT_API_URL.value() or "the temporary server"
+        fail(
+            f"cannot reach the Prefect API at {url} ({type(exc).__name__}: {exc}); start it "
+            "(`prefect server start`), or unset PREFECT_API_URL to read this machine's own run history"
+        )
 
 
 @app.command("history")
@@ -500,7 +558,9 @@ def history_command(
     table = Table(title="oncoflow runs (newest first)")
     for column in ("flow", "run", "state", "start (UTC)", "duration", "images", "errors"):
         table.add_column(column, justify="right" if column in {"duration", "images", "errors"} else "left")
-    for run in recent_runs(limit):
+    with prefect_api():
+        runs = recent_runs(limit)
+    for run in runs:
         table.add_row(
             run.flow,
             run.name,
@@ -525,7 +585,8 @@ def prune_command(
         age = parse_age(older_than)
     except ValueError as exc:
         fail(str(exc), code=2)
-    count = prune_runs(age, dry_run=dry_run)
+    with prefect_api():
+        count = prune_runs(age, dry_run=dry_run)
     console.print(f"{'would delete' if dry_run else 'deleted'} {count} flow run(s) older than {older_than}")
 
 

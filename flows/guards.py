@@ -22,7 +22,7 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from flows.credentials import storage_options
 from flows.history import mark_crashed
 from flows.params import ClassifyParams
-from tasks.lease import DEFAULT_WAIT_SECONDS, Lease, LeaseLost, acquire, lease_key
+from tasks.lease import Lease, LeaseLost, acquire, lease_key, lease_wait_from_env
 from tasks.storage import open_location
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ DEFAULT_GPU_LIMIT = "gpu"
 @contextmanager
 def exclusive_output(params: ClassifyParams, run_id: str) -> Iterator[Lease]:
     """Hold the output lease for this model; a run that died holding it is marked Crashed in Prefect."""
-    wait = float(os.environ.get("ONCOFLOW_LEASE_WAIT_SECONDS", DEFAULT_WAIT_SECONDS))
+    wait = lease_wait_from_env()
     output = open_location(
         params.output, storage_options(params.aws_credentials_block, params.s3_endpoint_url)
     )

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tasks.compact import TARGET_ROWS
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import host_decode_share_from_env
+from tasks.lease import lease_wait_from_env
 from tasks.model import DEFAULT_BASE_MODEL, DEFAULT_MODEL
 from tasks.redaction import has_credentials
 
@@ -118,7 +119,14 @@ class ClassifyParams(StorageParams):
     def _check_locations(self) -> ClassifyParams:
         require_apart(self.source, "source", self.output)
         require_folder(self.source, "source")
-        host_decode_share_from_env()  # a bad value fails here, before any work starts
+        output = _normalized(self.output).rstrip("/")
+        local = "://" not in self.output or self.output.startswith("file://")
+        if local and os.path.exists(output) and not os.path.isdir(output):
+            raise ValueError(f"output {self.output!r} is a file; give a folder (it is created if missing)")
+        if self.revision and os.path.isdir(os.path.expanduser(self.model)):
+            raise ValueError(f"--revision applies to hub models only; model {self.model!r} is a local folder")
+        host_decode_share_from_env()  # bad environment values fail here, before any work starts
+        lease_wait_from_env()
         return self
 
 

@@ -37,6 +37,28 @@ def test_bad_options_fail_before_any_work(image_folder: Path, tmp_path: Path, ar
     assert not output.exists()
 
 
+def test_arguments_this_machine_cannot_honour_fail_before_any_work(
+    image_folder: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    """Checked before Prefect starts or the model loads: exit 2 and the option to change."""
+    import torch
+
+    output = tmp_path / "preds"
+    cases = [
+        (["--device", "cpu", "--precision", "fp16"], "--precision fp16 is not supported on CPU"),
+        (["--revision", "main"], "--revision applies to hub models only"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no CUDA GPU is visible"))
+    for args, expected in cases:
+        result = invoke("classify", str(image_folder), "-o", str(output), "--model", tiny_model, *args)
+        assert result.exit_code == 2 and expected in " ".join(result.output.split()), (args, result.output)
+        assert not output.exists()
+    output.write_text("not a folder")
+    result = invoke("classify", str(image_folder), "-o", str(output), "--model", tiny_model)
+    assert result.exit_code == 2 and "is a file; give a folder" in " ".join(result.output.split())
+
+
 @pytest.mark.parametrize("value", ["half", "1.5", "-0.1"])
 def test_bad_host_decode_share_fails_before_any_work(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
@@ -57,6 +79,18 @@ def test_host_decode_share_from_the_environment(monkeypatch: pytest.MonkeyPatch)
         assert host_decode_share_from_env() == share
     monkeypatch.delenv("ONCOFLOW_HOST_DECODE_SHARE")
     assert host_decode_share_from_env() is None
+
+
+@pytest.mark.parametrize("value", ["1h", "-5", "inf"])
+def test_bad_lease_wait_fails_before_any_work(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("ONCOFLOW_LEASE_WAIT_SECONDS", value)
+    output = tmp_path / "preds"
+    result = invoke("classify", str(image_folder), "--output", str(output))
+    assert result.exit_code == 2
+    assert f"ONCOFLOW_LEASE_WAIT_SECONDS={value!r}" in result.output and "seconds" in result.output
+    assert not output.exists()
 
 
 def test_missing_source(tmp_path: Path) -> None:
@@ -128,3 +162,33 @@ def test_help_explains_every_option() -> None:
         "--threshold",
     ]:
         assert option in result.output
+
+
+@pytest.mark.slow
+def test_an_explained_error_is_not_buried_under_a_traceback(
+    image_folder: Path, tmp_path: Path, prefect_server: str
+) -> None:
+    """Prefect reports the failed run in one line; the CLI's `error:` line says why and what to do."""
+    folder = tmp_path / "pickled-model"
+    folder.mkdir()
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    oncoflow = str(Path(sys.executable).parent / "oncoflow")  # the installed console script
+    command = [oncoflow, "classify", str(image_folder), "-o", str(tmp_path / "out")]
+    done = subprocess.run(
+        [*command, "--model", str(folder)], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 1
+    assert "error:" in done.stderr and "safetensors" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_history_names_an_unreachable_prefect_api() -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        for command in (["history"], ["prune", "--dry-run"]):
+            result = invoke(*command)
+            text = " ".join(result.output.split())
+            assert result.exit_code == 1 and "cannot reach the Prefect API at http://127.0.0.1:9/api" in text
+            assert "PREFECT_API_URL" in text

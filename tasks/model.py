@@ -130,7 +130,8 @@ def fetch_model(name: str, revision: str | None) -> tuple[str, str]:
             f"cannot fetch model {name!r} from the Hugging Face Hub ({type(exc).__name__}): no network, "
             "HF_HUB_OFFLINE=1, or a wrong id/revision. Without network, pass a local folder saved with "
             "`save_pretrained` (--model /path/to/model), or download it elsewhere with "
-            f"`hf download {name}` and copy the cache (HF_HOME)."
+            f"`hf download {name}` and copy the cache (HF_HOME). If you meant a local folder: there is "
+            f"no folder {os.path.abspath(os.path.expanduser(name))!r}."
         ) from exc
     return directory, os.path.basename(directory.rstrip("/"))
 
@@ -155,8 +156,19 @@ def positive_class(id2label: dict[int, str], name: str) -> int:
     )
 
 
-_cache: dict[tuple[str, str | None, str, str], LoadedModel] = {}
+# (name, revision, device, precision) → (the local folder's files as last loaded, the model)
+_cache: dict[tuple[str, str | None, str, str], tuple[tuple[tuple[str, int, int], ...], LoadedModel]] = {}
 _cache_lock = threading.Lock()
+
+
+def folder_signature(name: str) -> tuple[tuple[str, int, int], ...]:
+    """(file, size, mtime) of a local model folder's files; empty for hub ids (their revision says it)."""
+    path = os.path.expanduser(name)
+    if not os.path.isdir(path):
+        return ()
+    with os.scandir(path) as entries:
+        files = [(e.name, e.stat()) for e in entries if e.is_file()]
+    return tuple(sorted((n, st.st_size, st.st_mtime_ns) for n, st in files))
 
 
 def clear_model_cache() -> None:
@@ -168,12 +180,16 @@ def clear_model_cache() -> None:
 def load_model(
     name: str, revision: str | None = None, device: Device = "auto", precision: Precision = "auto"
 ) -> LoadedModel:
-    """Load (once per process) an image classifier ready for inference."""
+    """Load (once per process) an image classifier ready for inference.
+
+    A local folder saved again in place (new weights) is loaded again: a long-lived worker must not
+    write rows under the revision of weights that are gone."""
     key = (name, revision, device, precision)
+    signature = folder_signature(name)
     with _cache_lock:
-        if key not in _cache:
-            _cache[key] = _load(name, revision, device, precision)
-        return _cache[key]
+        if key not in _cache or _cache[key][0] != signature:
+            _cache[key] = (signature, _load(name, revision, device, precision))
+        return _cache[key][1]
 
 
 @dataclass(frozen=True)

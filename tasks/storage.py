@@ -348,7 +348,17 @@ def output_error(error: OSError, destination: str) -> OSError:
 
 
 def check_source(location: Location) -> None:
-    """Fail fast, before any work, when an S3 source's bucket or prefix is missing or unreadable."""
+    """Fail fast, before any work, when a source is empty: an S3 prefix with no objects (or a missing
+    or unreadable bucket), a local folder with no entries at all. An unmounted share is an empty folder,
+    and a nightly run that classified nothing must not look like a success."""
+    if location.is_local:
+        with os.scandir(location.path) as entries:
+            if next(entries, None) is None:
+                raise FileNotFoundError(
+                    f"source folder {location.path!r} is empty: if it is a network share or a mount point, "
+                    "mount it; otherwise check the path"
+                )
+        return
     if not isinstance(location.fs, S3FileSystem):
         return
     bucket, _, prefix = location.path.partition("/")

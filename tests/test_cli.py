@@ -112,6 +112,7 @@ def test_offline_hub_id_says_how_to_use_a_local_folder(image_folder: Path, tmp_p
     assert result.exit_code == 1
     text = " ".join(result.output.split())
     assert "someorg/some-vit" in text and "Hugging Face Hub" in text and "local folder" in text
+    assert f"no folder '{os.path.abspath('someorg/some-vit')}'" in text  # a mistyped path shows as such
     assert not (tmp_path / "out").exists()
 
 
@@ -192,3 +193,18 @@ def test_history_names_an_unreachable_prefect_api() -> None:
             text = " ".join(result.output.split())
             assert result.exit_code == 1 and "cannot reach the Prefect API at http://127.0.0.1:9/api" in text
             assert "PREFECT_API_URL" in text
+
+
+def test_an_empty_source_folder_fails_like_an_empty_s3_prefix(tmp_path: Path, tiny_model: str) -> None:
+    """An unmounted share is an empty folder: the run fails and says so instead of 'classifying' nothing."""
+    source = tmp_path / "mnt" / "scans"
+    source.mkdir(parents=True)
+    output = tmp_path / "preds"
+    result = invoke("classify", str(source), "-o", str(output), "--model", tiny_model, "--device", "cpu")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "is empty" in text and "mount it" in text
+    assert not list(output.rglob("*.parquet"))
+
+    (source / "README.txt").write_text("scans arrive here nightly")  # not empty, just no images yet
+    result = invoke("classify", str(source), "-o", str(output), "--model", tiny_model, "--device", "cpu")
+    assert result.exit_code == 0, result.output

@@ -109,3 +109,16 @@ def test_ray_runner_without_the_extra_says_what_to_install(image_folder: Path, t
         app, ["classify", str(image_folder), "--output", str(tmp_path / "out"), "--runner", "ray"]
     )
     assert result.exit_code == 2 and "pip install 'oncoflow[ray]'" in " ".join(result.output.split())
+
+
+def test_a_model_folder_saved_again_in_place_is_loaded_again(tmp_path: Path) -> None:
+    """A long-lived worker keeps models loaded; new weights in the same folder must not reuse the old."""
+    from flows.demo import build_tiny_model
+    from tasks.model import load_model
+
+    folder = build_tiny_model(str(tmp_path / "model"), seed=1)
+    first = load_model(folder, device="cpu", precision="fp32")
+    assert load_model(folder, device="cpu", precision="fp32") is first  # unchanged: the cached one
+    build_tiny_model(folder, seed=2)  # retrained and saved over the old files
+    second = load_model(folder, device="cpu", precision="fp32")
+    assert second is not first and second.revision != first.revision

@@ -112,6 +112,12 @@ def main() -> None:
         help="model input side: small, so the device-side tensor work this "
         "machine's CPU does in place of the GPU (normalizing, stacking) stays negligible",
     )
+    parser.add_argument(
+        "--engines",
+        type=int,
+        default=1,
+        help="engines at once on the device, like the flow's shards in flight",
+    )
     parser.add_argument("--json", help="append the results as one JSON line to this file")
     args = parser.parse_args()
 
@@ -130,8 +136,9 @@ def main() -> None:
     location = open_location(str(work / "corpus"))
     files = list(list_images(location))
 
-    def run(share: float | None) -> dict[str, Any]:
-        inference.learned_split_share.clear()  # every adaptive run starts from share 0
+    def run(share: float | None, fresh: bool = True) -> dict[str, Any]:
+        if fresh:
+            inference.learned_split_share.clear()  # an adaptive run starts from share 0
         inference.split_images.clear()
         options = EngineOptions(
             batch_size=args.batch_size,
@@ -141,11 +148,21 @@ def main() -> None:
             launch_ahead=True,  # as on a GPU
         )
         inference.stage_times.take()
+        parts = [files[n :: args.engines] for n in range(args.engines)]
+        rows = [0] * args.engines
+
+        def engine(n: int) -> None:
+            rows[n] = classify_files(parts[n], location.fs, model, options, "bench", f"shard{n}").num_rows
+
         started = time.perf_counter()
-        table = classify_files(files, location.fs, model, options, "bench", "bench")
+        threads = [threading.Thread(target=engine, args=(n,)) for n in range(args.engines)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         seconds = time.perf_counter() - started
         return {
-            "img_s": round(table.num_rows / seconds),
+            "img_s": round(sum(rows) / seconds),
             "host_decoded": inference.split_images["host"],
             "share_at_end": round(inference.learned_split_share.get("cpu", share or 0.0), 3),
             "stage_seconds": inference.stage_times.take(),
@@ -159,6 +176,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "images": len(files),
         "host_threads": args.host_threads,
+        "engines": args.engines,
         "host_share_alone_img_s": host,
         "emulated_device_img_s": round(rate[0]),
         # Processor sharing, host share s: T = min(H / s, R / (2 - s)); best where the two meet.
@@ -170,6 +188,8 @@ def main() -> None:
     for share in args.shares:
         results[f"fixed_{share}"] = run(share)
     results["adaptive"] = run(None)
+    # The flow's later shards start from the share the previous one ended with.
+    results["adaptive_from_learned_share"] = run(None, fresh=False)
     publish(results, args.json)
 
 

@@ -59,15 +59,30 @@ def test_arguments_this_machine_cannot_honour_fail_before_any_work(
     assert result.exit_code == 2 and "is a file; give a folder" in " ".join(result.output.split())
 
 
-@pytest.mark.parametrize("value", ["half", "1.5", "-0.1"])
-def test_bad_host_decode_share_fails_before_any_work(
-    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("ONCOFLOW_HOST_DECODE_SHARE", "half", "from 0 to 1"),
+        ("ONCOFLOW_HOST_DECODE_SHARE", "1.5", "from 0 to 1"),
+        ("ONCOFLOW_HOST_DECODE_SHARE", "-0.1", "from 0 to 1"),
+        ("ONCOFLOW_LEASE_WAIT_SECONDS", "1h", "number of seconds"),
+        ("ONCOFLOW_LEASE_WAIT_SECONDS", "-5", "number of seconds"),
+        ("ONCOFLOW_LEASE_WAIT_SECONDS", "inf", "number of seconds"),
+    ],
+)
+def test_bad_environment_values_fail_before_any_work(
+    image_folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    value: str,
+    expected: str,
 ) -> None:
-    monkeypatch.setenv("ONCOFLOW_HOST_DECODE_SHARE", value)
+    monkeypatch.setenv(variable, value)
     output = tmp_path / "preds"
     result = invoke("classify", str(image_folder), "--output", str(output))
-    assert result.exit_code == 2
-    assert "ONCOFLOW_HOST_DECODE_SHARE" in result.output and "from 0 to 1" in " ".join(result.output.split())
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"{variable}={value!r}" in text and expected in text
     assert not output.exists()
 
 
@@ -79,18 +94,6 @@ def test_host_decode_share_from_the_environment(monkeypatch: pytest.MonkeyPatch)
         assert host_decode_share_from_env() == share
     monkeypatch.delenv("ONCOFLOW_HOST_DECODE_SHARE")
     assert host_decode_share_from_env() is None
-
-
-@pytest.mark.parametrize("value", ["1h", "-5", "inf"])
-def test_bad_lease_wait_fails_before_any_work(
-    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
-) -> None:
-    monkeypatch.setenv("ONCOFLOW_LEASE_WAIT_SECONDS", value)
-    output = tmp_path / "preds"
-    result = invoke("classify", str(image_folder), "--output", str(output))
-    assert result.exit_code == 2
-    assert f"ONCOFLOW_LEASE_WAIT_SECONDS={value!r}" in result.output and "seconds" in result.output
-    assert not output.exists()
 
 
 def test_missing_source(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from tasks.inference import (
     progress_listeners,
     resolve_options,
 )
+from tasks.lease import Lease, LeaseLost
 from tasks.model import DEFAULT_MODEL, LoadedModel, inspect_model, load_model
 from tasks.redaction import redact
 from tasks.sink import (
@@ -179,12 +180,17 @@ def cut_shards(files: list[DiscoveredFile], size: int) -> list[list[DiscoveredFi
 
 
 def run_shards(
-    shards: list[list[DiscoveredFile]], params: ClassifyParams, run_id: str, slots: int = SHARDS_IN_FLIGHT
+    shards: list[list[DiscoveredFile]],
+    params: ClassifyParams,
+    run_id: str,
+    slots: int = SHARDS_IN_FLIGHT,
+    lease: Lease | None = None,
 ) -> list[ShardManifest]:
     """Submit shards with a bounded window (2 per slot), so pending work never grows with the archive.
 
     If a shard fails, the shards already submitted are waited for before the error propagates: the
     caller releases the output lease on the way out, and no write may land after that (exactly once).
+    A lease lost meanwhile (object stores: renewals failed) stops the submitting at the next shard.
     """
     day = datetime.now(UTC)
     share = host_decode_share_from_env()
@@ -192,6 +198,8 @@ def run_shards(
     pending: deque[PrefectFuture[ShardManifest]] = deque()
     try:
         for number, files in enumerate(shards):
+            if lease is not None and lease.lost:
+                raise LeaseLost(lease.lost)
             pending.append(classify_shard.submit(number, files, params, run_id, day, share))
             if len(pending) >= slots * 2:
                 manifests.append(pending.popleft().result())
@@ -289,13 +297,13 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
         revision, device_type = inspect_model(params.model, params.revision).revision, "workers"
         placement = f"{params.precision} precision, {params.device} device, on the runner's workers"
     # The lease makes overlapping runs take turns: listing happens only once it is held (exactly once).
-    with exclusive_output(params, run_id):
+    with exclusive_output(params, run_id) as lease:
         found, new_files = discover_new_images(params, revision)
         for listener in progress_listeners:
             listener("total", len(new_files))
         with gpu_slot(device_type):
             shard_size = params.shard_size or (GPU_SHARD_SIZE if device_type == "cuda" else CPU_SHARD_SIZE)
-            manifests = run_shards(cut_shards(new_files, shard_size), params, run_id, shard_slots())
+            manifests = run_shards(cut_shards(new_files, shard_size), params, run_id, shard_slots(), lease)
     summary = summarize(found, len(new_files), manifests, time.perf_counter() - started)
     summary.update(run_id=run_id, model=params.model, model_revision=revision)
     publish_summary(summary, params, f"{params.model} @ {revision} ({placement})")

@@ -26,6 +26,7 @@ The `_leases` folder is invisible to readers: pyarrow skips names starting with 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -94,9 +95,10 @@ class Holder:
 
 
 def lease_key(model: str) -> str:
-    """A file-safe name for the model as given; local paths are made absolute so spellings agree."""
+    """A file-safe name for the model as given; local paths are resolved (absolute, links followed) so
+    every spelling of one folder (`./m`, `/abs/m`, a `current -> m` link) takes the same lease."""
     if os.path.isdir(os.path.expanduser(model)):
-        model = os.path.abspath(os.path.expanduser(model))
+        model = os.path.realpath(os.path.expanduser(model))
     readable = re.sub(r"[^A-Za-z0-9._-]+", "-", model.rstrip("/").rsplit("/", 1)[-1]).strip("-.") or "model"
     return f"{readable[:40]}-{hashlib.sha256(model.encode()).hexdigest()[:12]}"
 
@@ -154,10 +156,20 @@ class ObjectLease(Lease):
         self.heartbeat.start()
 
     def _renew(self) -> None:
+        """Renew every ttl/4. A failed renewal is retried while the record written last is still well
+        inside its TTL (an outage of a few minutes is survived); the lease is lost at once when another
+        run has replaced the record, or when the time runs out."""
+        renewed = time.time()
         while not self.stopped.wait(self.ttl / 4):
             try:
                 self.etag = _put(self.location, self.path, _record(self.holder, self.ttl), if_match=self.etag)
-            except OSError as exc:
+                renewed = time.time()
+            except Exception as exc:  # botocore's connection errors are not OSErrors
+                replaced = _error_code(exc) in PRECONDITION_FAILED
+                next_try, expires = time.time() + self.ttl / 4, renewed + self.ttl
+                if not replaced and next_try < expires - self.ttl / 8:
+                    logger.warning("could not renew lease %s (%s); retrying", self.path, exc)
+                    continue
                 self.lost = f"lease {self.path} could not be renewed ({exc}); another run may take it over"
                 logger.error(self.lost)
                 return
@@ -170,7 +182,7 @@ class ObjectLease(Lease):
         if self.lost is None:
             try:
                 _call(self.location, "delete_object", self.path, IfMatch=self.etag)
-            except OSError as exc:  # it expires on its own; a failed delete only delays the next run
+            except Exception as exc:  # it expires on its own; a failed delete only delays the next run
                 logger.warning("could not delete lease %s: %s", self.path, exc)
 
 
@@ -184,6 +196,8 @@ def acquire(
     """Take the lease `key` in `location`, waiting up to `wait_seconds` for a live holder to finish."""
     holder = Holder.me(run_id)
     deadline = time.monotonic() + wait_seconds
+    where = location.join(LEASE_FOLDER, f"{key}.lease")
+    waiting_since = None
     while True:
         lease = (
             _try_file(location, key, holder)
@@ -191,9 +205,18 @@ def acquire(
             else _try_object(location, key, holder, ttl_seconds)
         )
         if isinstance(lease, Lease):
+            if waiting_since is not None:
+                logger.warning("took lease %s after waiting %.0f s", where, time.monotonic() - waiting_since)
             return lease
+        if waiting_since is None and wait_seconds > 0:
+            waiting_since = time.monotonic()
+            logger.warning(
+                "%s is held by %s: waiting up to %.0f s (ONCOFLOW_LEASE_WAIT_SECONDS) for it",
+                where,
+                lease.describe() if lease else "another run",
+                wait_seconds,
+            )
         if time.monotonic() >= deadline:
-            where = location.join(LEASE_FOLDER, f"{key}.lease")
             raise LeaseBusy(
                 f"{where} is held by {lease.describe() if lease else 'another run'} and was not released "
                 f"within {wait_seconds:.0f} s; wait for that run to finish (or stop it), then run again"
@@ -243,7 +266,12 @@ def _try_object(location: Location, key: str, holder: Holder, ttl: float) -> Lea
         except OSError:  # another contender took over the stale lease first
             return current
         previous = current
-    etag = _check_conditional_writes(location, path, _record(holder, ttl), etag)
+    try:
+        etag = _check_conditional_writes(location, path, _record(holder, ttl), etag)
+    except Exception:
+        with contextlib.suppress(Exception):  # leave no record that would make the next run wait
+            _call(location, "delete_object", path, IfMatch=etag)
+        raise
     return ObjectLease(location, key, holder, etag, ttl, previous)
 
 
@@ -289,12 +317,39 @@ def _call(location: Location, method: str, path: str, **kwargs: Any) -> dict[str
     return location.fs.call_s3(method, Bucket=bucket, Key=key, **kwargs)
 
 
+# A conditional write that lost: 412 (the condition did not hold) or 409 (AWS: a concurrent conditional
+# write to the same key is in progress).
+PRECONDITION_FAILED = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+
+
+def _error_code(error: BaseException) -> str | None:
+    """The S3 error code (or HTTP status) behind an s3fs/botocore error, if it came from the server."""
+    for cause in (error, error.__cause__):
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return str(code or status) if code or status else None
+    return None
+
+
 def _put(
     location: Location, path: str, data: bytes, if_none_match: bool = False, if_match: str | None = None
 ) -> str:
+    """PUT the record; a create (`if_none_match`) that finds an object raises FileExistsError.
+
+    s3fs says FileExistsError only when the 412 names its condition; SeaweedFS (and others) send 412
+    without it, which s3fs turns into OSError(EINVAL)."""
     conditions: dict[str, str] = {}
     if if_none_match:
         conditions["IfNoneMatch"] = "*"
     if if_match:
         conditions["IfMatch"] = if_match
-    return str(_call(location, "put_object", path, Body=data, **conditions)["ETag"])
+    try:
+        return str(_call(location, "put_object", path, Body=data, **conditions)["ETag"])
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if if_none_match and _error_code(exc) in PRECONDITION_FAILED:
+            raise FileExistsError(f"{path} exists") from exc
+        raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import itertools
 import logging
+import re
 import socket
 import threading
 from collections import Counter
@@ -45,9 +46,13 @@ class FaultyProxy:
     cut_upload: forward only half of the request body, then close both connections.
     """
 
-    def __init__(self, upstream: str, every: int = 4, faults: tuple[str, ...] = FAULTS) -> None:
+    def __init__(
+        self, upstream: str, every: int = 4, faults: tuple[str, ...] = FAULTS, bare_412: bool = False
+    ) -> None:
         self.upstream = upstream.removeprefix("http://")
         self.every, self.faults = every, faults
+        # Answer failed conditional writes the way SeaweedFS 4 does: 412 without the <Condition> element.
+        self.bare_412 = bare_412
         self.injected: Counter[str] = Counter()
         self._count = itertools.count(1)
         self._lock = threading.Lock()
@@ -110,6 +115,8 @@ class FaultyProxy:
                     data = response.read()
                 finally:
                     upstream.close()
+                if proxy.bare_412 and response.status == 412:
+                    data = re.sub(rb"<Condition>.*?</Condition>", b"", data)
                 self.send_response(response.status)
                 for key, value in response.getheaders():
                     if key.lower() not in {"content-length", "transfer-encoding", "connection"}:

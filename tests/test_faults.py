@@ -239,3 +239,20 @@ def test_a_failed_shard_keeps_the_lease_until_the_shards_in_flight_have_written(
     assert lease_while_writing == [True, True]
     assert not lease_held(output)
     assert len(read_rows(output)) == 4  # the other two shards were written, under the lease
+
+
+def test_a_lost_lease_stops_the_run_before_the_next_shard(tmp_path: Path, tiny_model: str) -> None:
+    from flows.classify import run_shards
+    from flows.params import ClassifyParams
+    from tasks.lease import LeaseLost, acquire
+
+    folder = scans(tmp_path / "scans", 2)
+    files = list(list_images(open_location(str(folder))))
+    params = ClassifyParams(
+        source=str(folder), output=str(tmp_path / "preds"), model=tiny_model, device="cpu"
+    )
+    with acquire(open_location(str(tmp_path / "preds")), "m", "run-a", wait_seconds=0) as lease:
+        lease.lost = "lease could not be renewed (connection refused); another run may take it over"
+        with pytest.raises(LeaseLost, match="could not be renewed"):
+            run_shards([files[:1], files[1:]], params, "run-a", lease=lease)
+    assert not list((tmp_path / "preds").rglob("*.parquet"))

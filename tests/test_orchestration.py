@@ -3,11 +3,13 @@ reprocessing, history and pruning."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from flows.history import prune_runs, recent_runs
 from flows.serve import build_deployments
 from tasks.lease import LeaseBusy, acquire, lease_key
 from tasks.storage import RETRY_ATTEMPTS, open_location
+from tests.s3_fixtures import FaultyProxy
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -96,6 +99,59 @@ def test_object_store_lease_uses_conditional_writes_and_expires(monkeypatch: pyt
         assert not location.fs.exists("leases/out/_leases/m.lease")  # released: deleted
     finally:
         server.stop()
+
+
+@pytest.fixture
+def lease_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A moto S3 server of its own with a `leases` bucket; yields its URL."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        fs = open_location("s3://leases", {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}).fs
+        with contextlib.suppress(FileExistsError):  # moto's state is per process, shared by its servers
+            fs.mkdir("leases")
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def test_object_lease_on_a_store_that_answers_412_without_its_condition(lease_server: str) -> None:
+    """SeaweedFS answers a failed If-None-Match PUT with a bare 412: still 'held by another run'."""
+    with FaultyProxy(lease_server, every=10**9, bare_412=True) as proxy:
+        location = open_location("s3://leases/bare-412", {"client_kwargs": {"endpoint_url": proxy.url}})
+        with (
+            acquire(location, "m", "run-a", wait_seconds=0, ttl_seconds=30),
+            pytest.raises(LeaseBusy, match="run-a"),
+        ):
+            acquire(location, "m", "run-b", wait_seconds=0, ttl_seconds=30)
+        with acquire(location, "m", "run-b", wait_seconds=0, ttl_seconds=30) as second:
+            assert second.previous is None  # run-a released it cleanly
+
+
+@pytest.mark.slow
+def test_an_outage_longer_than_the_ttl_loses_the_lease_loudly(lease_server: str) -> None:
+    """Renewals that keep failing (connection errors, not OSErrors) mark the lease lost before it
+    expires, so the run fails with LeaseLost instead of writing on without it."""
+    with FaultyProxy(lease_server, every=10**9, faults=("drop",)) as proxy:
+        location = open_location("s3://leases/outage", {"client_kwargs": {"endpoint_url": proxy.url}})
+        lease = acquire(location, "m", "run-a", wait_seconds=0, ttl_seconds=4)
+        proxy.every = 1  # every request is dropped from now on
+        lease.heartbeat.join(timeout=120)
+        assert not lease.heartbeat.is_alive() and lease.lost and "could not be renewed" in lease.lost
+        proxy.every = 10**9
+        lease.release()
+
+
+def test_every_spelling_of_a_local_model_takes_the_same_lease(tmp_path: Path) -> None:
+    model = tmp_path / "models" / "vit-v2"
+    model.mkdir(parents=True)
+    (tmp_path / "models" / "current").symlink_to(model)
+    spellings = [str(model), str(tmp_path / "models" / "current"), str(model) + "/", f"{model}/../vit-v2"]
+    assert len({lease_key(spelling) for spelling in spellings}) == 1
 
 
 # --- deployments --------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from typing import Any
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from flows.credentials import storage_options
 from tasks.compact import TARGET_ROWS, compact
@@ -24,7 +25,9 @@ def compact_dataset(
 ) -> dict[str, Any]:
     """Merge each partition's small Parquet files into files of up to `target_rows` rows."""
     report = compact(
-        open_location(dest, storage_options(aws_credentials_block, s3_endpoint_url)), target_rows
+        open_location(dest, storage_options(aws_credentials_block, s3_endpoint_url)),
+        target_rows,
+        run_id=str(flow_run.get_id() or ""),
     )
     print(
         f"compacted {report.files_merged} files into {report.files_written} "

@@ -13,6 +13,10 @@ goes). Between steps 2 and 3 a row can be in two files, with the same (image_uri
 model_revision) key; the `predictions` and `latest` views (tasks/analytics.py) keep one row per key,
 so counts through them are exact at every instant. Re-running is safe: the merged name depends only
 on its inputs, so a retried bin overwrites its own file.
+
+One compaction at a time per dataset: it holds the lease `DEST/_leases/compaction.lease` (tasks/lease.py;
+a second one fails at once with LeaseBusy). Two that overlapped could each merge a file the other had
+already merged, leaving rows in two files for good.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ import hashlib
 import io
 import json
 import posixpath
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.lease import acquire
 from tasks.sink import SCHEMA_VERSION, dataset_files
 from tasks.storage import Location, write_atomic
 
@@ -129,10 +135,20 @@ def merge_bin(destination: Location, inputs: list[str]) -> tuple[str, int]:
     return write_atomic(destination, relative, buffer.getvalue()), rows
 
 
-def compact(destination: Location, target_rows: int = TARGET_ROWS) -> CompactionReport:
-    """Merge small files in every partition of the dataset at `destination`."""
+COMPACTION_LEASE = "compaction"  # model leases are named <model>-<hash>, so this one cannot collide
+
+
+def compact(destination: Location, target_rows: int = TARGET_ROWS, run_id: str = "") -> CompactionReport:
+    """Merge small files in every partition of the dataset at `destination`, holding its compaction lease."""
     if target_rows < 2:
         raise ValueError(f"target_rows must be at least 2, got {target_rows}")
+    if not destination.fs.exists(destination.path):  # before the lease, which would create DEST
+        raise FileNotFoundError(f"dataset {destination.uri!r} does not exist; check the path")
+    with acquire(destination, COMPACTION_LEASE, run_id or f"compact-{uuid.uuid4().hex[:8]}", wait_seconds=0):
+        return _compact(destination, target_rows)
+
+
+def _compact(destination: Location, target_rows: int) -> CompactionReport:
     report = CompactionReport()
     for files in parquet_files_by_partition(destination).values():
         report.partitions += 1

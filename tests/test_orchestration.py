@@ -154,6 +154,22 @@ def test_every_spelling_of_a_local_model_takes_the_same_lease(tmp_path: Path) ->
     assert len({lease_key(spelling) for spelling in spellings}) == 1
 
 
+def test_a_second_compaction_of_the_same_dataset_fails_at_once(tmp_path: Path) -> None:
+    """Two overlapping compactions could each merge a file the other merged: one at a time."""
+    from tasks.compact import COMPACTION_LEASE
+    from tests.analytics_data import make_dataset
+
+    dest = tmp_path / "dest"
+    make_dataset(dest)
+    before = sorted(p.name for p in dest.rglob("*.parquet"))
+    with acquire(open_location(str(dest)), COMPACTION_LEASE, "compaction-in-progress", wait_seconds=0):
+        result = CliRunner().invoke(app, ["compact", str(dest)])
+    assert result.exit_code == 1 and "compaction-in-progress" in result.output, result.output
+    assert sorted(p.name for p in dest.rglob("*.parquet")) == before  # nothing touched
+    result = CliRunner().invoke(app, ["compact", str(dest)])
+    assert result.exit_code == 0 and "merged" in result.output, result.output
+
+
 # --- deployments --------------------------------------------------------------------------------------
 
 

@@ -162,6 +162,16 @@ def load_base(base_model: str) -> tuple[torch.nn.Module, str, dict[str, Any]]:
         use_safetensors=True,
         trust_remote_code=False,
     )
+    # A base that already has a 2-class head (another fine-tuned model; its classes maybe in the other
+    # order) keeps it through from_pretrained: start every run from a new head, under the caller's seed.
+    head = getattr(network, "classifier", None)
+    if not isinstance(head, torch.nn.Module):
+        raise ModelError(
+            f"base model {base_model!r} has no `classifier` head to replace; use a ViT-style model"
+        )
+    for module in head.modules():
+        if isinstance(module, torch.nn.Linear | torch.nn.LayerNorm):
+            module.reset_parameters()
     return network, directory, processor_config
 
 

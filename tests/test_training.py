@@ -148,3 +148,18 @@ def test_training_on_gpu_uses_bf16_autocast_and_learns(tmp_path: Path) -> None:
     assert result.validation["accuracy"] > 0.9
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["id2label"] == {"0": "Normal", "1": "Malignant"}
+
+
+def test_a_base_with_a_two_class_head_gets_a_new_head_from_the_seed(tmp_path: Path, tiny_model: str) -> None:
+    """A fine-tuned base (maybe with its classes the other way round) must not pass its head on."""
+    from tasks.model import load_model
+    from tasks.training import load_base
+
+    base = load_model(tiny_model, device="cpu", precision="fp32").network.classifier.weight
+    torch.manual_seed(1)
+    first = load_base(tiny_model)[0].classifier.weight
+    torch.manual_seed(2)
+    second = load_base(tiny_model)[0].classifier.weight
+    torch.manual_seed(1)
+    again = load_base(tiny_model)[0].classifier.weight
+    assert not torch.equal(first, base) and not torch.equal(first, second) and torch.equal(first, again)

@@ -211,7 +211,10 @@ def run_shards(
     return manifests
 
 
-def summarize(found: int, new: int, manifests: list[ShardManifest], seconds: float) -> dict[str, Any]:
+def summarize(
+    found: int, new: int, manifests: list[ShardManifest], seconds: float, waited: float = 0.0
+) -> dict[str, Any]:
+    """The run's counts; images_per_second leaves out `waited` (seconds spent waiting for the lease)."""
     classified = sum(m.rows for m in manifests)
     ok = sum(m.ok for m in manifests)
     malignant = sum(m.malignant for m in manifests)
@@ -228,8 +231,11 @@ def summarize(found: int, new: int, manifests: list[ShardManifest], seconds: flo
         "error_share": round(sum(errors.values()) / classified, 4) if classified else 0.0,
         "malignant": malignant,
         "malignant_share": round(malignant / ok, 4) if ok else 0.0,
-        "images_per_second": round(classified / seconds, 2) if seconds > 0 and classified else 0.0,
+        "images_per_second": round(classified / (seconds - waited), 2)
+        if seconds > waited and classified
+        else 0.0,
         "seconds": round(seconds, 2),
+        "lease_wait_seconds": round(waited, 2),
         "output_files": [m.path for m in manifests],
     }
 
@@ -297,14 +303,16 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
         revision, device_type = inspect_model(params.model, params.revision).revision, "workers"
         placement = f"{params.precision} precision, {params.device} device, on the runner's workers"
     # The lease makes overlapping runs take turns: listing happens only once it is held (exactly once).
+    asked = time.perf_counter()
     with exclusive_output(params, run_id) as lease:
+        waited = time.perf_counter() - asked
         found, new_files = discover_new_images(params, revision)
         for listener in progress_listeners:
             listener("total", len(new_files))
         with gpu_slot(device_type):
             shard_size = params.shard_size or (GPU_SHARD_SIZE if device_type == "cuda" else CPU_SHARD_SIZE)
             manifests = run_shards(cut_shards(new_files, shard_size), params, run_id, shard_slots(), lease)
-    summary = summarize(found, len(new_files), manifests, time.perf_counter() - started)
+    summary = summarize(found, len(new_files), manifests, time.perf_counter() - started, waited)
     summary.update(run_id=run_id, model=params.model, model_revision=revision)
     publish_summary(summary, params, f"{params.model} @ {revision} ({placement})")
     print(

@@ -106,6 +106,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         "seconds",
     ):
         table.add_row(key, str(summary.get(key)))
+    if summary.get("lease_wait_seconds"):
+        table.add_row("lease_wait_seconds", str(summary["lease_wait_seconds"]))
     for category, count in summary.get("errors_by_category", {}).items():
         table.add_row(f"errors: {category}", str(count))
     table.add_row("output_files", str(len(summary.get("output_files", []))))

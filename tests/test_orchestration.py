@@ -170,6 +170,32 @@ def test_a_second_compaction_of_the_same_dataset_fails_at_once(tmp_path: Path) -
     assert result.exit_code == 0 and "merged" in result.output, result.output
 
 
+def test_time_spent_waiting_for_the_lease_is_reported_apart(
+    image_folder: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    import logging
+    import threading
+
+    output = tmp_path / "preds"
+    holder = acquire(open_location(str(output)), lease_key(tiny_model), "run-before", wait_seconds=0)
+
+    class ReleaseOnceWaiting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:  # "... waiting up to 3600 s ..."
+            if "waiting up to" in record.getMessage():
+                threading.Timer(1.0, holder.release).start()
+
+    lease_log = logging.getLogger("tasks.lease")
+    handler = ReleaseOnceWaiting()
+    lease_log.addHandler(handler)
+    try:
+        summary = classify(str(image_folder), str(output), model=tiny_model, device="cpu")
+    finally:
+        lease_log.removeHandler(handler)
+    assert summary["images_classified"] == 6 and summary["lease_wait_seconds"] >= 1.0
+    working = summary["seconds"] - summary["lease_wait_seconds"]
+    assert summary["images_per_second"] == pytest.approx(6 / working, rel=0.05)
+
+
 # --- deployments --------------------------------------------------------------------------------------
 
 

@@ -381,6 +381,8 @@ def report_command(
 
 def print_metrics(metrics: dict[str, Any], written: str) -> None:
     """The seed card's table, the confusion counts and the operating point, on stdout."""
+    from tasks.report import metric_text  # matplotlib and scikit-learn: only once there is a report
+
     table = Table(title="oncoflow evaluation (research use only, not a diagnosis)")
     table.add_column("Metric")
     table.add_column("Value", justify="right")
@@ -388,21 +390,21 @@ def print_metrics(metrics: dict[str, Any], written: str) -> None:
         ("Accuracy", "accuracy"),
         ("Precision", "precision"),
         ("Recall (Sensitivity)", "recall"),
+        ("Specificity", "specificity"),
+        ("F1 Score", "f1"),
+        ("MCC", "mcc"),
     ):
-        table.add_row(name, f"{100 * metrics[key]:.2f}%")
-    table.add_row("Specificity", f"{100 * metrics['specificity']:.2f}%")
-    table.add_row("F1 Score", f"{metrics['f1']:.4f}")
-    table.add_row("MCC", f"{metrics['mcc']:.4f}")
+        table.add_row(name, metric_text(metrics, key))  # "n/a (no Malignant images)" where undefined
     table.add_row(
         "TP / FN / FP / TN", f"{metrics['tp']} / {metrics['fn']} / {metrics['fp']} / {metrics['tn']}"
     )
-    table.add_row("ROC AUC", "n/a" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.4f}")
+    table.add_row("ROC AUC", metric_text(metrics, "roc_auc"))
     point = metrics.get("operating_point")
     if point:
         table.add_row(
             f"threshold for sensitivity >= {point['target_sensitivity']}",
-            f"{point['threshold']!r} (specificity {100 * point['specificity']:.2f}%, "
-            f"precision {100 * point['precision']:.2f}%)",
+            f"{point['threshold']!r} (specificity {metric_text(point, 'specificity')}, "
+            f"precision {metric_text(point, 'precision')})",
         )
     images = metrics["images"]
     # Rows add up: evaluated + labelled error rows + predictions without label = prediction rows.

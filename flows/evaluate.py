@@ -11,7 +11,7 @@ import os
 from typing import Any, Literal
 
 import pandas as pd
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
@@ -20,7 +20,7 @@ from flows.params import EvaluateParams
 from tasks.labels import labeled_folder, read_labels_file
 from tasks.metrics import compute_metrics, join_labels, read_predictions
 from tasks.model import DEFAULT_MODEL
-from tasks.report import PLOTS, render_markdown, write_report
+from tasks.report import PLOTS, metric_text, one_class_warning, render_markdown, write_report
 
 SUMMARY_KEYS = (
     "accuracy",
@@ -63,6 +63,9 @@ def score(
     joined = join_labels(read_predictions(destination, revision), labels)
     metrics = compute_metrics(joined, target)
     metrics["predictions"] = destination
+    warning = one_class_warning(metrics)
+    if warning:
+        get_run_logger().warning(warning)
     return {"metrics": metrics, "scored": joined.scored}
 
 
@@ -88,7 +91,10 @@ def publish_report(metrics: dict[str, Any], written: dict[str, str]) -> None:
     create_markdown_artifact(
         markdown, key="evaluation-report", description="Research use only, not a diagnosis."
     )
-    rows = [{"metric": key, "value": str(metrics[key])} for key in (*SUMMARY_KEYS, "tp", "fp", "tn", "fn")]
+    rows = [
+        {"metric": key, "value": str(metrics[key]) if metrics[key] is not None else metric_text(metrics, key)}
+        for key in (*SUMMARY_KEYS, "tp", "fp", "tn", "fn")
+    ]
     create_table_artifact(rows, key="evaluation-metrics", description="oncoflow evaluate; research use only.")
 
 
@@ -124,8 +130,9 @@ def evaluate(
     publish_report(metrics, written)
     images = metrics["images"]
     print(
-        f"evaluated {images['evaluated']} images: accuracy {metrics['accuracy']:.4f}, recall "
-        f"{metrics['recall']:.4f}, specificity {metrics['specificity']:.4f}; {images['error_rows']} error rows, "
+        f"evaluated {images['evaluated']} images: accuracy {metric_text(metrics, 'accuracy')}, recall "
+        f"{metric_text(metrics, 'recall')}, specificity {metric_text(metrics, 'specificity')}; "
+        f"{images['error_rows']} error rows, "
         f"{images['predictions_without_label']} without label, {images['labels_without_prediction']} "
         f"labels without prediction. Report: {written['report']}"
     )

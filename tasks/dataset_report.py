@@ -19,9 +19,12 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: render without a display
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 from tasks.analytics import connect  # noqa: E402
 
+# Over 0–1, not 0.5–1: at a threshold other than 0.5 the decided class's probability can be below 0.5.
+CONFIDENCE_BINS = np.linspace(0.0, 1.0, 21)
 DISCLAIMER = (
     "For research, not diagnosis: these are outputs of a statistical model, not clinical findings. "
     "Every result must be reviewed by a qualified person."
@@ -70,6 +73,14 @@ def gather(destination: str, storage: dict[str, Any] | None = None) -> ReportDat
     return ReportData(volumes, share, confidence, errors, totals)
 
 
+def confidence_histogram(data: ReportData) -> dict[str, np.ndarray]:
+    """Images per CONFIDENCE_BINS bin, per label; every ok row of `latest` is in one bin (1.0 in the last)."""
+    return {
+        label: np.histogram([row[1] for row in data.confidence if row[0] == label], CONFIDENCE_BINS)[0]
+        for label in ("Normal", "Malignant")
+    }
+
+
 def render_png(data: ReportData, title: str) -> bytes:
     """The four plots on one 2×2 figure, as PNG bytes."""
     figure, axes = plt.subplots(2, 2, figsize=(13, 8.5), dpi=110)
@@ -94,10 +105,16 @@ def render_png(data: ReportData, title: str) -> bytes:
     share_ax.legend(fontsize=8)
     share_ax.tick_params(axis="x", rotation=30)
 
-    bins = [i / 20 for i in range(10, 21)]  # the decided class's probability is ≥ 0.5 at threshold 0.5
-    for label, color in (("Normal", "#4c72b0"), ("Malignant", "#c44e52")):
-        values = [row[1] for row in data.confidence if row[0] == label]
-        confidence_ax.hist(values, bins=bins, alpha=0.7, color=color, label=f"{label} ({len(values)})")
+    colors = {"Normal": "#4c72b0", "Malignant": "#c44e52"}
+    for label, images in confidence_histogram(data).items():
+        confidence_ax.stairs(
+            images,
+            CONFIDENCE_BINS,
+            fill=True,
+            alpha=0.7,
+            color=colors[label],
+            label=f"{label} ({images.sum()})",
+        )
     confidence_ax.set_title("Confidence of the latest prediction per image")
     confidence_ax.set_xlabel("confidence (probability of the decided class)")
     confidence_ax.set_ylabel("images")

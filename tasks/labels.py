@@ -49,7 +49,13 @@ def read_labels_file(path: str) -> pd.DataFrame:
         raise FileNotFoundError(f"labels file {path!r} does not exist; check --labels")
     extension = os.path.splitext(path)[1].lower()
     if extension == ".csv":
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except UnicodeDecodeError as exc:  # Excel's plain "CSV" is cp1252 or similar, not UTF-8
+            raise LabelError(
+                f"labels file {path!r} is not UTF-8 text (line {first_non_utf8_line(path)}); save it as "
+                'UTF-8 CSV (in Excel: Save As, "CSV UTF-8")'
+            ) from exc
     elif extension in {".parquet", ".pq"}:
         frame = pd.read_parquet(path)
     else:
@@ -61,9 +67,21 @@ def read_labels_file(path: str) -> pd.DataFrame:
             f"(found {list(frame.columns)})"
         )
     base = os.path.dirname(os.path.abspath(path))
-    uris = [to_image_uri(str(u), base) for u in frame["image_uri"]]
+    # Spaces around a value ("a.png , Normal" typed by hand) are not part of it; label_id strips too.
+    uris = [to_image_uri(str(u).strip(), base) for u in frame["image_uri"]]
     labels = [label_id(v, f"{path} row {n + 2}") for n, v in enumerate(frame["label"])]
     return deduplicated(pd.DataFrame({"image_uri": uris, "y_true": labels}), path)
+
+
+def first_non_utf8_line(path: str) -> int:
+    """The number of the first line that is not valid UTF-8 (a newline is never inside a character)."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
 
 
 def deduplicated(labels: pd.DataFrame, source: str) -> pd.DataFrame:

@@ -1,7 +1,9 @@
 """Evaluation: join predictions to labels on image_uri and compute the seed card's metrics and more.
 
 The formulas are scikit-learn's; Malignant (1) is the positive class. Only `status == "ok"` rows are
-scored; error rows are counted. ECE is the one metric scikit-learn does not have.
+scored; error rows are counted. ECE and the Wilson intervals are the metrics scikit-learn does not have.
+A metric whose denominator is empty (recall without Malignant images, precision when nothing is called
+Malignant, ...) is None, null in metrics.json: undefined, never 0.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from sklearn.metrics import (
 
 from tasks.labels import CLASS_NAMES
 from tasks.model import POSITIVE_LABEL
+from tasks.sink import dataset_files
 from tasks.storage import open_location
 
 PREDICTION_COLUMNS = ["image_uri", "prob_malignant", "label", "threshold", "model", "model_revision"]
 CALIBRATION_BINS = 10
+WILSON_Z = 1.959963984540054  # the standard normal quantile of a two-sided 95% interval
 
 
 class EvaluationError(ValueError):
@@ -48,7 +52,19 @@ def read_predictions(destination: str, model_revision: str | None = None) -> pd.
     location = open_location(destination)
     if not location.fs.isdir(location.path):
         raise FileNotFoundError(f"predictions dataset {destination!r} does not exist; check --predictions")
-    dataset = ds.dataset(location.path, filesystem=location.fs, format="parquet", partitioning="hive")
+    files = dataset_files(location)  # only the partition files: a stray README or export is not data
+    if not files:
+        raise EvaluationError(
+            f"predictions dataset {destination!r} holds no model_slug=*/date=*/*.parquet files; check "
+            "--predictions: it must be the --output folder of `oncoflow classify`"
+        )
+    dataset = ds.dataset(
+        files,
+        filesystem=location.fs,
+        format="parquet",
+        partitioning="hive",
+        partition_base_dir=location.path.rstrip("/"),
+    )
     columns = [*PREDICTION_COLUMNS, "status", "processed_at", "model_slug"]
     wanted = None
     if model_revision:  # pushed down: other revisions' files are skipped, not loaded and dropped
@@ -105,22 +121,46 @@ def join_labels(predictions: pd.DataFrame, labels: pd.DataFrame) -> Joined:
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
-    """The seed card's table (as fractions) plus the confusion counts and the two error rates."""
+    """The seed card's table (as fractions) plus the confusion counts and the two error rates.
+
+    None where the denominator is empty: precision when nothing is called Malignant, recall and the
+    false negative rate without Malignant images, specificity and the false positive rate without
+    Normal ones, F1 when no image is labelled or called Malignant, MCC when any row or column of the
+    confusion matrix is empty.
+    """
     tn, fp, fn, tp = (int(v) for v in confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel())
+    malignant, normal, called_malignant, called_normal = tp + fn, tn + fp, tp + fp, tn + fn
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "precision": float(precision_score(y_true, y_pred, zero_division=0.0)),
-        "recall": float(recall_score(y_true, y_pred, zero_division=0.0)),
-        "specificity": float(recall_score(y_true, y_pred, pos_label=0, zero_division=0.0)),
-        "f1": float(f1_score(y_true, y_pred, zero_division=0.0)),
-        "mcc": float(matthews_corrcoef(y_true, y_pred)),
-        "false_negative_rate": fn / (fn + tp) if fn + tp else 0.0,
-        "false_positive_rate": fp / (fp + tn) if fp + tn else 0.0,
+        "precision": float(precision_score(y_true, y_pred)) if called_malignant else None,
+        "recall": float(recall_score(y_true, y_pred)) if malignant else None,
+        "specificity": float(recall_score(y_true, y_pred, pos_label=0)) if normal else None,
+        # 2TP / (2TP + FP + FN): still defined (as 0) when only one of precision and recall is.
+        "f1": float(f1_score(y_true, y_pred, zero_division=0.0)) if tp + fp + fn else None,
+        "mcc": float(matthews_corrcoef(y_true, y_pred))
+        if malignant and normal and called_malignant and called_normal
+        else None,
+        "false_negative_rate": fn / malignant if malignant else None,
+        "false_positive_rate": fp / normal if normal else None,
         "tp": tp,
         "fp": fp,
         "tn": tn,
         "fn": fn,
     }
+
+
+def wilson_interval(successes: int, trials: int) -> list[float] | None:
+    """The Wilson score 95% interval [low, high] of a proportion; None without trials.
+
+    Unlike p ± 1.96·SE it stays inside [0, 1] and is honest for small counts and for 0% or 100%.
+    """
+    if not trials:
+        return None
+    share = successes / trials
+    shrink = 1 + WILSON_Z**2 / trials
+    centre = (share + WILSON_Z**2 / (2 * trials)) / shrink
+    half = WILSON_Z * math.sqrt(share * (1 - share) / trials + WILSON_Z**2 / (4 * trials**2)) / shrink
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def expected_calibration_error(y_true: np.ndarray, prob: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
@@ -178,6 +218,8 @@ def compute_metrics(joined: Joined, target_sensitivity: float | None = None) -> 
     y_pred = scored["y_pred"].to_numpy()
     prob = scored["prob_malignant"].to_numpy(dtype=float)
     thresholds = sorted(scored["threshold"].unique().tolist())
+    decisions = classification_metrics(y_true, y_pred)
+    tp, fp, tn, fn = (decisions[k] for k in ("tp", "fp", "tn", "fn"))
     metrics: dict[str, Any] = {
         "models": sorted(scored["model"].unique().tolist()),
         "model_revisions": sorted(scored["model_revision"].unique().tolist()),
@@ -192,7 +234,8 @@ def compute_metrics(joined: Joined, target_sensitivity: float | None = None) -> 
         },
         "counts": {name: int((y_true == i).sum()) for i, name in enumerate(CLASS_NAMES)},
         "predicted_counts": {name: int((y_pred == i).sum()) for i, name in enumerate(CLASS_NAMES)},
-        **classification_metrics(y_true, y_pred),
+        **decisions,
+        "wilson_95": {"recall": wilson_interval(tp, tp + fn), "specificity": wilson_interval(tn, tn + fp)},
         **probability_metrics(y_true, prob),
         "operating_point": None,
     }

@@ -30,39 +30,145 @@ PLOTS = {
 }
 
 
+PERCENT_METRICS = {
+    "accuracy",
+    "precision",
+    "recall",
+    "sensitivity",
+    "specificity",
+    "false_negative_rate",
+    "false_positive_rate",
+}
+# The images each metric divides by, as the reason it is n/a; MCC and the AUCs need all of them.
+MALIGNANT, NORMAL = "no Malignant images", "no Normal images"
+CALLED_MALIGNANT, CALLED_NORMAL = "nothing predicted Malignant", "nothing predicted Normal"
+DENOMINATORS = {
+    "precision": (CALLED_MALIGNANT,),
+    "recall": (MALIGNANT,),
+    "sensitivity": (MALIGNANT,),
+    "false_negative_rate": (MALIGNANT,),
+    "specificity": (NORMAL,),
+    "false_positive_rate": (NORMAL,),
+    "f1": (MALIGNANT,),  # null only when there is no Malignant image and none is predicted
+}
+
+
 def percent(value: float) -> str:
     return f"{100 * value:.2f}%"
+
+
+def undefined_reason(metrics: dict[str, Any], key: str) -> str:
+    """Why metrics[key] is null: which group of images its denominator counts is empty."""
+    tp, fp, tn, fn = (metrics[k] for k in ("tp", "fp", "tn", "fn"))
+    empty = {
+        MALIGNANT: tp + fn == 0,
+        NORMAL: tn + fp == 0,
+        CALLED_MALIGNANT: tp + fp == 0,
+        CALLED_NORMAL: tn + fn == 0,
+    }
+    return next((reason for reason in DENOMINATORS.get(key, tuple(empty)) if empty[reason]), "undefined")
+
+
+def metric_text(metrics: dict[str, Any], key: str) -> str:
+    """metrics[key] as shown to people: a percentage, 4 decimals, or `n/a (no Malignant images)`."""
+    value = metrics[key]
+    if value is None:
+        return f"n/a ({undefined_reason(metrics, key)})"
+    return percent(value) if key in PERCENT_METRICS else f"{value:.4f}"
 
 
 def seed_table(metrics: dict[str, Any]) -> str:
     """The seed model card's performance table, filled with these metrics."""
     rows = [
-        ("Accuracy", percent(metrics["accuracy"])),
-        ("Precision", percent(metrics["precision"])),
-        ("Recall (Sensitivity)", percent(metrics["recall"])),
-        ("Specificity", percent(metrics["specificity"])),
-        ("F1 Score", f"{metrics['f1']:.4f}"),
-        ("MCC", f"{metrics['mcc']:.4f}"),
+        ("Accuracy", "accuracy"),
+        ("Precision", "precision"),
+        ("Recall (Sensitivity)", "recall"),
+        ("Specificity", "specificity"),
+        ("F1 Score", "f1"),
+        ("MCC", "mcc"),
     ]
-    return "\n".join(["| Metric | Value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)])
+    return "\n".join(
+        [
+            "| Metric | Value |",
+            "|---|---|",
+            *(f"| {name} | {metric_text(metrics, key)} |" for name, key in rows),
+        ]
+    )
 
 
 def interpretation(metrics: dict[str, Any]) -> str:
-    """What the error rates mean for a user, in the seed card's words."""
-    called_malignant = metrics["tp"] + metrics["fp"]
-    wrong_share = metrics["fp"] / called_malignant if called_malignant else 0.0
-    return "\n".join(
-        [
-            f"- Correctly classifies {percent(metrics['accuracy'])} of these images.",
-            f"- Catches {percent(metrics['recall'])} of the Malignant images: **false negative rate "
-            f"{percent(metrics['false_negative_rate'])}** — it misses about "
-            f"{100 * metrics['false_negative_rate']:.0f} of every 100 malignant images.",
-            f"- **False positive rate {percent(metrics['false_positive_rate'])}** — it flags about "
-            f"{100 * metrics['false_positive_rate']:.0f} of every 100 normal images as Malignant.",
-            f"- Of the images it calls Malignant, {percent(metrics['precision'])} are Malignant "
-            f"and {percent(wrong_share)} are in fact Normal.",
-        ]
+    """What the error rates mean for a user, in the seed card's words, with the images behind each."""
+    tp, fp, tn, fn = (metrics[k] for k in ("tp", "fp", "tn", "fn"))
+    lines = [f"- Correctly classifies {percent(metrics['accuracy'])} of these {tp + fp + tn + fn} images."]
+    if metrics["recall"] is None:
+        lines.append(
+            f"- Sensitivity and false negative rate: {metric_text(metrics, 'recall')} — these images "
+            "cannot show how many malignant images it misses."
+        )
+    else:
+        fnr = metrics["false_negative_rate"]
+        lines.append(
+            f"- Catches {percent(metrics['recall'])} of the {tp + fn} Malignant images: **false negative "
+            f"rate {percent(fnr)}** — it misses about {100 * fnr:.0f} of every 100 malignant images."
+        )
+    if metrics["specificity"] is None:
+        lines.append(
+            f"- Specificity and false positive rate: {metric_text(metrics, 'specificity')} — these images "
+            "cannot show how often it flags normal images."
+        )
+    else:
+        fpr = metrics["false_positive_rate"]
+        lines.append(
+            f"- **False positive rate {percent(fpr)}** — it flags about {100 * fpr:.0f} of every 100 "
+            f"normal images as Malignant ({fp} of the {tn + fp} Normal images)."
+        )
+    if metrics["precision"] is None:
+        lines.append(
+            f"- Precision: {metric_text(metrics, 'precision')} — it calls none of these images Malignant."
+        )
+    else:
+        lines.append(
+            f"- Of the {tp + fp} images it calls Malignant, {percent(metrics['precision'])} are Malignant "
+            f"and {percent(fp / (tp + fp))} are in fact Normal."
+        )
+    return "\n".join(lines)
+
+
+def one_class_warning(metrics: dict[str, Any]) -> str | None:
+    """A sentence for labels of one class only, which leave half of the metrics undefined; else None."""
+    counts = metrics["counts"]
+    if counts["Malignant"] and counts["Normal"]:
+        return None
+    present, missing, undefined = (
+        ("Normal", "Malignant", "sensitivity, the false negative rate")
+        if not counts["Malignant"]
+        else ("Malignant", "Normal", "specificity, the false positive rate")
     )
+    return (
+        f"The labels hold no {missing} image, only {counts[present]} {present}: {undefined}, MCC and "
+        f"the ROC/PR AUCs cannot be measured on them and are n/a. Label {missing} images too."
+    )
+
+
+def trust_notes(metrics: dict[str, Any]) -> list[str]:
+    """How far the numbers reach: the images behind each percentage, their 95% intervals, the scope."""
+    counts, intervals = metrics["counts"], metrics["wilson_95"]
+    called = metrics["tp"] + metrics["fp"]
+
+    def interval(key: str) -> str:
+        bounds = intervals[key]
+        return metric_text(metrics, key) if bounds is None else f"{percent(bounds[0])}–{percent(bounds[1])}"
+
+    return [
+        f"- Sample size: sensitivity and the false negative rate rest on {counts['Malignant']} Malignant "
+        f"images, specificity and the false positive rate on {counts['Normal']} Normal images, precision "
+        f"on the {called} images called Malignant. With few images a percentage moves a lot from one "
+        "set of images to the next.",
+        f"- 95% confidence intervals (Wilson): sensitivity {interval('recall')}, specificity "
+        f"{interval('specificity')}.",
+        "- These figures describe this model on these images only. They do not transfer to other "
+        "scanners, sites or patient populations: measure there, on labelled images from there.",
+    ]
 
 
 def confusion_table(metrics: dict[str, Any]) -> str:
@@ -74,10 +180,6 @@ def confusion_table(metrics: dict[str, Any]) -> str:
             f"| **true Malignant** ({metrics['counts']['Malignant']}) | FN {metrics['fn']} | TP {metrics['tp']} |",
         ]
     )
-
-
-def optional(value: float | None) -> str:
-    return "n/a (one class only)" if value is None else f"{value:.4f}"
 
 
 def render_markdown(metrics: dict[str, Any], title: str = "oncoflow evaluation") -> str:
@@ -94,6 +196,11 @@ def render_markdown(metrics: dict[str, Any], title: str = "oncoflow evaluation")
         f"{metrics['counts']['Malignant']} Malignant). Not evaluated: {images['error_rows']} error rows "
         f"({images['labelled_error_rows']} of them labelled), {images['predictions_without_label']} "
         f"predictions without a label, {images['labels_without_prediction']} labels without a prediction.",
+    ]
+    warning = one_class_warning(metrics)
+    if warning:
+        lines += ["", f"> **One class only.** {warning}"]
+    lines += [
         "",
         "## Performance",
         "",
@@ -103,6 +210,10 @@ def render_markdown(metrics: dict[str, Any], title: str = "oncoflow evaluation")
         "",
         interpretation(metrics),
         "",
+        "## How far these numbers reach",
+        "",
+        *trust_notes(metrics),
+        "",
         "## Confusion matrix",
         "",
         confusion_table(metrics),
@@ -111,8 +222,8 @@ def render_markdown(metrics: dict[str, Any], title: str = "oncoflow evaluation")
         "",
         "| Metric | Value |",
         "|---|---|",
-        f"| ROC AUC | {optional(metrics['roc_auc'])} |",
-        f"| PR AUC (average precision) | {optional(metrics['pr_auc'])} |",
+        f"| ROC AUC | {metric_text(metrics, 'roc_auc')} |",
+        f"| PR AUC (average precision) | {metric_text(metrics, 'pr_auc')} |",
         f"| Brier score (lower is better) | {metrics['brier']:.4f} |",
         f"| ECE, {CALIBRATION_BINS} bins (lower is better) | {metrics['ece']:.4f} |",
     ]
@@ -127,12 +238,20 @@ def render_markdown(metrics: dict[str, Any], title: str = "oncoflow evaluation")
             "",
             "| Metric | Value |",
             "|---|---|",
-            f"| Sensitivity | {percent(point['sensitivity'])} |",
-            f"| Specificity | {percent(point['specificity'])} |",
-            f"| Precision | {percent(point['precision'])} |",
-            f"| False positive rate | {percent(point['false_positive_rate'])} |",
-            f"| False negative rate | {percent(point['false_negative_rate'])} |",
+            *(
+                f"| {name} | {metric_text(point, key)} |"
+                for name, key in (
+                    ("Sensitivity", "sensitivity"),
+                    ("Specificity", "specificity"),
+                    ("Precision", "precision"),
+                    ("False positive rate", "false_positive_rate"),
+                    ("False negative rate", "false_negative_rate"),
+                )
+            ),
             f"| TP / FP / TN / FN | {point['tp']} / {point['fp']} / {point['tn']} / {point['fn']} |",
+            "",
+            "These images chose this threshold, so its sensitivity here is optimistic: confirm it on "
+            "another labelled set of images before relying on it.",
         ]
     lines += ["", "## Plots", ""]
     lines += [f"![{name}]({file})" for name, file in PLOTS.items()]

@@ -27,7 +27,7 @@ from tasks.images import ImageError, Preprocessor, ProcessorFallback, decode_ima
 from tasks.labels import CLASS_NAMES, LabeledImage, labeled_folder
 from tasks.metrics import classification_metrics, probability_metrics
 from tasks.model import DEFAULT_BASE_MODEL, ModelError, fetch_model, resolve_device
-from tasks.report import RESEARCH_NOTICE, interpretation, optional, seed_table
+from tasks.report import RESEARCH_NOTICE, interpretation, metric_text, seed_table
 
 
 @dataclass(frozen=True)
@@ -308,7 +308,7 @@ The model achieves the following performance on the validation set (best epoch: 
 
 {seed_table(validation)}
 
-ROC AUC {optional(validation["roc_auc"])}; TP {validation["tp"]}, FN {validation["fn"]}, FP {validation["fp"]}, TN {validation["tn"]}.
+ROC AUC {metric_text(validation, "roc_auc")}; TP {validation["tp"]}, FN {validation["fn"]}, FP {validation["fp"]}, TN {validation["tn"]}.
 
 ## Interpretation
 {interpretation(validation)}

@@ -218,3 +218,25 @@ def test_files_saved_inside_dest_are_refused_or_ignored(
     assert count(dest, "select count(*) from predictions") == len(before) == 6
     result = CliRunner().invoke(app, ["latest", str(dest), "-o", str(tmp_path / "latest.csv")])
     assert result.exit_code == 0 and "wrote 6 rows" in result.output, result.output
+
+
+def test_report_histogram_counts_rows_decided_at_any_threshold(tmp_path: Path) -> None:
+    """At --threshold 0.3 a Malignant row can have confidence 0.35: it must still be in the histogram."""
+    from tasks.dataset_report import confidence_histogram, gather
+
+    dest = tmp_path / "dest"
+    frame = rows(range(40), OLD, FIRST_DAY, seed=3, shard="s0").to_pandas()
+    malignant = frame["prob_malignant"] >= 0.3
+    frame["label"] = frame["label"].where(
+        frame["status"] != "ok", malignant.map({True: "Malignant", False: "Normal"})
+    )
+    frame["confidence"] = frame["prob_malignant"].where(malignant, 1 - frame["prob_malignant"])
+    frame["threshold"] = 0.3
+    write(dest, pa.Table.from_pandas(frame, schema=SCHEMA, preserve_index=False), OLD, FIRST_DAY, "s0")
+
+    data = gather(str(dest))
+    ok = frame[frame["status"] == "ok"]
+    assert (ok["confidence"] < 0.5).any(), "the case the old 0.5–1 bins dropped"
+    counts = confidence_histogram(data)
+    for label in ("Normal", "Malignant"):
+        assert counts[label].sum() == (ok["label"] == label).sum()

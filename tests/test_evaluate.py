@@ -61,7 +61,10 @@ def test_evaluate_data_gives_the_numbers_computed_from_classify_output(
     assert metrics["counts"] == {"Normal": 8, "Malignant": 8}
     assert (metrics["tp"], metrics["fp"], metrics["tn"], metrics["fn"]) == (tp, fp, tn, fn)
     assert metrics["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
-    assert metrics["mcc"] == pytest.approx(matthews_corrcoef(y_true, y_pred))
+    if min(tp + fp, tp + fn, tn + fp, tn + fn):
+        assert metrics["mcc"] == pytest.approx(matthews_corrcoef(y_true, y_pred))
+    else:  # scikit-learn says 0 where MCC is undefined (an untrained model may call every image Normal)
+        assert metrics["mcc"] is None
     assert metrics["roc_auc"] == pytest.approx(roc_auc_score(y_true, ok["prob_malignant"]))
     assert metrics["models"] == [tiny_model] and metrics["threshold"] == 0.5
 
@@ -158,6 +161,7 @@ def test_several_model_revisions_must_be_chosen(
 
     chosen = runner.invoke(app, [*common, "--model-revision", first["model_revision"]])
     assert chosen.exit_code == 0, chosen.output
+    assert "n/a (no Malignant images)" in chosen.output, "one Normal label: recall is undefined, not 0%"
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["model_revisions"] == [first["model_revision"]] and metrics["images"]["evaluated"] == 1
 
@@ -175,3 +179,56 @@ def test_bad_evaluate_arguments_fail_before_any_work(tmp_path: Path, args: list[
     result = runner.invoke(app, ["evaluate", "-o", str(tmp_path / "r"), *args])
     assert result.exit_code == 2 and expected in result.output
     assert not (tmp_path / "r").exists()
+
+
+def labels_csv(path: Path, labeled: Path, classes: tuple[str, ...] = ("Normal", "malignant")) -> Path:
+    lines = ["image_uri,label"]
+    if "Normal" in classes:
+        lines += [f"{labeled}/Normal/n{n}.png,Normal" for n in range(8)]
+    if "malignant" in classes:
+        lines += [f"{labeled}/malignant/sub/m{n}.jpg,Malignant" for n in range(8)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_evaluate_reads_only_the_dataset_files_in_dest(
+    labeled: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    """Notes and exports saved in DEST are not predictions: they neither break nor change the metrics."""
+    predictions = tmp_path / "preds"
+    classify(str(labeled), str(predictions), model=tiny_model, device="cpu")
+    labels = labels_csv(tmp_path / "labels.csv", labeled)
+    command = ["evaluate", "--predictions", str(predictions), "--labels", str(labels), "-o"]
+    clean = runner.invoke(app, [*command, str(tmp_path / "r1")])
+    assert clean.exit_code == 0, clean.output
+
+    rows(predictions).to_parquet(predictions / "latest-export.parquet")  # the full schema, same images
+    (predictions / "README.txt").write_text("reviewed by Dr. X")
+    with_strays = runner.invoke(app, [*command, str(tmp_path / "r2")])
+    assert with_strays.exit_code == 0, with_strays.output
+    before, after = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("r1", "r2"))
+    assert after["images"] == before["images"] and after["images"]["evaluated"] == 16
+    assert (after["tp"], after["fp"], after["tn"], after["fn"]) == (
+        before["tp"],
+        before["fp"],
+        before["tn"],
+        before["fn"],
+    )
+
+
+def test_labels_of_one_class_give_null_metrics_and_a_warning(
+    labeled: Path, tmp_path: Path, tiny_model: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    predictions = tmp_path / "preds"
+    classify(str(labeled), str(predictions), model=tiny_model, device="cpu")
+    labels = labels_csv(tmp_path / "normal-only.csv", labeled, classes=("Normal",))
+
+    metrics = evaluate(output=str(tmp_path / "r"), predictions=str(predictions), labels=str(labels))
+    assert metrics["recall"] is None and metrics["false_negative_rate"] is None and metrics["mcc"] is None
+    assert metrics["specificity"] is not None and metrics["counts"] == {"Normal": 8, "Malignant": 0}
+    saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert saved["recall"] is None and saved["roc_auc"] is None and saved["wilson_95"]["recall"] is None
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "| Recall (Sensitivity) | n/a (no Malignant images) |" in report
+    assert "misses about" not in report and "One class only" in report
+    assert any("no Malignant image" in record.getMessage() for record in caplog.records)

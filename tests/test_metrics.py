@@ -17,8 +17,11 @@ from tasks.metrics import (
     compute_metrics,
     join_labels,
     operating_point,
+    read_predictions,
+    wilson_interval,
 )
-from tasks.report import render_markdown, seed_table, write_report
+from tasks.report import interpretation, render_markdown, seed_table, write_report
+from tests.analytics_data import FIRST_DAY, OLD, rows, write
 from tests.conftest import make_image
 
 
@@ -214,3 +217,151 @@ def test_labeled_folder_takes_classes_from_folder_names(tmp_path: Path) -> None:
 
     with pytest.raises(LabelError, match="Normal/ and Malignant/"):
         labeled_folder(str(tmp_path / "other"))
+
+
+@pytest.mark.parametrize(
+    ("y_true", "prob", "undefined"),
+    [
+        # Only Normal labels, none called Malignant (the reviewer's labels_onenormal.csv).
+        (
+            [0, 0, 0, 0],
+            [0.1, 0.2, 0.3, 0.4],
+            {
+                "precision": "n/a (nothing predicted Malignant)",
+                "recall": "n/a (no Malignant images)",
+                "false_negative_rate": "n/a (no Malignant images)",
+                "f1": "n/a (no Malignant images)",
+                "mcc": "n/a (no Malignant images)",
+                "roc_auc": "n/a (no Malignant images)",
+            },
+        ),
+        # Only Malignant labels.
+        (
+            [1, 1, 1],
+            [0.9, 0.2, 0.7],
+            {
+                "specificity": "n/a (no Normal images)",
+                "false_positive_rate": "n/a (no Normal images)",
+                "mcc": "n/a (no Normal images)",
+                "pr_auc": "n/a (no Normal images)",
+            },
+        ),
+        # Both classes, but the model calls nothing Malignant: F1 is 0, precision and MCC undefined.
+        (
+            [0, 1, 0, 1],
+            [0.1, 0.2, 0.3, 0.4],
+            {"precision": "n/a (nothing predicted Malignant)", "mcc": "n/a (nothing predicted Malignant)"},
+        ),
+    ],
+)
+def test_metrics_with_an_empty_denominator_are_null_and_explained(
+    tmp_path: Path, y_true: list[int], prob: list[float], undefined: dict[str, str]
+) -> None:
+    truth, probabilities = np.array(y_true), np.array(prob)
+    metrics = compute_metrics(Joined(scored_frame(truth, probabilities), 0, 0, 0, 0))
+    for key in (
+        "precision",
+        "recall",
+        "specificity",
+        "f1",
+        "mcc",
+        "false_negative_rate",
+        "false_positive_rate",
+    ):
+        assert (metrics[key] is None) == (key in undefined), key
+
+    write_report(str(tmp_path), metrics, truth, (probabilities >= 0.5).astype(int), probabilities)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert {key for key in undefined if key in metrics} <= {
+        key for key, value in saved.items() if value is None
+    }
+    report = (tmp_path / "report.md").read_text()
+    for text in undefined.values():
+        assert text in report
+    assert ("One class only" in report) == (len(set(y_true)) == 1)
+    assert "research, not diagnosis" in report.lower()
+
+
+def test_interpretation_never_says_zero_percent_of_nothing() -> None:
+    """The model card's words: a rate over no images is n/a, not "misses about 0 of every 100"."""
+    only_normal = classification_metrics(np.zeros(4, int), np.zeros(4, int))
+    text = interpretation(only_normal)
+    assert "misses about" not in text and "are in fact Normal" not in text
+    assert "n/a (no Malignant images)" in text and "n/a (nothing predicted Malignant)" in text
+    assert "of these 4 images" in text
+
+    y_true, y_pred = seed_card_predictions()
+    card = interpretation(classification_metrics(y_true, y_pred))
+    assert "Catches 72.25% of the 191 Malignant images" in card and "(55 of the 459 Normal images)" in card
+    assert "Of the 193 images it calls Malignant, 71.50% are Malignant" in card
+
+
+def test_wilson_intervals_match_published_values() -> None:
+    assert wilson_interval(7, 10) == pytest.approx([0.3968, 0.8922], abs=1e-4)
+    assert wilson_interval(0, 5) == pytest.approx([0.0, 0.4345], abs=1e-4)
+    assert wilson_interval(5, 5) == pytest.approx([0.5655, 1.0], abs=1e-4)
+    assert wilson_interval(0, 0) is None
+
+
+def test_report_states_sample_size_intervals_and_how_far_the_numbers_reach(tmp_path: Path) -> None:
+    y_true = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    prob = np.array([0.9, 0.8, 0.6, 0.3, 0.7, 0.4, 0.35, 0.2, 0.1, 0.05])
+    metrics = compute_metrics(Joined(scored_frame(y_true, prob), 0, 0, 0, 0), target_sensitivity=0.75)
+    assert metrics["wilson_95"]["recall"] == pytest.approx(wilson_interval(3, 4))
+    assert metrics["wilson_95"]["specificity"] == pytest.approx(wilson_interval(5, 6))
+
+    write_report(str(tmp_path), metrics, y_true, (prob >= 0.5).astype(int), prob)
+    assert json.loads((tmp_path / "metrics.json").read_text())["wilson_95"]["recall"] == pytest.approx(
+        wilson_interval(3, 4)
+    )
+    report = (tmp_path / "report.md").read_text()
+    assert "rest on 4 Malignant images" in report and "on 6 Normal images" in report
+    low, high = wilson_interval(3, 4)  # type: ignore[misc]
+    assert f"sensitivity {100 * low:.2f}%–{100 * high:.2f}%" in report
+    assert "do not transfer to other scanners, sites or patient populations" in report
+    assert "its sensitivity here is optimistic: confirm it on another labelled set" in report
+
+
+def test_labels_file_that_is_not_utf8_is_explained(tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_bytes("image_uri,label\nimgs/caf\u00e9.jpg,Normal\n".encode("cp1252"))
+    with pytest.raises(LabelError, match=r"excel\.csv.*not UTF-8.*line 2.*save it as UTF-8 CSV"):
+        read_labels_file(str(path))
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_spaces_around_labels_file_values_are_ignored(tmp_path: Path, suffix: str) -> None:
+    frame = pd.DataFrame(
+        {
+            "image_uri": [" file:///x.jpg", "scans/a.png  ", "\ts3://b/c.png"],
+            "label": [" Malignant", "0 ", " 1 "],
+        }
+    )
+    path = tmp_path / f"labels.{suffix}"
+    frame.to_csv(path, index=False) if suffix == "csv" else frame.to_parquet(path)
+    labels = read_labels_file(str(path))
+    assert dict(zip(labels["image_uri"], labels["y_true"], strict=True)) == {
+        "file:///x.jpg": 1,
+        f"file://{tmp_path}/scans/a.png": 0,
+        "s3://b/c.png": 1,
+    }
+
+
+def test_predictions_are_read_from_the_dataset_files_only(tmp_path: Path) -> None:
+    """A README or an export saved in DEST is neither read nor counted, whatever its schema."""
+    dest = tmp_path / "dest"
+    table = rows(range(10), OLD, FIRST_DAY, seed=0, shard="s0")
+    write(dest, table, OLD, FIRST_DAY, "s0")
+    (dest / "README.txt").write_text("notes, not data")
+    table.to_pandas().assign(image_uri="file:///elsewhere.jpg").to_parquet(dest / "latest-export.parquet")
+    (dest / "model_slug=x").mkdir()
+    pd.DataFrame({"n": [1]}).to_parquet(dest / "model_slug=x" / "not-in-a-date-folder.parquet")
+
+    predictions = read_predictions(str(dest))
+    assert sorted(predictions["image_uri"]) == sorted(table.column("image_uri").to_pylist())
+    assert set(predictions["model_revision"]) == {OLD}
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(EvaluationError, match=r"'.*empty'.*model_slug=\*/date=\*/\*\.parquet.*--predictions"):
+        read_predictions(str(tmp_path / "empty"))

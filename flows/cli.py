@@ -381,19 +381,12 @@ def report_command(
 
 def print_metrics(metrics: dict[str, Any], written: str) -> None:
     """The seed card's table, the confusion counts and the operating point, on stdout."""
-    from tasks.report import metric_text  # matplotlib and scikit-learn: only once there is a report
+    from tasks.report import SEED_ROWS, metric_text  # matplotlib, scikit-learn: only once there is a report
 
     table = Table(title="oncoflow evaluation (research use only, not a diagnosis)")
     table.add_column("Metric")
     table.add_column("Value", justify="right")
-    for name, key in (
-        ("Accuracy", "accuracy"),
-        ("Precision", "precision"),
-        ("Recall (Sensitivity)", "recall"),
-        ("Specificity", "specificity"),
-        ("F1 Score", "f1"),
-        ("MCC", "mcc"),
-    ):
+    for name, key in SEED_ROWS:
         table.add_row(name, metric_text(metrics, key))  # "n/a (no Malignant images)" where undefined
     table.add_row(
         "TP / FN / FP / TN", f"{metrics['tp']} / {metrics['fn']} / {metrics['fp']} / {metrics['tn']}"

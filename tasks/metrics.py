@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -31,7 +30,7 @@ from sklearn.metrics import (
 
 from tasks.labels import CLASS_NAMES
 from tasks.model import POSITIVE_LABEL
-from tasks.sink import dataset_files
+from tasks.sink import open_dataset
 from tasks.storage import open_location
 
 PREDICTION_COLUMNS = ["image_uri", "prob_malignant", "label", "threshold", "model", "model_revision"]
@@ -52,19 +51,12 @@ def read_predictions(destination: str, model_revision: str | None = None) -> pd.
     location = open_location(destination)
     if not location.fs.isdir(location.path):
         raise FileNotFoundError(f"predictions dataset {destination!r} does not exist; check --predictions")
-    files = dataset_files(location)  # only the partition files: a stray README or export is not data
-    if not files:
+    dataset = open_dataset(location)  # only the partition files: a stray README or export is not data
+    if dataset is None:
         raise EvaluationError(
             f"predictions dataset {destination!r} holds no model_slug=*/date=*/*.parquet files; check "
             "--predictions: it must be the --output folder of `oncoflow classify`"
         )
-    dataset = ds.dataset(
-        files,
-        filesystem=location.fs,
-        format="parquet",
-        partitioning="hive",
-        partition_base_dir=location.path.rstrip("/"),
-    )
     columns = [*PREDICTION_COLUMNS, "status", "processed_at", "model_slug"]
     wanted = None
     if model_revision:  # pushed down: other revisions' files are skipped, not loaded and dropped

@@ -77,21 +77,24 @@ def metric_text(metrics: dict[str, Any], key: str) -> str:
     return percent(value) if key in PERCENT_METRICS else f"{value:.4f}"
 
 
+# The seed model card's performance table: (row name, metrics key).
+SEED_ROWS = (
+    ("Accuracy", "accuracy"),
+    ("Precision", "precision"),
+    ("Recall (Sensitivity)", "recall"),
+    ("Specificity", "specificity"),
+    ("F1 Score", "f1"),
+    ("MCC", "mcc"),
+)
+
+
 def seed_table(metrics: dict[str, Any]) -> str:
     """The seed model card's performance table, filled with these metrics."""
-    rows = [
-        ("Accuracy", "accuracy"),
-        ("Precision", "precision"),
-        ("Recall (Sensitivity)", "recall"),
-        ("Specificity", "specificity"),
-        ("F1 Score", "f1"),
-        ("MCC", "mcc"),
-    ]
     return "\n".join(
         [
             "| Metric | Value |",
             "|---|---|",
-            *(f"| {name} | {metric_text(metrics, key)} |" for name, key in rows),
+            *(f"| {name} | {metric_text(metrics, key)} |" for name, key in SEED_ROWS),
         ]
     )
 

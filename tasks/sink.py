@@ -116,14 +116,12 @@ def dataset_files(destination: Location) -> list[str]:
     return sorted(path for path in paths if PARTITION_FILE.fullmatch(path[len(root) + 1 :]))
 
 
-def _read_index(destination: Location, revision: str) -> pa.Table:
-    empty = pa.table({name: pa.array([], pa.string()) for name in INDEX_COLUMNS}).append_column(
-        "threshold", pa.array([], pa.float64())
-    )
+def open_dataset(destination: Location) -> ds.Dataset | None:
+    """The dataset at `destination` over its partition files only (dataset_files); None when it has none."""
     files = dataset_files(destination)
     if not files:
-        return empty
-    dataset = ds.dataset(
+        return None
+    return ds.dataset(
         files,
         filesystem=destination.fs,
         format="parquet",
@@ -131,6 +129,15 @@ def _read_index(destination: Location, revision: str) -> pa.Table:
         partition_base_dir=destination.path.rstrip("/"),
         exclude_invalid_files=False,
     )
+
+
+def _read_index(destination: Location, revision: str) -> pa.Table:
+    empty = pa.table({name: pa.array([], pa.string()) for name in INDEX_COLUMNS}).append_column(
+        "threshold", pa.array([], pa.float64())
+    )
+    dataset = open_dataset(destination)
+    if dataset is None:
+        return empty
     table = dataset.to_table(
         columns=[*INDEX_COLUMNS, "threshold"], filter=pc.field("model_revision") == revision
     )

@@ -74,31 +74,20 @@ def test_local_lease_of_a_killed_process_is_free_and_names_the_dead_run(tmp_path
 
 
 @pytest.mark.s3
-def test_object_store_lease_uses_conditional_writes_and_expires(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        options = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
-        location = open_location("s3://leases/out", options)
-        location.fs.mkdir("leases")
-        first = acquire(location, "m", "run-a", wait_seconds=0, ttl_seconds=2)
-        with pytest.raises(LeaseBusy, match="run-a"):
-            acquire(location, "m", "run-b", wait_seconds=0, ttl_seconds=2)
-        time.sleep(1.5)  # the heartbeat renews at ttl/4: still held after most of a ttl
-        with pytest.raises(LeaseBusy):
-            acquire(location, "m", "run-b", wait_seconds=0, ttl_seconds=2)
-        first.stopped.set()  # the holder hangs: no more renewals
-        first.heartbeat.join()
-        time.sleep(2.1)
-        with acquire(location, "m", "run-b", wait_seconds=0, ttl_seconds=2) as second:
-            assert second.previous is not None and second.previous.run_id == "run-a"
-        assert not location.fs.exists("leases/out/_leases/m.lease")  # released: deleted
-    finally:
-        server.stop()
+def test_object_store_lease_uses_conditional_writes_and_expires(lease_server: str) -> None:
+    location = open_location("s3://leases/out", {"client_kwargs": {"endpoint_url": lease_server}})
+    first = acquire(location, "m", "run-a", wait_seconds=0, ttl_seconds=2)
+    with pytest.raises(LeaseBusy, match="run-a"):
+        acquire(location, "m", "run-b", wait_seconds=0, ttl_seconds=2)
+    time.sleep(1.5)  # the heartbeat renews at ttl/4: still held after most of a ttl
+    with pytest.raises(LeaseBusy):
+        acquire(location, "m", "run-b", wait_seconds=0, ttl_seconds=2)
+    first.stopped.set()  # the holder hangs: no more renewals
+    first.heartbeat.join()
+    time.sleep(2.1)
+    with acquire(location, "m", "run-b", wait_seconds=0, ttl_seconds=2) as second:
+        assert second.previous is not None and second.previous.run_id == "run-a"
+    assert not location.fs.exists("leases/out/_leases/m.lease")  # released: deleted
 
 
 @pytest.fixture
@@ -119,6 +108,7 @@ def lease_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         server.stop()
 
 
+@pytest.mark.s3
 def test_object_lease_on_a_store_that_answers_412_without_its_condition(lease_server: str) -> None:
     """SeaweedFS answers a failed If-None-Match PUT with a bare 412: still 'held by another run'."""
     with FaultyProxy(lease_server, every=10**9, bare_412=True) as proxy:
@@ -133,6 +123,7 @@ def test_object_lease_on_a_store_that_answers_412_without_its_condition(lease_se
 
 
 @pytest.mark.slow
+@pytest.mark.s3
 def test_an_outage_longer_than_the_ttl_loses_the_lease_loudly(lease_server: str) -> None:
     """Renewals that keep failing (connection errors, not OSErrors) mark the lease lost before it
     expires, so the run fails with LeaseLost instead of writing on without it."""

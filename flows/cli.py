@@ -438,6 +438,7 @@ def evaluate_command(
     params = validated(EvaluateParams, **{k: v for k, v in locals().items()})
     from flows.evaluate import evaluate
 
+    quiet_expected_tracebacks(EXPECTED_ERRORS)
     try:
         metrics = evaluate(**params.model_dump())
     except EXPECTED_ERRORS as exc:
@@ -465,6 +466,7 @@ def train_command(
     params = validated(TrainParams, **{k: v for k, v in locals().items()})
     from flows.train import train
 
+    quiet_expected_tracebacks(EXPECTED_ERRORS)
     try:
         summary = train(**params.model_dump())
     except EXPECTED_ERRORS as exc:

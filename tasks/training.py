@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +97,38 @@ def input_size(processor_config: dict[str, Any]) -> tuple[int, int]:
     return int(size["shortest_edge"]), int(size["shortest_edge"])
 
 
+def read_image(item: LabeledImage) -> Image.Image:
+    """One training image, decoded as classify decodes it; TrainingError names the file and the fix."""
+    try:
+        with open(item.path, "rb") as handle:
+            return decode_image(handle.read())
+    except (OSError, ImageError) as exc:
+        raise TrainingError(f"cannot train on {item.path}: {exc}; fix or remove the file") from exc
+
+
+def check_images(images: list[LabeledImage], threads: int = min(16, os.cpu_count() or 1)) -> None:
+    """Decode every image once before training, so a bad file fails the run at once, listed with every
+    other bad file, instead of hours into an epoch. Costs one decode per image (threads: PIL releases
+    the GIL while it decodes)."""
+    with ThreadPoolExecutor(threads) as pool:
+        problems = [str(exc) for exc in pool.map(_problem, images) if exc is not None]
+    if problems:
+        shown = "\n  ".join(problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise TrainingError(
+            f"{len(problems)} of {len(images)} training images cannot be decoded; fix or remove them, then "
+            f"run again:\n  {shown}{more}"
+        )
+
+
+def _problem(item: LabeledImage) -> TrainingError | None:
+    try:
+        read_image(item)
+    except TrainingError as exc:
+        return exc
+    return None
+
+
 class LabeledImages(torch.utils.data.Dataset):
     """(pixels, label) pairs; training items get a fresh random crop per epoch, fixed by (seed, epoch)."""
 
@@ -121,11 +154,7 @@ class LabeledImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         item = self.images[index]
-        try:
-            with open(item.path, "rb") as handle:
-                image = decode_image(handle.read())
-        except (OSError, ImageError) as exc:
-            raise TrainingError(f"cannot train on {item.path}: {exc}; fix or remove the file") from exc
+        image = read_image(item)
         if self.augment:
             rng = np.random.default_rng([self.recipe.seed, self.epoch, index])
             image = random_resized_crop(image, self.size, rng, self.recipe.crop_scale)
@@ -215,7 +244,9 @@ def fine_tune(
     if os.path.exists(output) and os.listdir(output):
         raise TrainingError(f"output folder {output!r} is not empty; choose a new folder or remove it")
     torch_device = resolve_device(device)  # type: ignore[arg-type]
-    train_images, val_images = split(labeled_folder(data), recipe.val_split, recipe.seed)
+    images = labeled_folder(data)
+    train_images, val_images = split(images, recipe.val_split, recipe.seed)
+    check_images(images)
     torch.manual_seed(recipe.seed)
     network, base_dir, processor_config = load_base(base_model)
     network = network.to(torch_device)

@@ -163,3 +163,28 @@ def test_a_base_with_a_two_class_head_gets_a_new_head_from_the_seed(tmp_path: Pa
     torch.manual_seed(1)
     again = load_base(tiny_model)[0].classifier.weight
     assert not torch.equal(first, base) and not torch.equal(first, second) and torch.equal(first, again)
+
+
+def test_unreadable_training_images_are_all_listed_before_training(tmp_path: Path, tiny_model: str) -> None:
+    data = write_signal_images(tmp_path / "data", 8, seed=0)
+    truncated = data / "Malignant" / "malignant_2.png"
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    (data / "Normal" / "notes.png").write_text("not an image")
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(data),
+            "-o",
+            str(tmp_path / "m"),
+            "--base-model",
+            tiny_model,
+            "--device",
+            "cpu",
+        ],
+    )
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "2 of 17 training images cannot be decoded" in text, result.output
+    assert "malignant_2.png" in text and "notes.png" in text
+    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())

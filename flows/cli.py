@@ -32,7 +32,7 @@ from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import progress_listeners
 from tasks.lease import LeaseBusy, LeaseLost
 from tasks.model import DEFAULT_BASE_MODEL, DEFAULT_MODEL, ModelError
-from tasks.redaction import redact
+from tasks.redaction import install_log_redaction, redact
 
 app = typer.Typer(
     help="Batch classification of medical images (Normal / Malignant) with a ViT, as Prefect flows. "
@@ -46,6 +46,7 @@ console = Console(stderr=True)
 @app.callback()
 def main() -> None:
     """oncoflow: classify medical images in bulk. Research use only, not a diagnosis."""
+    install_log_redaction()  # from the first log line on: storage libraries log signed URLs and keys
 
 
 # OSError covers storage failures (full disk, lost output location), whose messages say what to do.
@@ -532,7 +533,9 @@ def reprocess_command(
 
 
 @contextmanager
-def prefect_api() -> Iterator[None]:
+def prefect_api(
+    fix: str = "or unset PREFECT_API_URL to read this machine's own run history",
+) -> Iterator[None]:
     """Calls to the Prefect API: an unreachable server is an error that names the URL and the fix."""
     import httpx
     from prefect.settings import PREFECT_API_URL
@@ -543,7 +546,7 @@ def prefect_api() -> Iterator[None]:
         url = PREFECT_API_URL.value() or "the temporary server"
         fail(
             f"cannot reach the Prefect API at {url} ({type(exc).__name__}: {exc}); start it "
-            "(`prefect server start`), or unset PREFECT_API_URL to read this machine's own run history"
+            f"(`prefect server start`), {fix}"
         )
 
 
@@ -600,10 +603,11 @@ def serve_command(
     limit: Annotated[int | None, typer.Option(help="At most this many runs at once.")] = None,
 ) -> None:
     """Serve classify-nightly, reprocess-archive and evaluate from this machine until interrupted (Ctrl-C)."""
-    import os
     from zoneinfo import available_timezones
 
-    if not os.environ.get("PREFECT_API_URL"):
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():  # the environment, or the active Prefect profile
         fail(
             "serve needs a running Prefect server: start one with `prefect server start`, then "
             "export PREFECT_API_URL=http://127.0.0.1:4200/api",
@@ -611,7 +615,14 @@ def serve_command(
         )
     if timezone not in available_timezones():
         fail(f"invalid --timezone: {timezone!r} is not an IANA time zone (e.g. UTC, Europe/Berlin)", code=2)
+    try:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        CronSchedule(cron=cron, timezone=timezone)
+    except (ValueError, ValidationError):
+        fail(f"invalid --cron {cron!r}: give five fields, e.g. '0 2 * * *' for 02:00 every day", code=2)
     validated(ClassifyParams, source=source, output=output, model=model, device=device)
     from flows.serve import build_deployments, serve_deployments
 
-    serve_deployments(build_deployments(source, output, model, cron, timezone, device), limit=limit)
+    with prefect_api("and run serve again once it answers (it takes a few seconds to start)"):
+        serve_deployments(build_deployments(source, output, model, cron, timezone, device), limit=limit)

@@ -214,6 +214,11 @@ class EvaluateParams(BaseModel):
         None, gt=0.0, le=1.0, description="Also report the highest threshold reaching this sensitivity"
     )
 
+    @field_validator("output", "predictions", "labels", "data")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        return refuse_credentials(value)
+
     @model_validator(mode="after")
     def _check_inputs(self) -> EvaluateParams:
         if (self.predictions is None) == (self.data is None):

@@ -2,7 +2,8 @@
 
 First frame only; modality LUT (rescale slope/intercept), then the VOI window (the first
 WindowCenter/WindowWidth, or the VOI LUT sequence), else the frame's own value range; MONOCHROME1 is
-inverted so that bright always means dense; grey is replicated to RGB.
+inverted so that bright always means dense; grey is replicated to RGB. PALETTE COLOR frames go through
+their colour lookup tables.
 
 Privacy: nothing read from the header goes into a message. DICOM headers carry patient names, ids and
 dates; every error text here is written by us, so no identifier can reach a row or a log.
@@ -11,6 +12,7 @@ dates; every error text here is written by us, so no identifier can reach a row 
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 from PIL import Image
@@ -18,11 +20,14 @@ from pydicom.dataset import Dataset
 
 from tasks.images import ImageError, scale_to_8bit
 
+# pydicom logs an ERROR per undecodable file, naming no file: the file's error row says it, with its name.
+logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+
 
 def decode_dicom(data: bytes, max_pixels: int) -> Image.Image:
     """DICOM bytes → RGB PIL image, or ImageError with a category."""
     import pydicom
-    from pydicom.pixels import apply_modality_lut, pixel_array
+    from pydicom.pixels import pixel_array
 
     preamble = data[128:132] == b"DICM"
     try:
@@ -56,8 +61,24 @@ def decode_dicom(data: bytes, max_pixels: int) -> Image.Image:
             "unsupported",
             f"DICOM pixel data cannot be decoded (transfer syntax {name}, {type(exc).__name__})",
         ) from exc
+    try:
+        return _displayed(frame, dataset)
+    except Exception as exc:  # a malformed header value (a window, a slope): its text may be an identifier
+        raise ImageError(
+            "unsupported", f"DICOM pixel values cannot be displayed ({type(exc).__name__})"
+        ) from exc
+
+
+def _displayed(frame: np.ndarray, dataset: Dataset) -> Image.Image:
+    """A decoded first frame as the RGB image a viewer shows."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+
     if frame.ndim == 3:  # colour (RGB, or YBR already converted to RGB by pydicom)
         return Image.fromarray(_colour_to_8bit(frame), "RGB")
+    if getattr(dataset, "PhotometricInterpretation", "") == "PALETTE COLOR":
+        colours = apply_color_lut(frame, dataset)  # 8- or 16-bit entries: 16-bit ones keep their top byte
+        colours = colours if colours.dtype == np.uint8 else (colours >> 8).astype(np.uint8)
+        return Image.fromarray(np.ascontiguousarray(colours), "RGB")
     grey = display_values(apply_modality_lut(frame, dataset).astype(np.float64), dataset)
     return Image.fromarray(grey, "L").convert("RGB")
 

@@ -69,7 +69,9 @@ def decode_image(
         # Pillow and pydicom warn per file (corrupt EXIF, odd tags): one error row says enough, and a
         # DICOM warning may quote an element's value.
         warnings.simplefilter("ignore")
-        if data[128:132] == b"DICM" or os.path.splitext(name)[1].lower() in DICOM_EXTENSIONS:
+        named_dicom = os.path.splitext(name)[1].lower() in DICOM_EXTENSIONS
+        # A `.dcm` name on a JPEG/PNG/... (an export renamed) is decoded as the image it is.
+        if data[128:132] == b"DICM" or (named_dicom and not data.startswith(SIGNATURES)):
             from tasks.dicom import decode_dicom
 
             return decode_dicom(data, max_pixels)

@@ -188,6 +188,48 @@ def test_dicom_first_frame_only_and_sniffed_by_content(tmp_path: Path, tiny_mode
     assert (rows["a.dcm"]["image_width"], rows["a.dcm"]["image_height"]) == (64, 32)
 
 
+def edited_dicom(data: bytes, **elements: object) -> bytes:
+    """A DICOM file from make_dicom with some header elements replaced (name → (VR, value))."""
+    import pydicom
+
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    for keyword, (vr, value) in elements.items():  # type: ignore[misc]
+        dataset.add_new(keyword, vr, value)
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_dicom_palette_colour_goes_through_its_lookup_tables() -> None:
+    ramp = (np.arange(256, dtype=np.uint16)[np.newaxis].repeat(8, axis=0)) % 256
+    red = (np.arange(256)[::-1] * 257).astype("<u2").tobytes()  # 16-bit entries: red = 255 - index
+    zeros = np.zeros(256, "<u2").tobytes()
+    data = edited_dicom(
+        corpus.make_dicom(ramp, photometric="PALETTE COLOR", bits_stored=8),
+        RedPaletteColorLookupTableDescriptor=("US", [256, 0, 16]),
+        GreenPaletteColorLookupTableDescriptor=("US", [256, 0, 16]),
+        BluePaletteColorLookupTableDescriptor=("US", [256, 0, 16]),
+        RedPaletteColorLookupTableData=("OW", red),
+        GreenPaletteColorLookupTableData=("OW", zeros),
+        BluePaletteColorLookupTableData=("OW", zeros),
+    )
+    pixels = np.asarray(decode_image(data))
+    assert pixels[0, :, 0].tolist() == list(range(255, -1, -1)) and not pixels[..., 1:].any()
+
+
+def test_a_malformed_dicom_header_value_is_an_error_row_without_the_value() -> None:
+    # Written with VR LO: pydicom would refuse to write a DS that is not a number, as some devices do.
+    data = edited_dicom(corpus.make_dicom(corpus.dicom_ramp()), WindowCenter=("LO", "SENTINEL"))
+    with pytest.raises(ImageError) as raised:
+        decode_image(data)
+    assert raised.value.category == "unsupported" and "SENTINEL" not in str(raised.value)
+
+
+def test_an_image_named_dcm_is_decoded_as_the_image_it_is() -> None:
+    png = corpus.encode(corpus.random_rgb((24, 16), 3), "PNG")
+    assert decode_image(png, name="export.dcm").size == (24, 16)
+
+
 def test_window_functions() -> None:
     values = np.array([0.0, 99.5, 100.0, 200.0])
     assert window(values, 100, 1).tolist() == [0.0, 0.0, 1.0, 1.0]

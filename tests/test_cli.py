@@ -211,3 +211,25 @@ def test_an_empty_source_folder_fails_like_an_empty_s3_prefix(tmp_path: Path, ti
     (source / "README.txt").write_text("scans arrive here nightly")  # not empty, just no images yet
     result = invoke("classify", str(source), "-o", str(output), "--model", tiny_model, "--device", "cpu")
     assert result.exit_code == 0, result.output
+
+
+def test_serve_names_a_bad_cron_and_an_unreachable_api(
+    image_folder: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    common = [
+        "serve",
+        "--source",
+        str(image_folder),
+        "--output",
+        str(tmp_path / "out"),
+        "--model",
+        tiny_model,
+    ]
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # as if from a Prefect profile
+        result = invoke(*common, "--cron", "0 2 * *")
+        assert result.exit_code == 2 and "invalid --cron '0 2 * *'" in " ".join(result.output.split())
+        result = invoke(*common)
+        text = " ".join(result.output.split())
+        assert result.exit_code == 1 and "cannot reach the Prefect API at http://127.0.0.1:9/api" in text

@@ -234,3 +234,18 @@ def test_odd_file_names_stay_rows_and_never_paths(tmp_path: Path, tiny_model: st
         p.is_relative_to(output) and (p.name.startswith("part-") or p.parent.name == "_leases")
         for p in written
     )
+
+
+@pytest.mark.parametrize("option", ["--labels", "--predictions", "--output"])
+def test_evaluate_refuses_credentials_without_echoing_them(tmp_path: Path, option: str) -> None:
+    signed = f"https://user:{SECRET}@host/labels.csv?X-Amz-Signature={SECRET}"
+    values = {
+        "--labels": str(tmp_path / "l.csv"),
+        "--predictions": str(tmp_path / "p"),
+        "--output": str(tmp_path / "r"),
+    }
+    values[option] = signed
+    arguments = ["evaluate", *(part for item in values.items() for part in item)]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 2 and option in result.output and "environment" in result.output
+    assert SECRET not in result.output

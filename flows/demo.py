@@ -84,6 +84,21 @@ DEMO_EPOCHS = 6
 DEMO_LEARNING_RATE = 1e-3
 
 
+DEMO_BANNER = (
+    "> **Demo output.** A tiny ViT trained on synthetic blobs by `make demo`: not a medical model. "
+    "Its numbers say nothing about any real model, scanner or patient. Research use only, not a diagnosis.\n\n"
+)
+
+
+def mark_as_demo(markdown: str) -> None:
+    """Put DEMO_BANNER at the top of a model card or report the demo wrote, so a copy cannot pass for real."""
+    with open(markdown, encoding="utf-8") as handle:
+        text = handle.read()
+    front = text.index("---", 3) + 3 if text.startswith("---") else 0  # after a model card's YAML header
+    with open(markdown, "w", encoding="utf-8") as handle:
+        handle.write(text[:front] + ("\n\n" if front else "") + DEMO_BANNER + text[front:].lstrip("\n"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="demo-output", help="where the demo writes everything")
@@ -120,11 +135,13 @@ def main() -> None:
         learning_rate=DEMO_LEARNING_RATE,
         device="cpu",
     )
+    mark_as_demo(os.path.join(trained["output"], "README.md"))
     print(f"model card: {trained['output']}/README.md")
 
     print("\n2. evaluate on the held-out images (classified through the classify flow)")
     metrics = evaluate(folders["report"], data=folders["holdout"], model=folders["model"], device="cpu")
     print(f"\n{seed_table(metrics)}\n\n{interpretation(metrics)}")
+    mark_as_demo(os.path.join(folders["report"], "report.md"))
     print(f"report, metrics.json and plots: {folders['report']}")
 
     print("\n3. classify new images with the trained model, twice (the second run finds nothing new)")
@@ -132,14 +149,15 @@ def main() -> None:
     again = classify(folders["incoming"], folders["predictions"], model=folders["model"], device="cpu")
     print(
         f"\nfirst run classified {summary['images_classified']} images ({summary['malignant']} Malignant); "
-        f"a second run classified {again['images_classified']} (incremental: nothing new)"
+        f"the second found {again['images_found']} images, all already in the output, and classified "
+        f"{again['images_classified']}: runs are incremental, as intended"
     )
     output = folders["predictions"]
     print(f"Parquet dataset: {output}")
     print("Query it with DuckDB:")
     print(
         f'  {os.path.relpath(sys.executable)} -c "import duckdb; duckdb.sql(\\"select label, count(*) n, avg(confidence) conf from '
-        f"read_parquet('{output}/**/*.parquet', hive_partitioning=true) group by label\\\").show()\""
+        f"read_parquet('{output}/model_slug=*/date=*/*.parquet', hive_partitioning=true) group by label\\\").show()\""
     )
 
 

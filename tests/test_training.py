@@ -188,3 +188,13 @@ def test_unreadable_training_images_are_all_listed_before_training(tmp_path: Pat
     assert result.exit_code == 1 and "2 of 17 training images cannot be decoded" in text, result.output
     assert "malignant_2.png" in text and "notes.png" in text
     assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
+
+
+def test_demo_outputs_say_they_come_from_a_toy_model(tmp_path: Path) -> None:
+    from flows.demo import DEMO_BANNER, mark_as_demo
+
+    card = tmp_path / "README.md"
+    card.write_text("# Image classifier\n\n| Recall | 100.00% |\n")
+    mark_as_demo(str(card))
+    assert card.read_text().startswith(DEMO_BANNER) and "| Recall | 100.00% |" in card.read_text()
+    assert "not a medical model" in DEMO_BANNER

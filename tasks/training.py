@@ -106,26 +106,27 @@ def read_image(item: LabeledImage) -> Image.Image:
         raise TrainingError(f"cannot train on {item.path}: {exc}; fix or remove the file") from exc
 
 
-def check_images(images: list[LabeledImage], threads: int = min(16, os.cpu_count() or 1)) -> None:
+def check_images(images: list[LabeledImage], root: str, threads: int = min(16, os.cpu_count() or 1)) -> None:
     """Decode every image once before training, so a bad file fails the run at once, listed with every
-    other bad file, instead of hours into an epoch. Costs one decode per image (threads: PIL releases
-    the GIL while it decodes)."""
+    other bad file (relative to the data folder `root`), instead of hours into an epoch. Costs one decode
+    per image (threads: PIL releases the GIL while it decodes)."""
     with ThreadPoolExecutor(threads) as pool:
-        problems = [str(exc) for exc in pool.map(_problem, images) if exc is not None]
+        problems = [problem for problem in pool.map(_problem, images) if problem is not None]
     if problems:
-        shown = "\n  ".join(problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        shown = "; ".join(f"{os.path.relpath(path, root)} ({reason})" for path, reason in problems[:10])
+        more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise TrainingError(
-            f"{len(problems)} of {len(images)} training images cannot be decoded; fix or remove them, then "
-            f"run again:\n  {shown}{more}"
+            f"{len(problems)} of {len(images)} training images under {root!r} cannot be decoded; fix or "
+            f"remove them, then run again: {shown}{more}"
         )
 
 
-def _problem(item: LabeledImage) -> TrainingError | None:
+def _problem(item: LabeledImage) -> tuple[str, str] | None:
     try:
-        read_image(item)
-    except TrainingError as exc:
-        return exc
+        with open(item.path, "rb") as handle:
+            decode_image(handle.read())
+    except (OSError, ImageError) as exc:
+        return item.path, str(exc)
     return None
 
 
@@ -246,7 +247,7 @@ def fine_tune(
     torch_device = resolve_device(device)  # type: ignore[arg-type]
     images = labeled_folder(data)
     train_images, val_images = split(images, recipe.val_split, recipe.seed)
-    check_images(images)
+    check_images(images, os.path.abspath(os.path.expanduser(data)))
     torch.manual_seed(recipe.seed)
     network, base_dir, processor_config = load_base(base_model)
     network = network.to(torch_device)

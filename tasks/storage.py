@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.client import IncompleteRead as HttpIncompleteRead
 from typing import Any, TypeVar
 
@@ -228,9 +228,29 @@ def _list_local(root: str) -> Iterator[DiscoveredFile]:
                 yield DiscoveredFile(
                     "file://" + printable_path(entry.path),
                     entry.path,
-                    f"{st.st_size}:{st.st_mtime_ns}",
+                    local_fingerprint(st),
                     st.st_size,
                 )
+
+
+def local_fingerprint(st: os.stat_result) -> str:
+    """A local file's content version: size and modification time (ns)."""
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def as_read(file: DiscoveredFile, fs: fsspec.AbstractFileSystem) -> DiscoveredFile:
+    """The file with the fingerprint of what was just read from it (local files; a stat, a few µs).
+
+    A file replaced between listing and reading would otherwise get a row pairing the listed (old)
+    fingerprint with the new content's prediction, and the next run a second row for the new one.
+    Object stores keep the listed ETag (a conditional GET would be needed)."""
+    if not isinstance(fs, LocalFileSystem):
+        return file
+    try:
+        fingerprint = local_fingerprint(os.stat(file.path))
+    except OSError:
+        return file
+    return file if fingerprint == file.fingerprint else replace(file, fingerprint=fingerprint)
 
 
 def _followed_stat(entry: os.DirEntry[str]) -> os.stat_result | None:

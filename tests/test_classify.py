@@ -192,3 +192,28 @@ def test_a_new_threshold_on_an_existing_output_says_what_it_applies_to(
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert "6 at 0.5" in warning and "--threshold 0.9 applies to new and changed images only" in warning
     assert "prob_malignant >= 0.9" in warning
+
+
+def test_a_file_replaced_after_listing_gets_the_fingerprint_of_what_was_read(
+    image_folder: Path, tiny_model: str
+) -> None:
+    """Its row describes the content classified, so the next run does not classify it a second time."""
+    from tasks.inference import EngineOptions, classify_files
+    from tasks.model import load_model
+    from tasks.sink import select_new
+    from tasks.storage import list_images, open_location
+
+    location = open_location(str(image_folder))
+    listed = list(list_images(location))
+    replaced = Path(listed[0].path)
+    make_image(replaced, size=(80, 60), seed=42)  # a scanner rewrites it while the run is underway
+    os.utime(replaced, ns=(time.time_ns(), time.time_ns() + 10**9))
+    model = load_model(tiny_model, device="cpu", precision="fp32")
+    rows = classify_files(listed, location.fs, model, EngineOptions(batch_size=4), "run", "shard")
+    stat = replaced.stat()
+    assert (
+        rows.column("fingerprint")[0].as_py() == f"{stat.st_size}:{stat.st_mtime_ns}" != listed[0].fingerprint
+    )
+    assert rows.column("image_width")[0].as_py() == 80
+    index = rows.select(["image_uri", "fingerprint"])
+    assert select_new(list_images(location), index) == []

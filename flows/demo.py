@@ -94,9 +94,8 @@ def mark_as_demo(markdown: str) -> None:
     """Put DEMO_BANNER at the top of a model card or report the demo wrote, so a copy cannot pass for real."""
     with open(markdown, encoding="utf-8") as handle:
         text = handle.read()
-    front = text.index("---", 3) + 3 if text.startswith("---") else 0  # after a model card's YAML header
     with open(markdown, "w", encoding="utf-8") as handle:
-        handle.write(text[:front] + ("\n\n" if front else "") + DEMO_BANNER + text[front:].lstrip("\n"))
+        handle.write(DEMO_BANNER + text)
 
 
 def main() -> None:

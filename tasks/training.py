@@ -122,11 +122,11 @@ def check_images(images: list[LabeledImage], root: str, threads: int = min(16, o
 
 
 def _problem(item: LabeledImage) -> tuple[str, str] | None:
+    """(path, why) for an image read_image refuses, else None."""
     try:
-        with open(item.path, "rb") as handle:
-            decode_image(handle.read())
-    except (OSError, ImageError) as exc:
-        return item.path, str(exc)
+        read_image(item)
+    except TrainingError as exc:
+        return item.path, str(exc.__cause__)
     return None
 
 

@@ -44,7 +44,7 @@ from tasks.images import (
 from tasks.model import LoadedModel, ModelError
 from tasks.redaction import install_log_redaction, redact
 from tasks.sink import SCHEMA
-from tasks.storage import DiscoveredFile, as_read, read_bytes
+from tasks.storage import DiscoveredFile, read_bytes, read_file
 
 # Each decode worker holds one whole file in memory: larger files are refused from their listed size,
 # before any byte is read (no valid scan within the default pixel limit comes near it).
@@ -158,8 +158,7 @@ def prepare(
             refusal := oversized(read_bytes(fs, file.path, PROBE_BYTES), max_pixels)
         ):
             return Prepared(file, error=refusal[:MESSAGE_LIMIT])
-        data = read_bytes(fs, file.path)
-        file = as_read(file, fs)
+        data, file = read_file(file, fs)
     except FileNotFoundError:
         return Prepared(file, error="missing: the file vanished after listing")
     except ConnectionError:

@@ -37,8 +37,10 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotocoreConnectionError
 from botocore.parsers import ResponseParserError
+from fsspec.asyn import sync
 from fsspec.implementations.local import LocalFileSystem
 from s3fs import S3FileSystem
+from s3fs.core import _error_wrapper as s3_error_wrapper  # s3fs's retry of truncated reads
 from s3fs.errors import translate_boto_error
 from urllib3.exceptions import IncompleteRead as UrllibIncompleteRead
 
@@ -238,19 +240,41 @@ def local_fingerprint(st: os.stat_result) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def as_read(file: DiscoveredFile, fs: fsspec.AbstractFileSystem) -> DiscoveredFile:
-    """The file with the fingerprint of what was just read from it (local files; a stat, a few µs).
+def read_file(file: DiscoveredFile, fs: fsspec.AbstractFileSystem) -> tuple[bytes, DiscoveredFile]:
+    """The whole content of `file`, and the file with the fingerprint of the version read.
 
     A file replaced between listing and reading would otherwise get a row pairing the listed (old)
     fingerprint with the new content's prediction, and the next run a second row for the new one.
-    Object stores keep the listed ETag (a conditional GET would be needed)."""
-    if not isinstance(fs, LocalFileSystem):
-        return file
-    try:
-        fingerprint = local_fingerprint(os.stat(file.path))
-    except OSError:
-        return file
-    return file if fingerprint == file.fingerprint else replace(file, fingerprint=fingerprint)
+    Local files: a stat after the read (a few µs). S3: one GET, whose ETag names the version it
+    returned (s3fs's own full read would HEAD first and, over 50 MB, fetch ranges that could mix two
+    versions of an object replaced meanwhile). Other stores keep the listed fingerprint."""
+    if isinstance(fs, S3FileSystem):
+        data, etag = storage_call(fs, file.path, lambda: sync(fs.loop, _s3_get, fs, file.path))
+        fingerprint = f"{etag}:{len(data)}" if etag else file.fingerprint
+    else:
+        data = read_bytes(fs, file.path)
+        if not isinstance(fs, LocalFileSystem):
+            return data, file
+        try:
+            fingerprint = local_fingerprint(os.stat(file.path))
+        except OSError:
+            return data, file
+    return data, file if fingerprint == file.fingerprint else replace(file, fingerprint=fingerprint)
+
+
+async def _s3_get(fs: S3FileSystem, path: str) -> tuple[bytes, str]:
+    """One S3 GET: the body and the ETag of the version it returned (s3fs retries truncated bodies)."""
+    bucket, key, version = fs.split_path(path)
+
+    async def get_and_read() -> tuple[bytes, str]:
+        extra = {"VersionId": version} if version else {}
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key, **extra)
+        try:
+            return await response["Body"].read(), str(response.get("ETag") or "").strip('"')
+        finally:
+            response["Body"].close()
+
+    return await s3_error_wrapper(get_and_read, retries=fs.retries)
 
 
 def _followed_stat(entry: os.DirEntry[str]) -> os.stat_result | None:

@@ -63,6 +63,31 @@ def test_s3_to_s3(image_folder: Path, s3: s3fs.S3FileSystem, tiny_model: str) ->
         assert row["status"] == "ok" and row["label"] in {"Normal", "Malignant"}
 
 
+def test_an_object_replaced_after_listing_gets_the_etag_of_what_was_read(
+    image_folder: Path, s3: s3fs.S3FileSystem, tiny_model: str
+) -> None:
+    """Its row describes the content classified, so the next run does not classify it a second time."""
+    from tasks.inference import EngineOptions, classify_files
+    from tasks.model import load_model
+    from tasks.sink import select_new
+    from tasks.storage import list_images
+
+    upload_folder(s3, image_folder, "scans/incoming")
+    location = open_location("s3://scans/incoming")
+    listed = sorted(list_images(location), key=lambda file: file.uri)
+    replacement = make_image(image_folder / "new.jpg", size=(80, 60), seed=42)
+    s3.pipe_file(listed[0].path, replacement.read_bytes())  # a scanner rewrites it while the run is underway
+
+    model = load_model(tiny_model, device="cpu", precision="fp32")
+    rows = classify_files(listed, location.fs, model, EngineOptions(batch_size=4), "run", "shard")
+    row = next(r for r in rows.to_pylist() if r["image_uri"] == listed[0].uri)
+    info = s3.info(listed[0].path)
+    assert row["fingerprint"] == f"{info['ETag'].strip(chr(34))}:{info['size']}" != listed[0].fingerprint
+    assert row["image_width"] == 80 and row["status"] == "ok"
+    index = rows.select(["image_uri", "fingerprint"])
+    assert select_new(list_images(location), index) == []
+
+
 def test_every_mix_of_local_and_s3_gives_the_same_predictions(
     image_folder: Path,
     s3: s3fs.S3FileSystem,

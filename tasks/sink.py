@@ -8,11 +8,11 @@ column's values in pyarrow and DuckDB.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import re
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import pyarrow as pa
@@ -51,7 +51,8 @@ SCHEMA = pa.schema(
 )
 
 INDEX_COLUMNS = ["image_uri", "fingerprint"]
-INDEX_ATTEMPTS = 3
+INDEX_PASSES = 100  # read passes while a compaction merges files under the reader
+INDEX_READERS = 16  # files read at once when the index is read file by file
 
 
 def model_slug(model: str, revision: str) -> str:
@@ -84,19 +85,46 @@ def write_shard(destination: Location, relative_path: str, table: pa.Table) -> s
 
 
 def read_index(destination: Location, revision: str) -> pa.Table:
-    """(image_uri, fingerprint) of every row DEST already holds for this model revision.
+    """(image_uri, fingerprint, threshold) of every row DEST already holds for this model revision.
 
-    A file that vanishes between listing and reading was replaced by a concurrent `oncoflow compact`
-    (its merged file is written before the inputs are deleted), so the read starts over.
+    A file can vanish between listing and reading: a concurrent `oncoflow compact` merged it, and the
+    merged file was written before its inputs were deleted, so a listing taken after the vanishing
+    holds its rows. The read then goes on file by file: it re-lists and reads the files it has not read
+    yet, until a pass sees nothing vanish. Each pass reads only new files, so a compaction in progress
+    (however long, on however many partitions) slows the read down but never fails it. A row read
+    twice (from an input and its merged file) is kept once.
     """
-
-    def read() -> pa.Table:
+    try:
         return storage_call(destination.fs, destination.path, lambda: _read_index(destination, revision))
+    except FileNotFoundError:
+        return _read_index_around_compaction(destination, revision)
 
-    for _ in range(INDEX_ATTEMPTS - 1):
-        with contextlib.suppress(FileNotFoundError):
-            return read()
-    return read()
+
+def _read_index_around_compaction(destination: Location, revision: str) -> pa.Table:
+    done: set[str] = set()
+    tables = [_empty_index()]
+    for _ in range(INDEX_PASSES):
+        listed = storage_call(destination.fs, destination.path, lambda: dataset_files(destination))
+        todo = [path for path in listed if path not in done]
+        done.update(todo)
+        with ThreadPoolExecutor(max_workers=INDEX_READERS) as pool:
+            read = list(pool.map(lambda path: _read_index_file(destination, revision, path), todo))
+        tables += [table for table in read if table is not None]
+        if all(table is not None for table in read):
+            index = pa.concat_tables(tables)
+            return index.group_by(index.column_names, use_threads=False).aggregate([])
+    raise RuntimeError(
+        f"the index of {destination.uri} kept changing over {INDEX_PASSES} reads (files merged by "
+        "`oncoflow compact` vanish as they are read); run classify again once the compaction is done"
+    )
+
+
+def _read_index_file(destination: Location, revision: str, path: str) -> pa.Table | None:
+    """One dataset file's index rows; None if it vanished (merged by a concurrent compaction)."""
+    try:
+        return storage_call(destination.fs, path, lambda: _read_index(destination, revision, [path]))
+    except FileNotFoundError:
+        return None
 
 
 PARTITION_FILE = re.compile(r"model_slug=[^/]+/date=[^/]+/[^./][^/]*\.parquet")
@@ -116,9 +144,10 @@ def dataset_files(destination: Location) -> list[str]:
     return sorted(path for path in paths if PARTITION_FILE.fullmatch(path[len(root) + 1 :]))
 
 
-def open_dataset(destination: Location) -> ds.Dataset | None:
-    """The dataset at `destination` over its partition files only (dataset_files); None when it has none."""
-    files = dataset_files(destination)
+def open_dataset(destination: Location, files: list[str] | None = None) -> ds.Dataset | None:
+    """The dataset at `destination` over its partition files only (dataset_files, unless `files` are
+    given); None when it has none."""
+    files = dataset_files(destination) if files is None else files
     if not files:
         return None
     return ds.dataset(
@@ -131,11 +160,16 @@ def open_dataset(destination: Location) -> ds.Dataset | None:
     )
 
 
-def _read_index(destination: Location, revision: str) -> pa.Table:
-    empty = pa.table({name: pa.array([], pa.string()) for name in INDEX_COLUMNS}).append_column(
+def _empty_index() -> pa.Table:
+    return pa.table({name: pa.array([], pa.string()) for name in INDEX_COLUMNS}).append_column(
         "threshold", pa.array([], pa.float64())
     )
-    dataset = open_dataset(destination)
+
+
+def _read_index(destination: Location, revision: str, files: list[str] | None = None) -> pa.Table:
+    """The index rows of `files` (default: every dataset file) for this model revision."""
+    empty = _empty_index()
+    dataset = open_dataset(destination, files)
     if dataset is None:
         return empty
     table = dataset.to_table(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -98,6 +99,46 @@ def test_incremental_runs_keep_working_after_compaction(
 
     again = classify(str(image_folder), str(dest), model=tiny_model, device="cpu", shard_size=2)
     assert again["images_new"] == 0 and all_rows(dest) == before
+
+
+def test_the_index_read_during_compactions_holds_every_row_and_never_fails(tmp_path: Path) -> None:
+    """A classify that starts while `oncoflow compact` merges (and deletes) files under it: every read
+    of the index holds every row written before the read began, however many files vanish meanwhile."""
+    dest = tmp_path / "dest"
+    make_dataset(dest, shard_rows=2)
+    location = open_location(str(dest))
+    committed = set(read_index(location, OLD).column("image_uri").to_pylist())
+    done = threading.Event()
+
+    def churn() -> None:  # new small shards, then a compaction that merges every file of a partition
+        try:
+            for round_ in range(25):
+                for day in range(2):
+                    images = range(1000 + 10 * round_, 1000 + 10 * round_ + 10)
+                    when = FIRST_DAY + timedelta(days=day)
+                    for start in range(images.start, images.stop, 2):
+                        write(
+                            dest,
+                            rows(range(start, start + 2), OLD, when, start, f"r{start}d{day}"),
+                            OLD,
+                            when,
+                            f"r{start}d{day}",
+                        )
+                    committed.update(f"file:///scans/site-a/img_{n:05d}.jpg" for n in images)
+                compact(open_location(str(dest)), target_rows=10**6)
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    reads = 0
+    while not done.is_set():
+        expected = set(committed)
+        index = read_index(location, OLD)
+        assert expected <= set(index.column("image_uri").to_pylist())
+        reads += 1
+    worker.join()
+    assert reads > 1
 
 
 def test_latest_is_one_row_per_image_from_the_newest_revision(tmp_path: Path) -> None:

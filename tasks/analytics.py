@@ -15,14 +15,19 @@
 from __future__ import annotations
 
 import os
+import re
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import duckdb
 
 from tasks.compact import parquet_files_by_partition
 from tasks.sink import DATASET_GLOB, dataset_files
 from tasks.storage import Location, open_location, storage_call, to_uri
+
+T = TypeVar("T")
 
 VIEWS_SQL = """\
 create or replace view predictions as
@@ -47,6 +52,30 @@ qualify row_number() over (
     order by r.first_seen desc, p.processed_at desc, p.model_revision desc
 ) = 1;
 """
+
+VANISHED_FILE = re.compile(
+    r"no such file|no files found|filenotfounderror|nosuchkey|not found", re.IGNORECASE
+)
+READ_ATTEMPTS = 10  # whole-query attempts of the analytics readers while a compaction deletes files
+
+
+def retry_while_compacting(read: Callable[[], T]) -> T:
+    """`read()` (a query over the dataset's files), run again when a file it listed vanished under it.
+
+    A concurrent `oncoflow compact` deletes the files it merged, after writing the merged file; the
+    next attempt lists the merged file instead. Used by `latest`, `report` and `evaluate`, whose
+    queries read every file: during a compaction about one query in four hits a deleted file
+    (measured locally with a compaction every second)."""
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            return read()
+        except (FileNotFoundError, duckdb.IOException) as exc:
+            vanished = isinstance(exc, FileNotFoundError) or VANISHED_FILE.search(str(exc))
+            if not vanished or attempt == READ_ATTEMPTS:
+                raise
+            time.sleep(min(2.0, 0.1 * attempt))
+    raise AssertionError("unreachable")
+
 
 EXPORT_FORMATS = {".parquet": "(format parquet, compression zstd)", ".csv": "(format csv, header true)"}
 
@@ -106,16 +135,21 @@ def export_latest(destination: str, output: str, storage: dict[str, Any] | None 
     extension = os.path.splitext(output)[1].lower()
     if extension not in EXPORT_FORMATS:
         raise ValueError(f"--output {output!r} must end in .parquet or .csv")
-    connection = connect(destination, storage)
-    rows: int = connection.sql("select count(*) from latest").fetchall()[0][0]
     target = os.path.abspath(output)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     temporary = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")
-    try:
+
+    def export() -> int:
+        connection = connect(destination, storage)
+        rows: int = connection.sql("select count(*) from latest").fetchall()[0][0]
         connection.execute(
             f"copy (select * from latest order by image_uri) to '{temporary.replace(chr(39), chr(39) * 2)}' "
             + EXPORT_FORMATS[extension]
         )
+        return rows
+
+    try:
+        rows = retry_while_compacting(export)
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):

@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # before pyplot: render without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tasks.analytics import connect  # noqa: E402
+from tasks.analytics import connect, retry_while_compacting  # noqa: E402
 
 # Over 0–1, not 0.5–1: at a threshold other than 0.5 the decided class's probability can be below 0.5.
 CONFIDENCE_BINS = np.linspace(0.0, 1.0, 21)
@@ -43,7 +43,11 @@ class ReportData:
 
 
 def gather(destination: str, storage: dict[str, Any] | None = None) -> ReportData:
-    """Query the dataset through the deduplicating views."""
+    """Query the dataset through the deduplicating views (again if a compaction deletes a file meanwhile)."""
+    return retry_while_compacting(lambda: _gather(destination, storage))
+
+
+def _gather(destination: str, storage: dict[str, Any] | None) -> ReportData:
     db = connect(destination, storage)
     volumes = db.sql(
         "select date, count(*) filter (status = 'ok'), count(*) filter (status = 'error') "

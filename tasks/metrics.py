@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 from sklearn.metrics import (
     accuracy_score,
@@ -28,6 +29,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from tasks.analytics import retry_while_compacting
 from tasks.labels import CLASS_NAMES
 from tasks.model import POSITIVE_LABEL
 from tasks.sink import open_dataset
@@ -51,17 +53,22 @@ def read_predictions(destination: str, model_revision: str | None = None) -> pd.
     location = open_location(destination)
     if not location.fs.isdir(location.path):
         raise FileNotFoundError(f"predictions dataset {destination!r} does not exist; check --predictions")
-    dataset = open_dataset(location)  # only the partition files: a stray README or export is not data
-    if dataset is None:
-        raise EvaluationError(
-            f"predictions dataset {destination!r} holds no model_slug=*/date=*/*.parquet files; check "
-            "--predictions: it must be the --output folder of `oncoflow classify`"
-        )
     columns = [*PREDICTION_COLUMNS, "status", "processed_at", "model_slug"]
     wanted = None
     if model_revision:  # pushed down: other revisions' files are skipped, not loaded and dropped
         wanted = (pc.field("model_revision") == model_revision) | (pc.field("model_slug") == model_revision)
-    frame = dataset.to_table(columns=columns, filter=wanted).to_pandas()
+
+    def read() -> pa.Table | None:
+        dataset = open_dataset(location)  # only the partition files: a stray README or export is not data
+        return None if dataset is None else dataset.to_table(columns=columns, filter=wanted)
+
+    table = retry_while_compacting(read)
+    if table is None:
+        raise EvaluationError(
+            f"predictions dataset {destination!r} holds no model_slug=*/date=*/*.parquet files; check "
+            "--predictions: it must be the --output folder of `oncoflow classify`"
+        )
+    frame = table.to_pandas()
     revisions = sorted(frame["model_revision"].dropna().unique())
     if not revisions:
         which = f" for model revision {model_revision!r}" if model_revision else ""

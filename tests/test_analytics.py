@@ -6,6 +6,7 @@ import base64
 import io
 import re
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,9 +19,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.analytics import connect
+from tasks.analytics import connect, export_latest
 from tasks.compact import compact, merge_bin, parquet_files_by_partition
-from tasks.dataset_report import DISCLAIMER
+from tasks.dataset_report import DISCLAIMER, gather
+from tasks.metrics import read_predictions
 from tasks.sink import SCHEMA, read_index
 from tasks.storage import open_location
 from tests.analytics_data import FIRST_DAY, NEW, OLD, make_dataset, rows, write
@@ -101,44 +103,69 @@ def test_incremental_runs_keep_working_after_compaction(
     assert again["images_new"] == 0 and all_rows(dest) == before
 
 
-def test_the_index_read_during_compactions_holds_every_row_and_never_fails(tmp_path: Path) -> None:
-    """A classify that starts while `oncoflow compact` merges (and deletes) files under it: every read
-    of the index holds every row written before the read began, however many files vanish meanwhile."""
-    dest = tmp_path / "dest"
-    make_dataset(dest, shard_rows=2)
+def read_during_compactions(dest: Path, read: Callable[[], set[str]], reads: int = 4) -> None:
+    """Call `read` (the image URIs a reader saw) over and over while another thread writes small shards
+    and compacts, merging and deleting every file of a partition each round (at least 12 rounds, and
+    on until `reads` reads have run under the churn).
+
+    Every read must succeed and hold every image written before it began."""
     location = open_location(str(dest))
     committed = set(read_index(location, OLD).column("image_uri").to_pylist())
     done = threading.Event()
+    made = [0]
 
-    def churn() -> None:  # new small shards, then a compaction that merges every file of a partition
+    def churn() -> None:
         try:
-            for round_ in range(25):
+            round_ = 0
+            while round_ < 12 or made[0] < reads:
                 for day in range(2):
                     images = range(1000 + 10 * round_, 1000 + 10 * round_ + 10)
                     when = FIRST_DAY + timedelta(days=day)
                     for start in range(images.start, images.stop, 2):
-                        write(
-                            dest,
-                            rows(range(start, start + 2), OLD, when, start, f"r{start}d{day}"),
-                            OLD,
-                            when,
-                            f"r{start}d{day}",
-                        )
+                        shard = f"r{start}d{day}"
+                        write(dest, rows(range(start, start + 2), OLD, when, start, shard), OLD, when, shard)
                     committed.update(f"file:///scans/site-a/img_{n:05d}.jpg" for n in images)
                 compact(open_location(str(dest)), target_rows=10**6)
+                round_ += 1
         finally:
             done.set()
 
     worker = threading.Thread(target=churn)
     worker.start()
-    reads = 0
-    while not done.is_set():
-        expected = set(committed)
-        index = read_index(location, OLD)
-        assert expected <= set(index.column("image_uri").to_pylist())
-        reads += 1
-    worker.join()
-    assert reads > 1
+    try:
+        while not done.is_set():
+            expected = set(committed)
+            assert expected <= read()
+            made[0] += 1
+    finally:
+        made[0] = reads  # a failed read ends the churn too
+        worker.join()
+
+
+def test_the_index_read_during_compactions_holds_every_row_and_never_fails(tmp_path: Path) -> None:
+    """A classify that starts while `oncoflow compact` merges (and deletes) files under it."""
+    make_dataset(tmp_path / "dest", shard_rows=2)
+    location = open_location(str(tmp_path / "dest"))
+    read_during_compactions(
+        tmp_path / "dest", lambda: set(read_index(location, OLD).column("image_uri").to_pylist()), reads=20
+    )
+
+
+def test_latest_report_and_evaluate_read_through_compactions(tmp_path: Path) -> None:
+    """`latest`, `report` and `evaluate` read every file: a file deleted by a compaction under them makes
+    them read again instead of failing (before, about one read in four failed with "No such file")."""
+    dest = tmp_path / "dest"
+    make_dataset(dest, shard_rows=2)
+    export = tmp_path / "latest.parquet"
+
+    def read() -> set[str]:
+        export_latest(str(dest), str(export))
+        latest = set(pq.read_table(export, columns=["image_uri"]).column("image_uri").to_pylist())
+        evaluated = set(read_predictions(str(dest), OLD)["image_uri"])
+        assert gather(str(dest)).totals["images (latest row each)"] >= len(latest)  # rows only grow
+        return latest & evaluated
+
+    read_during_compactions(dest, read)
 
 
 def test_latest_is_one_row_per_image_from_the_newest_revision(tmp_path: Path) -> None:

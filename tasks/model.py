@@ -89,10 +89,17 @@ def resolve_precision(precision: Precision, device: torch.device) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
+REVISION_FILES = ("config.json", "preprocessor_config.json")  # with the *.safetensors weights
+
+
 def weights_revision(directory: str) -> str:
-    """A stable identity for a local model: sha256 over its safetensors files and config."""
+    """A stable identity for a local model: sha256 over everything that decides its outputs.
+
+    The weights (*.safetensors), the model config and the preprocessing config: a new image mean,
+    std or resize method changes the probabilities as much as new weights, so it is a new revision
+    (its rows get their own partition, and every image is classified again)."""
     digest = hashlib.sha256()
-    names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors") or n == "config.json")
+    names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors") or n in REVISION_FILES)
     for name in names:
         digest.update(name.encode())
         with open(os.path.join(directory, name), "rb") as handle:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -113,6 +115,22 @@ def test_another_model_classifies_everything_again(
     rows = read_rows(output)
     assert len(rows) == 12 and len({r["model_revision"] for r in rows}) == 2
     assert len({r["model_slug"] for r in rows}) == 2
+
+
+def test_a_new_preprocessing_config_is_a_new_revision(
+    image_folder: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    """Same weights, another image mean: other probabilities, so every image is classified again."""
+    changed = tmp_path / "model-v2"
+    shutil.copytree(tiny_model, changed)
+    config = json.loads((changed / "preprocessor_config.json").read_text())
+    config["image_mean"] = [0.1, 0.2, 0.3]
+    (changed / "preprocessor_config.json").write_text(json.dumps(config))
+    output = tmp_path / "preds"
+    classify(str(image_folder), str(output), model=tiny_model, device="cpu")
+    second = classify(str(image_folder), str(output), model=str(changed), device="cpu")
+    assert second["images_classified"] == 6
+    assert len({r["model_revision"] for r in read_rows(output)}) == 2
 
 
 def test_threshold_decides_the_label(image_folder: Path, tmp_path: Path, tiny_model: str) -> None:

@@ -331,15 +331,21 @@ def read_dataset(
     action: Callable[[str, str, dict[str, Any]], Any],
     dest: str,
     output: str,
+    extensions: tuple[str, ...],
     s3_endpoint_url: str | None,
     aws_credentials_block: str | None,
 ) -> Any:
-    """Validate DEST and its S3 options, then run action(dest, output, storage options); errors exit 1."""
+    """Validate DEST, --output (one of `extensions`) and the S3 options (exit 2), then run
+    action(dest, output, storage options); errors while reading exit 1."""
+    import duckdb
+
     from flows.credentials import storage_options
 
     params = validated(
         DatasetParams, dest=dest, s3_endpoint_url=s3_endpoint_url, aws_credentials_block=aws_credentials_block
     )
+    if not output.lower().endswith(extensions):
+        fail(f"--output {output!r} must end in {' or '.join(extensions)}", code=2)
     try:
         require_apart(dest, "DEST", output, "--output")  # a file written into DEST would join the dataset
     except ValueError as exc:
@@ -348,7 +354,7 @@ def read_dataset(
         return action(
             params.dest, output, storage_options(params.aws_credentials_block, params.s3_endpoint_url)
         )
-    except EXPECTED_ERRORS as exc:
+    except (*EXPECTED_ERRORS, duckdb.Error) as exc:
         fail(str(exc))
 
 
@@ -362,7 +368,9 @@ def latest_command(
     """Export one row per image, from the newest model revision that classified it (docs/analytics.md)."""
     from tasks.analytics import export_latest
 
-    rows = read_dataset(export_latest, dest, output, s3_endpoint_url, aws_credentials_block)
+    rows = read_dataset(
+        export_latest, dest, output, (".parquet", ".csv"), s3_endpoint_url, aws_credentials_block
+    )
     Console().print(f"wrote {rows} rows (one per image) to {output}")
 
 
@@ -376,7 +384,7 @@ def report_command(
     """Plot volumes per day, Malignant share, confidence and errors. Research use only, not a diagnosis."""
     from tasks.dataset_report import write_report
 
-    data = read_dataset(write_report, dest, output, s3_endpoint_url, aws_credentials_block)
+    data = read_dataset(write_report, dest, output, (".html", ".png"), s3_endpoint_url, aws_credentials_block)
     Console().print(f"wrote {output}: {data.totals['images (latest row each)']} images")
 
 

@@ -23,8 +23,7 @@ from typing import Any, TypeVar
 
 import duckdb
 
-from tasks.compact import parquet_files_by_partition
-from tasks.sink import DATASET_GLOB, dataset_files
+from tasks.sink import dataset_files
 from tasks.storage import Location, open_location, storage_call, to_uri
 
 T = TypeVar("T")
@@ -80,29 +79,23 @@ def retry_while_compacting(read: Callable[[], T]) -> T:
 EXPORT_FORMATS = {".parquet": "(format parquet, compression zstd)", ".csv": "(format csv, header true)"}
 
 
-def dataset_glob(destination: str) -> str:
-    """The glob every reader uses: the dataset's partition files (tasks.sink.DATASET_GLOB)."""
-    location = open_location(destination)
-    if not dataset_files(location):
-        raise FileNotFoundError(
-            f"no Parquet files under {destination!r}; run `oncoflow classify SOURCE --output {destination}` first"
-        )
-    return location.path.rstrip("/") + "/" + DATASET_GLOB
+def dataset_file_list(location: Location) -> list[str]:
+    """Every visible Parquet file of the dataset (tasks.sink.dataset_files), as DuckDB is given them:
+    local paths, or URIs on an object store.
 
-
-def object_store_files(location: Location) -> list[str]:
-    """Every visible Parquet file of a dataset on an object store, as URIs (the files compaction sees)."""
+    A list, never a glob: a DEST whose name holds `?`, `*` or `[` would be a pattern to DuckDB, and
+    match (or miss) other folders."""
     try:
-        partitions = storage_call(location.fs, location.path, lambda: parquet_files_by_partition(location))
+        files = storage_call(location.fs, location.path, lambda: dataset_files(location))
     except FileNotFoundError:
-        partitions = {}
-    files = [to_uri(location.fs, path) for paths in partitions.values() for path in paths]
+        files = []
     if not files:
+        check = "" if location.is_local else ", or check --s3-endpoint-url and the credentials"
         raise FileNotFoundError(
-            f"no Parquet files under {location.uri!r}; run `oncoflow classify SOURCE --output {location.uri}` "
-            "first, or check --s3-endpoint-url and the credentials"
+            f"no Parquet files under {location.uri!r}; run `oncoflow classify SOURCE --output "
+            f"{location.uri}` first{check}"
         )
-    return files
+    return files if location.is_local else [to_uri(location.fs, path) for path in files]
 
 
 def sql_string(value: str) -> str:
@@ -112,18 +105,16 @@ def sql_string(value: str) -> str:
 def connect(destination: str, storage: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the `predictions`, `revisions` and `latest` views over DEST.
 
-    A local DEST is read by DuckDB's own glob. On S3 the files are listed and read through the same
-    fsspec filesystem (endpoint, credentials block) the flows use, registered with DuckDB, so no httpfs
-    extension (a download) is needed.
+    The dataset's files are listed (dataset_file_list) and given to DuckDB as a list. On S3 they are
+    read through the same fsspec filesystem (endpoint, credentials block) the flows use, registered
+    with DuckDB, so no httpfs extension (a download) is needed.
     """
     connection = duckdb.connect()
     connection.execute("set TimeZone = 'UTC'")
     location = open_location(destination, storage or {})
-    if location.is_local:
-        files = sql_string(dataset_glob(destination))
-    else:
+    if not location.is_local:
         connection.register_filesystem(location.fs)
-        files = "[" + ", ".join(sql_string(uri) for uri in object_store_files(location)) + "]"
+    files = "[" + ", ".join(sql_string(file) for file in dataset_file_list(location)) + "]"
     for statement in VIEWS_SQL.format(files=files).split(";"):
         if statement.strip():
             connection.execute(statement)
@@ -139,13 +130,12 @@ def export_latest(destination: str, output: str, storage: dict[str, Any] | None 
     os.makedirs(os.path.dirname(target), exist_ok=True)
     temporary = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")
 
-    def export() -> int:
-        connection = connect(destination, storage)
-        rows: int = connection.sql("select count(*) from latest").fetchall()[0][0]
-        connection.execute(
+    def export() -> int:  # one pass over the dataset's files; the count comes from the copy itself
+        written = connect(destination, storage).execute(
             f"copy (select * from latest order by image_uri) to '{temporary.replace(chr(39), chr(39) * 2)}' "
             + EXPORT_FORMATS[extension]
         )
+        rows: int = written.fetchall()[0][0]
         return rows
 
     try:

@@ -6,6 +6,7 @@ import base64
 import io
 import re
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -103,7 +104,9 @@ def test_incremental_runs_keep_working_after_compaction(
     assert again["images_new"] == 0 and all_rows(dest) == before
 
 
-def read_during_compactions(dest: Path, read: Callable[[], set[str]], reads: int = 4) -> None:
+def read_during_compactions(
+    dest: Path, read: Callable[[], set[str]], reads: int = 4, pause: float = 0.0
+) -> None:
     """Call `read` (the image URIs a reader saw) over and over while another thread writes small shards
     and compacts, merging and deleting every file of a partition each round (at least 12 rounds, and
     on until `reads` reads have run under the churn).
@@ -127,6 +130,7 @@ def read_during_compactions(dest: Path, read: Callable[[], set[str]], reads: int
                     committed.update(f"file:///scans/site-a/img_{n:05d}.jpg" for n in images)
                 compact(open_location(str(dest)), target_rows=10**6)
                 round_ += 1
+                time.sleep(pause)
         finally:
             done.set()
 
@@ -165,7 +169,7 @@ def test_latest_report_and_evaluate_read_through_compactions(tmp_path: Path) -> 
         assert gather(str(dest)).totals["images (latest row each)"] >= len(latest)  # rows only grow
         return latest & evaluated
 
-    read_during_compactions(dest, read)
+    read_during_compactions(dest, read, pause=0.5)  # back-to-back compactions could outlast 10 reads
 
 
 def test_latest_is_one_row_per_image_from_the_newest_revision(tmp_path: Path) -> None:
@@ -210,6 +214,26 @@ def test_analytics_commands_reject_a_missing_dataset(tmp_path: Path) -> None:
         assert result.exit_code == 2 and "not an existing folder" in " ".join(result.output.split()), command
     result = CliRunner().invoke(app, ["compact", str(tmp_path), "--target-rows", "1"])
     assert result.exit_code == 2 and "--target-rows" in result.output
+
+
+def test_analytics_commands_reject_a_wrong_output_type_before_reading(tmp_path: Path) -> None:
+    for command, wanted in (("latest", ".parquet or .csv"), ("report", ".html or .png")):
+        result = CliRunner().invoke(app, [command, str(tmp_path), "--output", str(tmp_path / "out.txt")])
+        assert result.exit_code == 2 and f"must end in {wanted}" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("name", ["dest?x", "dest[ab]", "dest*"])
+def test_a_dest_named_like_a_pattern_is_read_as_itself(tmp_path: Path, name: str) -> None:
+    """A folder name holding ?, [ or * is a name, not a pattern: no rows of a neighbouring dataset."""
+    dest = tmp_path / name
+    make_dataset(dest)
+    make_dataset(tmp_path / "destax")  # what `dest?x` and `dest*` would match as globs
+    output = tmp_path / "latest.csv"
+    result = CliRunner().invoke(app, ["latest", str(dest), "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    assert duckdb.sql(f"select count(*) from read_csv('{output}')").fetchall()[0][0] == 100
+    report = CliRunner().invoke(app, ["report", str(dest), "--output", str(tmp_path / "r.png")])
+    assert report.exit_code == 0 and ": 100 images" in " ".join(report.output.split()), report.output
 
 
 def test_files_of_an_older_schema_stay_readable(tmp_path: Path) -> None:

@@ -7,3 +7,9 @@ import os
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # Hospitals run this offline and do not expect telemetry; opt back in with the variable set to true.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+# Redact every log record of any process that loads the flows (a worker or `serve` subprocess too, not
+# only the CLI): storage libraries log signed URLs and keys. tasks.redaction imports only the stdlib.
+from tasks.redaction import install_log_redaction  # noqa: E402
+
+install_log_redaction()

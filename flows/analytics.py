@@ -12,8 +12,11 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.credentials import storage_options
+from flows.logs import send_logs_to_prefect
 from tasks.compact import TARGET_ROWS, compact
 from tasks.storage import open_location
+
+send_logs_to_prefect()  # warnings (a lease wait, a skipped file) reach the run logs in the UI
 
 
 @flow(name="compact", log_prints=True)

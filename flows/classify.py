@@ -24,7 +24,8 @@ from prefect.runtime import flow_run
 
 from flows.credentials import storage_options
 from flows.guards import exclusive_output, gpu_slot
-from flows.params import ClassifyParams
+from flows.logs import send_logs_to_prefect
+from flows.params import ClassifyParams, flow_params
 from flows.runners import SHARDS_IN_FLIGHT, local_task_runner, shard_slots, shards_run_here
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import (
@@ -47,6 +48,8 @@ from tasks.sink import (
     write_shard,
 )
 from tasks.storage import DiscoveredFile, check_output, check_source, is_transient, list_images, open_location
+
+send_logs_to_prefect()  # warnings (a lease wait, a skipped file) reach the run logs in the UI
 
 # A shard is one Prefect task and one Parquet file. On a GPU a 1000-image shard lasts well under a
 # second, and the per-task overhead (task run states, pipeline fill and drain, one file write) showed:
@@ -283,7 +286,7 @@ def classify(
     exif_orientation: bool = False,
 ) -> dict[str, Any]:
     """Classify every new or changed image under SOURCE into the Parquet dataset at OUTPUT."""
-    return classify_images(ClassifyParams(**locals()))
+    return classify_images(flow_params(ClassifyParams, **locals()))
 
 
 def classify_images(params: ClassifyParams) -> dict[str, Any]:

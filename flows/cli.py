@@ -31,7 +31,7 @@ from tasks.compact import TARGET_ROWS
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import progress_listeners
 from tasks.lease import LeaseBusy, LeaseLost
-from tasks.model import DEFAULT_BASE_MODEL, DEFAULT_MODEL, ModelError
+from tasks.model import DEFAULT_BASE_MODEL, DEFAULT_MODEL, ModelError, check_model_name
 from tasks.redaction import install_log_redaction, redact
 
 app = typer.Typer(
@@ -630,6 +630,10 @@ def serve_command(
     except (ValueError, ValidationError):
         fail(f"invalid --cron {cron!r}: give five fields, e.g. '0 2 * * *' for 02:00 every day", code=2)
     validated(ClassifyParams, source=source, output=output, model=model, device=device)
+    try:
+        check_model_name(model)  # a local folder that is not there would fail only at 02:00
+    except ModelError as exc:
+        fail(f"invalid --model: {exc}", code=2)
     from flows.serve import build_deployments, serve_deployments
 
     with prefect_api("and run serve again once it answers (it takes a few seconds to start)"):

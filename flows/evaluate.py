@@ -16,11 +16,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from flows.classify import classify
-from flows.params import EvaluateParams
+from flows.logs import send_logs_to_prefect
+from flows.params import EvaluateParams, flow_params
 from tasks.labels import labeled_folder, read_labels_file
 from tasks.metrics import compute_metrics, join_labels, read_predictions
 from tasks.model import DEFAULT_MODEL
 from tasks.report import PLOTS, metric_text, one_class_warning, render_markdown, write_report
+
+send_logs_to_prefect()  # warnings (a lease wait, a skipped file) reach the run logs in the UI
 
 SUMMARY_KEYS = (
     "accuracy",
@@ -113,7 +116,7 @@ def evaluate(
     target_sensitivity: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate predictions against labels; write metrics.json, report.md and plots to OUTPUT."""
-    params = EvaluateParams(**{k: v for k, v in locals().items()})
+    params = flow_params(EvaluateParams, **locals())
     chosen: str | None
     if params.data is not None:
         destination, truth, chosen = classify_labeled_folder(params)

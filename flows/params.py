@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -13,7 +14,9 @@ from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import host_decode_share_from_env
 from tasks.lease import lease_wait_from_env
 from tasks.model import DEFAULT_BASE_MODEL, DEFAULT_MODEL
-from tasks.redaction import has_credentials
+from tasks.redaction import has_credentials, redact
+
+P = TypeVar("P", bound=BaseModel)
 
 
 def _normalized(location: str) -> str:
@@ -46,7 +49,7 @@ def require_apart(inputs: str, inputs_name: str, output: str, output_name: str =
 class StorageParams(BaseModel):
     """Where S3 endpoint and credentials come from, for every command that reads or writes a dataset."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     s3_endpoint_url: str | None = Field(
         None,
@@ -130,15 +133,29 @@ class ClassifyParams(StorageParams):
         return self
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    """One line per problem, naming the CLI option (`--batch-size`) rather than the field."""
+def describe_validation_error(error: ValidationError, cli: bool = True) -> str:
+    """One line per problem, naming the CLI option (`--batch-size`), or the flow parameter
+    (`batch_size`) with `cli=False`. Never the rejected value itself: it may hold credentials."""
     lines = []
     for problem in error.errors():
         field = ".".join(str(part) for part in problem["loc"])
-        where = f"--{field.replace('_', '-')}: " if field else ""
+        name = f"--{field.replace('_', '-')}" if cli else f"parameter {field}"
+        where = f"{name}: " if field else ""
         message = problem["msg"].removeprefix("Value error, ")
         lines.append(f"invalid {where}{message}")
-    return "\n".join(lines)
+    return redact("\n".join(lines))
+
+
+def flow_params(factory: Callable[..., P], **values: Any) -> P:
+    """A flow's validated parameters; a ValueError naming each bad parameter otherwise.
+
+    Raised `from None`: pydantic's own error quotes the input values (a URI with a key in it), and a
+    flow run's state message, stored by the Prefect API, is not a log record that redaction sees."""
+    try:
+        return factory(**values)
+    except ValidationError as exc:
+        message = describe_validation_error(exc, cli=False)
+    raise ValueError(message) from None
 
 
 DASK_SCHEMES = ("tcp://", "tls://", "ucx://", "inproc://")
@@ -147,7 +164,7 @@ DASK_SCHEMES = ("tcp://", "tls://", "ucx://", "inproc://")
 class RunnerParams(BaseModel):
     """Where shard tasks run: `local` threads, a Dask cluster or a Ray cluster (see flows/runners.py)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     runner: Literal["local", "dask", "ray"] = "local"
     dask_address: str | None = Field(None, description="Dask scheduler, e.g. tcp://10.0.0.5:8786")
@@ -194,7 +211,7 @@ class DatasetParams(StorageParams):
 class EvaluateParams(BaseModel):
     """One evaluation: saved predictions + a labels file, or a labelled folder classified first."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     output: str = Field(min_length=1, description="Report folder: metrics.json, report.md, plots")
     predictions: str | None = Field(None, description="A classify output dataset to evaluate")
@@ -238,7 +255,7 @@ class EvaluateParams(BaseModel):
 class TrainParams(BaseModel):
     """One fine-tuning run; the defaults are the seed model card's recipe."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     data: str = Field(min_length=1, description="Folder with Normal/ and Malignant/ sub-folders of images")
     output: str = Field(min_length=1, description="New folder for the trained model (save_pretrained)")

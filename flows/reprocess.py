@@ -13,7 +13,7 @@ from typing import Any, Literal
 from prefect import flow
 
 from flows.classify import classify_images
-from flows.params import ClassifyParams
+from flows.params import ClassifyParams, flow_params
 from flows.runners import local_task_runner
 from tasks.images import DEFAULT_MAX_PIXELS
 
@@ -51,4 +51,4 @@ def reprocess(
 ) -> dict[str, Any]:
     """Classify every image under SOURCE (or SOURCE/PREFIX) with MODEL, resuming an interrupted run."""
     values = {k: v for k, v in locals().items() if k != "prefix"}
-    return classify_images(ClassifyParams(**{**values, "source": within(source, prefix)}))
+    return classify_images(flow_params(ClassifyParams, **{**values, "source": within(source, prefix)}))

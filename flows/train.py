@@ -11,9 +11,12 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from flows.params import TrainParams
+from flows.logs import send_logs_to_prefect
+from flows.params import TrainParams, flow_params
 from tasks.model import DEFAULT_BASE_MODEL
 from tasks.training import Recipe, TrainResult, fine_tune
+
+send_logs_to_prefect()  # warnings (a lease wait, a skipped file) reach the run logs in the UI
 
 
 def log_epoch(epoch: dict[str, float]) -> None:
@@ -52,7 +55,7 @@ def train(
     workers: int = 0,
 ) -> dict[str, Any]:
     """Fine-tune BASE_MODEL on DATA/Normal + DATA/Malignant; write the best epoch's model to OUTPUT."""
-    params = TrainParams(**{k: v for k, v in locals().items()})
+    params = flow_params(TrainParams, **locals())
     result = train_model(params)
     with open(f"{result.output}/README.md") as handle:
         create_markdown_artifact(handle.read(), key="train-model-card", description="Research use only.")

@@ -108,22 +108,33 @@ def weights_revision(directory: str) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def fetch_model(name: str, revision: str | None) -> tuple[str, str]:
-    """Return (local directory, revision) for a local folder or a Hugging Face Hub id."""
+def check_model_name(name: str) -> str | None:
+    """The local folder `name` names (None for a hub id), or ModelError when it cannot load: a folder
+    without .safetensors weights, or a name that is neither a folder nor a hub id 'org/name'.
+
+    Cheap (no hashing, no download): `serve` runs it so a wrong --model fails now, not at 02:00."""
     if os.path.isdir(os.path.expanduser(name)):
         directory = os.path.abspath(os.path.expanduser(name))
-        if revision:
-            raise ModelError(f"--revision applies to hub models only; {name!r} is a local folder")
         if not any(n.endswith(".safetensors") for n in os.listdir(directory)):
             raise ModelError(
                 f"model folder {directory!r} has no .safetensors weights; oncoflow never loads pickled "
                 "weights. Re-save it with `model.save_pretrained(folder, safe_serialization=True)`"
             )
-        return directory, weights_revision(directory)
+        return directory
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelError(
             f"model {name!r} is neither an existing folder nor a hub id of the form 'org/name'; check the path"
         )
+    return None
+
+
+def fetch_model(name: str, revision: str | None) -> tuple[str, str]:
+    """Return (local directory, revision) for a local folder or a Hugging Face Hub id."""
+    directory = check_model_name(name)
+    if directory is not None:
+        if revision:
+            raise ModelError(f"--revision applies to hub models only; {name!r} is a local folder")
+        return directory, weights_revision(directory)
     from huggingface_hub import snapshot_download
 
     try:

@@ -233,3 +233,6 @@ def test_serve_names_a_bad_cron_and_an_unreachable_api(
         result = invoke(*common)
         text = " ".join(result.output.split())
         assert result.exit_code == 1 and "cannot reach the Prefect API at http://127.0.0.1:9/api" in text
+        result = invoke(*common[:-1], str(tmp_path / "no-such-model"))  # before anything is served
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and "invalid --model" in text and "no-such-model" in text

@@ -215,23 +215,33 @@ def test_served_deployments_register_with_schedule_and_parameters(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server: str) -> None:
+def test_deploy_script_deploys_to_the_files_pool_or_the_one_given(prefect_server: str) -> None:
+    """deployments/deploy.sh, as docs/operations.md runs it: the file's process pool by default; with
+    --pool and --job-variable (the GPU recipe) every deployment lands there, which `prefect deploy
+    --all` would silently ignore."""
     env = {
         **os.environ,
         "PREFECT_API_URL": prefect_server,
+        "PYTHON": sys.executable,
         "ONCOFLOW_REPO": str(REPO),
         "ONCOFLOW_SOURCE": "/data/scans",
         "ONCOFLOW_OUTPUT": "/data/predictions",
         "ONCOFLOW_MODEL": "Shivamnegi92/cancer-classification-vit",
         "ONCOFLOW_TIMEZONE": "America/New_York",
     }
-    prefect = [sys.executable, "-m", "prefect"]
-    for command in (
-        [*prefect, "work-pool", "create", "oncoflow-local", "--type", "process", "--overwrite"],
-        [*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
-    ):
-        done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
-        assert done.returncode == 0, done.stdout + done.stderr
+
+    def run(*command: str, **changes: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            command, env={**env, **changes}, cwd=REPO, capture_output=True, text=True, timeout=300
+        )
+
+    for pool in ("oncoflow-local", "oncoflow-gpu"):
+        created = run(
+            sys.executable, "-m", "prefect", "work-pool", "create", pool, "--type", "process", "--overwrite"
+        )
+        assert created.returncode == 0, created.stdout + created.stderr
+    done = run("deployments/deploy.sh")
+    assert done.returncode == 0, done.stdout + done.stderr
     nightly = read_deployment("classify/classify-nightly")
     assert nightly.work_pool_name == "oncoflow-local"
     assert (
@@ -242,6 +252,56 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server: str) -> Non
     ]
     assert read_deployment("reprocess/reprocess-archive").schedules == []
     assert read_deployment("evaluate/evaluate").parameters == {"predictions": "/data/predictions"}
+
+    done = run(
+        "deployments/deploy.sh",
+        "--pool",
+        "oncoflow-gpu",
+        "--job-variable",
+        "image=registry.example.org/oncoflow:1.0",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("classify/classify-nightly", "reprocess/reprocess-archive", "evaluate/evaluate"):
+        deployment = read_deployment(name)
+        assert deployment.work_pool_name == "oncoflow-gpu", name
+        assert deployment.job_variables["image"] == "registry.example.org/oncoflow:1.0", name
+
+    for changes, named in (
+        ({"ONCOFLOW_TIMEZONE": ""}, "set ONCOFLOW_TIMEZONE"),
+        ({"ONCOFLOW_TIMEZONE": "Berlin"}, "not an IANA"),
+    ):
+        refused = run("deployments/deploy.sh", **changes)
+        assert refused.returncode == 2 and named in refused.stderr, refused.stderr
+
+
+def test_oncoflow_warnings_reach_the_run_logs_and_bad_parameters_stay_secret(
+    tmp_path: Path, tiny_model: str
+) -> None:
+    """What the UI shows for a deployment run: oncoflow's own warnings among the run's logs, and a bad
+    parameter's state message without the credentials it held."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    from tests.conftest import make_image
+
+    source = tmp_path / "scans"
+    make_image(source / "a.png")
+    (source / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    state = classify(str(source), str(tmp_path / "out"), model=tiny_model, device="cpu", return_state=True)
+    assert state.is_completed()
+    APILogHandler().flush()  # the run logs are sent in the background
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
+    assert any("gone.jpg" in log.message and "broken link" in log.message for log in logs)
+
+    leaky = "s3://AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY@bucket/scans"
+    state = classify(leaky, str(tmp_path / "out"), model=tiny_model, return_state=True)
+    with get_client(sync_client=True) as client:
+        stored = client.read_flow_run(state.state_details.flow_run_id).state
+    assert stored is not None and stored.is_failed() and "invalid parameter source" in str(stored.message)
+    assert "AKIA" not in str(stored.message) and "EXAMPLEKEY" not in str(stored.message)
 
 
 # --- GPU slot and retries -----------------------------------------------------------------------------

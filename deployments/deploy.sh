@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Deploy oncoflow's three deployments (deployments/prefect.yaml) to a Prefect work pool.
+#
+#   export ONCOFLOW_REPO=... ONCOFLOW_SOURCE=... ONCOFLOW_OUTPUT=... ONCOFLOW_MODEL=... ONCOFLOW_TIMEZONE=...
+#   deployments/deploy.sh                                   # the file's pool: oncoflow-local (process)
+#   deployments/deploy.sh --pool oncoflow-gpu --job-variable image=registry.example.org/oncoflow:1.0 \
+#       --job-variable gpu_count=1                          # any other pool, with its job variables
+#
+# Why a script and not `prefect deploy --all`:
+# - `prefect deploy --all` ignores --pool and --job-variable ("These options will be ignored"), so a
+#   GPU pool chosen on the command line would silently stay the file's process pool. Deploying each
+#   deployment by name (--name) applies them.
+# - `{{ $VAR }}` of an unset variable deploys as an empty string: an empty source fails only at 02:00,
+#   and an empty time zone silently schedules in UTC. The variables are checked here first.
+# Extra arguments go to every `prefect deploy`. Exit code 2: a variable is missing or invalid.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+for variable in ONCOFLOW_REPO ONCOFLOW_SOURCE ONCOFLOW_OUTPUT ONCOFLOW_MODEL ONCOFLOW_TIMEZONE; do
+    [ -n "${!variable:-}" ] || missing+=("$variable")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "error: set ${missing[*]} before deploying: deployments/prefect.yaml reads them at deploy time," \
+        "and an unset one would deploy as an empty string (see docs/operations.md)" >&2
+    exit 2
+fi
+python=${PYTHON:-python3}
+if ! "$python" -c 'import sys, zoneinfo; zoneinfo.ZoneInfo(sys.argv[1])' "$ONCOFLOW_TIMEZONE" 2>/dev/null; then
+    echo "error: ONCOFLOW_TIMEZONE=$ONCOFLOW_TIMEZONE is not an IANA time zone (e.g. UTC, Europe/Berlin)" >&2
+    exit 2
+fi
+
+for name in classify-nightly reprocess-archive evaluate; do
+    "$python" -m prefect --no-prompt deploy --prefect-file deployments/prefect.yaml --name "$name" "$@"
+done

@@ -1,0 +1,33 @@
+"""oncoflow's own log records (the `tasks` and `flows` loggers) in the Prefect run's logs.
+
+Prefect sends only its own loggers to the API; a run waiting for the output lease, or skipping a broken
+link, would otherwise say so on the worker's terminal only, and the UI would show a silent "Running".
+Records emitted outside a flow or task run (the CLI's own lines, engine threads) stay on the console.
+Setting PREFECT_LOGGING_EXTRA_LOGGERS=tasks,flows does the same; the handler is then not added twice.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging.handlers import APILogHandler
+
+LOGGERS = ("tasks", "flows")
+
+
+class RunLogHandler(APILogHandler):
+    """Prefect's API log handler, for records emitted inside a flow or task run only."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if FlowRunContext.get() is None and TaskRunContext.get() is None:
+            return
+        super().emit(record)
+
+
+def send_logs_to_prefect() -> None:
+    """Add RunLogHandler to oncoflow's loggers, once per process."""
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(handler, APILogHandler) for handler in logger.handlers):
+            logger.addHandler(RunLogHandler())

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from tasks.model import POSITIVE_LABEL
-from tasks.storage import list_images, open_location
+from tasks.storage import canonical_file_uri, list_images, open_location, printable_path
 
 NEGATIVE_LABEL = "Normal"
 CLASS_NAMES = (NEGATIVE_LABEL, POSITIVE_LABEL)  # index = label id
@@ -36,11 +36,16 @@ def label_id(value: object, where: str) -> int:
 
 
 def to_image_uri(location: str, base_folder: str) -> str:
-    """A URI comparable with classify's image_uri; relative paths are relative to base_folder."""
+    """A URI comparable with classify's image_uri; relative paths are relative to base_folder.
+
+    `file://` URIs may be percent-encoded or not (`Path.as_uri()` or classify's own spelling): both
+    are brought to classify's spelling (tasks.storage.canonical_file_uri)."""
+    if location.lower().startswith("file://"):
+        return canonical_file_uri(location)
     if "://" in location:
         return location
     path = os.path.expanduser(location)
-    return "file://" + os.path.normpath(os.path.join(base_folder, path))
+    return "file://" + printable_path(os.path.normpath(os.path.join(base_folder, path)))
 
 
 def read_labels_file(path: str) -> pd.DataFrame:

@@ -23,6 +23,7 @@ from contextlib import suppress
 from dataclasses import dataclass, replace
 from http.client import IncompleteRead as HttpIncompleteRead
 from typing import Any, TypeVar
+from urllib.parse import unquote_to_bytes
 
 import aiohttp
 import fsspec
@@ -146,8 +147,8 @@ def s3_options(options: dict[str, Any]) -> dict[str, Any]:
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The full URI of a path: `file:///abs/path` or `s3://bucket/key`; never a signed URL's query string.
 
-    Bytes that are not UTF-8 (possible in local file names) are percent-encoded, so every URI is
-    valid text for Parquet.
+    Local paths are spelled by printable_path: `%` and bytes that are not UTF-8 (possible in local file
+    names) are percent-encoded, so every URI is valid text for Parquet and no two files share one.
     """
     if isinstance(fs, LocalFileSystem):
         return "file://" + printable_path(path)
@@ -155,12 +156,25 @@ def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def printable_path(path: str) -> str:
-    """A local path as valid UTF-8 text: undecodable bytes (kept by Python as surrogates) become %XX."""
+    """A local path as valid UTF-8 text, one text per path: `%` becomes %25 and bytes that are not UTF-8
+    (kept by Python as surrogates) become %XX; everything else is kept as is (spaces, `#`, `?`).
+
+    Without the %25, `bad\\xffname.png` and a file literally named `bad%FFname.png` would share a URI, and
+    the second would never be classified. `urllib.parse.unquote_to_bytes` gives the path's bytes back.
+    """
     try:
         path.encode("utf-8")
-        return path
     except UnicodeEncodeError:
         return _percent_encode_invalid(os.fsencode(path))
+    return path.replace("%", "%25")
+
+
+def canonical_file_uri(uri: str) -> str:
+    """A `file://` URI spelled the way classify writes image_uri: its %XX escapes decoded, then the path
+    re-encoded by printable_path. `Path.as_uri()` (`%20` for a space) and oncoflow's own spelling give the
+    same text, so labels written either way match the rows."""
+    path = os.fsdecode(unquote_to_bytes(uri[len("file://") :]))
+    return "file://" + printable_path(path)
 
 
 def _percent_encode_invalid(raw: bytes) -> str:
@@ -168,10 +182,10 @@ def _percent_encode_invalid(raw: bytes) -> str:
     position = 0
     while position < len(raw):
         try:
-            text.append(raw[position:].decode("utf-8"))
+            text.append(raw[position:].decode("utf-8").replace("%", "%25"))
             break
         except UnicodeDecodeError as exc:
-            text.append(raw[position : position + exc.start].decode("utf-8"))
+            text.append(raw[position : position + exc.start].decode("utf-8").replace("%", "%25"))
             text.extend(f"%{byte:02X}" for byte in raw[position + exc.start : position + exc.end])
             position += exc.end
     return "".join(text)

@@ -181,6 +181,55 @@ def test_bad_evaluate_arguments_fail_before_any_work(tmp_path: Path, args: list[
     assert not (tmp_path / "r").exists()
 
 
+def test_missing_inputs_and_a_file_as_report_folder_fail_before_any_work(tmp_path: Path) -> None:
+    """Checked before Prefect starts: exit 2, naming the option."""
+    (tmp_path / "preds").mkdir()
+    (tmp_path / "labels.csv").write_text("image_uri,label\n")
+    (tmp_path / "afile.parquet").write_bytes(b"")
+    cases = [
+        (
+            ["--predictions", str(tmp_path / "nope"), "--labels", str(tmp_path / "labels.csv")],
+            "--predictions",
+        ),
+        (["--predictions", str(tmp_path / "preds"), "--labels", str(tmp_path / "nope.csv")], "--labels"),
+    ]
+    for args, expected in cases:
+        result = runner.invoke(app, ["evaluate", "-o", str(tmp_path / "r"), *args])
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and f"{expected} " in text and "not an existing" in text, text
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "-o",
+            str(tmp_path / "afile.parquet"),
+            "--predictions",
+            str(tmp_path / "preds"),
+            "--labels",
+            str(tmp_path / "labels.csv"),
+        ],
+    )
+    assert result.exit_code == 2 and "--output" in result.output and "is a file" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_labels_match_standard_file_uris_and_odd_names(tmp_path: Path, tiny_model: str) -> None:
+    """Labels written with Path.as_uri() (%20, %23, %25) or as plain paths match classify's image_uri."""
+    folder = tmp_path / "scans"
+    names = ["a b.png", "c#1.png", "100%.png", "d%20e.png"]
+    for seed, name in enumerate(names):
+        make_image(folder / name, seed=seed)
+    predictions = tmp_path / "preds"
+    classify(str(folder), str(predictions), model=tiny_model, device="cpu")
+    for spelling in (lambda p: p.as_uri(), str):
+        labels = tmp_path / "labels.csv"
+        pd.DataFrame(
+            {"image_uri": [spelling(folder / n) for n in names], "label": ["Normal", "Malignant"] * 2}
+        ).to_csv(labels, index=False)
+        metrics = evaluate(str(tmp_path / "report"), predictions=str(predictions), labels=str(labels))
+        assert metrics["images"]["evaluated"] == 4 and metrics["images"]["labels_without_prediction"] == 0
+
+
 def labels_csv(path: Path, labeled: Path, classes: tuple[str, ...] = ("Normal", "malignant")) -> Path:
     lines = ["image_uri,label"]
     if "Normal" in classes:

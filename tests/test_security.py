@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import unquote_to_bytes
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -228,7 +229,16 @@ def test_odd_file_names_stay_rows_and_never_paths(tmp_path: Path, tiny_model: st
     assert summary["images_classified"] == 7 and summary["errors"] == 0
     rows = ds.dataset(str(output), format="parquet", partitioning="hive").to_table().to_pylist()
     uris = sorted(r["image_uri"].rsplit("/", 1)[-1] for r in rows)
-    assert uris == sorted([*names, "bad%FF%FE.png"])
+    assert uris == sorted([*(n.replace("%", "%25") for n in names), "bad%FF%FE.png"])
+    # A file literally named like the escaped one is another image, with another URI, classified too.
+    (source / "bad%FF%FE.png").write_bytes(png)
+    again = classify(str(source), str(output), model=tiny_model, device="cpu")
+    assert again["images_found"] == 8 and again["images_classified"] == 1
+    rows = ds.dataset(str(output), format="parquet", partitioning="hive").to_table().to_pylist()
+    assert len({r["image_uri"] for r in rows}) == 8
+    assert {unquote_to_bytes(r["image_uri"].removeprefix("file://")) for r in rows} == {
+        os.fsencode(path) for path in source.iterdir()
+    }
     written = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_relative_to(source)]
     assert written and all(
         p.is_relative_to(output) and (p.name.startswith("part-") or p.parent.name == "_leases")

@@ -442,6 +442,8 @@ def evaluate_command(
     target_sensitivity: Annotated[
         float | None, typer.Option(help="Also report the highest threshold whose sensitivity is >= this.")
     ] = None,
+    s3_endpoint_url: S3EndpointOption = None,
+    aws_credentials_block: AwsBlockOption = None,
 ) -> None:
     """Compare predictions with true labels: the seed card's metrics, plots and an operating point."""
     params = validated(EvaluateParams, **{k: v for k, v in locals().items()})

@@ -16,6 +16,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from flows.classify import classify
+from flows.credentials import storage_options
 from flows.logs import send_logs_to_prefect
 from flows.params import EvaluateParams, flow_params
 from tasks.labels import labeled_folder, read_labels_file
@@ -54,16 +55,22 @@ def classify_labeled_folder(params: EvaluateParams) -> tuple[str, pd.DataFrame, 
         device=params.device,
         precision=params.precision,
         batch_size=params.batch_size,
+        s3_endpoint_url=params.s3_endpoint_url,
+        aws_credentials_block=params.aws_credentials_block,
     )
     return destination, truth, summary["model_revision"]
 
 
 @task(cache_policy=NONE)
 def score(
-    destination: str, labels: pd.DataFrame, revision: str | None, target: float | None
+    destination: str,
+    labels: pd.DataFrame,
+    revision: str | None,
+    target: float | None,
+    storage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Join the newest predictions of one model revision to the labels and compute the metrics."""
-    joined = join_labels(read_predictions(destination, revision), labels)
+    joined = join_labels(read_predictions(destination, revision, storage), labels)
     metrics = compute_metrics(joined, target)
     metrics["predictions"] = destination
     warning = one_class_warning(metrics)
@@ -114,6 +121,8 @@ def evaluate(
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
     batch_size: int | None = None,
     target_sensitivity: float | None = None,
+    s3_endpoint_url: str | None = None,
+    aws_credentials_block: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate predictions against labels; write metrics.json, report.md and plots to OUTPUT."""
     params = flow_params(EvaluateParams, **locals())
@@ -127,7 +136,8 @@ def evaluate(
             read_labels_file(params.labels),
             params.model_revision,
         )
-    scored = score(destination, truth, chosen, params.target_sensitivity)
+    storage = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
+    scored = score(destination, truth, chosen, params.target_sensitivity, storage)
     metrics = scored["metrics"]
     written = save_report(params.output, metrics, scored["scored"])
     publish_report(metrics, written)

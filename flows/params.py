@@ -208,10 +208,9 @@ class DatasetParams(StorageParams):
         return refuse_credentials(value) or value
 
 
-class EvaluateParams(BaseModel):
-    """One evaluation: saved predictions + a labels file, or a labelled folder classified first."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+class EvaluateParams(StorageParams):
+    """One evaluation: saved predictions (a folder or s3:// dataset) + a local labels file, or a labelled
+    folder classified first."""
 
     output: str = Field(min_length=1, description="Report folder: metrics.json, report.md, plots")
     predictions: str | None = Field(None, description="A classify output dataset to evaluate")
@@ -243,13 +242,17 @@ class EvaluateParams(BaseModel):
         if self.predictions is not None and not self.labels:
             raise ValueError("--predictions needs --labels FILE (csv or parquet with image_uri,label)")
         if self.predictions is not None:
-            require_folder(self.predictions, "--predictions", "give the --output folder of `oncoflow classify`")
-            if self.labels and "://" not in self.labels and not os.path.isfile(os.path.expanduser(self.labels)):
-                raise ValueError(f"--labels {self.labels!r} is not an existing file; check the path")
+            require_folder(
+                self.predictions, "--predictions", "give the --output folder of `oncoflow classify`"
+            )
+            if not os.path.isfile(os.path.expanduser(self.labels or "")):
+                raise ValueError(f"--labels {self.labels!r} is not an existing local file; check the path")
             require_apart(self.predictions, "predictions", self.output)
         output = _normalized(self.output).rstrip("/")
         if "://" not in output and os.path.exists(output) and not os.path.isdir(output):
-            raise ValueError(f"--output {self.output!r} is a file; give a folder for the report (it is created)")
+            raise ValueError(
+                f"--output {self.output!r} is a file; give a folder for the report (it is created)"
+            )
         if self.data is not None:
             if self.labels or self.model_revision:
                 raise ValueError("--labels and --model-revision go with --predictions, not with --data")

@@ -33,7 +33,7 @@ from tasks.analytics import retry_while_compacting
 from tasks.labels import CLASS_NAMES
 from tasks.model import POSITIVE_LABEL
 from tasks.sink import open_dataset
-from tasks.storage import open_location
+from tasks.storage import open_location, storage_call
 
 PREDICTION_COLUMNS = ["image_uri", "prob_malignant", "label", "threshold", "model", "model_revision"]
 CALIBRATION_BINS = 10
@@ -44,14 +44,16 @@ class EvaluationError(ValueError):
     """Predictions and labels that cannot be evaluated; the message says why and what to do."""
 
 
-def read_predictions(destination: str, model_revision: str | None = None) -> pd.DataFrame:
+def read_predictions(
+    destination: str, model_revision: str | None = None, storage: dict[str, Any] | None = None
+) -> pd.DataFrame:
     """The newest row per image for one model revision of a classify output dataset.
 
     A dataset holding several revisions must be narrowed with `model_revision` (a revision or a
     model_slug partition value): metrics that mix two models describe neither.
     """
-    location = open_location(destination)
-    if not location.fs.isdir(location.path):
+    location = open_location(destination, storage or {})
+    if not storage_call(location.fs, location.path, lambda: location.fs.isdir(location.path)):
         raise FileNotFoundError(f"predictions dataset {destination!r} does not exist; check --predictions")
     columns = [*PREDICTION_COLUMNS, "status", "processed_at", "model_slug"]
     wanted = None
@@ -62,7 +64,7 @@ def read_predictions(destination: str, model_revision: str | None = None) -> pd.
         dataset = open_dataset(location)  # only the partition files: a stray README or export is not data
         return None if dataset is None else dataset.to_table(columns=columns, filter=wanted)
 
-    table = retry_while_compacting(read)
+    table = retry_while_compacting(lambda: storage_call(location.fs, location.path, read))
     if table is None:
         raise EvaluationError(
             f"predictions dataset {destination!r} holds no model_slug=*/date=*/*.parquet files; check "

@@ -295,6 +295,47 @@ def test_cli_endpoint_option_and_block_keep_secrets_out(
     rows = read_rows("s3://preds/out", s3)
     assert len(rows) == 6 and {r["status"] for r in rows} == {"ok"}
 
+    # evaluate reads the same S3 output through the same two options (a deployment passes them too).
+    labels = image_folder.parent / "labels.csv"
+    labels.write_text(
+        "image_uri,label\n"
+        + "".join(f"{r['image_uri']},{'Normal' if i % 2 else 'Malignant'}\n" for i, r in enumerate(rows))
+    )
+    storage = ["--s3-endpoint-url", s3_server, "--aws-credentials-block", block]
+    evaluated = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--predictions",
+            "s3://preds/out",
+            "--labels",
+            str(labels),
+            "-o",
+            str(image_folder.parent / "report"),
+            *storage,
+        ],
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads((image_folder.parent / "report" / "metrics.json").read_text())
+    assert metrics["images"]["evaluated"] == 6
+    wrong = f"http://127.0.0.1:{free_port()}"
+    unreachable = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--predictions",
+            "s3://preds/out",
+            "--labels",
+            str(labels),
+            "-o",
+            str(image_folder.parent / "r2"),
+        ]
+        + ["--s3-endpoint-url", wrong, "--aws-credentials-block", block],
+    )
+    text = " ".join(unreachable.output.split())
+    assert unreachable.exit_code == 1 and f"cannot connect to the S3 endpoint {wrong}" in text, text
+    assert "Traceback" not in unreachable.output
+
     run_id = rows[0]["run_id"]
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(uuid.UUID(run_id))
@@ -303,7 +344,7 @@ def test_cli_endpoint_option_and_block_keep_secrets_out(
     assert flow_run.parameters["aws_credentials_block"] == block
     parquet = b"".join(s3.cat_file(path) for path in s3.find("preds"))
     seen = {
-        "cli output": result.output,
+        "cli output": result.output + evaluated.output + unreachable.output,
         "captured logs": caplog.text,
         "flow run parameters": json.dumps(flow_run.parameters, default=str),
         "prefect logs": " ".join(log.message for log in logs),

@@ -37,6 +37,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 from botocore.exceptions import ConnectionError as BotocoreConnectionError
+from botocore.exceptions import SSLError as BotocoreSSLError
 from botocore.parsers import ResponseParserError
 from fsspec.asyn import sync
 from fsspec.implementations.local import LocalFileSystem
@@ -472,7 +473,10 @@ def storage_call(fs: fsspec.AbstractFileSystem, path: str, operation: Callable[[
         except Exception as exc:
             attempt += 1
             # botocore already retried the connection itself: an endpoint that never answers is wrong.
-            unreachable = isinstance(exc.__cause__, EndpointConnectionError | ConnectTimeoutError)
+            unreachable = isinstance(
+                exc.__cause__,
+                EndpointConnectionError | ConnectTimeoutError | BotocoreSSLError | aiohttp.ClientSSLError,
+            )
             if unreachable or attempt >= RETRY_ATTEMPTS or not is_transient(exc):
                 raise
             time.sleep(min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2**attempt) * random.uniform(0.5, 1.0))
@@ -507,6 +511,11 @@ def _translate_error(error: Exception, fs: fsspec.AbstractFileSystem, path: str)
         return PermissionError(
             f"no usable AWS credentials for {uri} ({error}); set AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role, or pass --aws-credentials-block"
+        )
+    if isinstance(error, BotocoreSSLError | aiohttp.ClientSSLError):
+        return ConnectionError(
+            f"the TLS handshake with the S3 endpoint {endpoint} failed for {uri} ({error}); check the "
+            "endpoint's scheme (http:// for a server without TLS) and its certificate (AWS_CA_BUNDLE)"
         )
     if isinstance(error, EndpointConnectionError | ConnectTimeoutError):
         return ConnectionError(

@@ -255,6 +255,16 @@ def test_a_wrong_endpoint_fails_fast_naming_it(image_folder: Path, s3: s3fs.S3Fi
         classify("s3://scans/incoming", "s3://preds/out", model="/no/such/model", s3_endpoint_url=wrong)
 
 
+def test_https_to_a_plain_http_endpoint_fails_fast_naming_the_scheme(
+    image_folder: Path, s3: s3fs.S3FileSystem, s3_server: str
+) -> None:
+    upload_folder(s3, image_folder, "scans/incoming")
+    https = s3_server.replace("http://", "https://")
+    with pytest.raises(ConnectionError, match="TLS handshake.*http:// for a server without TLS") as failure:
+        classify("s3://scans/incoming", "s3://preds/out", model="/no/such/model", s3_endpoint_url=https)
+    assert "transient" not in str(failure.value)
+
+
 def test_cli_endpoint_option_and_block_keep_secrets_out(
     image_folder: Path,
     s3: s3fs.S3FileSystem,

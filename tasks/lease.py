@@ -14,7 +14,9 @@ or NFSv4; see docs/operations.md.)
 
 Object stores (S3): a JSON object created with a conditional PUT (`If-None-Match: *`), renewed by a
 heartbeat thread with `If-Match` on its ETag. A lease whose expiry has passed (its holder died or hung)
-is taken over with `If-Match` on the stale ETag, so of two contenders exactly one wins. A store that
+is taken over with `If-Match` on the stale ETag, so of two contenders exactly one wins. So is, at once,
+the lease of a holder that certainly died on this machine (Holder.dead_on_this_machine: same boot and
+PID namespace, pid gone or reused), so a rerun after `kill -9` does not wait for the TTL. A store that
 ignores conditional writes is detected at acquire time and reported; overlapping runs are then not
 excluded there.
 
@@ -79,19 +81,62 @@ class LeaseLost(Exception):
 
 @dataclass(frozen=True)
 class Holder:
-    """Who holds a lease: enough to find the run in Prefect and the process on its machine."""
+    """Who holds a lease: enough to find the run in Prefect and the process on its machine.
+
+    `scope` (boot id + PID namespace) and `started` (the process's start time) let a later run on the
+    same machine tell for sure that the holder died (dead_on_this_machine); records without them,
+    from older versions, are never judged dead that way."""
 
     run_id: str
     host: str
     pid: int
     since: str
+    scope: str = ""
+    started: str = ""
 
     @classmethod
     def me(cls, run_id: str) -> Holder:
-        return cls(run_id, socket.gethostname(), os.getpid(), datetime.now(UTC).isoformat(timespec="seconds"))
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        pid = os.getpid()
+        return cls(run_id, socket.gethostname(), pid, now, process_scope(), process_start(pid))
 
     def describe(self) -> str:
         return f"run {self.run_id} (pid {self.pid} on {self.host}, since {self.since})"
+
+    def dead_on_this_machine(self) -> bool:
+        """True only when the holder certainly died: it ran in this boot of this machine, in this PID
+        namespace (so its pid means the same process here), and that pid is gone or now belongs to a
+        process started at another time. Anything uncertain (another machine or container, an old
+        record, /proc hidden) is False: the caller then waits for the record to expire."""
+        if not self.scope or self.scope != process_scope():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            pass
+        now = process_start(self.pid)
+        return bool(self.started and now) and now != self.started
+
+
+def process_scope() -> str:
+    """This machine's boot and PID namespace ("" where /proc does not tell): the same scope, the same pids."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            boot = handle.read().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+def process_start(pid: int) -> str:
+    """When `pid` started, in clock ticks since boot (field 22 of /proc/PID/stat); "" if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
 def lease_key(model: str) -> str:
@@ -259,7 +304,9 @@ def _try_object(location: Location, key: str, holder: Holder, ttl: float) -> Lea
         except FileNotFoundError:  # released in between: try again at once
             return _try_object(location, key, holder, ttl)
         current = _parse(data)
-        if time.time() < _expiry(data):
+        # A holder that died on this machine (kill -9, OOM) need not be waited for until its record
+        # expires (up to the TTL, 10 minutes): take its lease over now, the same way as an expired one.
+        if time.time() < _expiry(data) and not (current and current.dead_on_this_machine()):
             return current
         try:
             etag = _put(location, path, _record(holder, ttl), if_match=stale_etag)
@@ -306,8 +353,15 @@ def _expiry(data: bytes) -> float:
 def _parse(data: bytes) -> Holder | None:
     try:
         fields = json.loads(data)
-        return Holder(str(fields["run_id"]), str(fields["host"]), int(fields["pid"]), str(fields["since"]))
-    except (ValueError, KeyError, TypeError):
+        return Holder(
+            str(fields["run_id"]),
+            str(fields["host"]),
+            int(fields["pid"]),
+            str(fields["since"]),
+            str(fields.get("scope", "")),
+            str(fields.get("started", "")),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
 

@@ -4,6 +4,7 @@ reprocessing, history and pruning."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -88,6 +89,40 @@ def test_object_store_lease_uses_conditional_writes_and_expires(lease_server: st
     with acquire(location, "m", "run-b", wait_seconds=0, ttl_seconds=2) as second:
         assert second.previous is not None and second.previous.run_id == "run-a"
     assert not location.fs.exists("leases/out/_leases/m.lease")  # released: deleted
+
+
+@pytest.mark.s3
+def test_object_lease_of_a_process_killed_on_this_machine_is_taken_at_once(lease_server: str) -> None:
+    """kill -9 of a run holding an S3 lease: the rerun on the same machine takes the lease over at once
+    instead of waiting up to the TTL (10 minutes), and names the dead run. A record from another
+    machine or container (another scope) is never judged dead: it is waited for."""
+    options = {"client_kwargs": {"endpoint_url": lease_server}}
+    code = (
+        "import sys, time; from tasks.lease import acquire; from tasks.storage import open_location; "
+        f"acquire(open_location('s3://leases/killed', {options!r}), 'm', 'run-dead', wait_seconds=0); "
+        "print('held', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    location = open_location("s3://leases/killed", options)
+    with pytest.raises(LeaseBusy, match="run-dead"):  # alive: held
+        acquire(location, "m", "run-next", wait_seconds=0)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with acquire(location, "m", "run-next", wait_seconds=0) as lease:
+        assert lease.previous is not None and lease.previous.run_id == "run-dead"
+
+    elsewhere = {
+        "run_id": "run-far",
+        "host": "other",
+        "pid": holder.pid,
+        "since": "x",
+        "scope": "another/boot",
+    }
+    record = {**elsewhere, "expires": time.time() + 600}
+    location.fs.pipe_file("leases/killed/_leases/m.lease", json.dumps(record).encode())
+    with pytest.raises(LeaseBusy, match="run-far"):
+        acquire(location, "m", "run-next", wait_seconds=0)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
 
-from tasks.images import ImageError, scale_to_8bit
+from tasks.images import ImageError, pixel_limit_message, scale_to_8bit
 
 # pydicom logs an ERROR per undecodable file, naming no file: the file's error row says it, with its name.
 logging.getLogger("pydicom").setLevel(logging.CRITICAL)
@@ -48,7 +48,7 @@ def decode_dicom(data: bytes, max_pixels: int) -> Image.Image:
     except Exception as exc:
         raise ImageError("unsupported", "DICOM pixel data without valid Rows/Columns") from exc
     if rows * columns > max_pixels:
-        raise ImageError("too_large", f"{columns}x{rows} pixels exceeds the limit of {max_pixels}")
+        raise ImageError("too_large", pixel_limit_message(f"{columns}x{rows}", max_pixels))
     try:
         frame = pixel_array(dataset, index=0)
     except Exception as exc:

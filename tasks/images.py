@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import time
 import warnings
 from concurrent.futures import Executor, Future
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
@@ -89,7 +90,7 @@ def _decode_with_pillow(data: bytes, max_pixels: int, exif_orientation: bool) ->
         image: Image.Image = Image.open(io.BytesIO(data))
         width, height = image.size
         if width * height > max_pixels:
-            raise ImageError("too_large", f"{width}x{height} pixels exceeds the limit of {max_pixels}")
+            raise ImageError("too_large", pixel_limit_message(f"{width}x{height}", max_pixels))
         image.load()
         if exif_orientation:
             image = ImageOps.exif_transpose(image)
@@ -97,16 +98,64 @@ def _decode_with_pillow(data: bytes, max_pixels: int, exif_orientation: bool) ->
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageError("too_large", str(exc)) from exc
+        raise ImageError("too_large", bomb_message(exc, max_pixels)) from exc
     except UnidentifiedImageError as exc:
+        if unknown := unsupported_tiff_compression(data):
+            raise ImageError("unsupported", unknown) from exc
         message = "the header is damaged or the file ends early" if damaged == "truncated" else ""
         raise ImageError(damaged, message or "not a recognised image format") from exc
     except MemoryError as exc:
         raise ImageError("too_large", "not enough memory to decode it; lower --max-pixels") from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as exc:
         message = str(exc) or type(exc).__name__
-        ends_early = isinstance(exc, EOFError) or "runcated" in message or "decoder object" in message
-        raise ImageError("truncated" if ends_early else "unsupported", message) from exc
+        damaged_data = any(sign in message for sign in ("runcated", "decoder object", "broken data stream"))
+        raise ImageError(
+            "truncated" if isinstance(exc, EOFError) or damaged_data else "unsupported", message
+        ) from exc
+
+
+# TIFF compressions Pillow cannot decode that medical and slide-scanner exports use (TIFF tag 259).
+TIFF_COMPRESSION_NAMES = {
+    33003: "JPEG 2000 (Aperio YCbCr)",
+    33004: "JPEG 2000 (Aperio)",
+    33005: "JPEG 2000 (Aperio RGB)",
+    34712: "JPEG 2000",
+    34713: "Nikon NEF",
+    34892: "lossy JPEG (DNG)",
+    50000: "Zstandard",
+    50001: "WebP",
+}
+
+
+def unsupported_tiff_compression(data: bytes) -> str | None:
+    """The `unsupported` message for a TIFF whose first image uses a compression Pillow lacks; else None."""
+    if not data.startswith((b"II*\x00", b"MM\x00*")):
+        return None
+    try:
+        directory = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
+        stream = io.BytesIO(data)
+        stream.seek(directory.next)
+        directory.load(stream)
+        compression = int(directory.get(259, 1))
+    except Exception:  # noqa: BLE001 - a damaged directory: the caller says truncated
+        return None
+    if compression in TiffImagePlugin.COMPRESSION_INFO:
+        return None
+    name = TIFF_COMPRESSION_NAMES.get(compression, "unknown")
+    return (
+        f"TIFF compression {compression} ({name}) cannot be decoded here; convert the file to an "
+        "uncompressed, LZW or JPEG TIFF, or to PNG"
+    )
+
+
+def pixel_limit_message(size: str, max_pixels: int) -> str:
+    return f"{size} pixels exceeds the limit of {max_pixels} (--max-pixels)"
+
+
+def bomb_message(error: Exception, max_pixels: int) -> str:
+    """Pillow's decompression-bomb refusal in terms of --max-pixels (Pillow names its own limit)."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    return pixel_limit_message(found.group(1) if found else "the image's", max_pixels)
 
 
 def oversized(head: bytes, max_pixels: int) -> str | None:
@@ -124,11 +173,11 @@ def oversized(head: bytes, max_pixels: int) -> str | None:
             with Image.open(io.BytesIO(head)) as image:
                 width, height = image.size
     except Image.DecompressionBombError as exc:
-        return f"too_large: {exc}"
+        return f"too_large: {bomb_message(exc, max_pixels)}"
     except Exception:  # noqa: BLE001 - any other header problem is for the full decode to categorise
         return None
     if width * height > max_pixels:
-        return f"too_large: {width}x{height} pixels exceeds the limit of {max_pixels}"
+        return f"too_large: {pixel_limit_message(f'{width}x{height}', max_pixels)}"
     return None
 
 
@@ -308,7 +357,7 @@ class DevicePreprocessor:
             if frame is not None:
                 if frame.width * frame.height > max_pixels:
                     raise ImageError(
-                        "too_large", f"{frame.width}x{frame.height} pixels exceeds the limit of {max_pixels}"
+                        "too_large", pixel_limit_message(f"{frame.width}x{frame.height}", max_pixels)
                     )
                 if frame.for_nvjpeg:
                     return np.frombuffer(data, np.uint8), frame.width, frame.height

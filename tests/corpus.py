@@ -41,12 +41,12 @@ def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     )
 
 
-def tiff_with_unknown_compression() -> bytes:
-    """A well-formed TIFF whose compression tag names a codec that does not exist."""
+def tiff_with_unknown_compression(code: int = 50_000) -> bytes:
+    """A well-formed TIFF whose compression tag names a codec Pillow cannot decode (34712: JPEG 2000)."""
     data = encode(random_rgb((16, 8), 3), "TIFF")
     entry = b"\x03\x01\x03\x00\x01\x00\x00\x00\x01\x00"  # tag 259 (Compression), SHORT, 1 value: none
     at = data.index(entry)
-    return data[: at + 8] + struct.pack("<H", 50_000) + data[at + 10 :]
+    return data[: at + 8] + struct.pack("<H", code) + data[at + 10 :]
 
 
 def exif_rotated_jpeg(size: tuple[int, int] = (64, 32), orientation: int = 6) -> bytes:
@@ -137,6 +137,8 @@ def bad_files() -> dict[str, tuple[bytes, str | None]]:
         "error-page.jpg": (b"<html><body>403 Forbidden</body></html>", "not_an_image"),
         "junk.dcm": (b"\x00\x01 definitely not DICOM " * 10, "not_an_image"),
         "odd-codec.tif": (tiff_with_unknown_compression(), "unsupported"),
+        "jpeg2000.tif": (tiff_with_unknown_compression(34712), "unsupported"),
+        "broken-stream.png": (png[:60] + bytes(10) + png[70:], "truncated"),
         "bomb.png": (png_bomb(), "too_large"),
         "fine.jpg": (jpeg, None),
         "fine.dcm": (dicom, None),

@@ -13,7 +13,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from tasks.dicom import window
-from tasks.images import ERROR_CATEGORIES, ImageError, decode_image
+from tasks.images import DEFAULT_MAX_PIXELS, ERROR_CATEGORIES, ImageError, decode_image
 from tasks.inference import MAX_FILE_BYTES, PROBE_BYTES, PROBE_FROM_BYTES, EngineOptions, classify_files
 from tasks.model import load_model
 from tasks.storage import list_images, open_location
@@ -70,6 +70,20 @@ def test_bomb_is_refused_from_its_header() -> None:
     with pytest.raises(ImageError) as raised:
         decode_image(corpus.png_bomb(12_000, 10_000), max_pixels=1_000_000)
     assert raised.value.category == "too_large" and "12000x10000 pixels exceeds the limit of 1000000" in str(
+        raised.value
+    )
+
+
+def test_messages_name_the_option_and_the_codec() -> None:
+    """Pillow's own bomb refusal is put in terms of --max-pixels; an undecodable TIFF names its codec."""
+    with pytest.raises(ImageError) as raised:
+        decode_image(corpus.png_bomb(), max_pixels=DEFAULT_MAX_PIXELS)
+    assert str(raised.value) == (
+        f"too_large: 10000000000 pixels exceeds the limit of {DEFAULT_MAX_PIXELS} (--max-pixels)"
+    )
+    with pytest.raises(ImageError) as raised:
+        decode_image(corpus.tiff_with_unknown_compression(34712), max_pixels=DEFAULT_MAX_PIXELS)
+    assert raised.value.category == "unsupported" and "TIFF compression 34712 (JPEG 2000)" in str(
         raised.value
     )
 

@@ -55,7 +55,7 @@ def read_predictions(
     location = open_location(destination, storage or {})
     if not storage_call(location.fs, location.path, lambda: location.fs.isdir(location.path)):
         raise FileNotFoundError(f"predictions dataset {destination!r} does not exist; check --predictions")
-    columns = [*PREDICTION_COLUMNS, "status", "processed_at", "model_slug"]
+    columns = [*PREDICTION_COLUMNS, "status", "error", "processed_at", "model_slug"]
     wanted = None
     if model_revision:  # pushed down: other revisions' files are skipped, not loaded and dropped
         wanted = (pc.field("model_revision") == model_revision) | (pc.field("model_slug") == model_revision)
@@ -104,10 +104,23 @@ def join_labels(predictions: pd.DataFrame, labels: pd.DataFrame) -> Joined:
     is_error = with_both["status"] != "ok"
     scored = with_both[~is_error].copy()
     if scored.empty:
+        common = len(with_both)
+        if common:  # the URIs match, but every labelled image is an error row
+            reasons = with_both["error"] if "error" in with_both else pd.Series("", index=with_both.index)
+            errors = reasons.fillna("").str.split(":").str[0].value_counts()
+            categories = ", ".join(f"{count} {category or 'error'}" for category, count in errors.items())
+            fix = (
+                f"all {common} labelled images are error rows ({categories}): fix or replace those "
+                "files (the error column says why), run classify again, then evaluate"
+            )
+        else:
+            fix = (
+                "check that the labels' image_uri values match the predictions' (file:///abs/path or "
+                "s3://bucket/key)"
+            )
         raise EvaluationError(
             f"no successfully classified image has a label: {len(predictions)} prediction rows, "
-            f"{len(labels)} labels, {int((merged['_merge'] == 'both').sum())} in common. Check that the "
-            "labels' image_uri values match the predictions' (file:///abs/path or s3://bucket/key)"
+            f"{len(labels)} labels, {common} in common; {fix}"
         )
     scored["y_true"] = scored["y_true"].astype(int)
     scored["y_pred"] = (scored["label"].str.lower() == POSITIVE_LABEL.lower()).astype(int)

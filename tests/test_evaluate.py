@@ -230,6 +230,21 @@ def test_labels_match_standard_file_uris_and_odd_names(tmp_path: Path, tiny_mode
         assert metrics["images"]["evaluated"] == 4 and metrics["images"]["labels_without_prediction"] == 0
 
 
+def test_labels_of_error_rows_only_say_so(labeled: Path, tmp_path: Path, tiny_model: str) -> None:
+    """The URIs match, but the one labelled image could not be decoded: the message says that."""
+    predictions = tmp_path / "preds"
+    classify(str(labeled), str(predictions), model=tiny_model, device="cpu")
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"image_uri,label\n{labeled}/Normal/broken.png,Normal\n")
+    args = ["evaluate", "--predictions", str(predictions), "--labels", str(labels), "-o", str(tmp_path / "r")]
+    result = runner.invoke(app, args)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "1 in common" in text, text
+    assert (
+        "all 1 labelled images are error rows (1 truncated)" in text and "image_uri values match" not in text
+    )
+
+
 def labels_csv(path: Path, labeled: Path, classes: tuple[str, ...] = ("Normal", "malignant")) -> Path:
     lines = ["image_uri,label"]
     if "Normal" in classes:

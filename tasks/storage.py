@@ -248,6 +248,20 @@ def _list_local(root: str) -> Iterator[DiscoveredFile]:
                     local_fingerprint(st),
                     st.st_size,
                 )
+            else:  # a FIFO, socket or device named like an image: reading it could block or never end
+                logger.warning(
+                    "left %s out of the listing: it is a %s, not a regular file",
+                    printable_path(entry.path),
+                    SPECIAL_FILE_KINDS.get(stat_module.S_IFMT(st.st_mode), "special file"),
+                )
+
+
+SPECIAL_FILE_KINDS = {
+    stat_module.S_IFIFO: "named pipe (FIFO)",
+    stat_module.S_IFSOCK: "socket",
+    stat_module.S_IFCHR: "character device",
+    stat_module.S_IFBLK: "block device",
+}
 
 
 def local_fingerprint(st: os.stat_result) -> str:

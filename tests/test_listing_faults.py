@@ -57,6 +57,21 @@ def test_a_broken_link_is_left_out_with_a_warning(tmp_path: Path, caplog: pytest
         assert str(folder / name) in warning and "broken link: repair or remove it" in warning
 
 
+def test_a_fifo_or_device_named_like_an_image_is_left_out_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reading a FIFO would block the run for ever, a device like /dev/zero never ends: not listed."""
+    folder = tmp_path / "scans"
+    make_image(folder / "a.jpg", seed=1)
+    os.mkfifo(folder / "pipe.jpg")
+    (folder / "zero.png").symlink_to("/dev/zero")
+    with caplog.at_level(logging.WARNING, logger="tasks.storage"):
+        assert listed_names(folder) == ["a.jpg"]
+    warnings = warnings_of(caplog)
+    assert any("pipe.jpg" in w and "named pipe (FIFO), not a regular file" in w for w in warnings), warnings
+    assert any("zero.png" in w and "character device" in w for w in warnings), warnings
+
+
 def test_a_sub_folder_deleted_during_listing_is_left_out(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -2,7 +2,8 @@
 
 Prefect sends only its own loggers to the API; a run waiting for the output lease, or skipping a broken
 link, would otherwise say so on the worker's terminal only, and the UI would show a silent "Running".
-Records emitted outside a flow or task run (the CLI's own lines, engine threads) stay on the console.
+Records emitted outside a flow or task run (the CLI's own lines, engine threads) stay on the console,
+unless they name their flow run (the S3 lease heartbeat's warnings do).
 Setting PREFECT_LOGGING_EXTRA_LOGGERS=tasks,flows does the same; the handler is then not added twice.
 """
 
@@ -17,12 +18,13 @@ LOGGERS = ("tasks", "flows")
 
 
 class RunLogHandler(APILogHandler):
-    """Prefect's API log handler, for records emitted inside a flow or task run only."""
+    """Prefect's API log handler, for records emitted inside a flow or task run, or naming their run
+    (`extra={"flow_run_id": ...}`, as the S3 lease's heartbeat thread does) only."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if FlowRunContext.get() is None and TaskRunContext.get() is None:
-            return
-        super().emit(record)
+        in_run = FlowRunContext.get() is not None or TaskRunContext.get() is not None
+        if in_run or getattr(record, "flow_run_id", None):
+            super().emit(record)
 
 
 def send_logs_to_prefect() -> None:

@@ -69,6 +69,8 @@ def retry_while_compacting(read: Callable[[], T]) -> T:
         try:
             return read()
         except (FileNotFoundError, duckdb.IOException) as exc:
+            if isinstance(exc, NoDatasetFiles):
+                raise
             vanished = isinstance(exc, FileNotFoundError) or VANISHED_FILE.search(str(exc))
             if not vanished or attempt == READ_ATTEMPTS:
                 raise
@@ -79,23 +81,33 @@ def retry_while_compacting(read: Callable[[], T]) -> T:
 EXPORT_FORMATS = {".parquet": "(format parquet, compression zstd)", ".csv": "(format csv, header true)"}
 
 
+class NoDatasetFiles(FileNotFoundError):
+    """DEST holds no dataset file at all: a wrong path, not a compaction under way (never retried)."""
+
+
 def dataset_file_list(location: Location) -> list[str]:
     """Every visible Parquet file of the dataset (tasks.sink.dataset_files), as DuckDB is given them:
     local paths, or URIs on an object store.
 
-    A list, never a glob: a DEST whose name holds `?`, `*` or `[` would be a pattern to DuckDB, and
-    match (or miss) other folders."""
+    A list of the files found, each escaped by literal_pattern when given to DuckDB: a DEST whose name
+    holds `?`, `*` or `[` must not match (or miss) other folders."""
     try:
         files = storage_call(location.fs, location.path, lambda: dataset_files(location))
     except FileNotFoundError:
         files = []
     if not files:
         check = "" if location.is_local else ", or check --s3-endpoint-url and the credentials"
-        raise FileNotFoundError(
+        raise NoDatasetFiles(
             f"no Parquet files under {location.uri!r}; run `oncoflow classify SOURCE --output "
             f"{location.uri}` first{check}"
         )
     return files if location.is_local else [to_uri(location.fs, path) for path in files]
+
+
+def literal_pattern(path: str) -> str:
+    """`path` as a DuckDB file pattern that matches only itself: DuckDB globs every entry of a
+    read_parquet list, so a DEST named `dest?x` would also read `destax`. `[c]` is a literal c."""
+    return re.sub(r"([*?\[])", r"[\1]", path)
 
 
 def sql_string(value: str) -> str:
@@ -114,7 +126,7 @@ def connect(destination: str, storage: dict[str, Any] | None = None) -> duckdb.D
     location = open_location(destination, storage or {})
     if not location.is_local:
         connection.register_filesystem(location.fs)
-    files = "[" + ", ".join(sql_string(file) for file in dataset_file_list(location)) + "]"
+    files = "[" + ", ".join(sql_string(literal_pattern(file)) for file in dataset_file_list(location)) + "]"
     for statement in VIEWS_SQL.format(files=files).split(";"):
         if statement.strip():
             connection.execute(statement)

@@ -3,7 +3,8 @@
 Labels are `Normal` = 0 and `Malignant` = 1 (the seed card's ids), written either way and in any case.
 Image locations are compared as URIs, the form classify writes: a local path in a labels file becomes
 `file:///abs/path`, a relative path being taken relative to the labels file's own folder (so a labels
-file travels with its images), and `s3://...` or `file://...` URIs are kept as they are.
+file travels with its images); `s3://...` URIs are kept as they are, and `file://...` URIs are brought
+to classify's spelling (percent-encoded or not: tasks.storage.canonical_file_uri).
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ import re
 import socket
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -123,9 +124,13 @@ class Holder:
 def process_scope() -> str:
     """This machine's boot and PID namespace ("" where /proc does not tell): the same scope, the same pids."""
     try:
+        if os.readlink("/proc/self") != str(
+            os.getpid()
+        ):  # /proc of another PID namespace: its pids are not ours
+            return ""
         with open("/proc/sys/kernel/random/boot_id") as handle:
             boot = handle.read().strip()
-        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+        return f"{socket.gethostname()}/{boot}/{os.readlink('/proc/self/ns/pid')}"
     except OSError:
         return ""
 
@@ -196,6 +201,9 @@ class ObjectLease(Lease):
     ) -> None:
         super().__init__(location, key, holder, previous)
         self.etag, self.ttl = etag, ttl
+        # This thread runs outside Prefect's run context: its records name the flow run themselves, so
+        # they reach the run's logs in the UI (flows/logs.py).
+        self.run = {"flow_run_id": holder.run_id} if _is_uuid(holder.run_id) else {}
         self.stopped = threading.Event()
         self.heartbeat = threading.Thread(target=self._renew, name=f"oncoflow-lease-{key}", daemon=True)
         self.heartbeat.start()
@@ -213,10 +221,10 @@ class ObjectLease(Lease):
                 replaced = _error_code(exc) in PRECONDITION_FAILED
                 next_try, expires = time.time() + self.ttl / 4, renewed + self.ttl
                 if not replaced and next_try < expires - self.ttl / 8:
-                    logger.warning("could not renew lease %s (%s); retrying", self.path, exc)
+                    logger.warning("could not renew lease %s (%s); retrying", self.path, exc, extra=self.run)
                     continue
                 self.lost = f"lease {self.path} could not be renewed ({exc}); another run may take it over"
-                logger.error(self.lost)
+                logger.error(self.lost, extra=self.run)
                 return
 
     def release(self) -> None:
@@ -348,6 +356,14 @@ def _expiry(data: bytes) -> float:
         return float(json.loads(data).get("expires", 0))
     except (ValueError, AttributeError):
         return 0.0
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _parse(data: bytes) -> Holder | None:

@@ -33,7 +33,7 @@ from tasks.analytics import retry_while_compacting
 from tasks.labels import CLASS_NAMES
 from tasks.model import POSITIVE_LABEL
 from tasks.sink import open_dataset
-from tasks.storage import open_location, storage_call
+from tasks.storage import canonical_file_uri, open_location, storage_call
 
 PREDICTION_COLUMNS = ["image_uri", "prob_malignant", "label", "threshold", "model", "model_revision"]
 CALIBRATION_BINS = 10
@@ -81,6 +81,9 @@ def read_predictions(
             f"predictions dataset {destination!r} holds {len(revisions)} model revisions {revisions} "
             f"(partitions {slugs}); choose one with --model-revision"
         )
+    # Rows written before file URIs spelled `%` as %25 (2026-11-27) compare in the current spelling, so
+    # labels match them and an image with rows in both spellings counts once.
+    frame["image_uri"] = canonical_uris(frame["image_uri"])
     # An image re-classified after its content changed has several rows; the newest one counts.
     frame = frame.sort_values("processed_at").drop_duplicates("image_uri", keep="last")
     return frame.drop(columns=["model_slug"]).reset_index(drop=True)
@@ -95,6 +98,14 @@ class Joined:
     labelled_error_rows: int
     predictions_without_label: int
     labels_without_prediction: int
+
+
+def canonical_uris(uris: pd.Series) -> pd.Series:
+    """`file://` URIs in classify's current spelling (tasks.storage.canonical_file_uri); others as they are."""
+    local = uris.str.startswith("file://", na=False) & uris.str.contains("%", regex=False, na=False)
+    if not local.any():
+        return uris
+    return uris.where(~local, uris[local].map(canonical_file_uri))
 
 
 def join_labels(predictions: pd.DataFrame, labels: pd.DataFrame) -> Joined:

@@ -279,7 +279,10 @@ def read_file(file: DiscoveredFile, fs: fsspec.AbstractFileSystem) -> tuple[byte
     versions of an object replaced meanwhile). Other stores keep the listed fingerprint."""
     if isinstance(fs, S3FileSystem):
         data, etag = storage_call(fs, file.path, lambda: sync(fs.loop, _s3_get, fs, file.path))
-        fingerprint = f"{etag}:{len(data)}" if etag else file.fingerprint
+        # Only where the listing gave an ETag (`ETag:size`): a store that lists without one fingerprints
+        # by `size:mtime`, which the next listing must find again.
+        listed_etag = file.fingerprint.endswith(f":{file.size}")
+        fingerprint = f"{etag}:{len(data)}" if etag and listed_etag else file.fingerprint
     else:
         data = read_bytes(fs, file.path)
         if not isinstance(fs, LocalFileSystem):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -216,6 +217,21 @@ def test_analytics_commands_reject_a_missing_dataset(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--target-rows" in result.output
 
 
+def test_an_empty_dest_is_reported_at_once_not_retried(tmp_path: Path) -> None:
+    """ "No Parquet files" is a wrong path, not a compaction under way: one attempt, then the message."""
+    from tasks.analytics import NoDatasetFiles, dataset_file_list, retry_while_compacting
+
+    attempts: list[int] = []
+
+    def read() -> list[str]:
+        attempts.append(1)
+        return dataset_file_list(open_location(str(tmp_path)))
+
+    with pytest.raises(NoDatasetFiles, match="no Parquet files under"):
+        retry_while_compacting(read)
+    assert len(attempts) == 1
+
+
 def test_analytics_commands_reject_a_wrong_output_type_before_reading(tmp_path: Path) -> None:
     for command, wanted in (("latest", ".parquet or .csv"), ("report", ".html or .png")):
         result = CliRunner().invoke(app, [command, str(tmp_path), "--output", str(tmp_path / "out.txt")])
@@ -227,11 +243,18 @@ def test_a_dest_named_like_a_pattern_is_read_as_itself(tmp_path: Path, name: str
     """A folder name holding ?, [ or * is a name, not a pattern: no rows of a neighbouring dataset."""
     dest = tmp_path / name
     make_dataset(dest)
-    make_dataset(tmp_path / "destax")  # what `dest?x` and `dest*` would match as globs
+    # What `dest?x` and `dest*` would match as globs: the same file names, other images.
+    neighbour = tmp_path / "destax"
+    shutil.copytree(dest, neighbour)
+    for file in neighbour.rglob("*.parquet"):
+        table = pq.read_table(file)
+        uris = pa.compute.replace_substring(table.column("image_uri"), "/scans/", "/elsewhere/")
+        pq.write_table(table.set_column(0, "image_uri", uris), file)
     output = tmp_path / "latest.csv"
     result = CliRunner().invoke(app, ["latest", str(dest), "--output", str(output)])
     assert result.exit_code == 0, result.output
-    assert duckdb.sql(f"select count(*) from read_csv('{output}')").fetchall()[0][0] == 100
+    exported = duckdb.sql(f"select image_uri from read_csv('{output}')").fetchall()
+    assert len(exported) == 100 and not [uri for (uri,) in exported if "elsewhere" in uri]
     report = CliRunner().invoke(app, ["report", str(dest), "--output", str(tmp_path / "r.png")])
     assert report.exit_code == 0 and ": 100 images" in " ".join(report.output.split()), report.output
 
@@ -297,6 +320,7 @@ def test_files_saved_inside_dest_are_refused_or_ignored(
         result = CliRunner().invoke(app, [command[0], str(dest), command[1], str(dest / command[2])])
         assert result.exit_code == 2 and "--output" in result.output, result.output
         assert not (dest / command[2]).exists()
+    (tmp_path / "l.csv").write_text("image_uri,label\n")
     result = CliRunner().invoke(
         app,
         ["evaluate", "--predictions", str(dest), "--labels", str(tmp_path / "l.csv"), "-o", str(dest / "e")],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -243,6 +244,29 @@ def test_labels_of_error_rows_only_say_so(labeled: Path, tmp_path: Path, tiny_mo
     assert (
         "all 1 labelled images are error rows (1 truncated)" in text and "image_uri values match" not in text
     )
+
+
+def test_rows_written_before_percent_was_escaped_still_match(tmp_path: Path) -> None:
+    """Rows from before `%` became %25 in file URIs: labels copied from them match, and an image with
+    rows in both spellings counts once (its newest row)."""
+    import pyarrow as pa
+
+    from tests.analytics_data import FIRST_DAY, OLD, rows, write
+
+    old_uris = ["file:///x/100%.png", "file:///x/50%41.png", "file:///x/ok.png"]
+    old = rows(range(0, 3), OLD, FIRST_DAY, 1, "old")
+    write(tmp_path / "dest", old.set_column(0, "image_uri", pa.array(old_uris)), OLD, FIRST_DAY, "old")
+    new = rows(range(0, 1), OLD, FIRST_DAY + timedelta(days=1), 2, "new")
+    new = new.set_column(0, "image_uri", pa.array(["file:///x/100%25.png"]))
+    write(tmp_path / "dest", new, OLD, FIRST_DAY + timedelta(days=1), "new")
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "image_uri,label\n"
+        + "".join(f"{u},{lab}\n" for u, lab in zip(old_uris, ["Normal", "Malignant", "Normal"], strict=True))
+    )
+    metrics = evaluate(str(tmp_path / "report"), predictions=str(tmp_path / "dest"), labels=str(labels))
+    assert metrics["images"]["evaluated"] == 3 and metrics["images"]["labels_without_prediction"] == 0
+    assert metrics["images"]["predictions_without_label"] == 0
 
 
 def labels_csv(path: Path, labeled: Path, classes: tuple[str, ...] = ("Normal", "malignant")) -> Path:

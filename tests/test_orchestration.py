@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -324,12 +326,20 @@ def test_oncoflow_warnings_reach_the_run_logs_and_bad_parameters_stay_secret(
     (source / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     state = classify(str(source), str(tmp_path / "out"), model=tiny_model, device="cpu", return_state=True)
     assert state.is_completed()
+    run_id = state.state_details.flow_run_id
+    # A thread outside the run context (the S3 lease heartbeat) names its run to be heard.
+    heartbeat = threading.Thread(
+        target=lambda: logging.getLogger("tasks.lease").warning(
+            "renewal probe", extra={"flow_run_id": str(run_id)}
+        )
+    )
+    heartbeat.start()
+    heartbeat.join()
     APILogHandler().flush()  # the run logs are sent in the background
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
-        )
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
     assert any("gone.jpg" in log.message and "broken link" in log.message for log in logs)
+    assert any(log.message == "renewal probe" for log in logs)
 
     leaky = "s3://AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY@bucket/scans"
     state = classify(leaky, str(tmp_path / "out"), model=tiny_model, return_state=True)

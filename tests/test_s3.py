@@ -88,6 +88,24 @@ def test_an_object_replaced_after_listing_gets_the_etag_of_what_was_read(
     assert select_new(list_images(location), index) == []
 
 
+def test_a_store_listing_without_etags_keeps_its_listed_fingerprint(
+    image_folder: Path, s3: s3fs.S3FileSystem
+) -> None:
+    """Where the listing has no ETag (`size:mtime`), the read keeps that fingerprint: the next listing
+    finds it again, so the object is not classified every night."""
+    from dataclasses import replace
+
+    from tasks.storage import list_images, read_file
+
+    upload_folder(s3, image_folder, "scans/incoming")
+    location = open_location("s3://scans/incoming")
+    listed = sorted(list_images(location), key=lambda file: file.uri)[0]
+    no_etag = replace(listed, fingerprint=f"{listed.size}:2026-11-27T00:00:00Z")
+    data, read = read_file(no_etag, location.fs)
+    assert len(data) == listed.size and read.fingerprint == no_etag.fingerprint
+    assert read_file(listed, location.fs)[1].fingerprint == listed.fingerprint  # ETag listings: the GET's
+
+
 def test_every_mix_of_local_and_s3_gives_the_same_predictions(
     image_folder: Path,
     s3: s3fs.S3FileSystem,

@@ -22,7 +22,7 @@ from tasks.storage import list_images, open_location
 
 
 def make_images(folder: str, count: int, size: tuple[int, int] = (700, 460)) -> None:
-    """JPEG q90 at DESIGN.md's anchor size (700×460), noise so they do not compress to nothing."""
+    """JPEG q90 at docs/design.md's anchor size (700×460), noise so they do not compress to nothing."""
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
     for n in range(count):

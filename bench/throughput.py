@@ -4,7 +4,7 @@
     python bench/throughput.py --images 2000 --device cuda --batch-size 256
     python bench/throughput.py --images 8 --model-size tiny --quick  # what the test suite runs
 
-One run generates the corpus (700×460 JPEG, quality 90, ~100 KB, like DESIGN.md's anchors) and a
+One run generates the corpus (700×460 JPEG, quality 90, ~100 KB, like docs/design.md's anchors) and a
 full-size ViT-Base/16 with random weights (same compute as the real model), then reports img/s for the
 seed card's snippet loop, the transformers pipeline, model-only forward at each precision, and
 oncoflow end to end (the engine alone, and the Prefect flow), with ratios, peak RSS, agreement of

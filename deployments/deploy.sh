@@ -25,7 +25,19 @@ if [ ${#missing[@]} -gt 0 ]; then
         "and an unset one would deploy as an empty string (see docs/operations.md)" >&2
     exit 2
 fi
-python=${PYTHON:-python3}
+# The Python with Prefect and oncoflow: $PYTHON, else this checkout's .venv (`make install`), else python3.
+if [ -n "${PYTHON:-}" ]; then
+    python=$PYTHON
+elif [ -x .venv/bin/python ]; then
+    python=.venv/bin/python
+else
+    python=python3
+fi
+if ! "$python" -c 'import prefect, flows' 2>/dev/null; then
+    echo "error: $python cannot import prefect and oncoflow's flows; run \`make install\` here, or set" \
+        "PYTHON to the interpreter of the environment oncoflow is installed in" >&2
+    exit 2
+fi
 if ! "$python" -c 'import sys, zoneinfo; zoneinfo.ZoneInfo(sys.argv[1])' "$ONCOFLOW_TIMEZONE" 2>/dev/null; then
     echo "error: ONCOFLOW_TIMEZONE=$ONCOFLOW_TIMEZONE is not an IANA time zone (e.g. UTC, Europe/Berlin)" >&2
     exit 2

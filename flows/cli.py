@@ -163,7 +163,7 @@ DaskWorkersOption = Annotated[
 ]
 RayAddressOption = Annotated[
     str | None,
-    typer.Option(help="Ray cluster address (ray://HOST:10001); needs pip install 'oncoflow[ray]'."),
+    typer.Option(help="Ray cluster address (ray://HOST:10001); needs pip install 'oncoflow\\[ray]'."),
 ]
 DecodeOption = Annotated[
     str,

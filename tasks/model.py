@@ -147,7 +147,7 @@ def fetch_model(name: str, revision: str | None) -> tuple[str, str]:
         raise ModelError(
             f"cannot fetch model {name!r} from the Hugging Face Hub ({type(exc).__name__}): no network, "
             "HF_HUB_OFFLINE=1, or a wrong id/revision. Without network, pass a local folder saved with "
-            "`save_pretrained` (--model /path/to/model), or download it elsewhere with "
+            "`save_pretrained` instead (--model, or --base-model for train), or download it elsewhere with "
             f"`hf download {name}` and copy the cache (HF_HOME). If you meant a local folder: there is "
             f"no folder {os.path.abspath(os.path.expanduser(name))!r}."
         ) from exc

@@ -1,4 +1,4 @@
-"""The output dataset: the row schema (DESIGN.md's contract), shard paths, atomic Parquet writes and the
+"""The output dataset: the row schema (docs/design.md's contract), shard paths, atomic Parquet writes and the
 incremental index of what DEST already holds.
 
 Layout: DEST/model_slug=<model>-<revision>/date=<YYYY-MM-DD>/part-<shard id>.parquet. The partition key

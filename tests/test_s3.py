@@ -329,37 +329,18 @@ def test_cli_endpoint_option_and_block_keep_secrets_out(
         "image_uri,label\n"
         + "".join(f"{r['image_uri']},{'Normal' if i % 2 else 'Malignant'}\n" for i, r in enumerate(rows))
     )
-    storage = ["--s3-endpoint-url", s3_server, "--aws-credentials-block", block]
-    evaluated = CliRunner().invoke(
-        app,
-        [
-            "evaluate",
-            "--predictions",
-            "s3://preds/out",
-            "--labels",
-            str(labels),
-            "-o",
-            str(image_folder.parent / "report"),
-            *storage,
-        ],
-    )
+
+    def evaluate_s3(report: str, endpoint: str):
+        arguments = ["evaluate", "--predictions", "s3://preds/out", "--labels", str(labels), "-o", report]
+        storage = ["--s3-endpoint-url", endpoint, "--aws-credentials-block", block]
+        return CliRunner().invoke(app, arguments + storage)
+
+    evaluated = evaluate_s3(str(image_folder.parent / "report"), s3_server)
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads((image_folder.parent / "report" / "metrics.json").read_text())
     assert metrics["images"]["evaluated"] == 6
     wrong = f"http://127.0.0.1:{free_port()}"
-    unreachable = CliRunner().invoke(
-        app,
-        [
-            "evaluate",
-            "--predictions",
-            "s3://preds/out",
-            "--labels",
-            str(labels),
-            "-o",
-            str(image_folder.parent / "r2"),
-        ]
-        + ["--s3-endpoint-url", wrong, "--aws-credentials-block", block],
-    )
+    unreachable = evaluate_s3(str(image_folder.parent / "r2"), wrong)
     text = " ".join(unreachable.output.split())
     assert unreachable.exit_code == 1 and f"cannot connect to the S3 endpoint {wrong}" in text, text
     assert "Traceback" not in unreachable.output

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # The one prepared GPU benchmark run (H100/H200 through the `device` tool), under ~6 minutes:
-#   bash bench/gpu.sh                  # results: $OUT (or bench/)/results-gpu.jsonl, log gpu.log
+#   bash bench/gpu.sh     # results in $OUT (or bench/): results-gpu.jsonl, nvjpeg-probe.json, gpu.log
 # The device machine has no network but has torch (CUDA), torchvision, transformers, pyarrow, fsspec;
 # what oncoflow needs beyond that (prefect, pydantic, s3fs, ...) travels as wheels in ./.whl (see
 # bench/README.md for the pip download command) and is installed into /tmp/site.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEST="${OUT:-bench}"
+# Everything this script prints, from here on, is kept in $DEST/gpu.log: there is one try per session.
+exec > >(tee -a "$DEST/gpu.log") 2>&1
+if [ ! -d .whl ]; then
+  echo "WARNING: no .whl folder: call the device tool with carry: [\".whl\"] (built by bench/gpu_wheels.sh);" \
+       "without it prefect and the other wheels are missing and the flow sections fail"
+fi
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     2>&1 | grep -v -i "warning" | tail -3
@@ -15,6 +21,7 @@ else
   export PYTHONPATH="$PWD"
 fi
 export PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 PREFECT_HOME=/tmp/prefect-home PYTHONUNBUFFERED=1
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120  # a cold temporary server took 12 s on 2 CPUs
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 - <<'PY'
 import torch, torchvision, transformers, prefect
@@ -24,7 +31,13 @@ print("torch", torch.__version__, "torchvision", torchvision.__version__, "trans
 jpeg = encode_jpeg(torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8))
 print("nvjpeg decode:", tuple(decode_jpeg([jpeg, jpeg], device="cuda")[0].shape))
 PY
+# How nvjpeg treats odd and damaged JPEGs (a few seconds): what the CPU tests cannot show.
+timeout 120 python3 bench/nvjpeg_probe.py --device cuda --json "$DEST/nvjpeg-probe.json" 2>&1 \
+  | grep --line-buffered -v -E "it/s\]|Loading weights|Writing model|INFO"
 timeout "${BENCH_TIMEOUT:-420}" python3 bench/throughput.py --device cuda --images "${IMAGES:-16000}" \
   --unique-images 2000 --batch-size "${BATCH:-256}" --snippet-images 200 --pipeline-images 1000 \
   --rss-images 0 0 --discovery-files 0 --flow-shard-sizes 4000 10000 \
-  --json "$DEST/results-gpu.jsonl" 2>&1 | grep -v -E "it/s\]|Loading weights|Writing model|INFO" | tee "$DEST/gpu.log"
+  --json "$DEST/results-gpu.jsonl" 2>&1 | grep --line-buffered -v -E "it/s\]|Loading weights|Writing model|INFO"
+status=${PIPESTATUS[0]}
+echo "bench/throughput.py exit status: $status (non-zero: a section failed, see FAILED and its traceback above)"
+exit "$status"

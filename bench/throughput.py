@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -188,10 +190,21 @@ def bench_engine(
     if split_images:
         last_stage_times["jpegs_decoded_by"] = dict(split_images)
         last_stage_times["split_share_at_end"] = learned_split_share.get(str(model.device))
+    # Which decoder made the pixels, and how many rows are ok: a "decode gpu" run that quietly fell back
+    # to the host, or error rows counted as images, must show in the results.
+    last_stage_times["rows"] = row_counts(table)
     uris = table.column("image_uri").to_pylist()
     probs = dict(zip(uris, table.column("prob_malignant").to_pylist(), strict=True))
     labels = dict(zip(uris, table.column("label").to_pylist(), strict=True))
     return rate(len(files), seconds), probs, labels
+
+
+def row_counts(table: Any) -> dict[str, dict[str, int]]:
+    """Rows per status and per decoder (None for error rows) of an engine or flow output."""
+    return {
+        column: dict(Counter(str(value) for value in table.column(column).to_pylist()))
+        for column in ("status", "decoder")
+    }
 
 
 def bench_device_preprocess(model_dir: str, paths: list[Path], device: str, batch_size: int) -> float:
@@ -270,7 +283,13 @@ def bench_flow(
         if first_batch_images
         else 0.0
     )
+    import pyarrow.dataset as ds
+
+    rows = ds.dataset(str(output), format="parquet", partitioning="hive").to_table(
+        columns=["status", "decoder"]
+    )
     return {
+        "flow_rows": row_counts(rows),
         "flow_img_s": rate(images, finished - started),
         "flow_steady_img_s": steady,
         "startup_to_work_known_s": round(marks.get("work_known", finished) - started, 2),
@@ -279,7 +298,9 @@ def bench_flow(
 
 
 def agreement(reference: dict[str, float], fast: dict[str, float], threshold: float = 0.5) -> dict[str, Any]:
-    common = sorted(set(reference) & set(fast))
+    """Labels and probabilities of `fast` against `reference`, over distinct images: the corpus repeats
+    its unique images as hard links, which must not count again (one file per inode)."""
+    common = distinct_images(sorted(set(reference) & set(fast)))
     if not common:
         return {"compared": 0}
     ref = np.array([reference[k] for k in common])
@@ -289,6 +310,23 @@ def agreement(reference: dict[str, float], fast: dict[str, float], threshold: fl
         "max_prob_diff": round(float(np.max(np.abs(ref - got))), 5),
         "compared": len(common),
     }
+
+
+def distinct_images(uris: list[str]) -> list[str]:
+    """One `file://` URI per file content (inode); URIs that are not local files are kept as they are."""
+    seen: set[tuple[int, int]] = set()
+    kept = []
+    for uri in uris:
+        try:
+            st = os.stat(uri.removeprefix("file://")) if uri.startswith("file://") else None
+        except OSError:
+            st = None
+        if st is not None and (st.st_dev, st.st_ino) in seen:
+            continue
+        if st is not None:
+            seen.add((st.st_dev, st.st_ino))
+        kept.append(uri)
+    return kept
 
 
 def bench_rss(model_dir: str, folder: Path, count: int, batch_size: int) -> float:
@@ -378,6 +416,7 @@ class Sections:
 
     def __init__(self, results: dict[str, Any], partial: Path | None) -> None:
         self.results, self.partial, self.started = results, partial, time.perf_counter()
+        self.failed: list[str] = []  # sections that raised: the run exits non-zero, after the rest ran
 
     def run(self, name: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         began = time.perf_counter()
@@ -385,6 +424,10 @@ class Sections:
             value = function(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - a benchmark section's failure is a result too
             self.results[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            self.results[f"{name}_traceback"] = traceback.format_exc()[-4000:]
+            self.failed.append(name)
+            print(f"FAILED {name}: {type(exc).__name__}: {exc}", flush=True)
+            traceback.print_exc()
             value = None
         spent = time.perf_counter() - began
         print(f"[{time.perf_counter() - self.started:7.1f}s] {name}: {spent:.1f}s", flush=True)
@@ -531,6 +574,9 @@ def main() -> None:
         )
 
     publish(results, args.json)
+    if sections.failed:
+        print(f"FAILED sections: {', '.join(sections.failed)}", flush=True)
+        sys.exit(1)
 
 
 def publish(results: dict[str, Any], json_lines: str | None) -> None:

@@ -513,6 +513,10 @@ class DevicePreprocessor:
             decoders.update(dict.fromkeys(indices, NVJPEG_DEVICE_RESIZE))
             return dict(zip(indices, images, strict=True))
         except RuntimeError:
+            if getattr(device, "type", str(device)) == "cuda":
+                # A batch that failed part-way may leave nvjpeg writing to outputs torchvision already
+                # freed: let it finish before the retries allocate from the same memory.
+                torch.cuda.synchronize(device)
             decoded = {}
             for i, tensor in zip(indices, tensors, strict=True):
                 try:

@@ -43,6 +43,9 @@ def test_throughput_bench_runs_on_a_tiny_model(tmp_path: Path, prefect_server: s
     assert (
         stages["model_forward"] > 0 and "model_waits_for_batches" in stages and "feeder_device_prep" in stages
     )
+    assert stages["rows"] == {"status": {"ok": 6}, "decoder": {"pil": 6}}  # every row ok, and how decoded
+    assert record["flow_rows"]["status"] == {"ok": 6}
+    assert not [key for key in record if key.endswith("_error")]
     for key in [
         "seed_snippet_img_s",
         "pipeline_fp32_img_s",
@@ -66,3 +69,25 @@ def test_split_emulation_bench_runs(tmp_path: Path) -> None:
     assert record["fixed_1.0"]["host_decoded"] == 48  # the split's PIL threads took every JPEG
     assert 0 <= record["adaptive"]["host_decoded"] <= 48
     assert record["adaptive"]["img_s"] > 0 and record["emulated_device_img_s"] > 0
+
+
+def test_nvjpeg_probe_runs(tmp_path: Path) -> None:
+    """bench/gpu.sh's probe of odd and damaged JPEGs; on a CPU both sides decode with PIL and agree."""
+    results = tmp_path / "probe.json"
+    command = [
+        sys.executable,
+        str(BENCH.parent / "nvjpeg_probe.py"),
+        "--device",
+        "cpu",
+        "--json",
+        str(results),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(results.read_text())
+    assert record["status_disagreements"] == []
+    files = record["files"]
+    assert (
+        files["truncated-half.jpg"]["cpu"]["error"] == "truncated"
+        and files["cmyk.jpg"]["gpu"]["status"] == "ok"
+    )

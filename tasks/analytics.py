@@ -10,6 +10,10 @@
   version). Error rows count: if the newest revision could not read an image, `latest` says so
   (filter `status = 'ok'` for predictions). Images a new revision has not reached yet keep the older
   revision's row, so `latest` is complete while a reprocess is half way.
+
+`model_slug` and `date` come from each file's own path below DEST (its last two folders), not from
+DuckDB's hive partitioning, which would also turn `key=value` folders above DEST (`s3://lake/
+project=onco/preds`, `.../status=x/...`) into columns, overwriting the rows' own values.
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ T = TypeVar("T")
 
 VIEWS_SQL = """\
 create or replace view predictions as
-select *
-from read_parquet({files}, hive_partitioning = true, union_by_name = true)
+select
+    * exclude (filename),
+    regexp_extract(filename, 'model_slug=([^/]+)/date=[^/]+/[^/]+$', 1) as model_slug,
+    cast(regexp_extract(filename, '/date=([^/]+)/[^/]+$', 1) as date) as date
+from read_parquet({files}, filename = true, hive_partitioning = false, union_by_name = true)
 qualify row_number() over (
     partition by image_uri, fingerprint, model_revision
     order by processed_at desc, run_id desc

@@ -259,6 +259,19 @@ def test_a_dest_named_like_a_pattern_is_read_as_itself(tmp_path: Path, name: str
     assert report.exit_code == 0 and ": 100 images" in " ".join(report.output.split()), report.output
 
 
+def test_key_value_folders_above_dest_are_not_columns(tmp_path: Path) -> None:
+    """`s3://lake/project=onco/preds`-like paths: only model_slug and date below DEST are partitions; a
+    `status=bad` or `date=...` folder above DEST must not overwrite the rows' own values."""
+    dest = tmp_path / "project=onco" / "status=bad" / "date=2020-01-01" / "dest"
+    make_dataset(dest)
+    connection = connect(str(dest))
+    statuses = dict(connection.sql("select status, count(*) from predictions group by status").fetchall())
+    assert statuses == {"ok": 126, "error": 14}
+    days = connection.sql("select distinct date::varchar from predictions order by 1").fetchall()
+    assert days == [("2026-03-01",), ("2026-03-02",), ("2026-03-03",)]
+    assert "project" not in connection.sql("select * from latest").columns
+
+
 def test_files_of_an_older_schema_stay_readable(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     make_dataset(dest)

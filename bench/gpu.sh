@@ -7,8 +7,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEST="${OUT:-bench}"
-# Everything this script prints, from here on, is kept in $DEST/gpu.log: there is one try per session.
-exec > >(tee -a "$DEST/gpu.log") 2>&1
+# Everything this script prints, from here on, is kept in $DEST/gpu.log (a new one per run): there is
+# one try per session. The tee is waited for at the end, so the last lines are never lost.
+exec {console}>&1 > >(tee "$DEST/gpu.log") 2>&1
+tee_pid=$!
 if [ ! -d .whl ]; then
   echo "WARNING: no .whl folder: call the device tool with carry: [\".whl\"] (built by bench/gpu_wheels.sh);" \
        "without it prefect and the other wheels are missing and the flow sections fail"
@@ -34,10 +36,18 @@ PY
 # How nvjpeg treats odd and damaged JPEGs (a few seconds): what the CPU tests cannot show.
 timeout 120 python3 bench/nvjpeg_probe.py --device cuda --json "$DEST/nvjpeg-probe.json" 2>&1 \
   | grep --line-buffered -v -E "it/s\]|Loading weights|Writing model|INFO"
+probe=${PIPESTATUS[0]}
+[ "$probe" -eq 0 ] || echo "FAILED bench/nvjpeg_probe.py (exit status $probe): see above; the benchmark goes on"
 timeout "${BENCH_TIMEOUT:-420}" python3 bench/throughput.py --device cuda --images "${IMAGES:-16000}" \
   --unique-images 2000 --batch-size "${BATCH:-256}" --snippet-images 200 --pipeline-images 1000 \
   --rss-images 0 0 --discovery-files 0 --flow-shard-sizes 4000 10000 \
   --json "$DEST/results-gpu.jsonl" 2>&1 | grep --line-buffered -v -E "it/s\]|Loading weights|Writing model|INFO"
 status=${PIPESTATUS[0]}
-echo "bench/throughput.py exit status: $status (non-zero: a section failed, see FAILED and its traceback above)"
+case "$status" in
+  0) echo "bench/throughput.py: every section ran" ;;
+  124) echo "bench/throughput.py was cut off after ${BENCH_TIMEOUT:-420} s: the figures so far are in $DEST/results-gpu.jsonl.partial" ;;
+  *) echo "bench/throughput.py exit status $status: a section failed, see FAILED and its traceback above" ;;
+esac
+exec >&"$console" 2>&1   # close the pipe into tee, then wait for it to write the last lines
+wait "$tee_pid"
 exit "$status"

@@ -10,6 +10,7 @@ Setting PREFECT_LOGGING_EXTRA_LOGGERS=tasks,flows does the same; the handler is 
 from __future__ import annotations
 
 import logging
+import uuid
 
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
@@ -23,8 +24,17 @@ class RunLogHandler(APILogHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         in_run = FlowRunContext.get() is not None or TaskRunContext.get() is not None
-        if in_run or getattr(record, "flow_run_id", None):
+        if in_run or names_a_run(record):
             super().emit(record)
+
+
+def names_a_run(record: logging.LogRecord) -> bool:
+    """The record carries a flow run id (a UUID): anything else would start a server or fail to send."""
+    try:
+        uuid.UUID(str(getattr(record, "flow_run_id", "")))
+    except ValueError:
+        return False
+    return True
 
 
 def send_logs_to_prefect() -> None:

@@ -33,7 +33,7 @@ from tasks.analytics import retry_while_compacting
 from tasks.labels import CLASS_NAMES
 from tasks.model import POSITIVE_LABEL
 from tasks.sink import open_dataset
-from tasks.storage import canonical_file_uri, open_location, storage_call
+from tasks.storage import open_location, storage_call
 
 PREDICTION_COLUMNS = ["image_uri", "prob_malignant", "label", "threshold", "model", "model_revision"]
 CALIBRATION_BINS = 10
@@ -100,12 +100,18 @@ class Joined:
     labels_without_prediction: int
 
 
+# In a stored row written before 2026-11-27 a `%` was literal; the current spelling has only `%25` and
+# escapes of bytes that are not UTF-8 (0x80 and up, upper case): any other `%` is certainly old.
+OLD_LITERAL_PERCENT = r"%(?!25|[89A-F][0-9A-F])"
+
+
 def canonical_uris(uris: pd.Series) -> pd.Series:
-    """`file://` URIs in classify's current spelling (tasks.storage.canonical_file_uri); others as they are."""
+    """Stored `file://` image_uri values in the current spelling: a literal `%` of an older row becomes
+    `%25` (never decoded: in old rows `%20` meant the three characters). Others as they are."""
     local = uris.str.startswith("file://", na=False) & uris.str.contains("%", regex=False, na=False)
     if not local.any():
         return uris
-    return uris.where(~local, uris[local].map(canonical_file_uri))
+    return uris.where(~local, uris[local].str.replace(OLD_LITERAL_PERCENT, "%25", regex=True))
 
 
 def join_labels(predictions: pd.DataFrame, labels: pd.DataFrame) -> Joined:

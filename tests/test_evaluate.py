@@ -253,16 +253,21 @@ def test_rows_written_before_percent_was_escaped_still_match(tmp_path: Path) -> 
 
     from tests.analytics_data import FIRST_DAY, OLD, rows, write
 
-    old_uris = ["file:///x/100%.png", "file:///x/50%41.png", "file:///x/ok.png"]
+    # Old rows: `%` literal. A name like scan%20001.jpg is not "scan 001.jpg": %20 were three characters.
+    old_uris = ["file:///x/100%.png", "file:///x/scan%20001.jpg", "file:///x/ok.png"]
     old = rows(range(0, 3), OLD, FIRST_DAY, 1, "old")
     write(tmp_path / "dest", old.set_column(0, "image_uri", pa.array(old_uris)), OLD, FIRST_DAY, "old")
     new = rows(range(0, 1), OLD, FIRST_DAY + timedelta(days=1), 2, "new")
     new = new.set_column(0, "image_uri", pa.array(["file:///x/100%25.png"]))
     write(tmp_path / "dest", new, OLD, FIRST_DAY + timedelta(days=1), "new")
     labels = tmp_path / "labels.csv"
+    # Labels: one copied from an old row, one as Path.as_uri() spells the file, one plain.
+    label_uris = ["file:///x/100%.png", Path("/x/scan%20001.jpg").as_uri(), "file:///x/ok.png"]
     labels.write_text(
         "image_uri,label\n"
-        + "".join(f"{u},{lab}\n" for u, lab in zip(old_uris, ["Normal", "Malignant", "Normal"], strict=True))
+        + "".join(
+            f"{u},{lab}\n" for u, lab in zip(label_uris, ["Normal", "Malignant", "Normal"], strict=True)
+        )
     )
     metrics = evaluate(str(tmp_path / "report"), predictions=str(tmp_path / "dest"), labels=str(labels))
     assert metrics["images"]["evaluated"] == 3 and metrics["images"]["labels_without_prediction"] == 0

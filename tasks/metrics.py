@@ -79,7 +79,7 @@ def read_predictions(
         slugs = sorted(frame["model_slug"].unique())
         raise EvaluationError(
             f"predictions dataset {destination!r} holds {len(revisions)} model revisions {revisions} "
-            f"(partitions {slugs}); choose one with --model-revision"
+            f"(partitions {slugs}); choose one with --model-revision (the flow parameter model_revision)"
         )
     # Rows written before file URIs spelled `%` as %25 (2026-11-27) compare in the current spelling, so
     # labels match them and an image with rows in both spellings counts once.

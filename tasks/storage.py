@@ -111,6 +111,7 @@ class DiscoveredFile:
     path: str
     fingerprint: str
     size: int
+    etag_listed: bool = False  # the fingerprint is `ETag:size` (an object store listing that gave one)
 
 
 def open_location(path_or_uri: str, storage_options: dict[str, Any] | None = None) -> Location:
@@ -279,10 +280,9 @@ def read_file(file: DiscoveredFile, fs: fsspec.AbstractFileSystem) -> tuple[byte
     versions of an object replaced meanwhile). Other stores keep the listed fingerprint."""
     if isinstance(fs, S3FileSystem):
         data, etag = storage_call(fs, file.path, lambda: sync(fs.loop, _s3_get, fs, file.path))
-        # Only where the listing gave an ETag (`ETag:size`): a store that lists without one fingerprints
-        # by `size:mtime`, which the next listing must find again.
-        listed_etag = file.fingerprint.endswith(f":{file.size}")
-        fingerprint = f"{etag}:{len(data)}" if etag and listed_etag else file.fingerprint
+        # Only where the listing gave an ETag: a store that lists without one fingerprints by
+        # `size:mtime`, which the next listing must find again.
+        fingerprint = f"{etag}:{len(data)}" if etag and file.etag_listed else file.fingerprint
     else:
         data = read_bytes(fs, file.path)
         if not isinstance(fs, LocalFileSystem):
@@ -346,7 +346,7 @@ def _list_remote(location: Location) -> Iterator[DiscoveredFile]:
         size = int(info.get("size") or 0)
         etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
         fingerprint = f"{etag}:{size}" if etag else f"{size}:{info.get('mtime') or info.get('LastModified')}"
-        yield DiscoveredFile(to_uri(location.fs, path), path, fingerprint, size)
+        yield DiscoveredFile(to_uri(location.fs, path), path, fingerprint, size, etag_listed=bool(etag))
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str, size: int | None = None) -> bytes:

@@ -19,7 +19,11 @@ from tasks.storage import check_source, list_images, open_location
 
 
 def start_moto() -> str:
+    """moto's S3 server on a free loopback port; any credentials do (defaults set when none are)."""
     from moto.server import ThreadedMotoServer
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}.items():
+        os.environ.setdefault(name, value)
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     with socket.socket() as probe:
@@ -37,8 +41,6 @@ def main() -> None:
     parser.add_argument("--bucket", default="oncoflow-bench")
     args = parser.parse_args()
 
-    for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}.items():
-        os.environ.setdefault(name, value)
     endpoint = args.endpoint or start_moto()
     location = open_location(f"s3://{args.bucket}/scans", {"endpoint_url": endpoint})
     fs = location.fs

@@ -144,17 +144,28 @@ def dataset_files(destination: Location) -> list[str]:
     return sorted(path for path in paths if PARTITION_FILE.fullmatch(path[len(root) + 1 :]))
 
 
-def open_dataset(destination: Location, files: list[str] | None = None) -> ds.Dataset | None:
+PARTITIONS = pa.schema([("model_slug", pa.string()), ("date", pa.date32())])
+DATASET_SCHEMA = pa.unify_schemas([SCHEMA, PARTITIONS])  # a row as readers see it: the file's + the folders'
+
+
+def open_dataset(
+    destination: Location, files: list[str] | None = None, schema: pa.Schema | None = None
+) -> ds.Dataset | None:
     """The dataset at `destination` over its partition files only (dataset_files, unless `files` are
-    given); None when it has none."""
+    given); None when it has none.
+
+    `model_slug` and `date` come from the two folders below DEST only (partition_base_dir), never from
+    `key=value` folders above it. With `schema` (DATASET_SCHEMA), every file is read as that schema: a
+    column an older file lacks is null, and `date` is a date; without it, the first file's."""
     files = dataset_files(destination) if files is None else files
     if not files:
         return None
     return ds.dataset(
         files,
+        schema=schema,
         filesystem=destination.fs,
         format="parquet",
-        partitioning="hive",
+        partitioning="hive" if schema is None else ds.partitioning(PARTITIONS, flavor="hive"),
         partition_base_dir=destination.path.rstrip("/"),
         exclude_invalid_files=False,
     )

@@ -219,13 +219,13 @@ def test_analytics_commands_reject_a_missing_dataset(tmp_path: Path) -> None:
 
 def test_an_empty_dest_is_reported_at_once_not_retried(tmp_path: Path) -> None:
     """ "No Parquet files" is a wrong path, not a compaction under way: one attempt, then the message."""
-    from tasks.analytics import NoDatasetFiles, dataset_file_list, retry_while_compacting
+    from tasks.analytics import NoDatasetFiles, prediction_files, retry_while_compacting
 
     attempts: list[int] = []
 
-    def read() -> list[str]:
+    def read() -> object:
         attempts.append(1)
-        return dataset_file_list(open_location(str(tmp_path)))
+        return prediction_files(open_location(str(tmp_path)))
 
     with pytest.raises(NoDatasetFiles, match="no Parquet files under"):
         retry_while_compacting(read)
@@ -238,7 +238,7 @@ def test_analytics_commands_reject_a_wrong_output_type_before_reading(tmp_path: 
         assert result.exit_code == 2 and f"must end in {wanted}" in " ".join(result.output.split())
 
 
-@pytest.mark.parametrize("name", ["dest?x", "dest[ab]", "dest*"])
+@pytest.mark.parametrize("name", ["dest?x", "dest[ab]", "dest*", "dest\\[a]x"])
 def test_a_dest_named_like_a_pattern_is_read_as_itself(tmp_path: Path, name: str) -> None:
     """A folder name holding ?, [ or * is a name, not a pattern: no rows of a neighbouring dataset."""
     dest = tmp_path / name

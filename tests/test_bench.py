@@ -91,3 +91,16 @@ def test_nvjpeg_probe_runs(tmp_path: Path) -> None:
         files["truncated-half.jpg"]["cpu"]["error"] == "truncated"
         and files["cmyk.jpg"]["gpu"]["status"] == "ok"
     )
+
+
+def test_analytics_read_bench_runs(tmp_path: Path) -> None:
+    """bench/analytics_read.py on a few tiny files: both readers agree (the bench asserts it), requests counted."""
+    results = tmp_path / "read.jsonl"
+    command = [sys.executable, str(BENCH.parent / "analytics_read.py"), "--files", "3", "--rows-per-file"]
+    command += ["10", "--s3-files", "2", "--s3-duckdb-bridge", "--repeats", "1", "--json", str(results)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(results.read_text())
+    assert record["local rows"] == 30 and record["s3 files"] == 2
+    requests = int(record["s3 pyarrow (oncoflow): requests (per file)"].split()[0])
+    assert 0 < requests <= 16

@@ -10,8 +10,9 @@ import s3fs
 from typer.testing import CliRunner
 
 from flows.cli import app
+from tasks.analytics import connect, retry_while_compacting
 from tests.analytics_data import make_dataset
-from tests.s3_fixtures import upload_folder
+from tests.s3_fixtures import FaultyProxy, upload_folder
 
 pytestmark = pytest.mark.s3
 
@@ -73,3 +74,36 @@ def test_analytics_on_a_missing_s3_dataset_names_it(
     result = CliRunner().invoke(app, ["latest", "s3://empty-bucket/nothing", "-o", str(tmp_path / "x.csv")])
     assert result.exit_code == 1
     assert "no Parquet files under 's3://empty-bucket/nothing'" in " ".join(result.output.split())
+
+
+def test_latest_on_s3_reads_each_file_with_a_few_requests(
+    s3: s3fs.S3FileSystem, s3_server: str, tmp_path: Path
+) -> None:
+    """Listing once, then about three requests per file and scan (HEAD, footer, data): DuckDB's own
+    fsspec reading sent about 44 per file for the same connect + query."""
+    make_dataset(tmp_path / "dest", shard_rows=5)
+    files = len(upload_folder(s3, tmp_path / "dest", "preds/dest"))
+    with FaultyProxy(s3_server, every=10**9) as counter:
+        rows = connect("s3://preds/dest", {"endpoint_url": counter.url}).sql("select count(*) from latest")
+        assert rows.fetchall() == [(100,)]
+        requests = next(counter._count) - 1
+    assert files == 28 and requests <= 8 * files, requests
+
+
+def test_a_file_merged_away_during_a_query_on_s3_is_read_again(s3: s3fs.S3FileSystem, tmp_path: Path) -> None:
+    """A compaction writes the merged file, then deletes its inputs; a query that listed an input
+    before it went fails on it, and the readers list again and rerun."""
+    make_dataset(tmp_path / "dest")
+    upload_folder(s3, tmp_path / "dest", "preds/dest")
+    attempts: list[str] = []
+
+    def read() -> list[tuple]:
+        connection = connect("s3://preds/dest")
+        if not attempts:
+            victim = sorted(p for p in s3.find("preds/dest") if p.endswith(".parquet"))[2]
+            s3.pipe_file(victim.replace("/part-", "/part-merged-"), s3.cat_file(victim))
+            s3.rm(victim)
+        attempts.append("attempt")
+        return connection.sql("select count(*), sum(row_count) from revisions").fetchall()
+
+    assert retry_while_compacting(read) == [(2, 140)] and len(attempts) == 2

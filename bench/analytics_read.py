@@ -93,7 +93,7 @@ def main() -> None:
             ours, answer = timed(lambda: connect(str(dest)), args.repeats)
             theirs, same = timed(lambda: documented(str(dest)), args.repeats)
             assert answer[0] == same[0] and abs(answer[1] - same[1]) < 1e-6, (answer, same)
-            results["local latest via pyarrow (oncoflow), best s"] = round(ours, 3)
+            results["local latest via oncoflow connect, best s"] = round(ours, 3)
             results["local latest via read_parquet (docs view), best s"] = round(theirs, 3)
         if args.s3_files:
             endpoint = args.endpoint or start_moto()
@@ -105,13 +105,13 @@ def main() -> None:
             for path in local.rglob("*.parquet"):
                 client.pipe_file(f"{bucket}/dest/{path.relative_to(local).as_posix()}", path.read_bytes())
             results["s3 files"] = args.s3_files
-            ways: dict[str, Any] = {"pyarrow (oncoflow)": None}
+            ways: dict[str, Any] = {"oncoflow connect": None}
             if args.s3_duckdb_bridge:
                 ways["duckdb fsspec bridge (docs view)"] = None
             for way in ways:
                 with FaultyProxy(endpoint, every=10**9) as counter:
                     start = time.perf_counter()
-                    if way.startswith("pyarrow"):
+                    if way == "oncoflow connect":
                         views = connect(f"s3://{bucket}/dest", {"endpoint_url": counter.url})
                     else:
                         bridge = s3fs.S3FileSystem(endpoint_url=counter.url, skip_instance_cache=True)

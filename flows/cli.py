@@ -385,7 +385,12 @@ def report_command(
     from tasks.dataset_report import write_report
 
     data = read_dataset(write_report, dest, output, (".html", ".png"), s3_endpoint_url, aws_credentials_block)
-    Console().print(f"wrote {output}: {data.totals['images (latest row each)']} images")
+    totals = data.totals
+    Console().print(
+        f"wrote {output}: {totals['images (latest row each)']} images, "
+        f"{totals['error rows (latest row each)']} error rows ({totals['error share']})",
+        highlight=False,
+    )
 
 
 def print_metrics(metrics: dict[str, Any], written: str) -> None:
@@ -447,6 +452,13 @@ def evaluate_command(
 ) -> None:
     """Compare predictions with true labels: the seed card's metrics, plots and an operating point."""
     params = validated(EvaluateParams, **{k: v for k, v in locals().items()})
+    if params.labels:  # its content is an argument too: a bad labels file fails before any work
+        from tasks.labels import LabelError, read_labels_file
+
+        try:
+            read_labels_file(params.labels)
+        except LabelError as exc:
+            fail(str(exc), code=2)
     from flows.evaluate import evaluate
 
     quiet_expected_tracebacks(EXPECTED_ERRORS)

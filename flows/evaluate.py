@@ -145,9 +145,9 @@ def evaluate(
     print(
         f"evaluated {images['evaluated']} images: accuracy {metric_text(metrics, 'accuracy')}, recall "
         f"{metric_text(metrics, 'recall')}, specificity {metric_text(metrics, 'specificity')}; "
-        f"{images['error_rows']} error rows, "
-        f"{images['predictions_without_label']} without label, {images['labels_without_prediction']} "
-        f"labels without prediction. Report: {written['report']}"
+        f"not evaluated: {images['labelled_error_rows']} labelled error rows, "
+        f"{images['predictions_without_label']} predictions without label, "
+        f"{images['labels_without_prediction']} labels without prediction. Report: {written['report']}"
     )
     return metrics
 

@@ -11,15 +11,15 @@
   (filter `status = 'ok'` for predictions). Images a new revision has not reached yet keep the older
   revision's row, so `latest` is complete while a reprocess is half way.
 
-The views read `prediction_files`: the dataset's listed files as one pyarrow dataset (tasks.sink.
-open_dataset), registered with DuckDB. `model_slug` and `date` come from each file's two folders below
-DEST, never from `key=value` folders above it (`s3://lake/project=onco/preds`, `.../status=x/...`),
-which DuckDB's own hive partitioning would turn into columns overwriting the rows' values. Reading
-through pyarrow rather than DuckDB's `read_parquet`:
-- on S3, a file costs about three requests per scan (HEAD, footer, data) through s3fs; DuckDB's
-  fsspec bridge, given the listed files, sent about 44 per file for `connect` + one `latest` query
-  (bench/analytics_read.py on the moto server, 28 files: 1,235 requests and 7.8 s before, 171 and
-  1.0 s now). Locally DuckDB's reader is a little faster (1M rows in 200 files: 0.62 vs 0.74 s);
+The views read `prediction_files`: the dataset's listed files as one pyarrow dataset (fetched_files),
+registered with DuckDB. `model_slug` and `date` come from each file's two folders below DEST, never
+from `key=value` folders above it (`s3://lake/project=onco/preds`, `.../status=x/...`), which
+DuckDB's own hive partitioning would turn into columns overwriting the rows' values. Reading through
+pyarrow rather than DuckDB's `read_parquet`:
+- on S3 each file is fetched once, one GET, whatever the queries; DuckDB's fsspec bridge, given the
+  listed files, sent about 44 requests per file for `connect` + one `latest` query
+  (bench/analytics_read.py on the moto server, 28 files: 1,235 requests and 7.8 s before, 31 and
+  0.6 s now). Locally DuckDB's reader is a little faster (1M rows in 200 files: 0.69 vs 0.83 s);
 - the listed paths are used as they are: DuckDB globs every entry of a `read_parquet` list, so a DEST
   named with `?`, `*`, `[` or `\\` had to be escaped, and on S3 an escaped pattern was listed again
   from above its first `[`.
@@ -33,13 +33,15 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import duckdb
+import pyarrow as pa
 import pyarrow.dataset as ds
 
-from tasks.sink import DATASET_SCHEMA, dataset_files, open_dataset
-from tasks.storage import Location, open_location, storage_call
+from tasks.sink import DATASET_SCHEMA, PARTITIONING, dataset_files, open_dataset
+from tasks.storage import Location, fetch_whole, open_location, storage_call
 
 T = TypeVar("T")
 
@@ -70,6 +72,7 @@ qualify row_number() over (
 VANISHED_FILE = re.compile(
     r"no such file|no files found|filenotfounderror|nosuchkey|not found", re.IGNORECASE
 )
+FETCHERS = 16  # object-store files fetched at once by the analytics readers
 READ_ATTEMPTS = 10  # whole-query attempts of the analytics readers while a compaction deletes files
 
 
@@ -102,28 +105,60 @@ class NoDatasetFiles(FileNotFoundError):
 
 
 def prediction_files(location: Location) -> ds.Dataset:
-    """Every visible Parquet file of the dataset (tasks.sink.dataset_files) as one pyarrow dataset of
-    DATASET_SCHEMA: the row columns (null where an older file lacks one), then `model_slug` and `date`."""
+    """Every visible Parquet file of the dataset as one pyarrow dataset of DATASET_SCHEMA: the row
+    columns (null where an older file lacks one), then `model_slug` and `date`."""
+    return fetched_files(location, listed_files(location))
+
+
+def listed_files(location: Location) -> list[str]:
+    """The dataset's files (tasks.sink.dataset_files); NoDatasetFiles when there are none."""
     try:
         files = storage_call(location.fs, location.path, lambda: dataset_files(location))
     except FileNotFoundError:
         files = []
-    dataset = open_dataset(location, files, schema=DATASET_SCHEMA)
-    if dataset is None:
+    if not files:
         check = "" if location.is_local else ", or check --s3-endpoint-url and the credentials"
         raise NoDatasetFiles(
             f"no Parquet files under {location.uri!r}; run `oncoflow classify SOURCE --output "
             f"{location.uri}` first{check}"
         )
-    return dataset
+    return files
+
+
+def fetched_files(location: Location, files: list[str]) -> ds.Dataset:
+    """`files` as a pyarrow dataset that arrow scans without calling back into Python.
+
+    Local files are read by pyarrow's own filesystem. Files on an object store are fetched whole here
+    (one GET each, FETCHERS at a time; a file that vanished raises FileNotFoundError, for
+    retry_while_compacting) and scanned from memory: the process holds the dataset's compressed size.
+    pyarrow scanning through an fsspec filesystem calls Python from its own threads, and when a file
+    had vanished that error path deadlocked with DuckDB, which starts a scan holding the GIL (seen
+    with pyarrow 26 and duckdb 2.0 in the S3 compaction test)."""
+    if location.is_local:
+        dataset = open_dataset(location, files, schema=DATASET_SCHEMA)
+        assert dataset is not None
+        return dataset
+    root = location.path.rstrip("/") + "/"
+    with ThreadPoolExecutor(max_workers=FETCHERS) as pool:
+        contents = list(pool.map(lambda path: fetch_whole(location.fs, path), files))
+    parquet = ds.ParquetFileFormat()
+    fragments = [
+        parquet.make_fragment(
+            pa.BufferReader(pa.py_buffer(data)),
+            partition_expression=PARTITIONING.parse(os.path.dirname(path[len(root) :]) + "/"),
+        )
+        for path, data in zip(files, contents, strict=True)
+    ]
+    return ds.FileSystemDataset(fragments, DATASET_SCHEMA, parquet)
 
 
 def connect(destination: str, storage: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the `predictions`, `revisions` and `latest` views over DEST.
 
     The dataset's files are listed once, here: files a later classify run adds are not in the views of
-    this connection. Local files are read by pyarrow's own filesystem; on S3 through the same fsspec
-    filesystem (endpoint, credentials block) the flows use, so no httpfs extension (a download) is needed.
+    this connection. Local files are read by pyarrow's own filesystem; on S3 they are fetched here,
+    through the same fsspec filesystem (endpoint, credentials block) the flows use, and held in memory
+    (their compressed size) for the connection's life: no httpfs extension (a download) is needed.
     """
     connection = duckdb.connect()
     connection.execute("set TimeZone = 'UTC'")

@@ -29,6 +29,14 @@ DISCLAIMER = (
     "For research, not diagnosis: these are outputs of a statistical model, not clinical findings. "
     "Every result must be reviewed by a qualified person."
 )
+# Without labels this report cannot measure the model's error rates: it says what the seed card's mean.
+ERROR_RATES = (
+    "This report has no true labels, so it cannot say how often these labels are wrong. For scale: the "
+    "seed model's card (650 test images) reports that it misses about 28 of every 100 malignant images "
+    "and flags about 12 of every 100 normal images as malignant; a fine-tuned or other model has its own "
+    "rates: measure them with `oncoflow evaluate`. The Malignant share counts the model's calls, "
+    "not how many images show disease."
+)
 
 
 @dataclass
@@ -58,8 +66,8 @@ def _gather(destination: str, storage: dict[str, Any] | None) -> ReportData:
         "where status = 'ok' group by date, model_revision order by date, model_revision"
     ).fetchall()
     confidence = db.sql("select label, confidence from latest where status = 'ok'").fetchall()
-    errors = db.sql(
-        "select split_part(error, ':', 1) as category, count(*) from predictions where status = 'error' "
+    errors = db.sql(  # the images whose latest row is an error, as the totals count them
+        "select split_part(error, ':', 1) as category, count(*) from latest where status = 'error' "
         "group by category order by count(*) desc, category"
     ).fetchall()
     images, ok, malignant, revisions = db.sql(
@@ -69,6 +77,8 @@ def _gather(destination: str, storage: dict[str, Any] | None) -> ReportData:
     totals = {
         "images (latest row each)": images,
         "classified ok": ok,
+        "error rows (latest row each)": images - ok,
+        "error share": f"{(images - ok) / images:.1%}" if images else "n/a",
         "Malignant": malignant,
         "Malignant share": f"{malignant / ok:.1%}" if ok else "n/a",
         "rows in dataset": db.sql("select count(*) from predictions").fetchall()[0][0],
@@ -127,7 +137,7 @@ def render_png(data: ReportData, title: str) -> bytes:
     categories = [row[0] for row in data.errors] or ["(no errors)"]
     counts = [row[1] for row in data.errors] or [0]
     error_ax.barh(categories[::-1], counts[::-1], color="#dd8452")
-    error_ax.set_title("Error rows by category")
+    error_ax.set_title("Error rows by category (latest row per image)")
     error_ax.set_xlabel("rows")
 
     figure.suptitle(title, fontsize=14)
@@ -150,7 +160,8 @@ def render_html(data: ReportData, png: bytes, title: str) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         "<style>body{font-family:sans-serif;margin:2em}th{text-align:left;padding-right:2em}"
         ".note{background:#fff3cd;padding:.8em;border:1px solid #e0c36c}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><p class='note'><strong>{html.escape(DISCLAIMER)}</strong></p>"
+        f"<h1>{html.escape(title)}</h1><p class='note'><strong>{html.escape(DISCLAIMER)}</strong> "
+        f"{html.escape(ERROR_RATES)}</p>"
         f"<table>{rows}</table><img alt='oncoflow report plots' src='data:image/png;base64,{image}' "
         "style='max-width:100%'></body></html>"
     )

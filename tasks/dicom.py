@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import io
 import logging
+from typing import Any
 
 import numpy as np
 from PIL import Image
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from tasks.images import ImageError, pixel_limit_message, scale_to_8bit
 
@@ -49,14 +51,26 @@ def decode_dicom(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageError("unsupported", "DICOM pixel data without valid Rows/Columns") from exc
     if rows * columns > max_pixels:
         raise ImageError("too_large", pixel_limit_message(f"{columns}x{rows}", max_pixels))
+    syntax = _transfer_syntax(dataset)
     try:
         frame = pixel_array(dataset, index=0)
     except Exception as exc:
-        meta = getattr(dataset, "file_meta", None)
-        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-        if syntax is not None and not syntax.is_compressed and len(dataset.PixelData) < _frame_bytes(dataset):
-            raise ImageError("truncated", "the DICOM pixel data ends early") from exc
         name = syntax.name if syntax is not None else "unknown"
+        if syntax is not None and not syntax.is_compressed:
+            if len(dataset.PixelData) < _frame_bytes(dataset):
+                raise ImageError("truncated", "the DICOM pixel data ends early") from exc
+        elif syntax is not None:
+            decoder = _decoder(syntax)
+            if decoder is None or not decoder.is_available:
+                needs = "; ".join(decoder.missing_dependencies) if decoder is not None else "none known"
+                raise ImageError(
+                    "unsupported",
+                    f"no decoder for DICOM transfer syntax {name} is installed here (options: {needs})",
+                ) from exc
+            raise ImageError(
+                "truncated",
+                f"the DICOM pixel data ({name}) is damaged: its decoder failed ({type(exc).__name__})",
+            ) from exc
         raise ImageError(
             "unsupported",
             f"DICOM pixel data cannot be decoded (transfer syntax {name}, {type(exc).__name__})",
@@ -67,6 +81,37 @@ def decode_dicom(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageError(
             "unsupported", f"DICOM pixel values cannot be displayed ({type(exc).__name__})"
         ) from exc
+
+
+def _transfer_syntax(dataset: Dataset) -> UID | None:
+    """The dataset's transfer syntax; for a file without file meta (no preamble, as some archives
+    store them), the one its encoding was read with, set so that pydicom can decode the pixels."""
+    meta = getattr(dataset, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None:
+        return UID(syntax)
+    encoding = getattr(dataset, "original_encoding", None)
+    inferred = {
+        (True, True): ImplicitVRLittleEndian,
+        (False, True): ExplicitVRLittleEndian,
+        (False, False): ExplicitVRBigEndian,
+    }.get(tuple(encoding) if encoding else None)  # type: ignore[arg-type]
+    if inferred is None:
+        return None
+    if meta is None:
+        dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = inferred
+    return inferred
+
+
+def _decoder(syntax: UID) -> Any:
+    """pydicom's decoder for `syntax`, or None when pydicom has none at all."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        return get_decoder(syntax)
+    except NotImplementedError:
+        return None
 
 
 def _displayed(frame: np.ndarray, dataset: Dataset) -> Image.Image:

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 import pandas as pd
+import pyarrow as pa
 
 from tasks.model import POSITIVE_LABEL
 from tasks.storage import canonical_file_uri, list_images, open_location, printable_path
@@ -62,21 +63,49 @@ def read_labels_file(path: str) -> pd.DataFrame:
                 f"labels file {path!r} is not UTF-8 text (line {first_non_utf8_line(path)}); save it as "
                 'UTF-8 CSV (in Excel: Save As, "CSV UTF-8")'
             ) from exc
+        except pd.errors.EmptyDataError as exc:
+            raise LabelError(
+                f"labels file {path!r} is empty; it needs a header line `image_uri,label` and one line per image"
+            ) from exc
+        except pd.errors.ParserError as exc:  # e.g. "Expected 2 fields in line 22, saw 3"
+            raise LabelError(
+                f"labels file {path!r} is not a valid CSV file ({str(exc).strip()}); every line needs the "
+                "header's number of fields: quote values that contain a comma"
+            ) from exc
     elif extension in {".parquet", ".pq"}:
-        frame = pd.read_parquet(path)
+        try:
+            frame = pd.read_parquet(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise LabelError(f"labels file {path!r} is not a readable Parquet file ({exc})") from exc
     else:
         raise LabelError(f"labels file {path!r} must end in .csv or .parquet")
+    # Headers as typed by hand: `Image_URI`, ` label ` are the same columns.
+    frame.columns = [str(column).strip().lower() for column in frame.columns]
     missing = {"image_uri", "label"} - set(frame.columns)
     if missing:
         raise LabelError(
             f"labels file {path!r} lacks column(s) {sorted(missing)}; it needs `image_uri,label` "
             f"(found {list(frame.columns)})"
         )
+    if frame.empty:
+        raise LabelError(f"labels file {path!r} holds no labels, only a header; add one line per image")
+    if frame.columns.duplicated().any():
+        raise LabelError(f"labels file {path!r} has two columns named alike: {list(frame.columns)}")
     base = os.path.dirname(os.path.abspath(path))
     # Spaces around a value ("a.png , Normal" typed by hand) are not part of it; label_id strips too.
-    uris = [to_image_uri(str(u).strip(), base) for u in frame["image_uri"]]
+    uris = [
+        to_image_uri(image_location(u, f"{path} row {n + 2}"), base) for n, u in enumerate(frame["image_uri"])
+    ]
     labels = [label_id(v, f"{path} row {n + 2}") for n, v in enumerate(frame["label"])]
     return deduplicated(pd.DataFrame({"image_uri": uris, "y_true": labels}), path)
+
+
+def image_location(value: object, where: str) -> str:
+    """A labels row's image_uri, stripped; an empty or missing one is an error (never the labels folder)."""
+    text = "" if value is None or (isinstance(value, float) and value != value) else str(value).strip()
+    if not text:
+        raise LabelError(f"{where}: image_uri is empty; give the image's path or URI, or remove the row")
+    return text
 
 
 def first_non_utf8_line(path: str) -> int:

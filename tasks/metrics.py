@@ -9,7 +9,7 @@ Malignant, ...) is None, null in metrics.json: undefined, never 0.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,7 @@ from tasks.analytics import retry_while_compacting
 from tasks.labels import CLASS_NAMES
 from tasks.model import POSITIVE_LABEL
 from tasks.sink import open_dataset
-from tasks.storage import open_location, storage_call
+from tasks.storage import Location, open_location, storage_call
 
 PREDICTION_COLUMNS = ["image_uri", "prob_malignant", "label", "threshold", "model", "model_revision"]
 CALIBRATION_BINS = 10
@@ -73,8 +73,15 @@ def read_predictions(
     frame = table.to_pandas()
     revisions = sorted(frame["model_revision"].dropna().unique())
     if not revisions:
-        which = f" for model revision {model_revision!r}" if model_revision else ""
-        raise EvaluationError(f"predictions dataset {destination!r} holds no rows{which}")
+        if not model_revision:
+            raise EvaluationError(f"predictions dataset {destination!r} holds no rows")
+        present = retry_while_compacting(
+            lambda: storage_call(location.fs, location.path, lambda: _revisions(location))
+        )
+        raise EvaluationError(
+            f"predictions dataset {destination!r} holds no rows for model revision {model_revision!r}; "
+            f"it holds {present or 'none'} (give a model_revision value or a model_slug partition name)"
+        )
     if len(revisions) > 1:
         slugs = sorted(frame["model_slug"].unique())
         raise EvaluationError(
@@ -96,8 +103,12 @@ class Joined:
     scored: pd.DataFrame  # image_uri, y_true, y_pred, prob_malignant, threshold, model, model_revision
     error_rows: int
     labelled_error_rows: int
-    predictions_without_label: int
+    predictions_without_label: int  # the unlabelled error rows among them
     labels_without_prediction: int
+    unmatched_labels: list[str] = field(default_factory=list)  # up to EXAMPLES labels without a prediction
+
+
+EXAMPLES = 5  # unmatched image_uri values quoted in messages and reports
 
 
 # In a stored row written before 2026-11-27 a `%` was literal; the current spelling has only `%25` and
@@ -112,6 +123,16 @@ def canonical_uris(uris: pd.Series) -> pd.Series:
     if not local.any():
         return uris
     return uris.where(~local, uris[local].str.replace(OLD_LITERAL_PERCENT, "%25", regex=True))
+
+
+def _revisions(location: Location) -> list[str]:
+    """Each model_revision of the dataset, with its model_slug partition: `revision (slug)`."""
+    dataset = open_dataset(location)
+    if dataset is None:
+        return []
+    table = dataset.to_table(columns=["model_revision", "model_slug"])
+    pairs = table.group_by(["model_revision", "model_slug"]).aggregate([]).to_pylist()
+    return sorted(f"{p['model_revision']} ({p['model_slug']})" for p in pairs)
 
 
 def join_labels(predictions: pd.DataFrame, labels: pd.DataFrame) -> Joined:
@@ -131,9 +152,12 @@ def join_labels(predictions: pd.DataFrame, labels: pd.DataFrame) -> Joined:
                 "files (the error column says why), run classify again, then evaluate"
             )
         else:
+            label_example = labels["image_uri"].iloc[0] if len(labels) else None
+            prediction_example = predictions["image_uri"].iloc[0] if len(predictions) else None
             fix = (
                 "check that the labels' image_uri values match the predictions' (file:///abs/path or "
-                "s3://bucket/key)"
+                "s3://bucket/key; a relative path in a labels file is relative to the labels file's "
+                f"folder): e.g. a label for {label_example!r}, a prediction for {prediction_example!r}"
             )
         raise EvaluationError(
             f"no successfully classified image has a label: {len(predictions)} prediction rows, "
@@ -148,6 +172,7 @@ def join_labels(predictions: pd.DataFrame, labels: pd.DataFrame) -> Joined:
         labelled_error_rows=int(is_error.sum()),
         predictions_without_label=int((merged["_merge"] == "left_only").sum()),
         labels_without_prediction=int((merged["_merge"] == "right_only").sum()),
+        unmatched_labels=sorted(merged.loc[merged["_merge"] == "right_only", "image_uri"])[:EXAMPLES],
     )
 
 
@@ -225,7 +250,10 @@ def operating_point(y_true: np.ndarray, prob: np.ndarray, target_sensitivity: fl
     if not 0.0 < target_sensitivity <= 1.0:
         raise EvaluationError(f"target sensitivity {target_sensitivity} must be in (0, 1]")
     if len(np.unique(y_true)) < 2:
-        raise EvaluationError("an operating point needs labelled images of both classes")
+        raise EvaluationError(
+            "an operating point needs labelled images of both classes; these labels have one: add "
+            "images of the other class, or evaluate without --target-sensitivity"
+        )
     _, tpr, thresholds = roc_curve(y_true, prob, drop_intermediate=False)
     threshold = float(thresholds[int(np.argmax(tpr >= target_sensitivity))])
     at = classification_metrics(y_true, (prob >= threshold).astype(int))
@@ -262,6 +290,7 @@ def compute_metrics(joined: Joined, target_sensitivity: float | None = None) -> 
             "labelled_error_rows": joined.labelled_error_rows,
             "predictions_without_label": joined.predictions_without_label,
             "labels_without_prediction": joined.labels_without_prediction,
+            "labels_without_prediction_examples": joined.unmatched_labels,
         },
         "counts": {name: int((y_true == i).sum()) for i, name in enumerate(CLASS_NAMES)},
         "predicted_counts": {name: int((y_pred == i).sum()) for i, name in enumerate(CLASS_NAMES)},

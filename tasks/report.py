@@ -196,10 +196,14 @@ def render_markdown(metrics: dict[str, Any], title: str = "oncoflow evaluation")
         f"Model: {', '.join(metrics['models'])} (revision {', '.join(metrics['model_revisions'])}); "
         f"decision threshold on prob_malignant: {metrics['threshold']}.",
         f"Evaluated {images['evaluated']} labelled images ({metrics['counts']['Normal']} Normal, "
-        f"{metrics['counts']['Malignant']} Malignant). Not evaluated: {images['error_rows']} error rows "
-        f"({images['labelled_error_rows']} of them labelled), {images['predictions_without_label']} "
-        f"predictions without a label, {images['labels_without_prediction']} labels without a prediction.",
+        f"{metrics['counts']['Malignant']} Malignant). Not evaluated: {images['labelled_error_rows']} "
+        f"labelled images whose row is an error row, {images['predictions_without_label']} predictions "
+        f"without a label ({images['error_rows'] - images['labelled_error_rows']} of them error rows), "
+        f"{images['labels_without_prediction']} labels without a prediction.",
     ]
+    if images.get("labels_without_prediction_examples"):
+        quoted = ", ".join(f"`{uri}`" for uri in images["labels_without_prediction_examples"])
+        lines.append(f"Labels without a prediction, e.g. {quoted}.")
     warning = one_class_warning(metrics)
     if warning:
         lines += ["", f"> **One class only.** {warning}"]

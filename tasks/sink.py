@@ -145,6 +145,7 @@ def dataset_files(destination: Location) -> list[str]:
 
 
 PARTITIONS = pa.schema([("model_slug", pa.string()), ("date", pa.date32())])
+PARTITIONING = ds.partitioning(PARTITIONS, flavor="hive")
 DATASET_SCHEMA = pa.unify_schemas([SCHEMA, PARTITIONS])  # a row as readers see it: the file's + the folders'
 
 
@@ -165,7 +166,7 @@ def open_dataset(
         schema=schema,
         filesystem=destination.fs,
         format="parquet",
-        partitioning="hive" if schema is None else ds.partitioning(PARTITIONS, flavor="hive"),
+        partitioning="hive" if schema is None else PARTITIONING,
         partition_base_dir=destination.path.rstrip("/"),
         exclude_invalid_files=False,
     )

@@ -174,8 +174,11 @@ def printable_path(path: str) -> str:
 def canonical_file_uri(uri: str) -> str:
     """A `file://` URI spelled the way classify writes image_uri: its %XX escapes decoded, then the path
     re-encoded by printable_path. `Path.as_uri()` (`%20` for a space) and oncoflow's own spelling give the
-    same text, so labels written either way match the rows."""
-    path = os.fsdecode(unquote_to_bytes(uri[len("file://") :]))
+    same text, so labels written either way match the rows. `file://localhost/p` (RFC 8089) is `file:///p`."""
+    rest = uri[len("file://") :]
+    if rest[: len("localhost/")].lower() == "localhost/":
+        rest = rest[len("localhost") :]
+    path = os.fsdecode(unquote_to_bytes(rest))
     return "file://" + printable_path(path)
 
 
@@ -347,6 +350,13 @@ def _list_remote(location: Location) -> Iterator[DiscoveredFile]:
         etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
         fingerprint = f"{etag}:{size}" if etag else f"{size}:{info.get('mtime') or info.get('LastModified')}"
         yield DiscoveredFile(to_uri(location.fs, path), path, fingerprint, size, etag_listed=bool(etag))
+
+
+def fetch_whole(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """The whole content of one file: one GET on S3 (s3fs's cat_file sends a HEAD first)."""
+    if isinstance(fs, S3FileSystem):
+        return storage_call(fs, path, lambda: sync(fs.loop, _s3_get, fs, path))[0]
+    return read_bytes(fs, path)
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str, size: int | None = None) -> bytes:

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -101,7 +102,7 @@ def read_image(item: LabeledImage) -> Image.Image:
     """One training image, decoded as classify decodes it; TrainingError names the file and the fix."""
     try:
         with open(item.path, "rb") as handle:
-            return decode_image(handle.read())
+            return decode_image(handle.read(), name=item.path)  # `.dcm` names as classify reads them
     except (OSError, ImageError) as exc:
         raise TrainingError(f"cannot train on {item.path}: {exc}; fix or remove the file") from exc
 
@@ -247,9 +248,10 @@ def fine_tune(
     torch_device = resolve_device(device)  # type: ignore[arg-type]
     images = labeled_folder(data)
     train_images, val_images = split(images, recipe.val_split, recipe.seed)
-    check_images(images, os.path.abspath(os.path.expanduser(data)))
     torch.manual_seed(recipe.seed)
+    # The base model first: an unreachable hub id fails at once, not after every image was decoded.
     network, base_dir, processor_config = load_base(base_model)
+    check_images(images, os.path.abspath(os.path.expanduser(data)))
     network = network.to(torch_device)
     preprocess = make_preprocessor(processor_config, base_dir)
     size = input_size(processor_config)
@@ -304,17 +306,23 @@ def fine_tune(
 def save_model(network: torch.nn.Module, base_dir: str, output: str, card: str) -> None:
     """save_pretrained (safetensors + config with id2label) + the base's processor config + README.md.
 
-    Written beside the target and renamed into place, so a crash never leaves half a model.
+    Written to a hidden folder of its own beside the target and renamed into place, so a crash never
+    leaves half a model and no folder of the user's (`MODEL.partial`) is touched.
     """
-    partial = output.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    network.save_pretrained(partial)  # type: ignore[operator]
-    shutil.copy(os.path.join(base_dir, "preprocessor_config.json"), partial)
-    with open(os.path.join(partial, "README.md"), "w") as handle:
-        handle.write(card)
-    if os.path.exists(output):
-        os.rmdir(output)  # checked empty before training
-    os.replace(partial, output)
+    target = output.rstrip("/")
+    partial = os.path.join(
+        os.path.dirname(target) or ".", f".{os.path.basename(target)}.partial-{uuid.uuid4().hex}"
+    )
+    try:
+        network.save_pretrained(partial)  # type: ignore[operator]
+        shutil.copy(os.path.join(base_dir, "preprocessor_config.json"), partial)
+        with open(os.path.join(partial, "README.md"), "w") as handle:
+            handle.write(card)
+        if os.path.exists(target):
+            os.rmdir(target)  # checked empty before training
+        os.replace(partial, target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def model_card(result: TrainResult, base_model: str, data: str, recipe: Recipe) -> str:

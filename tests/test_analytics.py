@@ -309,9 +309,15 @@ def test_report_renders_the_four_plots(tmp_path: Path, extension: str) -> None:
     output = tmp_path / f"report{extension}"
     result = CliRunner().invoke(app, ["report", str(dest), "--output", str(output)])
     assert result.exit_code == 0, result.output
+    # 100 images; the latest row of 10 is an error row (14 error rows in all, over both revisions).
+    assert "100 images, 10 error rows (10.0%)" in " ".join(result.output.split())
+    data = gather(str(dest))
+    assert data.totals["error rows (latest row each)"] == 10 and data.totals["error share"] == "10.0%"
+    assert sum(rows for _, rows in data.errors) == 10  # the plot counts what the totals count
     if extension == ".html":
         page = output.read_text()
-        assert DISCLAIMER in page and "Malignant share" in page
+        assert DISCLAIMER in page and "Malignant share" in page and "error share" in page
+        assert "misses about 28 of every 100 malignant images" in page and "oncoflow evaluate" in page
         png = base64.b64decode(re.search(r"base64,([A-Za-z0-9+/=]+)", page).group(1))  # type: ignore[union-attr]
     else:
         png = output.read_bytes()

@@ -326,3 +326,51 @@ def test_a_padded_decompression_bomb_costs_one_small_read(tmp_path: Path, tiny_m
     assert rows["big-but-fine.png"]["status"] == "ok"
     assert [n for name, n in fs.reads if name == "bomb.png"] == [PROBE_BYTES], "only the header was read"
     assert [n for name, n in fs.reads if name == "big-but-fine.png"] == [PROBE_BYTES, padded]
+
+
+def compressed_dicom(syntax: object, stream: bytes) -> bytes:
+    """An 8-bit grey 32×64 DICOM whose one frame is `stream`, encapsulated under transfer `syntax`."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    dataset = pydicom.dcmread(io.BytesIO(corpus.make_dicom(corpus.dicom_ramp())))
+    dataset.file_meta.TransferSyntaxUID = syntax
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 8, 8, 7
+    dataset.PixelData = encapsulate([stream])
+    dataset["PixelData"].VR = "OB"
+    dataset["PixelData"].is_undefined_length = True
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_compressed_dicom_damaged_is_truncated_and_without_decoder_unsupported() -> None:
+    """A codec that is installed but fails means damaged data; one that is missing says what to install."""
+    from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless
+
+    grey = Image.fromarray((corpus.dicom_ramp() // 16).astype(np.uint8), "L")
+    jpeg = corpus.encode(grey, "JPEG")
+    assert decode_image(compressed_dicom(JPEGBaseline8Bit, jpeg)).size == (64, 32)
+    with pytest.raises(ImageError) as damaged:
+        decode_image(compressed_dicom(JPEGBaseline8Bit, jpeg[: len(jpeg) // 2]))
+    assert damaged.value.category == "truncated" and "JPEG Baseline" in str(damaged.value)
+    with pytest.raises(ImageError) as missing:
+        decode_image(compressed_dicom(JPEGLSLossless, b"\xff\xd8 not decodable here \xff\xd9"))
+    assert missing.value.category == "unsupported"
+    assert "no decoder for DICOM transfer syntax JPEG-LS" in str(missing.value)
+    assert "pyjpegls" in str(missing.value)
+
+
+def test_dicom_without_file_meta_is_decoded_by_the_encoding_it_was_read_with() -> None:
+    """Some archives store bare datasets: no preamble, no file meta, implicit VR little endian."""
+    import pydicom
+
+    dataset = pydicom.dcmread(io.BytesIO(corpus.make_dicom(corpus.dicom_ramp(), window=(2048, 1024))))
+    del dataset.file_meta
+    dataset.preamble = None
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    bare = buffer.getvalue()
+    assert bare[128:132] != b"DICM"
+    expected = display(corpus.make_dicom(corpus.dicom_ramp(), window=(2048, 1024)))
+    assert np.array_equal(display(bare, name="scan.dcm"), expected)

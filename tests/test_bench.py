@@ -102,5 +102,5 @@ def test_analytics_read_bench_runs(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(results.read_text())
     assert record["local rows"] == 30 and record["s3 files"] == 2
-    requests = int(record["s3 pyarrow (oncoflow): requests (per file)"].split()[0])
+    requests = int(record["s3 oncoflow connect: requests (per file)"].split()[0])
     assert 0 < requests <= 16

@@ -160,6 +160,11 @@ def test_several_model_revisions_must_be_chosen(
     ambiguous = runner.invoke(app, common)
     assert ambiguous.exit_code == 1 and "--model-revision" in ambiguous.output
 
+    unknown = runner.invoke(app, [*common, "--model-revision", "sha256:nope"])
+    text = " ".join(unknown.output.split())
+    assert unknown.exit_code == 1 and "no rows for model revision 'sha256:nope'" in text
+    assert first["model_revision"] in text, "the revisions it holds are listed"
+
     chosen = runner.invoke(app, [*common, "--model-revision", first["model_revision"]])
     assert chosen.exit_code == 0, chosen.output
     assert "n/a (no Malignant images)" in chosen.output, "one Normal label: recall is undefined, not 0%"
@@ -325,3 +330,15 @@ def test_labels_of_one_class_give_null_metrics_and_a_warning(
     assert "| Recall (Sensitivity) | n/a (no Malignant images) |" in report
     assert "misses about" not in report and "One class only" in report
     assert any("no Malignant image" in record.getMessage() for record in caplog.records)
+
+
+def test_an_unusable_labels_file_fails_before_any_work(tmp_path: Path) -> None:
+    """The labels file's content is an argument too: exit 2, the file and the row named, no REPORT."""
+    (tmp_path / "preds").mkdir()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image_uri,label\na.png,Normal\nb.png,benign\n")
+    args = ["evaluate", "-o", str(tmp_path / "r"), "--predictions", str(tmp_path / "preds")]
+    result = runner.invoke(app, [*args, "--labels", str(labels)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "labels.csv row 3" in text and "'benign'" in text, text
+    assert not (tmp_path / "r").exists()

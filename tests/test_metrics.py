@@ -88,7 +88,7 @@ def test_operating_point_is_the_highest_threshold_reaching_the_sensitivity() -> 
     assert everything["threshold"] == 0.3 and everything["sensitivity"] == 1.0
     assert everything["fp"] == 3  # 0.7, 0.4 and 0.35 are >= 0.3
 
-    with pytest.raises(EvaluationError, match="both classes"):
+    with pytest.raises(EvaluationError, match="both classes.*without --target-sensitivity"):
         operating_point(np.zeros(3, int), np.array([0.1, 0.2, 0.3]), 0.9)
 
 
@@ -106,6 +106,7 @@ def test_metrics_report_and_plots_are_written(tmp_path: Path) -> None:
         "labelled_error_rows": 1,
         "predictions_without_label": 3,
         "labels_without_prediction": 4,
+        "labels_without_prediction_examples": [],
     }
     assert metrics["threshold"] == 0.5 and metrics["model_revisions"] == ["sha256:abc"]
     assert 0.0 <= metrics["ece"] <= 1.0 and 0.0 <= metrics["brier"] <= 1.0
@@ -202,9 +203,34 @@ def test_join_counts_what_cannot_be_scored() -> None:
     assert joined.scored["y_pred"].tolist() == [1, 0]
     assert (joined.error_rows, joined.labelled_error_rows) == (1, 1)
     assert (joined.predictions_without_label, joined.labels_without_prediction) == (1, 1)
+    assert joined.unmatched_labels == ["u9"]
 
-    with pytest.raises(EvaluationError, match="image_uri"):
+    with pytest.raises(EvaluationError, match=r"relative to the labels file's folder.*'elsewhere'.*'u1'"):
         join_labels(predictions, pd.DataFrame({"image_uri": ["elsewhere"], "y_true": [1]}))
+
+
+def test_report_counts_of_what_was_not_evaluated_add_up() -> None:
+    """Unlabelled error rows are among the predictions without a label, and are said to be, once."""
+    predictions = pd.DataFrame(
+        {
+            "image_uri": [f"u{n}" for n in range(20)],
+            "prob_malignant": [0.9 if n % 2 else 0.1 for n in range(18)] + [None, None],
+            "label": [("Malignant" if n % 2 else "Normal") for n in range(18)] + [None, None],
+            "threshold": 0.5,
+            "model": "m",
+            "model_revision": "r",
+            "status": ["ok"] * 18 + ["error"] * 2,
+        }
+    )
+    labels = pd.DataFrame({"image_uri": ["u0", "u1", "gone"], "y_true": [0, 1, 1]})
+    metrics = compute_metrics(join_labels(predictions, labels))
+    text = render_markdown(metrics)
+    assert (
+        "Not evaluated: 0 labelled images whose row is an error row, 18 predictions without a label "
+        "(2 of them error rows), 1 labels without a prediction." in text
+    )
+    assert "Labels without a prediction, e.g. `gone`." in text
+    assert metrics["images"]["labels_without_prediction_examples"] == ["gone"]
 
 
 def test_labeled_folder_takes_classes_from_folder_names(tmp_path: Path) -> None:
@@ -365,3 +391,30 @@ def test_predictions_are_read_from_the_dataset_files_only(tmp_path: Path) -> Non
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(EvaluationError, match=r"'.*empty'.*model_slug=\*/date=\*/\*\.parquet.*--predictions"):
         read_predictions(str(tmp_path / "empty"))
+
+
+def test_labels_files_typed_by_hand_or_broken(tmp_path: Path) -> None:
+    """Hand-typed headers are read; a broken file names itself and the fix, never a bare parser error."""
+    typed = tmp_path / "typed.csv"
+    typed.write_text("Image_URI , Label\na.png,normal\nfile://localhost/abs/b.png,1\n")
+    labels = read_labels_file(str(typed))
+    assert dict(zip(labels["image_uri"], labels["y_true"], strict=True)) == {
+        f"file://{tmp_path}/a.png": 0,
+        "file:///abs/b.png": 1,
+    }
+    cases = {
+        "empty.csv": ("", "is empty"),
+        "header.csv": ("image_uri,label\n", "holds no labels"),
+        "fields.csv": ("image_uri,label\na.png,Normal\nb.png,Normal,extra\n", r"not a valid CSV.*line 3"),
+        "blank.csv": ("image_uri,label\na.png,Normal\n,Malignant\n", r"row 3: image_uri is empty"),
+        "broken.parquet": ("PAR1 not really", "not a readable Parquet file"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(LabelError, match=message) as error:
+            read_labels_file(str(tmp_path / name))
+        assert name in str(error.value)
+    nulls = tmp_path / "nulls.parquet"
+    pd.DataFrame({"image_uri": ["a.png", None], "label": ["Normal", "Normal"]}).to_parquet(nulls)
+    with pytest.raises(LabelError, match=r"row 3: image_uri is empty"):
+        read_labels_file(str(nulls))

@@ -36,6 +36,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("training")
     base = build_tiny_model(str(root / "base"), seed=3, image_size=32)
     data = write_signal_images(root / "train", 24, seed=0)
+    (root / "model.partial").mkdir()  # a folder of the user's, named like a temporary: left alone
+    (root / "model.partial" / "notes.txt").write_text("mine")
     result = runner.invoke(
         app,
         ["train", "--data", str(data), "--output", str(root / "model"), "--base-model", base]
@@ -54,7 +56,8 @@ def test_train_writes_a_model_folder_with_a_model_card(trained: dict[str, Path])
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} <= {
         p.name for p in model.iterdir()
     }
-    assert not list(model.glob("*.bin")) and not model.with_name("model.partial").exists()
+    assert not list(model.glob("*.bin")) and not list(model.parent.glob(".model.partial-*"))
+    assert (model.with_name("model.partial") / "notes.txt").read_text() == "mine"
     config = json.loads((model / "config.json").read_text())
     assert config["id2label"] == {"0": "Normal", "1": "Malignant"}
     assert config["label2id"] == {"Normal": 0, "Malignant": 1}

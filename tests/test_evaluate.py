@@ -57,6 +57,7 @@ def test_evaluate_data_gives_the_numbers_computed_from_classify_output(
         "error_rows": 1,
         "labelled_error_rows": 1,
         "predictions_without_label": 1,
+        "labels_without_prediction_examples": [],
         "labels_without_prediction": 0,
     }
     assert metrics["counts"] == {"Normal": 8, "Malignant": 8}

@@ -66,6 +66,7 @@ def test_train_writes_a_model_folder_with_a_model_card(trained: dict[str, Path])
         "| Recall (Sensitivity) |" in card and "| MCC |" in card and "research, not diagnosis" in card.lower()
     )
     assert "Validation images: 6 Normal, 6 Malignant" in card  # 0.25 of 24 per class, stratified
+    assert "rest on 6 Malignant images" in card and "95% confidence intervals (Wilson): sensitivity" in card
     assert card.count("\n| 6 |") == 1, "one line per epoch"
 
 

@@ -457,7 +457,7 @@ def evaluate_command(
 
         try:
             read_labels_file(params.labels)
-        except LabelError as exc:
+        except (LabelError, OSError) as exc:  # OSError: unreadable (permissions), a folder, ...
             fail(str(exc), code=2)
     from flows.evaluate import evaluate
 

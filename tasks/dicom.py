@@ -67,9 +67,18 @@ def decode_dicom(data: bytes, max_pixels: int) -> Image.Image:
                     "unsupported",
                     f"no decoder for DICOM transfer syntax {name} is installed here (options: {needs})",
                 ) from exc
-            raise ImageError(
+            installed = ", ".join(sorted(decoder.available_plugins))
+            if decoder.missing_dependencies:  # the installed plugin may lack the variant (12-bit JPEG)
+                raise ImageError(
+                    "unsupported",
+                    f"the installed decoder ({installed}) could not decode this DICOM {name} frame "
+                    f"({type(exc).__name__}): a variant it lacks, or damaged data; other decoders: "
+                    f"{'; '.join(decoder.missing_dependencies)}",
+                ) from exc
+            raise ImageError(  # every decoder pydicom knows for it is installed, and it failed
                 "truncated",
-                f"the DICOM pixel data ({name}) is damaged: its decoder failed ({type(exc).__name__})",
+                f"the DICOM pixel data ({name}) is damaged: its decoders ({installed}) failed "
+                f"({type(exc).__name__})",
             ) from exc
         raise ImageError(
             "unsupported",

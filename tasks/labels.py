@@ -52,6 +52,7 @@ def to_image_uri(location: str, base_folder: str) -> str:
 
 def read_labels_file(path: str) -> pd.DataFrame:
     """`image_uri, label` from a .csv or .parquet file → DataFrame(image_uri, y_true)."""
+    path = os.path.expanduser(path)  # `--labels=~/x.csv`: the shell leaves a `~` after `=` alone
     if not os.path.isfile(path):
         raise FileNotFoundError(f"labels file {path!r} does not exist; check --labels")
     extension = os.path.splitext(path)[1].lower()

@@ -318,11 +318,18 @@ def save_model(network: torch.nn.Module, base_dir: str, output: str, card: str) 
         shutil.copy(os.path.join(base_dir, "preprocessor_config.json"), partial)
         with open(os.path.join(partial, "README.md"), "w") as handle:
             handle.write(card)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    try:
         if os.path.exists(target):
             os.rmdir(target)  # checked empty before training
         os.replace(partial, target)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    except OSError as exc:  # e.g. something was saved into the output folder meanwhile: keep the model
+        raise TrainingError(
+            f"the trained model is complete in {partial}, but it cannot be moved to {target} ({exc}); "
+            f"move it there yourself (mv {partial} NEW_FOLDER)"
+        ) from exc
 
 
 def model_card(result: TrainResult, base_model: str, data: str, recipe: Recipe) -> str:

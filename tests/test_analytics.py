@@ -375,3 +375,22 @@ def test_report_histogram_counts_rows_decided_at_any_threshold(tmp_path: Path) -
     counts = confidence_histogram(data)
     for label in ("Normal", "Malignant"):
         assert counts[label].sum() == (ok["label"] == label).sum()
+
+
+def test_a_damaged_local_file_fails_once_not_like_a_compaction(tmp_path: Path) -> None:
+    """ "Parquet magic bytes not found" is a damaged file, not one merged away: no rerun of the query."""
+    from tasks.analytics import retry_while_compacting
+
+    dest = tmp_path / "dest"
+    make_dataset(dest)
+    damaged = parquet_files(dest)[2]
+    damaged.write_bytes(b"garbage" * 50)
+    attempts: list[int] = []
+
+    def read() -> list[tuple]:
+        attempts.append(1)
+        return connect(str(dest)).sql("select count(*) from latest").fetchall()
+
+    with pytest.raises(duckdb.Error, match="magic bytes") as error:
+        retry_while_compacting(read)
+    assert len(attempts) == 1 and damaged.name in str(error.value)

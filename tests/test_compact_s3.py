@@ -111,3 +111,16 @@ def test_a_file_merged_away_before_it_is_fetched_is_read_again(s3: s3fs.S3FileSy
         return int(dataset.count_rows())
 
     assert retry_while_compacting(read) == 140 and len(attempts) == 2
+
+
+def test_a_foreign_file_in_an_s3_dataset_is_named_at_once(
+    s3: s3fs.S3FileSystem, s3_server: str, tmp_path: Path
+) -> None:
+    """Scanned from memory, a damaged file would be an anonymous buffer: the readers name it, and do
+    not take it for a file merged away by a compaction (no retries)."""
+    make_dataset(tmp_path / "dest")
+    keys = upload_folder(s3, tmp_path / "dest", "preds/dest")
+    s3.pipe_file(keys[3], b"garbage" * 50)
+    result = CliRunner().invoke(app, ["latest", "s3://preds/dest", "-o", str(tmp_path / "l.csv")])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and f"s3://{keys[3]} is not a readable Parquet file" in text, text

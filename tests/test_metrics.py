@@ -418,3 +418,13 @@ def test_labels_files_typed_by_hand_or_broken(tmp_path: Path) -> None:
     pd.DataFrame({"image_uri": ["a.png", None], "label": ["Normal", "Normal"]}).to_parquet(nulls)
     with pytest.raises(LabelError, match=r"row 3: image_uri is empty"):
         read_labels_file(str(nulls))
+
+
+def test_a_labels_path_with_a_tilde_is_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--labels=~/labels.csv`: the shell does not expand a `~` after `=`."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "labels.csv").write_text("image_uri,label\na.png,Normal\n")
+    labels = read_labels_file("~/labels.csv")
+    assert labels["image_uri"].tolist() == [f"file://{tmp_path}/a.png"]

@@ -202,3 +202,19 @@ def test_demo_outputs_say_they_come_from_a_toy_model(tmp_path: Path) -> None:
     mark_as_demo(str(card))
     assert card.read_text().startswith(DEMO_BANNER) and "| Recall | 100.00% |" in card.read_text()
     assert "not a medical model" in DEMO_BANNER
+
+
+def test_a_model_that_cannot_be_moved_into_place_is_kept(tmp_path: Path, tiny_model: str) -> None:
+    """Training is done and saved; if the output folder filled up meanwhile, the model is not lost."""
+    from transformers import ViTForImageClassification
+
+    from tasks.training import TrainingError, save_model
+
+    network = ViTForImageClassification.from_pretrained(tiny_model)
+    output = tmp_path / "model"
+    output.mkdir()
+    (output / "something.txt").write_text("saved here during training")
+    with pytest.raises(TrainingError, match="the trained model is complete in") as error:
+        save_model(network, tiny_model, str(output), "# card")
+    kept = Path(str(error.value).split("complete in ", 1)[1].split(",", 1)[0])
+    assert (kept / "model.safetensors").exists() and (kept / "README.md").read_text() == "# card"

@@ -24,9 +24,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import posixpath
+import re
+import time
 import uuid
 from collections import defaultdict
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -42,6 +46,12 @@ TARGET_ROWS = 4_000_000
 ROW_GROUP_ROWS = 256_000  # readers skip row groups by min/max statistics; ~50 MB of Arrow in memory
 COMPACTED_FROM = b"oncoflow.compacted_from"
 MERGED_PREFIX = "part-c"
+# merged_name's form: a shard file is `part-<20 hex>.parquet`, so one in 16 also starts with `part-c`.
+MERGED_FILE = re.compile(MERGED_PREFIX + r"[0-9a-f]{20}\.parquet")
+# Hidden temporaries of writes killed before their rename (tasks.storage._write_local) that are older
+# than this belong to no live writer: a shard or merged file is written in seconds to minutes.
+STALE_TEMPORARY_SECONDS = 24 * 3600
+TEMPORARY_FILE = re.compile(r"\.part-[^/]*\.parquet\.tmp-[0-9a-f]{32}")
 
 
 @dataclass
@@ -53,6 +63,7 @@ class CompactionReport:
     files_written: int = 0
     rows_merged: int = 0
     leftovers_deleted: int = 0
+    temporaries_deleted: int = 0
     written: list[str] = field(default_factory=list)
 
 
@@ -76,7 +87,8 @@ def finish_interrupted(destination: Location, files: list[str]) -> int:
     """Delete inputs that a merged file in the same folder already holds; return how many."""
     fs, present, deleted = destination.fs, set(files), 0
     for path in files:
-        if not posixpath.basename(path).startswith(MERGED_PREFIX):
+        # A file deleted above (an input of a merged file) is no longer there to be read.
+        if path not in present or not MERGED_FILE.fullmatch(posixpath.basename(path)):
             continue
         metadata = pq.read_metadata(path, filesystem=fs).metadata or {}
         for name in json.loads(metadata.get(COMPACTED_FROM, b"[]")):
@@ -85,6 +97,24 @@ def finish_interrupted(destination: Location, files: list[str]) -> int:
                 fs.rm(leftover)
                 present.discard(leftover)
                 deleted += 1
+    return deleted
+
+
+def remove_stale_temporaries(destination: Location, folder: str, now: float | None = None) -> int:
+    """Delete hidden `.part-*.parquet.tmp-*` files older than STALE_TEMPORARY_SECONDS in a local
+    partition folder (a classify or compaction killed between writing and renaming); return how many.
+    Object stores have none: a file there is one PUT."""
+    if not destination.is_local:
+        return 0
+    cutoff = (time.time() if now is None else now) - STALE_TEMPORARY_SECONDS
+    deleted = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if TEMPORARY_FILE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                with suppress(FileNotFoundError):
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.remove(entry.path)
+                        deleted += 1
     return deleted
 
 
@@ -150,9 +180,10 @@ def compact(destination: Location, target_rows: int = TARGET_ROWS, run_id: str =
 
 def _compact(destination: Location, target_rows: int) -> CompactionReport:
     report = CompactionReport()
-    for files in parquet_files_by_partition(destination).values():
+    for folder, files in parquet_files_by_partition(destination).items():
         report.partitions += 1
         report.leftovers_deleted += finish_interrupted(destination, files)
+        report.temporaries_deleted += remove_stale_temporaries(destination, folder)
         files = [path for path in files if destination.fs.exists(path)]
         for inputs in plan_bins(destination, files, target_rows):
             path, rows = merge_bin(destination, inputs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 import shutil
 import threading
@@ -86,6 +87,39 @@ def test_interrupted_compaction_never_double_counts_and_the_next_run_finishes_it
     report = compact(location, target_rows=1000)
     assert report.leftovers_deleted == len(inputs) == 3
     assert duckdb.sql(f"select count(*) from read_parquet('{dest}/**/*.parquet')").fetchall()[0][0] == 140
+
+
+def test_a_crashed_compaction_among_shards_named_like_merged_files_is_finished(tmp_path: Path) -> None:
+    """Shard ids are 20 hex digits, so one shard in 16 starts `part-c` like a merged file; a leftover
+    input so named, sorted after the merged file, must not be read after it was deleted. Stale
+    temporaries of killed writes go too; a fresh one (a write in progress) stays."""
+    dest = tmp_path / "dest"
+    shards = ["0" * 20, "c" + "f" * 19]
+    for number, shard in enumerate(shards):
+        table = rows(range(number * 10, number * 10 + 10), OLD, FIRST_DAY, number, shard)
+        write(dest, table, OLD, FIRST_DAY, shard)
+    location = open_location(str(dest))
+    inputs = next(iter(parquet_files_by_partition(location).values()))
+    merged, _ = merge_bin(location, inputs)  # the crash: merged file written, inputs not yet deleted
+    assert sorted([*inputs, merged])[-1].endswith(f"part-{shards[1]}.parquet")
+    folder = Path(merged).parent
+    stale, fresh = (
+        folder / f".part-{'1' * 20}.parquet.tmp-{'a' * 32}",
+        folder / f".part-c.parquet.tmp-{'b' * 32}",
+    )
+    stale.write_bytes(b"killed a week ago")
+    fresh.write_bytes(b"being written")
+    os.utime(stale, (time.time() - 7 * 86400, time.time() - 7 * 86400))
+
+    result = CliRunner().invoke(app, ["compact", str(dest)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, text
+    assert (
+        "2 inputs of an interrupted compaction deleted" in text and "1 stale temporary files deleted" in text
+    )
+    assert [p.name for p in parquet_files(dest)] == [Path(merged).name]
+    assert not stale.exists() and fresh.exists()
+    assert count(dest, "select count(*) from predictions") == 20
 
 
 def test_incremental_runs_keep_working_after_compaction(

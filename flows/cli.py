@@ -5,8 +5,11 @@ Research use only: oncoflow's labels are model outputs, not diagnoses.
 
 from __future__ import annotations
 
+import functools
 import logging
+import subprocess
 import sys
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
@@ -278,12 +281,35 @@ def quiet_expected_tracebacks(expected: tuple[type[BaseException], ...]) -> None
             handler.addFilter(OneLineExpectedErrors(expected))
 
 
+def detach_temporary_server() -> None:
+    """Start Prefect's temporary server (used while PREFECT_API_URL is unset) in a session of its own.
+
+    Ctrl-C in a terminal signals the whole foreground process group: the server died with the run,
+    which then spent over a minute failing to report to it (hundreds of tracebacks), exited 1 and
+    stayed Running in the history. In its own session only oncoflow gets the signal: the run is marked
+    Crashed, the command exits 130, and the server is stopped on the way out (Prefect's atexit hook).
+    Done by giving Prefect's server module a `subprocess` whose Popen starts a new session."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    from prefect.server.api import server
+
+    if server.subprocess is not subprocess:  # done already
+        return
+    detached = types.ModuleType("subprocess")
+    detached.__dict__.update(vars(subprocess))
+    detached.Popen = functools.partial(subprocess.Popen, start_new_session=True)  # type: ignore[attr-defined]
+    server.subprocess = detached  # type: ignore[attr-defined]
+
+
 def run_and_report(flow: Any, placement: RunnerParams, **parameters: Any) -> None:
     """Run a classify-style flow on the chosen runner with a progress bar; print its summary; exit codes."""
     from flows.classify import TooManyErrors
     from flows.runners import with_runner
 
     quiet_expected_tracebacks((*EXPECTED_ERRORS, TooManyErrors))
+    detach_temporary_server()
     try:
         with progress_bar():
             summary = with_runner(flow, placement)(**parameters)
@@ -317,6 +343,7 @@ def compact_command(
     params = validated(DatasetParams, **locals())
     from flows.analytics import compact_dataset
 
+    detach_temporary_server()
     try:
         report = compact_dataset(**params.model_dump())
     except EXPECTED_ERRORS as exc:
@@ -469,6 +496,7 @@ def evaluate_command(
     from flows.evaluate import evaluate
 
     quiet_expected_tracebacks(EXPECTED_ERRORS)
+    detach_temporary_server()
     try:
         metrics = evaluate(**params.model_dump())
     except EXPECTED_ERRORS as exc:
@@ -497,6 +525,7 @@ def train_command(
     from flows.train import train
 
     quiet_expected_tracebacks(EXPECTED_ERRORS)
+    detach_temporary_server()
     try:
         summary = train(**params.model_dump())
     except EXPECTED_ERRORS as exc:

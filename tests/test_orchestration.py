@@ -495,3 +495,38 @@ def test_prune_deletes_only_finished_runs_older_than_the_cutoff(
         left = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[old, recent])))
     assert {str(run.id) for run in left} == {recent}
     assert runner.invoke(app, ["prune", "--older-than", "soon"]).exit_code == 2
+
+
+def test_ctrl_c_in_a_terminal_stops_a_run_on_the_temporary_server_cleanly(
+    tmp_path: Path, tiny_model: str
+) -> None:
+    """A terminal's Ctrl-C signals the whole process group. Prefect's temporary server (no
+    PREFECT_API_URL) runs in a session of its own, so it survives to record the run as Crashed: the
+    command exits 130 at once, without a minute of connection tracebacks, and stops the server."""
+    from tests.conftest import make_image
+
+    for number in range(150):
+        make_image(tmp_path / "src" / f"i{number:03d}.png", seed=number)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    command = [sys.executable, "-m", "flows.classify", str(tmp_path / "src"), "-o", str(tmp_path / "dest")]
+    command += ["--model", tiny_model, "--shard-size", "1", "--device", "cpu"]
+    run = subprocess.Popen(
+        command, env=env, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not list((tmp_path / "dest").rglob("*.parquet")) and time.monotonic() < deadline:
+            assert run.poll() is None, run.communicate()[0].decode()[-3000:]
+            time.sleep(0.2)
+        children = subprocess.run(
+            ["pgrep", "-P", str(run.pid)], capture_output=True, text=True
+        ).stdout.split()
+        os.killpg(run.pid, signal.SIGINT)  # what the terminal does
+        output = run.communicate(timeout=120)[0].decode()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 130, output[-3000:]
+    assert "ConnectError" not in output and "Crash detected" in output
+    assert children and not [child for child in children if Path(f"/proc/{child}").exists()]

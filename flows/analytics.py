@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from typing import Any
 
@@ -12,10 +13,12 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.credentials import storage_options
-from flows.logs import send_logs_to_prefect
+from flows.history import mark_crashed
+from flows.logs import is_flow_run_id, send_logs_to_prefect
 from tasks.compact import TARGET_ROWS, compact
 from tasks.storage import open_location
 
+logger = logging.getLogger(__name__)
 send_logs_to_prefect()  # warnings (a lease wait, a skipped file) reach the run logs in the UI
 
 
@@ -27,11 +30,18 @@ def compact_dataset(
     aws_credentials_block: str | None = None,
 ) -> dict[str, Any]:
     """Merge each partition's small Parquet files into files of up to `target_rows` rows."""
+    run_id = str(flow_run.get_id() or "")
     report = compact(
         open_location(dest, storage_options(aws_credentials_block, s3_endpoint_url)),
         target_rows,
-        run_id=str(flow_run.get_id() or ""),
+        run_id=run_id,
     )
+    if is_flow_run_id(report.superseded_run):  # a compaction killed while it held the lease
+        reason = f"process died holding the compaction lease; superseded by run {run_id}"
+        if mark_crashed(report.superseded_run, reason):
+            logger.warning(
+                "marked compaction run %s as Crashed: it died without reporting", report.superseded_run
+            )
     print(
         f"compacted {report.files_merged} files into {report.files_written} "
         f"({report.rows_merged} rows) across {report.partitions} partitions"

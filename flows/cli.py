@@ -352,7 +352,9 @@ def compact_command(
         f"{report['leftovers_deleted']} inputs of an interrupted compaction deleted"
         if report["leftovers_deleted"]
         else "",
-        f"{report['temporaries_deleted']} stale temporary files deleted" if report["temporaries_deleted"] else "",
+        f"{report['temporaries_deleted']} stale temporary files deleted"
+        if report["temporaries_deleted"]
+        else "",
     ]
     Console().print(
         f"merged {report['files_merged']} files into {report['files_written']} "

@@ -30,8 +30,13 @@ class RunLogHandler(APILogHandler):
 
 def names_a_run(record: logging.LogRecord) -> bool:
     """The record carries a flow run id (a UUID): anything else would start a server or fail to send."""
+    return is_flow_run_id(str(getattr(record, "flow_run_id", "")))
+
+
+def is_flow_run_id(text: str) -> bool:
+    """A Prefect flow run id is a UUID (run ids made outside Prefect, `compact-…`, are not)."""
     try:
-        uuid.UUID(str(getattr(record, "flow_run_id", "")))
+        uuid.UUID(text)
     except ValueError:
         return False
     return True

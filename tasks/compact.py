@@ -64,6 +64,7 @@ class CompactionReport:
     rows_merged: int = 0
     leftovers_deleted: int = 0
     temporaries_deleted: int = 0
+    superseded_run: str = ""  # the run id of a compaction that died holding the lease, if any
     written: list[str] = field(default_factory=list)
 
 
@@ -174,8 +175,13 @@ def compact(destination: Location, target_rows: int = TARGET_ROWS, run_id: str =
         raise ValueError(f"target_rows must be at least 2, got {target_rows}")
     if not destination.fs.exists(destination.path):  # before the lease, which would create DEST
         raise FileNotFoundError(f"dataset {destination.uri!r} does not exist; check the path")
-    with acquire(destination, COMPACTION_LEASE, run_id or f"compact-{uuid.uuid4().hex[:8]}", wait_seconds=0):
-        return _compact(destination, target_rows)
+    run_id = run_id or f"compact-{uuid.uuid4().hex[:8]}"
+    with acquire(destination, COMPACTION_LEASE, run_id, wait_seconds=0) as lease:
+        report = _compact(destination, target_rows)
+    dead = lease.previous
+    if dead is not None and dead.run_id != run_id:
+        report.superseded_run = dead.run_id
+    return report
 
 
 def _compact(destination: Location, target_rows: int) -> CompactionReport:

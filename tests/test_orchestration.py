@@ -530,3 +530,38 @@ def test_ctrl_c_in_a_terminal_stops_a_run_on_the_temporary_server_cleanly(
     assert run.returncode == 130, output[-3000:]
     assert "ConnectError" not in output and "Crash detected" in output
     assert children and not [child for child in children if Path(f"/proc/{child}").exists()]
+
+
+def test_a_compaction_killed_holding_its_lease_is_marked_crashed_by_the_next(tmp_path: Path) -> None:
+    """Like classify's output lease: the next compaction takes over and records the dead run as Crashed
+    instead of leaving it Running in the history for good."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Running
+
+    from flows.analytics import compact_dataset
+    from tests.analytics_data import make_dataset
+
+    dest = tmp_path / "dest"
+    make_dataset(dest)
+    with get_client(sync_client=True) as client:
+        dead = client.create_flow_run(compact_dataset, parameters={"dest": str(dest)}, state=Running())
+    code = (
+        "import sys, time; from tasks.compact import COMPACTION_LEASE; from tasks.lease import acquire; "
+        "from tasks.storage import open_location; "
+        "acquire(open_location(sys.argv[1]), COMPACTION_LEASE, sys.argv[2], wait_seconds=0); "
+        "print('held', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(dest), str(dead.id)], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+
+    result = CliRunner().invoke(app, ["compact", str(dest)])
+    assert result.exit_code == 0 and "merged 7 files into 3" in result.output, result.output
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(dead.id).state
+    assert (
+        state is not None and state.type == StateType.CRASHED and "compaction lease" in (state.message or "")
+    )

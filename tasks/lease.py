@@ -292,9 +292,13 @@ def _try_file(location: Location, key: str, holder: Holder) -> Lease | Holder | 
         os.close(fd)
         return current
     previous = _parse(os.pread(fd, 4096, 0))
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, _record(holder, None), 0)
-    os.fsync(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, _record(holder, None), 0)
+        os.fsync(fd)
+    except OSError as exc:  # a full disk shows here first, before any shard
+        os.close(fd)
+        raise output_error(exc, location.uri) from exc
     return FileLease(location, key, holder, fd, previous)
 
 

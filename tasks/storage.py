@@ -427,8 +427,8 @@ def output_error(error: OSError, destination: str) -> OSError:
         advice = "check that --output is reachable and writable"
     reason = error.strerror or str(error) or type(error).__name__
     message = (
-        f"cannot write to output {destination}: {reason}. {advice}, then re-run: shards already written "
-        "are kept and skipped, nothing is written twice"
+        f"cannot write to output {destination}: {reason}. {advice}, then re-run: files already written "
+        "are kept (classify skips their images, compact finishes its merge), nothing is written twice"
     )
     return OSError(error.errno, message) if error.errno else type(error)(message)
 

@@ -14,8 +14,9 @@ from prefect.runtime import flow_run
 
 from flows.credentials import storage_options
 from flows.history import mark_crashed
-from flows.logs import is_flow_run_id, send_logs_to_prefect
+from flows.logs import send_logs_to_prefect
 from tasks.compact import TARGET_ROWS, compact
+from tasks.lease import is_flow_run_id
 from tasks.storage import open_location
 
 logger = logging.getLogger(__name__)

@@ -10,10 +10,11 @@ Setting PREFECT_LOGGING_EXTRA_LOGGERS=tasks,flows does the same; the handler is 
 from __future__ import annotations
 
 import logging
-import uuid
 
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
+
+from tasks.lease import is_flow_run_id
 
 LOGGERS = ("tasks", "flows")
 
@@ -31,15 +32,6 @@ class RunLogHandler(APILogHandler):
 def names_a_run(record: logging.LogRecord) -> bool:
     """The record carries a flow run id (a UUID): anything else would start a server or fail to send."""
     return is_flow_run_id(str(getattr(record, "flow_run_id", "")))
-
-
-def is_flow_run_id(text: str) -> bool:
-    """A Prefect flow run id is a UUID (run ids made outside Prefect, `compact-…`, are not)."""
-    try:
-        uuid.UUID(text)
-    except ValueError:
-        return False
-    return True
 
 
 def send_logs_to_prefect() -> None:

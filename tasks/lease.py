@@ -203,7 +203,7 @@ class ObjectLease(Lease):
         self.etag, self.ttl = etag, ttl
         # This thread runs outside Prefect's run context: its records name the flow run themselves, so
         # they reach the run's logs in the UI (flows/logs.py).
-        self.run = {"flow_run_id": holder.run_id} if _is_uuid(holder.run_id) else {}
+        self.run = {"flow_run_id": holder.run_id} if is_flow_run_id(holder.run_id) else {}
         self.stopped = threading.Event()
         self.heartbeat = threading.Thread(target=self._renew, name=f"oncoflow-lease-{key}", daemon=True)
         self.heartbeat.start()
@@ -362,7 +362,8 @@ def _expiry(data: bytes) -> float:
         return 0.0
 
 
-def _is_uuid(text: str) -> bool:
+def is_flow_run_id(text: str) -> bool:
+    """A Prefect flow run id is a UUID (run ids made outside Prefect, `compact-…`, are not)."""
     try:
         uuid.UUID(text)
     except ValueError:

@@ -281,6 +281,8 @@ class TrainParams(BaseModel):
     def _check_folders(self) -> TrainParams:
         require_folder(self.data, "--data")
         output = os.path.expanduser(self.output)
-        if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        if os.path.exists(output) and not os.path.isdir(output):
+            raise ValueError(f"--output {self.output!r} is a file; give a new folder for the model")
+        if os.path.isdir(output) and os.listdir(output):
             raise ValueError(f"--output {self.output!r} exists and is not empty; choose a new folder")
         return self

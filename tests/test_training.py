@@ -218,3 +218,9 @@ def test_a_model_that_cannot_be_moved_into_place_is_kept(tmp_path: Path, tiny_mo
         save_model(network, tiny_model, str(output), "# card")
     kept = Path(str(error.value).split("complete in ", 1)[1].split(",", 1)[0])
     assert (kept / "model.safetensors").exists() and (kept / "README.md").read_text() == "# card"
+
+
+def test_train_refuses_a_file_as_output(tmp_path: Path) -> None:
+    (tmp_path / "model.bin").write_text("not a folder")
+    result = runner.invoke(app, ["train", "--data", str(tmp_path), "-o", str(tmp_path / "model.bin")])
+    assert result.exit_code == 2 and "is a file" in " ".join(result.output.split())

@@ -257,18 +257,28 @@ def prepare_local_run(params: ClassifyParams, placement: RunnerParams) -> None:
 
 
 class OneLineExpectedErrors(logging.Filter):
-    """On the terminal, Prefect's report of a failed run keeps its one line but drops the traceback when
-    the error is one this CLI explains itself (its `error:` line follows). The run's logs in the Prefect
-    API, written by another handler before this one, keep the whole traceback."""
+    """On the terminal, Prefect's report of a failed run keeps one line when the error is one this CLI
+    explains itself (its `error:` line follows): the first record of it without its traceback; the
+    task's and the flow's later records repeating the same error ("Finished in state Failed(...)")
+    are dropped. The run's logs in the Prefect API, written by another handler before this one, keep
+    every record and the whole traceback."""
 
     def __init__(self, expected: tuple[type[BaseException], ...]) -> None:
         super().__init__()
         self.expected = expected
+        self.seen: set[str] = set()  # the texts of expected errors already shown
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], self.expected):
+            text = str(record.exc_info[1])
             record.exc_info = record.exc_text = None
-        return True
+            if text in self.seen:
+                return False
+            if text:
+                self.seen.add(text)
+            return True
+        message = record.getMessage() if self.seen else ""
+        return not any(text in message for text in self.seen)
 
 
 def quiet_expected_tracebacks(expected: tuple[type[BaseException], ...]) -> None:

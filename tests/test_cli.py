@@ -189,6 +189,29 @@ def test_an_explained_error_is_not_buried_under_a_traceback(
     assert "Traceback" not in done.stderr, done.stderr
 
 
+def test_an_explained_error_is_said_once_by_prefect_then_by_the_cli(
+    tmp_path: Path, prefect_server: str
+) -> None:
+    """A failed task's error is not repeated by the task's and the flow's later records on the terminal."""
+    from tests.analytics_data import make_dataset
+
+    make_dataset(tmp_path / "dest")
+    (tmp_path / "labels.csv").write_text("image_uri,label\nelsewhere.png,Normal\n")
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    command = [
+        str(Path(sys.executable).parent / "oncoflow"),
+        "evaluate",
+        "--predictions",
+        str(tmp_path / "dest"),
+    ]
+    command += ["--labels", str(tmp_path / "labels.csv"), "-o", str(tmp_path / "r")]
+    command += ["--model-revision", "sha256:00000000000000aa"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 1 and "error: no successfully classified image has a label" in output, output
+    assert output.count("0 in common") == 2, output  # Prefect's one line, then the CLI's `error:`
+
+
 def test_history_names_an_unreachable_prefect_api() -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

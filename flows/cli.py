@@ -358,19 +358,15 @@ def compact_command(
         report = compact_dataset(**params.model_dump())
     except EXPECTED_ERRORS as exc:
         fail(str(exc))
-    cleaned = [
-        f"{report['leftovers_deleted']} inputs of an interrupted compaction deleted"
-        if report["leftovers_deleted"]
-        else "",
-        f"{report['temporaries_deleted']} stale temporary files deleted"
-        if report["temporaries_deleted"]
-        else "",
-    ]
-    Console().print(
+    line = (
         f"merged {report['files_merged']} files into {report['files_written']} "
         f"({report['rows_merged']} rows, {report['partitions']} partitions)"
-        + "".join(f"; {text}" for text in cleaned if text)
     )
+    if report["leftovers_deleted"]:
+        line += f"; {report['leftovers_deleted']} inputs of an interrupted compaction deleted"
+    if report["temporaries_deleted"]:
+        line += f"; {report['temporaries_deleted']} stale temporary files deleted"
+    Console().print(line)
 
 
 def read_dataset(

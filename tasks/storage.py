@@ -282,7 +282,7 @@ def read_file(file: DiscoveredFile, fs: fsspec.AbstractFileSystem) -> tuple[byte
     returned (s3fs's own full read would HEAD first and, over 50 MB, fetch ranges that could mix two
     versions of an object replaced meanwhile). Other stores keep the listed fingerprint."""
     if isinstance(fs, S3FileSystem):
-        data, etag = storage_call(fs, file.path, lambda: sync(fs.loop, _s3_get, fs, file.path))
+        data, etag = s3_get(fs, file.path)
         # Only where the listing gave an ETag: a store that lists without one fingerprints by
         # `size:mtime`, which the next listing must find again.
         fingerprint = f"{etag}:{len(data)}" if etag and file.etag_listed else file.fingerprint
@@ -295,6 +295,11 @@ def read_file(file: DiscoveredFile, fs: fsspec.AbstractFileSystem) -> tuple[byte
         except OSError:
             return data, file
     return data, file if fingerprint == file.fingerprint else replace(file, fingerprint=fingerprint)
+
+
+def s3_get(fs: S3FileSystem, path: str) -> tuple[bytes, str]:
+    """One S3 GET (retried by storage_call): the body and the ETag of the version it returned."""
+    return storage_call(fs, path, lambda: sync(fs.loop, _s3_get, fs, path))
 
 
 async def _s3_get(fs: S3FileSystem, path: str) -> tuple[bytes, str]:
@@ -354,9 +359,7 @@ def _list_remote(location: Location) -> Iterator[DiscoveredFile]:
 
 def fetch_whole(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     """The whole content of one file: one GET on S3 (s3fs's cat_file sends a HEAD first)."""
-    if isinstance(fs, S3FileSystem):
-        return storage_call(fs, path, lambda: sync(fs.loop, _s3_get, fs, path))[0]
-    return read_bytes(fs, path)
+    return s3_get(fs, path)[0] if isinstance(fs, S3FileSystem) else read_bytes(fs, path)
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str, size: int | None = None) -> bytes:

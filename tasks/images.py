@@ -347,6 +347,7 @@ class DevicePreprocessor:
         self.host = preprocessor
         self.nvjpeg = nvjpeg
         self._constants: dict[str, tuple[Any, Any]] = {}
+        self._decode_streams: dict[str, Any] = {}  # one nvjpeg stream per device (see _decode_jpegs)
 
     def encode_or_decode(
         self, data: bytes, max_pixels: int, *, name: str = "", exif_orientation: bool = False
@@ -490,8 +491,8 @@ class DevicePreprocessor:
             )
         return self._constants[key]
 
-    @staticmethod
     def _decode_jpegs(
+        self,
         items: list[np.ndarray],
         indices: list[int],
         device: Any,
@@ -499,13 +500,48 @@ class DevicePreprocessor:
         decoders: dict[int, str],
     ) -> dict[int, Any]:
         """nvjpeg in one batched call; if it rejects the batch, nvjpeg per image, and only the files it
-        still rejects are decoded on the host (exact fallback), so one bad file costs one host decode."""
+        still rejects are decoded on the host (exact fallback), so one bad file costs one host decode.
+
+        On a GPU the decode is issued on a stream of its own. nvjpeg allocates its outputs on the
+        caller's current stream but writes them from its internal stream, waiting for nothing queued on
+        ours: had it allocated on the feeder's stream, memory that this stream's still-running resize
+        kernels had freed could be handed to nvjpeg and overwritten (which is why the feeder used to wait
+        for every batch's kernels before the next decode, serializing decode and resize). The decode
+        stream's pool only ever holds nvjpeg outputs, and each is marked as used by the caller's stream
+        (`record_stream`), so the allocator hands it out again only after the resize that read it ran.
+        The feeder can then decode batch k+1 while batch k is resized and batch k-1 runs in the model.
+        """
+        import torch
+
+        if getattr(device, "type", str(device)) != "cuda":
+            return self._decode_jpegs_on_current_stream(items, indices, device, failures, decoders)
+        caller = torch.cuda.current_stream(device)
+        key = str(device)
+        if key not in self._decode_streams:
+            self._decode_streams[key] = torch.cuda.Stream(device)
+        decode_stream = self._decode_streams[key]
+        with torch.cuda.stream(decode_stream):
+            decoded = self._decode_jpegs_on_current_stream(items, indices, device, failures, decoders)
+        caller.wait_stream(decode_stream)
+        for image in decoded.values():
+            image.record_stream(caller)
+        return decoded
+
+    @staticmethod
+    def _decode_jpegs_on_current_stream(
+        items: list[np.ndarray],
+        indices: list[int],
+        device: Any,
+        failures: dict[int, str],
+        decoders: dict[int, str],
+    ) -> dict[int, Any]:
+        """_decode_jpegs without the stream handling."""
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg
 
         if getattr(device, "type", str(device)) == "cuda":
-            # nvjpeg allocates its outputs on our stream but writes them from its own, waiting for
-            # nothing queued here: memory a still-running kernel of ours freed must not be handed out.
+            # Nothing but nvjpeg's own outputs is allocated on this (the decode) stream, so this is
+            # cheap; it keeps the old guarantee if this is ever called on a stream that runs kernels.
             torch.cuda.current_stream(device).synchronize()
         tensors = [torch.from_numpy(items[i].copy()) for i in indices]
         try:

@@ -118,9 +118,10 @@ class EngineOptions:
     # CUDA stream while the model runs the current one. False runs both in turn (benchmarks compare).
     overlap: bool = True
     # With nvjpeg: the share of JPEGs that spare CPU threads decode instead (exact PIL decode + resize; the
-    # GPU then only normalizes them), so nvjpeg takes less GPU time from the model. None: adapt per batch
-    # (tasks.images.DecodeSplit); 0: nvjpeg decodes every JPEG; 1: the host decodes them all.
-    host_decode_share: float | None = None
+    # GPU then only normalizes them). 0 (default): nvjpeg decodes every JPEG; None: adapt per batch
+    # (tasks.images.DecodeSplit); 1: the host decodes them all. On the H100 any host share was slower
+    # (share 0: 4,383 img/s; 0.25: 2,322; adaptive: 2,169; bench/README.md), so it is off by default.
+    host_decode_share: float | None = 0.0
     # Launch batch k+1's forward before turning batch k into rows; None: on a GPU only (on a CPU the
     # forward runs at launch, so it would only delay the rows and the progress they report).
     launch_ahead: bool | None = None
@@ -243,11 +244,13 @@ GPU_BATCH_SIZE, CPU_BATCH_SIZE = 256, 32
 
 
 def host_decode_share_from_env() -> float | None:
-    """EngineOptions.host_decode_share as the flows take it: ONCOFLOW_HOST_DECODE_SHARE unset or `auto`
-    adapts per batch; a number from 0 to 1 fixes it (0: nvjpeg decodes every JPEG, which makes reruns
-    on the same GPU reproducible)."""
-    value = os.environ.get("ONCOFLOW_HOST_DECODE_SHARE", "auto").strip().lower()
-    if value in ("", "auto"):
+    """EngineOptions.host_decode_share as the flows take it: ONCOFLOW_HOST_DECODE_SHARE unset, empty or 0
+    lets nvjpeg decode every JPEG (the fastest measured, and reruns on the same GPU are reproducible);
+    `auto` adapts the share per batch; a number from 0 to 1 fixes it."""
+    value = os.environ.get("ONCOFLOW_HOST_DECODE_SHARE", "0").strip().lower()
+    if value == "":
+        return 0.0
+    if value == "auto":
         return None
     try:
         share = float(value)
@@ -539,11 +542,11 @@ def fed_batches(
                     readers_blocked, blocked_before = blocked[0] - blocked_before, blocked[0]
                     batch = assemble(items, preprocess, model, split)
                     if side is not None and batch.inputs is not None:
+                        # The model's stream waits for this event; the feeder goes on to the next batch
+                        # without waiting for this one's kernels (nvjpeg's outputs are kept safe from
+                        # reuse by the allocator: DevicePreprocessor._decode_jpegs).
                         batch.ready = torch.cuda.Event()
                         batch.ready.record(side)
-                        # nvjpeg writes its outputs from its own stream, waiting for nothing on ours: let
-                        # this batch's kernels finish before the next decode may reuse their freed memory.
-                        batch.ready.synchronize()
                     prep = time.perf_counter() - clock
                     clock = stage_times.add("feeder_device_prep", clock)
                     if not hand(batch):

@@ -91,11 +91,11 @@ def test_bad_environment_values_fail_before_any_work(
 def test_host_decode_share_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from tasks.inference import host_decode_share_from_env
 
-    for value, share in [("auto", None), ("", None), ("0", 0.0), ("0.25", 0.25), ("1", 1.0)]:
+    for value, share in [("auto", None), (" Auto ", None), ("", 0.0), ("0", 0.0), ("0.25", 0.25), ("1", 1.0)]:
         monkeypatch.setenv("ONCOFLOW_HOST_DECODE_SHARE", value)
         assert host_decode_share_from_env() == share
     monkeypatch.delenv("ONCOFLOW_HOST_DECODE_SHARE")
-    assert host_decode_share_from_env() is None
+    assert host_decode_share_from_env() == 0.0  # nvjpeg decodes every JPEG unless asked otherwise
 
 
 def test_missing_source(tmp_path: Path) -> None:

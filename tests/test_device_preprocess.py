@@ -414,7 +414,7 @@ def test_the_adaptive_split_runs_both_sides_and_keeps_the_exact_labels(
     location = open_location(str(folder))
     files = list(list_images(location))
     exact = classify_files(files, location.fs, model, EngineOptions(batch_size=4), "r", "s")
-    options = EngineOptions(batch_size=4, decode="gpu", host_decode_workers=1)
+    options = EngineOptions(batch_size=4, decode="gpu", host_decode_share=None, host_decode_workers=1)
     split = classify_files(files, location.fs, model, options, "r", "s")
     assert split.column("image_uri").to_pylist() == exact.column("image_uri").to_pylist()
     assert split.column("label").to_pylist() == exact.column("label").to_pylist()

@@ -292,10 +292,11 @@ class DecodeSplit:
     """How many of a batch's JPEGs spare CPU threads decode (PIL decode + resize, exactly the reference's
     pixels) while nvjpeg decodes the rest on the GPU.
 
-    nvjpeg and the model share the GPU: on the H100, decode + resize alone ran 9,374 img/s and the fp16
-    forward 9,350, so the two in series cap near 4,700 img/s (bench/README.md). Each JPEG the idle cores
-    decode instead gives that GPU time back to the model. With `share=None` the share adapts after every
-    batch, starting where the previous shard on this device left it: up by SPLIT_STEP while the host
+    Built on the premise that nvjpeg and the model share the GPU's time, so each JPEG the idle cores
+    decode gives GPU time back to the model. Measured on the H100 (bench/README.md) every host share was
+    slower than none (the PIL threads slow the feeder under the GIL), so the engine's default is share 0
+    (no split); this stays for `ONCOFLOW_HOST_DECODE_SHARE=auto` or a number. With `share=None` the
+    share adapts after every batch, starting where the previous shard on this device left it: up by SPLIT_STEP while the host
     threads finish their part before nvjpeg finishes its own, or while the feeder is ahead of the model
     anyway (the model is the limit, so GPU time is what to save); down when the host part held the
     feeder back while the model waited, or when the reader threads fell behind (the cores are busy).

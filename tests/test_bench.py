@@ -104,3 +104,18 @@ def test_analytics_read_bench_runs(tmp_path: Path) -> None:
     assert record["local rows"] == 30 and record["s3 files"] == 2
     requests = int(record["s3 oncoflow connect: requests (per file)"].split()[0])
     assert 0 < requests <= 16
+
+
+@pytest.mark.slow
+def test_gpu_overlap_probe_runs(tmp_path: Path) -> None:
+    """bench/gpu_overlap.py's CPU mode: every stage alone and in pairs gives a rate."""
+    results = tmp_path / "overlap.json"
+    script = BENCH.parent / "gpu_overlap.py"
+    command = [sys.executable, str(script), "--device", "cpu", "--batch", "4", "--seconds", "0.2"]
+    done = subprocess.run([*command, "--json", str(results)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(results.read_text())
+    for stage in ("forward", "decode", "prep", "resize"):
+        assert record[f"{stage}_alone_img_s"] > 0, stage
+    assert set(record["forward+decode_img_s"]) == {"forward", "decode"}
+    assert record["forward+prep_overlap"] > 0

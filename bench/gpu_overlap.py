@@ -12,7 +12,7 @@ threads on their own CUDA streams (as the engine's feeder and model threads run 
   normalize), its kernels waited for per batch.
 It also counts a pure-Python loop alone and while a decode thread runs (does the decode call hold the
 GIL?). If "forward with decode" + "decode with forward" add up to about one stage alone, the GPU runs
-them in series and no host-side pipelining can beat the sum.
+them in series and no host-side pipelining can beat the sum. bench/nvjpeg_priority.py builds on this.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,129 @@ import torch  # noqa: E402
 
 from bench.throughput import make_corpus, make_model  # noqa: E402
 from tasks.images import DevicePreprocessor  # noqa: E402
-from tasks.model import load_model  # noqa: E402
+from tasks.model import LoadedModel, load_model  # noqa: E402
+
+Stage = Callable[[int], None]  # runs batch number n of a stage, waiting for its GPU work
+
+
+def torchvision_decoder() -> tuple[Any, Any]:
+    """torchvision's (decode_jpeg, ImageReadMode); on a CPU machine without torchvision, a PIL stand-in
+    so that the scripts can be checked there."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        return decode_jpeg, ImageReadMode.RGB
+    except ImportError:
+        from tasks.images import decode_image
+
+        def pil_decode(data: list[Any], mode: Any, device: Any) -> list[Any]:
+            pixels = [np.asarray(decode_image(item.numpy().tobytes())) for item in data]
+            return [torch.from_numpy(p.copy()).permute(2, 0, 1) for p in pixels]
+
+        return pil_decode, None
+
+
+@dataclass
+class Bench:
+    """A corpus of 8 batches of 700x460 JPEGs, a ViT-Base/16 (tiny on CPU) and the stages to time."""
+
+    device: torch.device
+    batch_size: int
+    model: LoadedModel
+    preprocess: DevicePreprocessor
+    raw: list[bytes]
+    encoded: list[list[torch.Tensor]]
+    stages: dict[str, Stage] = field(default_factory=dict)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+
+
+def set_up(device_name: str, batch_size: int) -> Bench:
+    decode_jpeg, rgb = torchvision_decoder()
+    cuda = device_name == "cuda"
+    work = Path(tempfile.mkdtemp(prefix="oncoflow-overlap-"))
+    paths = make_corpus(work / "corpus", 8 * batch_size, unique=8 * batch_size)
+    model = load_model(
+        make_model(work / "model", "base" if cuda else "tiny"),
+        device=device_name,  # type: ignore[arg-type]
+        precision="fp16" if cuda else "fp32",
+    )
+    preprocess = DevicePreprocessor(model.preprocess, nvjpeg=cuda)  # type: ignore[arg-type]
+    raw = [path.read_bytes() for path in paths]
+    items = [preprocess.encode_or_decode(data, 1 << 30)[0] for data in raw]
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in raw]
+    encoded = [tensors[i : i + batch_size] for i in range(0, len(tensors), batch_size)]
+    bench = Bench(model.device, batch_size, model, preprocess, raw, encoded)
+    size = model.preprocess.height, model.preprocess.width  # type: ignore[union-attr]
+    inputs = torch.randn(batch_size, 3, *size, device=bench.device, dtype=model.dtype)
+
+    def forward(n: int) -> None:
+        with torch.inference_mode():
+            model.network(pixel_values=inputs).logits.float().cpu()
+
+    def decode(n: int) -> None:
+        decode_jpeg(encoded[n % len(encoded)], mode=rgb, device=bench.device)
+        bench.sync()
+
+    def prep(n: int) -> None:
+        preprocess.batch(batches[n % len(batches)], bench.device, model.dtype)
+        bench.sync()
+
+    bench.stages.update(forward=forward, decode=decode, prep=prep)
+    for stage in bench.stages.values():  # warm-up
+        stage(0)
+    bench.sync()
+    return bench
+
+
+def measure(
+    bench: Bench, names: tuple[str, ...], seconds: float, streams: dict[str, Any] | None = None
+) -> dict[str, float]:
+    """img/s of each named stage, all running at once in their own threads for `seconds`; each thread on
+    a new normal-priority CUDA stream unless `streams` names one for it."""
+    counts: dict[str, float] = {}
+    until = time.perf_counter() + seconds
+
+    def loop(name: str) -> None:
+        stream = (streams or {}).get(name) or (torch.cuda.Stream(bench.device) if bench.cuda else None)
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            done, started = 0, time.perf_counter()
+            while time.perf_counter() < until:
+                bench.stages[name](done)
+                done += 1
+            counts[name] = round(done * bench.batch_size / (time.perf_counter() - started), 1)
+
+    threads = [threading.Thread(target=loop, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return counts
+
+
+def alone_and_beside_forward(
+    bench: Bench, stage: str, seconds: float, results: dict[str, Any], streams: dict[str, Any] | None = None
+) -> None:
+    """`stage` alone, then beside the forward pass; records both rates and the overlap figure
+    (1.0: the two overlap fully; 0.5: they run in series, each at half its rate alone)."""
+    if "forward_alone_img_s" not in results:
+        results["forward_alone_img_s"] = measure(bench, ("forward",), seconds)["forward"]
+    results[f"{stage}_alone_img_s"] = measure(bench, (stage,), seconds, streams)[stage]
+    counts = measure(bench, ("forward", stage), seconds, streams)
+    results[f"forward+{stage}_img_s"] = counts
+    results[f"forward+{stage}_overlap"] = round(
+        (counts["forward"] / results["forward_alone_img_s"] + counts[stage] / results[f"{stage}_alone_img_s"])
+        / 2,
+        3,
+    )
+    print(stage, "alone", results[f"{stage}_alone_img_s"], "beside the forward", counts, flush=True)
 
 
 def main() -> None:
@@ -44,98 +168,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cpu only checks that the script runs")
     parser.add_argument("--batch", type=int, default=256)
     args = parser.parse_args()
-    from contextlib import nullcontext
-
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-    except ImportError:  # a CPU machine without torchvision: PIL stands in, to check the script runs
-        from PIL import Image
-
-        from tasks.images import decode_image
-
-        class ImageReadMode:  # type: ignore[no-redef]
-            RGB = Image.Resampling.NEAREST
-
-        def decode_jpeg(data: list[Any], mode: Any, device: Any) -> list[Any]:  # type: ignore[misc]
-            pixels = [np.asarray(decode_image(item.numpy().tobytes())) for item in data]
-            return [torch.from_numpy(p.copy()).permute(2, 0, 1) for p in pixels]
-
-    batch_size = args.batch
-    cuda = args.device == "cuda"
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.current_stream(device).synchronize()
-
-    work = Path(tempfile.mkdtemp(prefix="oncoflow-overlap-"))
-    paths = make_corpus(work / "corpus", 8 * batch_size, unique=8 * batch_size)
-    model = load_model(
-        make_model(work / "model", "base" if cuda else "tiny"),
-        device=args.device,
-        precision="fp16" if cuda else "fp32",
-    )
-    device = model.device
-    preprocess = DevicePreprocessor(model.preprocess, nvjpeg=cuda)  # type: ignore[arg-type]
-    items = [preprocess.encode_or_decode(path.read_bytes(), 1 << 30)[0] for path in paths]
-    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    raw = [np.frombuffer(path.read_bytes(), np.uint8) for path in paths]
-    encoded = [
-        [torch.from_numpy(item.copy()) for item in raw[i : i + batch_size]]
-        for i in range(0, len(raw), batch_size)
-    ]
-    size = model.preprocess.height, model.preprocess.width  # type: ignore[union-attr]
-    inputs = torch.randn(batch_size, 3, *size, device=device, dtype=model.dtype)
-
-    def forward(n: int) -> None:
-        with torch.inference_mode():
-            model.network(pixel_values=inputs).logits.float().cpu()
-
-    def decode(n: int) -> None:
-        decode_jpeg(encoded[n % len(encoded)], mode=ImageReadMode.RGB, device=device)
-        sync()
-
-    def prep(n: int) -> None:
-        preprocess.batch(batches[n % len(batches)], device, model.dtype)
-        sync()
-
-    stages: dict[str, Callable[[int], None]] = {"forward": forward, "decode": decode, "prep": prep}
-    for stage in stages.values():  # warm-up
-        stage(0)
-    sync()
-
-    def loop(stage: Callable[[int], None], until: float, counts: dict[str, float], name: str) -> None:
-        with torch.cuda.stream(torch.cuda.Stream(device)) if cuda else nullcontext():
-            done, started = 0, time.perf_counter()
-            while time.perf_counter() < until:
-                stage(done)
-                done += 1
-            counts[name] = round(done * batch_size / (time.perf_counter() - started), 1)
-
-    def run(*names: str) -> dict[str, float]:
-        counts: dict[str, float] = {}
-        until = time.perf_counter() + args.seconds
-        threads = [threading.Thread(target=loop, args=(stages[n], until, counts, n)) for n in names]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return counts
-
+    bench = set_up(args.device, args.batch)
     results: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "batch": batch_size,
+        "device": torch.cuda.get_device_name(0) if bench.cuda else "cpu",
+        "batch": args.batch,
     }
-    for name in stages:
-        results[f"{name}_alone_img_s"] = run(name)[name]
-        print(name, "alone", results[f"{name}_alone_img_s"], flush=True)
-    for pair in (("forward", "decode"), ("forward", "prep")):
-        counts = run(*pair)
-        results[f"{pair[0]}+{pair[1]}_img_s"] = counts
-        # 1.0: the two overlap fully; 0.5: they run in series (each gets half its alone rate)
-        results[f"{pair[0]}+{pair[1]}_overlap"] = round(
-            sum(counts[n] / results[f"{n}_alone_img_s"] for n in pair) / 2, 3
-        )
-        print(pair, counts, results[f"{pair[0]}+{pair[1]}_overlap"], flush=True)
+    for stage in ("decode", "prep"):
+        alone_and_beside_forward(bench, stage, args.seconds, results)
 
     def python_loop(seconds: float) -> float:
         count, until = 0, time.perf_counter() + seconds
@@ -149,7 +188,7 @@ def main() -> None:
     def decoding() -> None:
         n = 0
         while not stop.is_set():
-            decode(n)
+            bench.stages["decode"](n)
             n += 1
 
     thread = threading.Thread(target=decoding)
@@ -159,16 +198,17 @@ def main() -> None:
     stop.set()
     thread.join()
     # resize + normalize alone: one batch decoded once, then the device side of a batch of pixels
-    decoded = decode_jpeg(encoded[0], mode=ImageReadMode.RGB, device=device)
-    out = torch.empty(batch_size, 3, *size, device=device)
-    position = {i: i for i in range(batch_size)}
-    sync()
+    decode_jpeg, rgb = torchvision_decoder()
+    decoded = decode_jpeg(bench.encoded[0], mode=rgb, device=bench.device)
+    size = bench.preprocess.host.height, bench.preprocess.host.width
+    out = torch.empty(args.batch, 3, *size, device=bench.device)
+    position = {i: i for i in range(args.batch)}
+    bench.sync()
     started, rounds = time.perf_counter(), 10
     for _ in range(rounds):
-        preprocess._resize_into(out, position, dict(enumerate(decoded)), device)
-    sync()
-    results["resize_alone_img_s"] = round(rounds * batch_size / (time.perf_counter() - started), 1)
-    results["numpy"] = np.__version__
+        bench.preprocess._resize_into(out, position, dict(enumerate(decoded)), bench.device)
+    bench.sync()
+    results["resize_alone_img_s"] = round(rounds * args.batch / (time.perf_counter() - started), 1)
     print(json.dumps(results, indent=1))
     if args.json:
         args.json.write_text(json.dumps(results) + "\n")

@@ -117,12 +117,12 @@ def classify_shard(
     params: ClassifyParams,
     run_id: str,
     day: datetime,
-    host_decode_share: float | None = None,
+    host_decode_share: float | None = 0.0,
 ) -> ShardManifest:
     """Classify one shard and write its rows as one Parquet file, atomically.
 
     `host_decode_share` is ONCOFLOW_HOST_DECODE_SHARE as the flow process read it (workers on a
-    cluster may not have that environment)."""
+    cluster may not have that environment); 0 (nvjpeg decodes every JPEG) like the engine's default."""
     model = load_classifier(params)
     shard = shard_id(files, model.revision)
     options = EngineOptions(

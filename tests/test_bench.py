@@ -119,3 +119,21 @@ def test_gpu_overlap_probe_runs(tmp_path: Path) -> None:
         assert record[f"{stage}_alone_img_s"] > 0, stage
     assert set(record["forward+decode_img_s"]) == {"forward", "decode"}
     assert record["forward+prep_overlap"] > 0
+
+
+def test_nvjpeg_priority_probe_says_what_it_needs() -> None:
+    """bench/nvjpeg_priority.py (the next GPU step of issue 6) loads, and without a GPU says why it stops."""
+    script = BENCH.parent / "nvjpeg_priority.py"
+    helped = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert helped.returncode == 0 and "CUDA stream" in " ".join(helped.stdout.split()), helped.stderr[-3000:]
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is None:
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        )
+        assert done.returncode == 1 and "needs a CUDA GPU" in done.stderr

@@ -20,7 +20,9 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import Executor, Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -501,60 +503,22 @@ class DevicePreprocessor:
         decoders: dict[int, str],
     ) -> dict[int, Any]:
         """nvjpeg in one batched call; if it rejects the batch, nvjpeg per image, and only the files it
-        still rejects are decoded on the host (exact fallback), so one bad file costs one host decode.
-
-        On a GPU the decode is issued on a stream of its own. nvjpeg allocates its outputs on the
-        caller's current stream but writes them from its internal stream, waiting for nothing queued on
-        ours: had it allocated on the feeder's stream, memory that this stream's still-running resize
-        kernels had freed could be handed to nvjpeg and overwritten (which is why the feeder used to wait
-        for every batch's kernels before the next decode, serializing decode and resize). The decode
-        stream's pool only ever holds nvjpeg outputs, and each is marked as used by the caller's stream
-        (`record_stream`), so the allocator hands it out again only after the resize that read it ran.
-        The feeder can then decode batch k+1 while batch k is resized and batch k-1 runs in the model.
-        """
-        import torch
-
-        if getattr(device, "type", str(device)) != "cuda":
-            return self._decode_jpegs_on_current_stream(items, indices, device, failures, decoders)
-        caller = torch.cuda.current_stream(device)
-        key = str(device)
-        if key not in self._decode_streams:
-            self._decode_streams[key] = torch.cuda.Stream(device)
-        decode_stream = self._decode_streams[key]
-        with torch.cuda.stream(decode_stream):
-            decoded = self._decode_jpegs_on_current_stream(items, indices, device, failures, decoders)
-        caller.wait_stream(decode_stream)
-        for image in decoded.values():
-            image.record_stream(caller)
-        return decoded
-
-    @staticmethod
-    def _decode_jpegs_on_current_stream(
-        items: list[np.ndarray],
-        indices: list[int],
-        device: Any,
-        failures: dict[int, str],
-        decoders: dict[int, str],
-    ) -> dict[int, Any]:
-        """_decode_jpegs without the stream handling."""
+        still rejects are decoded on the host (exact fallback), so one bad file costs one host decode."""
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        if getattr(device, "type", str(device)) == "cuda":
-            # Nothing but nvjpeg's own outputs is allocated on this (the decode) stream, so this is
-            # cheap; it keeps the old guarantee if this is ever called on a stream that runs kernels.
-            torch.cuda.current_stream(device).synchronize()
         tensors = [torch.from_numpy(items[i].copy()) for i in indices]
-        try:
-            images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
-            decoders.update(dict.fromkeys(indices, NVJPEG_DEVICE_RESIZE))
-            return dict(zip(indices, images, strict=True))
-        except RuntimeError:
-            if getattr(device, "type", str(device)) == "cuda":
-                # A batch that failed part-way may leave nvjpeg writing to outputs torchvision already
-                # freed: let it finish before the retries allocate from the same memory.
-                torch.cuda.synchronize(device)
-            decoded = {}
+        with self._on_decode_stream(device) as decoded:
+            try:
+                images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+                decoders.update(dict.fromkeys(indices, NVJPEG_DEVICE_RESIZE))
+                decoded.update(zip(indices, images, strict=True))
+                return decoded
+            except RuntimeError:
+                if getattr(device, "type", str(device)) == "cuda":
+                    # A batch that failed part-way may leave nvjpeg writing to outputs torchvision
+                    # already freed: let it finish before the retries allocate from the same memory.
+                    torch.cuda.synchronize(device)
             for i, tensor in zip(indices, tensors, strict=True):
                 try:
                     decoded[i] = decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device)
@@ -568,7 +532,37 @@ class DevicePreprocessor:
                     decoders[i] = PIL_DEVICE_RESIZE
                 except ImageError as exc:
                     failures[i] = str(exc)
-            return decoded
+        return decoded
+
+    @contextmanager
+    def _on_decode_stream(self, device: Any) -> Iterator[dict[int, Any]]:
+        """Run the block on this device's nvjpeg stream; the images it puts in the yielded dict are
+        then ready for, and guarded on, the caller's stream.
+
+        nvjpeg allocates its outputs on the current stream but writes them from its internal stream,
+        waiting for nothing queued on ours. Had it allocated on the feeder's stream, memory that the
+        stream's still-running resize kernels had freed could be handed to nvjpeg and overwritten (why the
+        feeder used to wait for every batch's kernels before the next decode). The decode stream's pool
+        only ever holds decoded images, each marked as used by the caller's stream (`record_stream`), so
+        the allocator hands it out again only after the resize that read it ran: the feeder can decode
+        batch k+1 while batch k is resized and batch k-1 runs in the model.
+        """
+        import torch
+
+        decoded: dict[int, Any] = {}
+        if getattr(device, "type", str(device)) != "cuda":
+            yield decoded
+            return
+        caller = torch.cuda.current_stream(device)
+        if str(device) not in self._decode_streams:
+            self._decode_streams[str(device)] = torch.cuda.Stream(device)
+        decode_stream = self._decode_streams[str(device)]
+        with torch.cuda.stream(decode_stream):
+            decode_stream.synchronize()  # idle but for waits: cheap, and safe should that change
+            yield decoded
+        caller.wait_stream(decode_stream)
+        for image in decoded.values():
+            image.record_stream(caller)
 
 
 SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame (not DHT, JPG, DAC)

@@ -452,3 +452,68 @@ def test_a_batch_whose_host_share_all_fails_becomes_error_rows_not_a_failed_shar
     last = rows[-1]
     assert last["error"].startswith("truncated:")
     assert (last["image_width"], last["image_height"], last["decoder"], last["label"]) == (None,) * 4
+
+
+class StrictNvjpeg:
+    """torchvision.io's decode_jpeg as nvjpeg behaves (PIL does the decoding, since torchvision's nvjpeg
+    cannot run here): a list in, a list of uint8 (3, h, w) tensors out; a RuntimeError for the whole
+    list when any image in it is rejected; the images it rejects named in `rejects`."""
+
+    class ImageReadMode:
+        RGB = "RGB"
+
+    def __init__(self, rejects: set[bytes]) -> None:
+        self.rejects, self.calls = rejects, []
+
+    def decode_jpeg(self, data: torch.Tensor | list[torch.Tensor], mode: str, device: object) -> object:
+        batch = data if isinstance(data, list) else [data]
+        self.calls.append(len(batch))
+        if any(item.numpy().tobytes() in self.rejects for item in batch):
+            raise RuntimeError("nvjpegDecodeBatched failed")
+        pixels = [np.array(decode_image(item.numpy().tobytes())) for item in batch]
+        images = [torch.from_numpy(p).permute(2, 0, 1) for p in pixels]
+        return images if isinstance(data, list) else images[0]
+
+
+def test_a_batch_nvjpeg_rejects_is_retried_per_image_then_on_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One file nvjpeg rejects costs one batch call, one call per image and one host decode for that
+    file; a file nobody can decode is an error for that file only; the others keep nvjpeg's pixels."""
+    import sys
+    import types
+
+    good = [noise_jpeg(seed, (64 + seed, 48)) for seed in range(3)]
+    odd = noise_jpeg(7, (50, 40))  # nvjpeg rejects it, PIL decodes it
+    broken = noise_jpeg(8, (50, 40))[:200]  # nobody decodes it
+    nvjpeg = StrictNvjpeg({odd, broken})
+    fake = types.ModuleType("torchvision.io")
+    fake.decode_jpeg, fake.ImageReadMode = nvjpeg.decode_jpeg, nvjpeg.ImageReadMode  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
+    monkeypatch.setitem(sys.modules, "torchvision.io", fake)
+    host = Preprocessor(32, 32, Image.Resampling.BILINEAR, 1 / 255, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    device = DevicePreprocessor(host, nvjpeg=True)
+    items = [np.frombuffer(data, np.uint8) for data in [good[0], odd, good[1], broken, good[2]]]
+    failures: dict[int, str] = {}
+    decoders: dict[int, str] = {}
+    decoded = device._decode_jpegs(items, [0, 1, 2, 3, 4], torch.device("cpu"), failures, decoders)
+    assert nvjpeg.calls == [5, 1, 1, 1, 1, 1], "one batch call, then one call per image"
+    assert sorted(decoded) == [0, 1, 2, 4] and list(failures) == [3]
+    assert failures[3].startswith("truncated:"), failures[3]
+    assert decoders == {
+        0: "nvjpeg+device_resize",
+        1: "pil+device_resize",
+        2: "nvjpeg+device_resize",
+        4: "nvjpeg+device_resize",
+    }
+    for index, data in [(0, good[0]), (1, odd), (4, good[2])]:
+        assert torch.equal(decoded[index], torch.from_numpy(np.array(decode_image(data))).permute(2, 0, 1))
+    # A batch nvjpeg takes whole is one call, every image nvjpeg's.
+    nvjpeg.calls.clear()
+    decoders.clear()
+    decoded = device._decode_jpegs(items, [0, 2, 4], torch.device("cpu"), {}, decoders)
+    assert (
+        nvjpeg.calls == [3]
+        and sorted(decoded) == [0, 2, 4]
+        and set(decoders.values()) == {"nvjpeg+device_resize"}
+    )

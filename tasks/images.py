@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -350,7 +351,6 @@ class DevicePreprocessor:
         self.host = preprocessor
         self.nvjpeg = nvjpeg
         self._constants: dict[str, tuple[Any, Any]] = {}
-        self._decode_streams: dict[str, Any] = {}  # one nvjpeg stream per device (see _decode_jpegs)
 
     def encode_or_decode(
         self, data: bytes, max_pixels: int, *, name: str = "", exif_orientation: bool = False
@@ -525,13 +525,16 @@ class DevicePreprocessor:
                     decoders[i] = NVJPEG_DEVICE_RESIZE
                     continue
                 except RuntimeError:
-                    pass
+                    if getattr(device, "type", str(device)) == "cuda":
+                        torch.cuda.synchronize(device)  # as above, for this one image's output
                 try:
                     image = decode_image(items[i].tobytes())
                     decoded[i] = torch.from_numpy(np.asarray(image).copy()).to(device).permute(2, 0, 1)
                     decoders[i] = PIL_DEVICE_RESIZE
                 except ImageError as exc:
                     failures[i] = str(exc)
+                except Exception as exc:  # a decoder bug on one hostile file must not fail the batch
+                    failures[i] = f"unsupported: {type(exc).__name__}: {exc}"
         return decoded
 
     @contextmanager
@@ -554,9 +557,10 @@ class DevicePreprocessor:
             yield decoded
             return
         caller = torch.cuda.current_stream(device)
-        if str(device) not in self._decode_streams:
-            self._decode_streams[str(device)] = torch.cuda.Stream(device)
-        decode_stream = self._decode_streams[str(device)]
+        with _decode_streams_lock:
+            if str(device) not in _decode_streams:
+                _decode_streams[str(device)] = torch.cuda.Stream(device)
+            decode_stream = _decode_streams[str(device)]
         with torch.cuda.stream(decode_stream):
             decode_stream.synchronize()  # idle but for waits: cheap, and safe should that change
             yield decoded
@@ -564,6 +568,11 @@ class DevicePreprocessor:
         for image in decoded.values():
             image.record_stream(caller)
 
+
+# One nvjpeg stream per device for the whole process (see DevicePreprocessor._on_decode_stream), so
+# the memory its pool caches is reused by every shard instead of one pool per shard.
+_decode_streams: dict[str, Any] = {}
+_decode_streams_lock = threading.Lock()
 
 SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame (not DHT, JPG, DAC)
 STANDALONE_MARKERS = frozenset(range(0xD0, 0xDA)) | {0x01}  # RSTn, SOI, EOI, TEM: no length field

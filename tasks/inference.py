@@ -86,7 +86,8 @@ class StageTimes:
         return totals
 
 
-# feeder_waits_for_files: readers behind; feeder_device_prep: copy / nvjpeg / resize (including
+# feeder_waits_for_files: readers behind; feeder_device_prep: copy / nvjpeg / launching the resize (the
+# feeder no longer waits for the resize kernels; including
 # feeder_waits_for_host_decode: the host share of a DecodeSplit finishing after nvjpeg); feeder_waits_for_model
 # and model_waits_for_batches: which side of the hand-over waited; model_forward: launching the forward
 # (on a CPU: running it); model_waits_for_results: the GPU finishing it; rows.
@@ -120,7 +121,8 @@ class EngineOptions:
     # With nvjpeg: the share of JPEGs that spare CPU threads decode instead (exact PIL decode + resize; the
     # GPU then only normalizes them). 0 (default): nvjpeg decodes every JPEG; None: adapt per batch
     # (tasks.images.DecodeSplit); 1: the host decodes them all. On the H100 any host share was slower
-    # (share 0: 4,383 img/s; 0.25: 2,322; adaptive: 2,169; bench/README.md), so it is off by default.
+    # (two runs, bench/README.md: share 0 4,383 / 4,191 img/s; 0.25 2,322 / 1,513; adaptive 2,169 / 1,650),
+    # so it is off by default.
     host_decode_share: float | None = 0.0
     # Launch batch k+1's forward before turning batch k into rows; None: on a GPU only (on a CPU the
     # forward runs at launch, so it would only delay the rows and the progress they report).
@@ -544,7 +546,7 @@ def fed_batches(
                     if side is not None and batch.inputs is not None:
                         # The model's stream waits for this event; the feeder goes on to the next batch
                         # without waiting for this one's kernels (nvjpeg's outputs are kept safe from
-                        # reuse by the allocator: DevicePreprocessor._decode_jpegs).
+                        # reuse by the allocator: DevicePreprocessor._on_decode_stream).
                         batch.ready = torch.cuda.Event()
                         batch.ready.record(side)
                     prep = time.perf_counter() - clock

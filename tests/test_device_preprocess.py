@@ -517,3 +517,20 @@ def test_a_batch_nvjpeg_rejects_is_retried_per_image_then_on_the_host(
         and sorted(decoded) == [0, 2, 4]
         and set(decoders.values()) == {"nvjpeg+device_resize"}
     )
+
+
+def test_by_default_nvjpeg_decodes_every_jpeg(
+    image_folder: Path, tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No host/nvjpeg split unless asked for: every host share measured slower on the H100."""
+    monkeypatch.setattr(inference, "nvjpeg_available", lambda device: True)
+    model = load_model(tiny_model, device="cpu", precision="fp32")
+    options = resolve_options(EngineOptions(decode="gpu"), model)
+    preprocess = inference.choose_preprocessor(model, options.decode)
+    assert isinstance(preprocess, DevicePreprocessor) and preprocess.nvjpeg
+    location = open_location(str(image_folder))
+    files = list(list_images(location))
+    assert inference.decode_split(files, location.fs, preprocess, model, options) is None
+    adaptive = replace(options, host_decode_share=None, host_decode_workers=1)
+    split = inference.decode_split(files, location.fs, preprocess, model, adaptive)
+    assert split is not None and split.adaptive

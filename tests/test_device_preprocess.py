@@ -534,3 +534,91 @@ def test_by_default_nvjpeg_decodes_every_jpeg(
     adaptive = replace(options, host_decode_share=None, host_decode_workers=1)
     split = inference.decode_split(files, location.fs, preprocess, model, adaptive)
     assert split is not None and split.adaptive
+
+
+def test_nvjpeg_runs_on_its_own_stream_and_its_outputs_are_guarded_on_the_callers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stream handling of a GPU decode, with torch.cuda's stream calls recorded (no GPU here): nvjpeg
+    runs on one decode stream per device, reused; the caller's stream waits for it; every image handed
+    back is marked as used by the caller's stream (so the allocator cannot hand its memory to the next
+    decode while a resize still reads it); a rejected batch synchronizes the device before retrying."""
+    import sys
+    import types
+    from contextlib import contextmanager
+
+    from tasks import images
+
+    log: list[tuple[str, ...]] = []
+
+    class Stream:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def synchronize(self) -> None:
+            log.append(("synchronize", self.name))
+
+        def wait_stream(self, other: Stream) -> None:
+            log.append(("wait", self.name, other.name))
+
+    current = [Stream("caller")]
+    created: list[Stream] = []
+
+    def new_stream(device: object) -> Stream:
+        created.append(Stream(f"decode{len(created)}"))
+        return created[-1]
+
+    @contextmanager
+    def use(stream: Stream):  # type: ignore[no-untyped-def]
+        current.append(stream)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    class Cuda:
+        type = "cuda"
+
+        def __str__(self) -> str:
+            return "cuda:0"
+
+    monkeypatch.setattr(torch.cuda, "Stream", new_stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", use)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append(("device synchronize",)))
+    monkeypatch.setattr(
+        torch.Tensor, "record_stream", lambda self, stream: log.append(("record", stream.name))
+    )
+    monkeypatch.setattr(images, "_decode_streams", {})
+    good = [noise_jpeg(seed, (40 + seed, 30)) for seed in range(3)]
+    broken = noise_jpeg(9, (50, 40))[:200]
+    nvjpeg = StrictNvjpeg({broken})
+    fake = types.ModuleType("torchvision.io")
+
+    def decode_jpeg(data: object, mode: str, device: object) -> object:
+        log.append(("decode on", current[-1].name))
+        return nvjpeg.decode_jpeg(data, mode, device)  # type: ignore[arg-type]
+
+    fake.decode_jpeg, fake.ImageReadMode = decode_jpeg, nvjpeg.ImageReadMode  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
+    monkeypatch.setitem(sys.modules, "torchvision.io", fake)
+    host = Preprocessor(32, 32, Image.Resampling.BILINEAR, 1 / 255, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    device = DevicePreprocessor(host, nvjpeg=True)
+    items = [np.frombuffer(data, np.uint8) for data in good]
+    decoded = device._decode_jpegs(items, [0, 1, 2], Cuda(), {}, {})
+    assert sorted(decoded) == [0, 1, 2]
+    assert log == [
+        ("synchronize", "decode0"),
+        ("decode on", "decode0"),
+        ("wait", "caller", "decode0"),
+        *[("record", "caller")] * 3,
+    ]
+    log.clear()
+    failures: dict[int, str] = {}
+    items.append(np.frombuffer(broken, np.uint8))
+    decoded = DevicePreprocessor(host, nvjpeg=True)._decode_jpegs(items, [0, 1, 2, 3], Cuda(), failures, {})
+    assert len(created) == 1, "one decode stream per device, whichever preprocessor asks"
+    assert sorted(decoded) == [0, 1, 2] and list(failures) == [3]
+    assert log[:3] == [("synchronize", "decode0"), ("decode on", "decode0"), ("device synchronize",)]
+    assert log.count(("decode on", "decode0")) == 5 and log.count(("device synchronize",)) == 2
+    assert log[-4:] == [("wait", "caller", "decode0"), *[("record", "caller")] * 3]

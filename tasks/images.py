@@ -299,10 +299,11 @@ class DecodeSplit:
     decode gives GPU time back to the model. Measured on the H100 (bench/README.md) every host share was
     slower than none (the PIL threads slow the feeder under the GIL), so the engine's default is share 0
     (no split); this stays for `ONCOFLOW_HOST_DECODE_SHARE=auto` or a number. With `share=None` the
-    share adapts after every batch, starting where the previous shard on this device left it: up by SPLIT_STEP while the host
-    threads finish their part before nvjpeg finishes its own, or while the feeder is ahead of the model
-    anyway (the model is the limit, so GPU time is what to save); down when the host part held the
-    feeder back while the model waited, or when the reader threads fell behind (the cores are busy).
+    share adapts after every batch, starting where the previous shard on this device left it: up by
+    SPLIT_STEP while the host threads finish their part before nvjpeg finishes its own, or while the
+    feeder is ahead of the model anyway (the model is the limit, so GPU time is what to save); down
+    when the host part held the feeder back while the model waited, or when the reader threads fell
+    behind (the cores are busy).
     A fixed `share` (0: nvjpeg decodes every JPEG; 1: the host decodes them all) is for benchmarks/tests.
     """
 

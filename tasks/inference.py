@@ -87,8 +87,8 @@ class StageTimes:
 
 
 # feeder_waits_for_files: readers behind; feeder_device_prep: copy / nvjpeg / launching the resize (the
-# feeder no longer waits for the resize kernels; including
-# feeder_waits_for_host_decode: the host share of a DecodeSplit finishing after nvjpeg); feeder_waits_for_model
+# feeder does not wait for the resize kernels), including feeder_waits_for_host_decode (the host share of
+# a DecodeSplit finishing after nvjpeg); feeder_waits_for_model
 # and model_waits_for_batches: which side of the hand-over waited; model_forward: launching the forward
 # (on a CPU: running it); model_waits_for_results: the GPU finishing it; rows.
 stage_times = StageTimes()

@@ -356,7 +356,10 @@ class DevicePreprocessor:
     def encode_or_decode(
         self, data: bytes, max_pixels: int, *, name: str = "", exif_orientation: bool = False
     ) -> tuple[np.ndarray, int, int]:
-        """Host side: raw JPEG bytes (header checked) for nvjpeg, else decoded uint8 RGB pixels (H, W, 3)."""
+        """Host side: raw JPEG bytes (header checked) for nvjpeg, else decoded uint8 RGB pixels (H, W, 3).
+
+        The JPEG bytes come back in a writable buffer, copied here in a reader thread, so that the feeder
+        thread (the GPU engine's bottleneck) hands them to nvjpeg without copying 256 files per batch."""
         if self.nvjpeg and data[:3] == JPEG_MAGIC and not exif_orientation:
             frame = jpeg_frame(data)
             if frame is not None:
@@ -365,7 +368,7 @@ class DevicePreprocessor:
                         "too_large", pixel_limit_message(f"{frame.width}x{frame.height}", max_pixels)
                     )
                 if frame.for_nvjpeg:
-                    return np.frombuffer(data, np.uint8), frame.width, frame.height
+                    return np.frombuffer(bytearray(data), np.uint8), frame.width, frame.height
             # No readable frame header, or a frame nvjpeg does not take: the exact host path decodes it
             # (or gives the file its error category).
         image = decode_image(data, max_pixels, name=name, exif_orientation=exif_orientation)
@@ -508,7 +511,9 @@ class DevicePreprocessor:
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        tensors = [torch.from_numpy(items[i].copy()) for i in indices]
+        tensors = [
+            torch.from_numpy(items[i] if items[i].flags.writeable else items[i].copy()) for i in indices
+        ]
         with self._on_decode_stream(device) as decoded:
             try:
                 images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)

@@ -622,3 +622,33 @@ def test_nvjpeg_runs_on_its_own_stream_and_its_outputs_are_guarded_on_the_caller
     assert log[:3] == [("synchronize", "decode0"), ("decode on", "decode0"), ("device synchronize",)]
     assert log.count(("decode on", "decode0")) == 5 and log.count(("device synchronize",)) == 2
     assert log[-4:] == [("wait", "caller", "decode0"), *[("record", "caller")] * 3]
+
+
+def test_jpeg_bytes_reach_nvjpeg_without_a_copy_in_the_feeder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader threads hand JPEG bytes over in writable buffers, and the feeder passes those very
+    buffers to nvjpeg (copying 256 files per batch there cost it 4-27 ms a batch)."""
+    import sys
+    import types
+
+    host = Preprocessor(32, 32, Image.Resampling.BILINEAR, 1 / 255, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    device = DevicePreprocessor(host, nvjpeg=True)
+    jpegs = [noise_jpeg(seed, (40, 30)) for seed in range(3)]
+    items = [device.encode_or_decode(data, 1 << 20)[0] for data in jpegs]
+    assert all(
+        item.ndim == 1 and item.flags.writeable and item.tobytes() == data
+        for item, data in zip(items, jpegs, strict=True)
+    )
+    seen: list[int] = []
+    nvjpeg = StrictNvjpeg(set())
+
+    def decode_jpeg(data: list[torch.Tensor], mode: str, device: object) -> object:
+        seen.extend(tensor.data_ptr() for tensor in data)
+        return nvjpeg.decode_jpeg(data, mode, device)
+
+    fake = types.ModuleType("torchvision.io")
+    fake.decode_jpeg, fake.ImageReadMode = decode_jpeg, nvjpeg.ImageReadMode  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
+    monkeypatch.setitem(sys.modules, "torchvision.io", fake)
+    decoded = device._decode_jpegs(items, [0, 1, 2], torch.device("cpu"), {}, {})
+    assert sorted(decoded) == [0, 1, 2]
+    assert seen == [item.ctypes.data for item in items]

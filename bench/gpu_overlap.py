@@ -69,6 +69,7 @@ class Bench:
     raw: list[bytes]
     encoded: list[list[torch.Tensor]]
     stages: dict[str, Stage] = field(default_factory=dict)
+    inputs: torch.Tensor | None = None  # one batch of model inputs on the device
 
     @property
     def cuda(self) -> bool:
@@ -97,7 +98,7 @@ def set_up(device_name: str, batch_size: int) -> Bench:
     encoded = [tensors[i : i + batch_size] for i in range(0, len(tensors), batch_size)]
     bench = Bench(model.device, batch_size, model, preprocess, raw, encoded)
     size = model.preprocess.height, model.preprocess.width  # type: ignore[union-attr]
-    inputs = torch.randn(batch_size, 3, *size, device=bench.device, dtype=model.dtype)
+    inputs = bench.inputs = torch.randn(batch_size, 3, *size, device=bench.device, dtype=model.dtype)
 
     def forward(n: int) -> None:
         with torch.inference_mode():
@@ -161,6 +162,42 @@ def alone_and_beside_forward(
     print(stage, "alone", results[f"{stage}_alone_img_s"], "beside the forward", counts, flush=True)
 
 
+def forward_launch(bench: Bench) -> dict[str, Any]:
+    """Does launching the forward pass wait for the GPU? In the engine on the H100 the model thread spent
+    ~34 ms per batch launching (`model_forward`), about a forward's GPU time: a host sync inside the
+    model's forward would defeat launch-ahead. Times the launch of a forward while another is queued,
+    and counts the host syncs torch reports for one forward (torch.cuda.set_sync_debug_mode)."""
+    import warnings
+
+    network, inputs = bench.model.network, bench.inputs
+    with torch.inference_mode():
+        network(pixel_values=inputs)
+        bench.sync()
+        network(pixel_values=inputs)  # queued: the GPU is busy with it while the next is launched
+        started = time.perf_counter()
+        network(pixel_values=inputs)
+        launch_ms = (time.perf_counter() - started) * 1000
+        bench.sync()
+        started = time.perf_counter()
+        network(pixel_values=inputs)
+        bench.sync()
+        gpu_ms = (time.perf_counter() - started) * 1000
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                network(pixel_values=inputs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        bench.sync()
+    return {
+        "forward_launch_ms_while_gpu_busy": round(launch_ms, 2),
+        "forward_launch_and_run_ms": round(gpu_ms, 2),
+        "forward_host_syncs": len(caught),
+        "forward_host_sync_first": str(caught[0].message)[:300] if caught else None,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="how long each measurement runs")
@@ -175,6 +212,8 @@ def main() -> None:
     }
     for stage in ("decode", "prep"):
         alone_and_beside_forward(bench, stage, args.seconds, results)
+    if bench.cuda:
+        results.update(forward_launch(bench))
 
     def python_loop(seconds: float) -> float:
         count, until = 0, time.perf_counter() + seconds

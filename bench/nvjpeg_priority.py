@@ -10,7 +10,9 @@ default one) on a stream of our choosing, and measures, like gpu_overlap.py, alo
 forward: on a normal-priority stream (the API's own effect) and on the highest-priority stream (the
 priority's effect). It also checks that its pixels equal torchvision's for one batch. If the
 high-priority decode keeps most of its speed beside the forward, the engine can approach the forward's
-~9,000 img/s by decoding this way (the next step of issue 6); if not, it will not.
+~9,000 img/s by decoding this way (the next step of issue 6); if not, it will not. It also reports
+whether launching the forward waits for the GPU (gpu_overlap.forward_launch): the engine's model
+thread spent ~34 ms per batch launching on the H100.
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.gpu_overlap import Bench, alone_and_beside_forward, set_up, torchvision_decoder  # noqa: E402
+from bench.gpu_overlap import (
+    Bench,
+    alone_and_beside_forward,
+    forward_launch,
+    set_up,
+    torchvision_decoder,
+)  # noqa: E402
 
 MAX_COMPONENT = 4
 BACKEND_DEFAULT, BACKEND_HARDWARE = 0, 3
@@ -215,7 +223,8 @@ def main() -> None:
         decoder.decode(batches[n % len(batches)], stream)
         stream.synchronize()
 
-    bench.stages["direct"] = direct
+    results.update(forward_launch(bench))
+    print({key: value for key, value in results.items() if key.startswith("forward_")}, flush=True)
     alone_and_beside_forward(bench, "decode", args.seconds, results)  # torchvision, for reference
     for name, stream in (("normal", normal), ("high", high)):
         stage = f"direct_{name}_priority"

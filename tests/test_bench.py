@@ -119,6 +119,7 @@ def test_gpu_overlap_probe_runs(tmp_path: Path) -> None:
         assert record[f"{stage}_alone_img_s"] > 0, stage
     assert set(record["forward+decode_img_s"]) == {"forward", "decode"}
     assert record["forward+prep_overlap"] > 0
+    assert record["forward_launch_ms_while_a_thread_decodes"] > 0 and record["forward_host_syncs"] == 0
 
 
 def test_nvjpeg_priority_probe_says_what_it_needs() -> None:

@@ -450,7 +450,7 @@ class DevicePreprocessor:
             for start in range(0, len(indices), step):
                 chunk = indices[start : start + step]
                 stacked = torch.from_numpy(np.stack([pixels[i] for i in chunk]))
-                pin = getattr(device, "type", str(device)) == "cuda" and stacked.nbytes <= PIN_LIMIT_BYTES
+                pin = on_cuda(device) and stacked.nbytes <= PIN_LIMIT_BYTES
                 if pin:
                     stacked = stacked.pin_memory()
                 on_device = stacked.to(device, non_blocking=pin).permute(0, 3, 1, 2)
@@ -522,7 +522,7 @@ class DevicePreprocessor:
                 decoded.update(zip(indices, images, strict=True))
                 return decoded
             except RuntimeError:
-                if getattr(device, "type", str(device)) == "cuda":
+                if on_cuda(device):
                     # A batch that failed part-way may leave nvjpeg writing to outputs torchvision
                     # already freed: let it finish before the retries allocate from the same memory.
                     torch.cuda.synchronize(device)
@@ -532,7 +532,7 @@ class DevicePreprocessor:
                     decoders[i] = NVJPEG_DEVICE_RESIZE
                     continue
                 except RuntimeError:
-                    if getattr(device, "type", str(device)) == "cuda":
+                    if on_cuda(device):
                         torch.cuda.synchronize(device)  # as above, for this one image's output
                 try:
                     image = decode_image(items[i].tobytes())
@@ -560,7 +560,7 @@ class DevicePreprocessor:
         import torch
 
         decoded: dict[int, Any] = {}
-        if getattr(device, "type", str(device)) != "cuda":
+        if not on_cuda(device):
             yield decoded
             return
         caller = torch.cuda.current_stream(device)
@@ -574,6 +574,11 @@ class DevicePreprocessor:
         caller.wait_stream(decode_stream)
         for image in decoded.values():
             image.record_stream(caller)
+
+
+def on_cuda(device: Any) -> bool:
+    """Whether `device` (a torch.device, or its name) is the CUDA device type."""
+    return getattr(device, "type", str(device)) == "cuda"
 
 
 # One nvjpeg stream per device for the whole process (see DevicePreprocessor._on_decode_stream), so
@@ -634,7 +639,7 @@ def jpeg_frame(data: bytes) -> JpegFrame | None:
 
 def nvjpeg_available(device: Any) -> bool:
     """True when torchvision can decode JPEGs on this (CUDA) device."""
-    if getattr(device, "type", str(device)) != "cuda":
+    if not on_cuda(device):
         return False
     try:
         from torchvision.io import decode_jpeg  # noqa: F401

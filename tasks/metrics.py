@@ -219,6 +219,12 @@ def wilson_interval(successes: int, trials: int) -> list[float] | None:
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
+def rate_intervals(decisions: dict[str, Any]) -> dict[str, list[float] | None]:
+    """95% Wilson intervals of sensitivity (`recall`) and specificity, from classification_metrics."""
+    tp, fp, tn, fn = (decisions[k] for k in ("tp", "fp", "tn", "fn"))
+    return {"recall": wilson_interval(tp, tp + fn), "specificity": wilson_interval(tn, tn + fp)}
+
+
 def expected_calibration_error(y_true: np.ndarray, prob: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
     """Weighted mean |share of Malignant − mean prob_malignant| over equal-width probability bins."""
     which = np.clip((prob * bins).astype(int), 0, bins - 1)
@@ -278,7 +284,6 @@ def compute_metrics(joined: Joined, target_sensitivity: float | None = None) -> 
     prob = scored["prob_malignant"].to_numpy(dtype=float)
     thresholds = sorted(scored["threshold"].unique().tolist())
     decisions = classification_metrics(y_true, y_pred)
-    tp, fp, tn, fn = (decisions[k] for k in ("tp", "fp", "tn", "fn"))
     metrics: dict[str, Any] = {
         "models": sorted(scored["model"].unique().tolist()),
         "model_revisions": sorted(scored["model_revision"].unique().tolist()),
@@ -295,7 +300,7 @@ def compute_metrics(joined: Joined, target_sensitivity: float | None = None) -> 
         "counts": {name: int((y_true == i).sum()) for i, name in enumerate(CLASS_NAMES)},
         "predicted_counts": {name: int((y_pred == i).sum()) for i, name in enumerate(CLASS_NAMES)},
         **decisions,
-        "wilson_95": {"recall": wilson_interval(tp, tp + fn), "specificity": wilson_interval(tn, tn + fp)},
+        "wilson_95": rate_intervals(decisions),
         **probability_metrics(y_true, prob),
         "operating_point": None,
     }

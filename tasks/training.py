@@ -27,7 +27,7 @@ from sklearn.model_selection import train_test_split
 
 from tasks.images import ImageError, Preprocessor, ProcessorFallback, decode_image, make_preprocessor
 from tasks.labels import CLASS_NAMES, LabeledImage, labeled_folder
-from tasks.metrics import classification_metrics, probability_metrics, wilson_interval
+from tasks.metrics import classification_metrics, probability_metrics, rate_intervals
 from tasks.model import DEFAULT_BASE_MODEL, ModelError, fetch_model, resolve_device
 from tasks.report import RESEARCH_NOTICE, interpretation, metric_text, seed_table, trust_notes
 
@@ -336,12 +336,8 @@ def model_card(result: TrainResult, base_model: str, data: str, recipe: Recipe) 
     """README.md for the trained model: the seed card's layout, with this run's validation metrics."""
     validation = result.validation
     val_counts = result.counts["validation"]
-    tp, fp, tn, fn = (validation[k] for k in ("tp", "fp", "tn", "fn"))
-    reach = {  # what trust_notes needs: the images behind each rate and their 95% intervals
-        **validation,
-        "counts": val_counts,
-        "wilson_95": {"recall": wilson_interval(tp, tp + fn), "specificity": wilson_interval(tn, tn + fp)},
-    }
+    # what trust_notes needs: the images behind each rate and their 95% intervals
+    reach = {**validation, "counts": val_counts, "wilson_95": rate_intervals(validation)}
     reach_notes = "\n".join(trust_notes(reach))
     epochs = "\n".join(
         f"| {h['epoch']} | {h['train_loss']:.4f} | {h['val_loss']:.4f} | {100 * h['val_accuracy']:.2f}% |"

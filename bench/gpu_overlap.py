@@ -23,8 +23,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,8 +162,9 @@ def alone_and_beside_forward(
     print(stage, "alone", results[f"{stage}_alone_img_s"], "beside the forward", counts, flush=True)
 
 
-def launch_while(bench: Bench, stage: str, launch: Callable[[], Any], rounds: int = 10) -> float:
-    """Median milliseconds `launch()` takes on this thread while another runs `stage` in a loop."""
+@contextmanager
+def running(bench: Bench, stage: str) -> Iterator[None]:
+    """`stage` in a loop on another thread (its own CUDA stream) for the duration of the block."""
     stop = threading.Event()
 
     def loop() -> None:
@@ -175,25 +176,32 @@ def launch_while(bench: Bench, stage: str, launch: Callable[[], Any], rounds: in
 
     thread = threading.Thread(target=loop)
     thread.start()
-    times = []
     try:
-        time.sleep(0.2)
+        time.sleep(0.2)  # under way
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def launch_while(bench: Bench, stage: str, launch: Callable[[], Any], rounds: int = 10) -> float:
+    """Median milliseconds `launch()` takes on this thread while another runs `stage` in a loop."""
+    times = []
+    with running(bench, stage):
         for _ in range(rounds):
             started = time.perf_counter()
             launch()
             times.append((time.perf_counter() - started) * 1000)
             bench.sync()
-    finally:
-        stop.set()
-        thread.join()
     return sorted(times)[len(times) // 2]
 
 
 def forward_launch(bench: Bench) -> dict[str, Any]:
     """Does launching the forward pass wait for the GPU? In the engine on the H100 the model thread spent
     ~34 ms per batch launching (`model_forward`), about a forward's GPU time: a host sync inside the
-    model's forward would defeat launch-ahead. Times the launch of a forward while another is queued,
-    and counts the host syncs torch reports for one forward (torch.cuda.set_sync_debug_mode)."""
+    model's forward would defeat launch-ahead, and a feeder holding the GIL would slow every launch.
+    Times the launch of a forward while another is queued and while a thread decodes, and counts the
+    host syncs torch reports for one forward (torch.cuda.set_sync_debug_mode)."""
     import warnings
 
     network, inputs = bench.model.network, bench.inputs
@@ -253,20 +261,8 @@ def main() -> None:
         return count / seconds
 
     results["python_loop_alone_per_s"] = round(python_loop(1.0))
-    stop = threading.Event()
-
-    def decoding() -> None:
-        n = 0
-        while not stop.is_set():
-            bench.stages["decode"](n)
-            n += 1
-
-    thread = threading.Thread(target=decoding)
-    thread.start()
-    time.sleep(0.2)
-    results["python_loop_during_decode_per_s"] = round(python_loop(1.0))
-    stop.set()
-    thread.join()
+    with running(bench, "decode"):
+        results["python_loop_during_decode_per_s"] = round(python_loop(1.0))
     # resize + normalize alone: one batch decoded once, then the device side of a batch of pixels
     decode_jpeg, rgb = torchvision_decoder()
     decoded = decode_jpeg(bench.encoded[0], mode=rgb, device=bench.device)

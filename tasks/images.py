@@ -16,13 +16,14 @@ Anything that cannot become an image raises ImageError with one of ERROR_CATEGOR
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import threading
 import time
 import warnings
-from collections.abc import Iterator
-from concurrent.futures import Executor, Future
+from collections.abc import Callable, Iterator
+from concurrent.futures import BrokenExecutor, Executor, Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -31,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+logger = logging.getLogger(__name__)
 
 # Every error row's `error` column starts with one of these, then ": " and a message.
 ERROR_CATEGORIES = (
@@ -292,19 +294,27 @@ SPLIT_SLACK_SHARE = 0.05  # and so do waits under 5% of the batch's preparation 
 
 
 class DecodeSplit:
-    """How many of a batch's JPEGs spare CPU threads decode (PIL decode + resize, exactly the reference's
+    """How many of a batch's JPEGs spare CPU cores decode (PIL decode + resize, exactly the reference's
     pixels) while nvjpeg decodes the rest on the GPU.
 
     Built on the premise that nvjpeg and the model share the GPU's time, so each JPEG the idle cores
-    decode gives GPU time back to the model. Measured on the H100 (bench/README.md) every host share was
-    slower than none (the PIL threads slow the feeder under the GIL), so the engine's default is share 0
-    (no split); this stays for `ONCOFLOW_HOST_DECODE_SHARE=auto` or a number. With `share=None` the
-    share adapts after every batch, starting where the previous shard on this device left it: up by
-    SPLIT_STEP while the host threads finish their part before nvjpeg finishes its own, or while the
-    feeder is ahead of the model anyway (the model is the limit, so GPU time is what to save); down
-    when the host part held the feeder back while the model waited, or when the reader threads fell
-    behind (the cores are busy).
+    decode gives GPU time back to the model. Measured on the H100 with the host share in threads
+    (bench/README.md) every host share was slower than none: the PIL threads took the GIL from the
+    feeder and from the model thread's kernel launches (`model_forward` went from 2.1 s to 8.7 s with a
+    quarter of the JPEGs on the host). The host share now runs in worker processes by default
+    (tasks.inference.split_pool), which share no GIL with the engine; unmeasured on a GPU so far, so the
+    engine's default stays share 0 (no split), and this is for `ONCOFLOW_HOST_DECODE_SHARE=auto` or a
+    number. With `share=None` the share adapts after every batch, starting where the previous shard on
+    this device left it: up by SPLIT_STEP while the host workers finish their part before nvjpeg
+    finishes its own, or while the feeder is ahead of the model anyway (the model is the limit, so GPU
+    time is what to save); down when the host part held the feeder back while the model waited, or when
+    the reader threads fell behind (the cores are busy).
     A fixed `share` (0: nvjpeg decodes every JPEG; 1: the host decodes them all) is for benchmarks/tests.
+
+    Each batch's host share goes to the pool in `workers` chunks (one task per worker, not per image, so
+    a process pool moves a few large messages per batch). A worker process that dies (killed for memory,
+    or a decoder crash) costs nothing but time: its chunk goes to nvjpeg in the same batch, and `renew`
+    (given the broken pool) supplies a new pool for the next batches; without `renew` the split stops.
     """
 
     def __init__(
@@ -313,6 +323,8 @@ class DecodeSplit:
         share: float | None = None,
         start: float = 0.0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        workers: int = 1,
+        renew: Callable[[Executor], Executor] | None = None,
     ) -> None:
         if share is not None and not 0.0 <= share <= 1.0:
             raise ValueError(f"host decode share must be between 0 and 1, got {share}")
@@ -320,12 +332,75 @@ class DecodeSplit:
         self.share = min(1.0, max(0.0, start)) if share is None else share
         self.max_pixels = max_pixels
         self.pool = pool  # shared by the engines running at once in this process (tasks.inference)
+        self.workers = max(1, workers)
+        self.renew = renew
         self.host_wait = 0.0  # seconds the last batch waited for its host part after nvjpeg was done
         self.on_host = self.on_device = 0  # JPEGs decoded so far by each side
+        self.lost_workers = 0  # host chunks handed back to nvjpeg because the pool broke
 
     def count(self, jpegs: int) -> int:
         """How many of `jpegs` JPEGs in this batch the host decodes."""
         return 0 if self.pool is None else min(jpegs, round(self.share * jpegs))
+
+    def submit(
+        self, preprocessor: Preprocessor, items: list[np.ndarray], indices: list[int]
+    ) -> list[tuple[list[int], Future[list[np.ndarray | str]] | None]]:
+        """Start decoding `indices` on the host, in up to `workers` chunks; a chunk the pool refused
+        (it broke) comes back with None and goes to nvjpeg."""
+        size = max(1, -(-len(indices) // self.workers))
+        submitted: list[tuple[list[int], Future[list[np.ndarray | str]] | None]] = []
+        for start in range(0, len(indices), size):
+            chunk = indices[start : start + size]
+            future = None
+            if self.pool is not None:
+                try:
+                    future = self.pool.submit(
+                        host_resize_chunk, preprocessor, [items[i] for i in chunk], self.max_pixels
+                    )
+                except (BrokenExecutor, RuntimeError):  # broken, or shut down at interpreter exit
+                    self._broken()
+            submitted.append((chunk, future))
+        return submitted
+
+    def collect(
+        self,
+        submitted: list[tuple[list[int], Future[list[np.ndarray | str]] | None]],
+        failures: dict[int, str],
+        decoders: dict[int, str],
+    ) -> tuple[dict[int, np.ndarray], list[int]]:
+        """Wait for the host part: ({index: uint8 pixels at the model's size}, [indices nvjpeg must
+        decode instead, because their worker died]); error texts go into `failures`."""
+        clock = time.perf_counter()
+        pixels: dict[int, np.ndarray] = {}
+        lost: list[int] = []
+        for chunk, future in submitted:
+            try:
+                results = future.result() if future is not None else None
+            except BrokenExecutor:
+                self._broken()
+                results = None
+            except Exception as exc:  # the worker could not run the call (a bug, not an image)
+                logger.warning("host decode of %d images failed, nvjpeg decodes them: %s", len(chunk), exc)
+                results = None
+            if results is None:
+                lost.extend(chunk)
+                continue
+            for i, result in zip(chunk, results, strict=True):
+                if isinstance(result, str):
+                    failures[i] = result
+                else:
+                    pixels[i] = result
+                    decoders[i] = PIL
+        self.host_wait = time.perf_counter() - clock
+        self.on_host -= len(lost)
+        self.on_device += len(lost)
+        return pixels, lost
+
+    def _broken(self) -> None:
+        if self.pool is None:
+            return
+        self.lost_workers += 1
+        self.pool = self.renew(self.pool) if self.renew is not None else None
 
     def adjust(self, readers_behind: bool, feeder_ahead: bool, slack: float = SPLIT_SLACK_SECONDS) -> None:
         """Move the share after a batch (adaptive mode only); host waits up to `slack` seconds are none."""
@@ -334,6 +409,30 @@ class DecodeSplit:
         host_held_back = self.host_wait > slack and not feeder_ahead
         step = -SPLIT_STEP if readers_behind or host_held_back else SPLIT_STEP
         self.share = min(1.0, max(0.0, self.share + step))
+
+
+def host_resize_chunk(
+    preprocessor: Preprocessor, items: list[np.ndarray], max_pixels: int
+) -> list[np.ndarray | str]:
+    """A DecodeSplit's host work for one chunk: JPEG bytes → uint8 RGB pixels (H, W, 3) at the model's
+    size (PIL decode + PIL resize: the reference's pixels), or the error text of the image's row.
+
+    Module-level and free of torch, so a worker process runs it after importing only this module."""
+    out: list[np.ndarray | str] = []
+    for data in items:
+        try:
+            out.append(np.asarray(preprocessor.resize(decode_image(data.tobytes(), max_pixels))))
+        except Exception as exc:
+            out.append(decode_error(exc))
+    return out
+
+
+def decode_error(exc: Exception) -> str:
+    """The `error` text of an image whose decoding raised `exc`: ImageError's own category, anything else
+    (a decoder bug on one hostile file, which must not fail its batch) as `unsupported`."""
+    if isinstance(exc, ImageError):
+        return str(exc)
+    return f"unsupported: {type(exc).__name__}: {exc}"
 
 
 class DevicePreprocessor:
@@ -375,10 +474,6 @@ class DevicePreprocessor:
         image = decode_image(data, max_pixels, name=name, exif_orientation=exif_orientation)
         return np.array(image), image.width, image.height
 
-    def resized(self, data: np.ndarray, max_pixels: int) -> np.ndarray:
-        """Host side of a DecodeSplit: JPEG bytes → uint8 RGB pixels (H, W, 3) at the model's size."""
-        return np.asarray(self.host.resize(decode_image(data.tobytes(), max_pixels)))
-
     def batch(
         self, items: list[np.ndarray], device: Any, dtype: Any, split: DecodeSplit | None = None
     ) -> tuple[Any, dict[int, str], list[str]]:
@@ -394,36 +489,28 @@ class DevicePreprocessor:
         failures: dict[int, str] = {}
         decoders: dict[int, str] = {}
         encoded = [i for i, item in enumerate(items) if item.ndim == 1]
-        on_host: dict[int, Future[np.ndarray]] = {}
+        on_host: list[tuple[list[int], Future[list[np.ndarray | str]] | None]] = []
         if split is not None and split.pool is not None and encoded:
             keep = len(encoded) - split.count(len(encoded))
-            pool = split.pool
-            on_host = {i: pool.submit(self.resized, items[i], split.max_pixels) for i in encoded[keep:]}
+            on_host = split.submit(self.host, items, encoded[keep:])
+            split.on_host, split.on_device = split.on_host + len(encoded) - keep, split.on_device + keep
             encoded = encoded[:keep]
-            split.on_host, split.on_device = split.on_host + len(on_host), split.on_device + keep
         decoded = self._decode_jpegs(items, encoded, device, failures, decoders) if encoded else {}
         pixels = {i: item for i, item in enumerate(items) if item.ndim == 3}
         decoders.update(dict.fromkeys(pixels, PIL_DEVICE_RESIZE))
         decoded.update(self._upload(pixels, device))
         # Every image that may still arrive gets a slot; nvjpeg's are resized while the host works.
-        slots = sorted([*decoded, *on_host])
+        slots = sorted([*decoded, *(i for chunk, _ in on_host for i in chunk)])
         out = torch.empty(len(slots), 3, self.host.height, self.host.width, device=device)
         position = {i: n for n, i in enumerate(slots)}
         self._resize_into(out, position, decoded, device)
         if split is not None:
-            clock = time.perf_counter()
-            host: dict[int, np.ndarray] = {}
-            for i, future in on_host.items():
-                try:
-                    host[i] = future.result()
-                    decoders[i] = PIL
-                except ImageError as exc:
-                    failures[i] = str(exc)
-                except Exception as exc:  # a decoder bug on one hostile file must not fail the batch
-                    failures[i] = f"unsupported: {type(exc).__name__}: {exc}"
-            split.host_wait = time.perf_counter() - clock
-            self._resize_into(out, position, self._upload(host, device), device)
-            if len(host) < len(on_host):  # drop the slots of host decodes that failed
+            host, lost = split.collect(on_host, failures, decoders)
+            arrived = self._upload(host, device)
+            if lost:  # their worker process died: nvjpeg decodes them after all
+                arrived.update(self._decode_jpegs(items, lost, device, failures, decoders))
+            self._resize_into(out, position, arrived, device)
+            if any(i in failures for i in slots):  # drop the slots of host decodes that failed
                 slots = [i for i in slots if i not in failures]
                 out = out[torch.tensor([position[i] for i in slots], dtype=torch.long, device=device)]
         if self.host.do_rescale:
@@ -538,10 +625,8 @@ class DevicePreprocessor:
                     image = decode_image(items[i].tobytes())
                     decoded[i] = torch.from_numpy(np.asarray(image).copy()).to(device).permute(2, 0, 1)
                     decoders[i] = PIL_DEVICE_RESIZE
-                except ImageError as exc:
-                    failures[i] = str(exc)
-                except Exception as exc:  # a decoder bug on one hostile file must not fail the batch
-                    failures[i] = f"unsupported: {type(exc).__name__}: {exc}"
+                except Exception as exc:
+                    failures[i] = decode_error(exc)
         return decoded
 
     @contextmanager

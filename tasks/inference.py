@@ -8,13 +8,14 @@ the next batch while the pool keeps up. Every file becomes exactly one row: `ok`
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -34,9 +35,9 @@ from tasks.images import (
     SPLIT_SLACK_SHARE,
     DecodeSplit,
     DevicePreprocessor,
-    ImageError,
     Preprocessor,
     ProcessorFallback,
+    decode_error,
     decode_image,
     nvjpeg_available,
     oversized,
@@ -45,6 +46,7 @@ from tasks.model import LoadedModel, ModelError
 from tasks.redaction import install_log_redaction, redact
 from tasks.sink import SCHEMA
 from tasks.storage import DiscoveredFile, read_bytes, read_file
+from tasks.workers import DecodeWorkers
 
 # Each decode worker holds one whole file in memory: larger files are refused from their listed size,
 # before any byte is read (no valid scan within the default pixel limit comes near it).
@@ -127,9 +129,12 @@ class EngineOptions:
     # Launch batch k+1's forward before turning batch k into rows; None: on a GPU only (on a CPU the
     # forward runs at launch, so it would only delay the rows and the progress they report).
     launch_ahead: bool | None = None
-    # Threads for that host share; None: the cores left after the reader threads and two more (the
+    # Workers for that host share; None: the cores left after the reader threads and two more (the
     # feeder and the model's thread); 0 turns the split off.
     host_decode_workers: int | None = None
+    # Where they run: "processes" (worker processes sharing no GIL with the feeder and the model thread;
+    # see split_pool) or "threads" (what the H100 runs measured, slower than no split).
+    host_decode_pool: Literal["processes", "threads"] = "processes"
 
 
 @dataclass
@@ -177,10 +182,8 @@ def prepare(
             return Prepared(file, pixels, width=width, height=height)
         image = decode_image(data, max_pixels, name=file.path, exif_orientation=exif_orientation)
         return Prepared(file, preprocess(image), width=image.width, height=image.height)
-    except ImageError as exc:
-        return Prepared(file, error=redact(str(exc))[:MESSAGE_LIMIT])
-    except Exception as exc:  # a decoder bug on one hostile file must not kill the shard
-        return Prepared(file, error=redact(f"unsupported: {type(exc).__name__}: {exc}")[:MESSAGE_LIMIT])
+    except Exception as exc:  # ImageError, or a decoder bug on one hostile file: never kill the shard
+        return Prepared(file, error=redact(decode_error(exc))[:MESSAGE_LIMIT])
 
 
 def host_workers(
@@ -453,12 +456,20 @@ def decode_split(
     if workers <= 0:
         return None
     start = learned_split_share.get(str(model.device), 0.0)
-    pool = split_pool(workers)
-    return DecodeSplit(pool, options.host_decode_share, start=start, max_pixels=options.max_pixels)
+    kind = options.host_decode_pool
+    return DecodeSplit(
+        split_pool(workers, kind),
+        options.host_decode_share,
+        start=start,
+        max_pixels=options.max_pixels,
+        workers=workers,
+        renew=lambda broken: split_pool(workers, kind, broken=broken),
+    )
 
 
-MAX_SPLIT_WORKERS = 16  # each thread may hold one decoded scan: bounded however many cores a node has
-_split_pools: dict[int, ThreadPoolExecutor] = {}
+MAX_SPLIT_WORKERS = 16  # each worker may hold one decoded scan: bounded however many cores a node has
+SPLIT_POOLS = ("processes", "threads")
+_split_pools: dict[tuple[str, int], Executor] = {}
 _split_lock = threading.Lock()
 
 
@@ -469,13 +480,30 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def split_pool(workers: int) -> ThreadPoolExecutor:
-    """One pool of host-decode threads per size for the whole process, so the shards that run at once
-    (two with the local runner) share the spare cores instead of each claiming them all."""
+def split_pool(workers: int, kind: str = "processes", broken: Executor | None = None) -> Executor:
+    """One pool of host-decode workers per kind and size for the whole process, so the shards that run at
+    once (two with the local runner) share the spare cores instead of each claiming them all. `broken`:
+    a pool that lost a worker process; it is replaced (the others keep theirs).
+
+    "processes" are fresh interpreters (tasks.workers.DecodeWorkers) that share no GIL with the feeder and the model
+    thread and import only numpy, Pillow and tasks.images; they start here, while the first batch is
+    still being read, and end with this process."""
+    if kind not in SPLIT_POOLS:
+        raise ValueError(f"host decode pool must be one of {SPLIT_POOLS}, got {kind!r}")
     with _split_lock:
-        if workers not in _split_pools:
-            _split_pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="oncoflow-split")
-        return _split_pools[workers]
+        key = (kind, workers)
+        pool = _split_pools.get(key)
+        if pool is not None and pool is broken:
+            pool.shutdown(wait=False, cancel_futures=True)
+            pool = None
+        if pool is None:
+            if kind == "threads":
+                pool = ThreadPoolExecutor(workers, thread_name_prefix="oncoflow-split")
+            else:
+                pool = DecodeWorkers(workers)
+                atexit.register(pool.shutdown)
+            _split_pools[key] = pool
+        return pool
 
 
 def device_batches(

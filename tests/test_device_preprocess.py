@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import copy
 import io
+import os
+import signal
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import BrokenExecutor, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,11 +32,13 @@ from tasks.images import (
     ImageError,
     Preprocessor,
     decode_image,
+    host_resize_chunk,
     jpeg_frame,
 )
 from tasks.inference import EngineOptions, classify_files, device_batches, host_workers, resolve_options
 from tasks.model import ModelError, load_model, resolve_precision
 from tasks.storage import DiscoveredFile, list_images, open_location
+from tasks.workers import DecodeWorkers
 
 
 # Levels of 255: bilinear matches PIL up to rounding; torch's bicubic kernel (a=-0.75) differs from
@@ -241,7 +246,8 @@ def noise_jpeg(seed: int, size: tuple[int, int] = (120, 80)) -> bytes:
     return buffer.getvalue()
 
 
-def test_host_share_of_a_split_batch_gives_the_reference_pixels_and_error_categories() -> None:
+@pytest.mark.parametrize("kind", ["processes", "threads"])
+def test_host_share_of_a_split_batch_gives_the_reference_pixels_and_error_categories(kind: str) -> None:
     host = Preprocessor(224, 224, Image.Resampling.BILINEAR, 1 / 255, (0.5, 0.4, 0.3), (0.2, 0.3, 0.4))
     device = DevicePreprocessor(host, nvjpeg=True)
     jpegs = [noise_jpeg(seed) for seed in range(5)]
@@ -250,9 +256,8 @@ def test_host_share_of_a_split_batch_gives_the_reference_pixels_and_error_catego
     png = np.array(decode_image(png_bytes))
     items = [device.encode_or_decode(data, 10**6)[0] for data in [*jpegs, broken]] + [png]
     assert all(item.ndim == 1 for item in items[:6]), "JPEGs arrive as bytes, as they do for nvjpeg"
-    with ThreadPoolExecutor(2) as pool:
-        split = DecodeSplit(pool, share=1.0)
-        batch, failures, decoders = device.batch(items, torch.device("cpu"), torch.float32, split)
+    split = DecodeSplit(inference.split_pool(2, kind), share=1.0, workers=2)
+    batch, failures, decoders = device.batch(items, torch.device("cpu"), torch.float32, split)
     assert list(failures) == [5] and failures[5].startswith("truncated:")
     assert tuple(batch.shape) == (6, 3, 224, 224)
     for row, data in zip(batch[:5], jpegs, strict=True):
@@ -263,6 +268,37 @@ def test_host_share_of_a_split_batch_gives_the_reference_pixels_and_error_catego
     assert decoders == ["pil"] * 5 + ["pil+device_resize"], (
         "host share: PIL's own pixels; the PNG: resized here"
     )
+
+
+def test_a_host_decode_worker_that_dies_loses_no_image_and_the_pool_is_renewed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker process killed mid-run (out of memory, a decoder crash) breaks its pool: the chunk that
+    pool refused is decoded by nvjpeg in the same batch, and the next chunk goes to a new pool."""
+    monkeypatch.setattr(DevicePreprocessor, "_decode_jpegs", staticmethod(pil_stand_in_for_nvjpeg))
+    host = Preprocessor(224, 224, Image.Resampling.BILINEAR, 1 / 255, (0.5,) * 3, (0.25,) * 3)
+    device = DevicePreprocessor(host, nvjpeg=True)
+    jpegs = [noise_jpeg(seed) for seed in range(6)]
+    items = [device.encode_or_decode(data, 10**6)[0] for data in jpegs]
+    pool = inference.split_pool(2, "processes")
+    assert isinstance(pool, DecodeWorkers) and os.getpid() not in pool.pids
+    os.kill(pool.pids[0], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    with pytest.raises(BrokenExecutor):  # calls fail once one reaches the dead worker
+        while time.monotonic() < deadline:
+            pool.submit(host_resize_chunk, host, items[:1], 10**6).result(timeout=60)
+    split = DecodeSplit(
+        pool, share=0.5, workers=2, renew=lambda broken: inference.split_pool(2, "processes", broken=broken)
+    )
+    batch, failures, decoders = device.batch(items, torch.device("cpu"), torch.float32, split)
+    assert failures == {} and tuple(batch.shape) == (6, 3, 224, 224)
+    # nvjpeg's own half, then the host half's first chunk (refused by the dead pool, so nvjpeg's too),
+    # then its second chunk, decoded by the renewed pool.
+    assert decoders == ["nvjpeg+device_resize"] * 5 + ["pil"]
+    assert split.lost_workers == 1 and (split.on_host, split.on_device) == (1, 5)
+    assert split.pool is not pool and inference.split_pool(2, "processes") is split.pool
+    for row, data in zip(batch, jpegs, strict=True):
+        np.testing.assert_allclose(row.numpy(), host(decode_image(data)), atol=2 / 255 / 0.25 + 1e-5)
 
 
 def _png(seed: int) -> bytes:

@@ -1,0 +1,105 @@
+"""tasks.workers: the worker processes that take the host share of a split batch off the engine's GIL."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import BrokenExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks.images import Preprocessor, decode_image, host_resize_chunk
+from tasks.workers import DecodeWorkers, decode_reply, encode_call, receive, send
+
+HOST = Preprocessor(64, 48, Image.Resampling.BILINEAR, 1 / 255, (0.5, 0.4, 0.3), (0.2, 0.3, 0.4))
+
+
+def jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (90, 130, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def as_item(data: bytes) -> np.ndarray:
+    return np.frombuffer(bytearray(data), np.uint8)  # how the reader threads hand JPEG bytes over
+
+
+def resident_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) / 1024
+
+
+def test_workers_give_pils_pixels_and_error_texts_from_lean_processes() -> None:
+    pool = DecodeWorkers(2)
+    try:
+        data = [jpeg(seed) for seed in range(3)]
+        items = [as_item(d) for d in [*data, data[0][:200], b"not an image at all"]]
+        results = pool.submit(host_resize_chunk, HOST, items, 10**6).result(timeout=60)
+        for got, source in zip(results[:3], data, strict=True):
+            assert isinstance(got, np.ndarray) and got.shape == (64, 48, 3)
+            assert np.array_equal(got, np.asarray(HOST.resize(decode_image(source))))  # PIL's own pixels
+        assert isinstance(results[3], str) and results[3].startswith("truncated:")
+        assert isinstance(results[4], str) and results[4].startswith("not_an_image:")
+        assert pool.submit(host_resize_chunk, HOST, [], 10**6).result(timeout=60) == []
+        too_small = pool.submit(host_resize_chunk, HOST, items[:1], 100).result(timeout=60)
+        assert isinstance(too_small[0], str) and too_small[0].startswith("too_large:")
+        assert os.getpid() not in pool.pids
+        # A worker holds numpy and Pillow, not the engine's torch or Prefect (those alone are 300+ MB).
+        assert all(resident_mb(pid) < 120 for pid in pool.pids)
+        with pytest.raises(TypeError, match="host_resize_chunk"):
+            pool.submit(os.getpid)
+    finally:
+        pool.shutdown()
+    assert all(process.poll() is not None for process in pool._processes), "shutdown ends the workers"
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(host_resize_chunk, HOST, [], 10**6)
+
+
+def test_a_worker_killed_breaks_the_pool_like_a_process_pool() -> None:
+    pool = DecodeWorkers(2)
+    items = [as_item(jpeg(1))]
+    try:
+        pool.submit(host_resize_chunk, HOST, items, 10**6).result(timeout=60)
+        os.kill(pool.pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        with pytest.raises(BrokenExecutor, match="ended abruptly"):
+            while time.monotonic() < deadline:  # calls fail once one reaches the dead worker
+                pool.submit(host_resize_chunk, HOST, items, 10**6).result(timeout=60)
+        with pytest.raises(BrokenExecutor):
+            pool.submit(host_resize_chunk, HOST, items, 10**6)
+    finally:
+        pool.shutdown()
+    assert all(process.poll() is not None for process in pool._processes), "the survivor was stopped too"
+
+
+def test_a_malformed_call_fails_alone_and_the_worker_goes_on() -> None:
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "tasks.workers"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)),
+    )
+    assert worker.stdin is not None and worker.stdout is not None
+    try:
+        send(worker.stdin, b"{not json", b"")
+        header, body = receive(worker.stdout), receive(worker.stdout)
+        assert header is not None and body is not None
+        with pytest.raises(RuntimeError, match="decode worker failed: JSONDecodeError"):
+            decode_reply(header, body)
+        item = as_item(jpeg(2))
+        send(worker.stdin, *encode_call(HOST, [item], 10**6))
+        header, body = receive(worker.stdout), receive(worker.stdout)
+        assert header is not None and body is not None
+        (pixels,) = decode_reply(header, body)
+        assert np.array_equal(pixels, host_resize_chunk(HOST, [item], 10**6)[0])
+    finally:
+        worker.stdin.close()
+        assert worker.wait(timeout=30) == 0, "a worker ends when its input does"

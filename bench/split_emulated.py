@@ -4,7 +4,7 @@
 
 A GPU machine answers this directly (bench/gpu.sh runs fixed shares beside the adaptive one); this
 answers it on any machine, for the controller alone. Everything is the real engine (readers, feeder,
-DecodeSplit and its PIL threads, launch-ahead, rows) except the two GPU stages, which become timed
+DecodeSplit and its PIL workers, threads or processes, launch-ahead, rows) except the two GPU stages, which become timed
 jobs on one emulated device shared by processor sharing, as two CUDA streams share one GPU's SMs:
 nvjpeg decode + resize takes 1/R seconds per image and the forward pass 1/R, and while both run each
 gets half the device. R is set from this machine's own host share: R = ratio × H, where H is the rate
@@ -70,13 +70,20 @@ class SharedDevice:
 
 
 class EmulatedNetwork(torch.nn.Module):
-    """The forward pass as a job on the shared device: zero logits after n/rate seconds of device time."""
+    """The forward pass as a job on the shared device: zero logits after n/rate seconds of device time.
 
-    def __init__(self, device: SharedDevice, rate: float) -> None:
+    Before the job, `launch_ops` tiny torch operations stand for the kernel launches of a real forward
+    on a GPU (~240 for ViT-Base): each releases the GIL and takes it back, as a CUDA launch from Python
+    does, so the time the model thread spends launching shows what other threads holding the GIL cost."""
+
+    def __init__(self, device: SharedDevice, rate: float, launch_ops: int = 0) -> None:
         super().__init__()
-        self.device, self.rate = device, rate
+        self.device, self.rate, self.launch_ops = device, rate, launch_ops
+        self._scalar = torch.zeros(1)
 
     def forward(self, pixel_values: torch.Tensor) -> Any:
+        for _ in range(self.launch_ops):
+            self._scalar.add_(1.0)
         if self.rate:
             self.device.run(pixel_values.shape[0] / self.rate)
         return type("Output", (), {"logits": torch.zeros(pixel_values.shape[0], 2)})()
@@ -102,7 +109,20 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3000)
     parser.add_argument("--unique-images", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--host-threads", type=int, default=2, help="split threads (the spare cores)")
+    parser.add_argument("--host-threads", type=int, default=2, help="split workers (the spare cores)")
+    parser.add_argument(
+        "--pools",
+        nargs="+",
+        choices=inference.SPLIT_POOLS,
+        default=list(inference.SPLIT_POOLS),
+        help="where the split's host share runs (EngineOptions.host_decode_pool); each is measured",
+    )
+    parser.add_argument(
+        "--launch-ops",
+        type=int,
+        default=0,
+        help="tiny torch ops per emulated forward, standing for its kernel launches (240: ViT-Base)",
+    )
     parser.add_argument("--ratio", type=float, default=4.7, help="emulated device rate / host share rate")
     parser.add_argument("--shares", type=float, nargs="*", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument(
@@ -125,7 +145,7 @@ def main() -> None:
     make_corpus(work / "corpus", args.images, unique=args.unique_images)
     device = SharedDevice()
     rate = [0.0]  # images/s of the emulated device; 0 while calibrating (no device time)
-    network = EmulatedNetwork(device, 0.0)
+    network = EmulatedNetwork(device, 0.0, args.launch_ops)
     model_dir = Path(make_model(work / "model", "tiny"))
     config = json.loads((model_dir / "preprocessor_config.json").read_text())
     config["size"] = {"height": args.pixels, "width": args.pixels}
@@ -136,7 +156,7 @@ def main() -> None:
     location = open_location(str(work / "corpus"))
     files = list(list_images(location))
 
-    def run(share: float | None, fresh: bool = True) -> dict[str, Any]:
+    def run(share: float | None, pool: str, fresh: bool = True) -> dict[str, Any]:
         if fresh:
             inference.learned_split_share.clear()  # an adaptive run starts from share 0
         inference.split_images.clear()
@@ -145,6 +165,7 @@ def main() -> None:
             decode="gpu",
             host_decode_share=share,
             host_decode_workers=args.host_threads,
+            host_decode_pool=pool,  # type: ignore[arg-type]
             launch_ahead=True,  # as on a GPU
         )
         inference.stage_times.take()
@@ -168,16 +189,20 @@ def main() -> None:
             "stage_seconds": inference.stage_times.take(),
         }
 
-    # H: the split's threads decoding everything, no device time (the better of two: the first warms up)
-    host = max(run(1.0)["img_s"] for _ in range(2))
+    # H: the split's workers decoding everything, no device time (the better of two: the first warms
+    # up). The emulated device's rate comes from the first pool's H, so every pool meets the same device.
+    hosts = {pool: max(run(1.0, pool)["img_s"] for _ in range(2)) for pool in args.pools}
+    host = hosts[args.pools[0]]
     rate[0] = network.rate = args.ratio * host
     results: dict[str, Any] = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "images": len(files),
         "host_threads": args.host_threads,
+        "launch_ops": args.launch_ops,
         "engines": args.engines,
         "host_share_alone_img_s": host,
+        "host_share_alone_img_s_by_pool": hosts,
         "emulated_device_img_s": round(rate[0]),
         # Processor sharing, host share s: T = min(H / s, R / (2 - s)); best where the two meet.
         "best_possible": {
@@ -185,11 +210,14 @@ def main() -> None:
             "img_s": round((rate[0] + host) / 2),
         },
     }
-    for share in args.shares:
-        results[f"fixed_{share}"] = run(share)
-    results["adaptive"] = run(None)
-    # The flow's later shards start from the share the previous one ended with.
-    results["adaptive_from_learned_share"] = run(None, fresh=False)
+    for pool in args.pools:
+        # The first pool keeps the keys earlier runs recorded (threads were the only pool then).
+        prefix = "" if pool == "threads" else f"{pool}_"
+        for share in args.shares:
+            results[f"{prefix}fixed_{share}"] = run(share, pool)
+        results[f"{prefix}adaptive"] = run(None, pool)
+        # The flow's later shards start from the share the previous one ended with.
+        results[f"{prefix}adaptive_from_learned_share"] = run(None, pool, fresh=False)
     publish(results, args.json)
 
 

@@ -170,6 +170,7 @@ def bench_engine(
     decode: str = "cpu",
     overlap: bool = True,
     host_decode_share: float | None = 0.0,
+    host_decode_pool: str = "processes",
 ) -> tuple[float, dict[str, float], dict[str, str]]:
     """oncoflow's engine (read → decode → batched forward → rows), without Prefect."""
     model = load_model(model_dir, device=device, precision=precision)  # type: ignore[arg-type]
@@ -180,6 +181,7 @@ def bench_engine(
         decode=decode,  # type: ignore[arg-type]
         overlap=overlap,
         host_decode_share=host_decode_share,
+        host_decode_pool=host_decode_pool,  # type: ignore[arg-type]
     )
     classify_files(files[: min(len(files), batch_size)], location.fs, model, options, "warm-up", "bench")
     stage_times.take()
@@ -251,8 +253,10 @@ def bench_flow(
     batch_size: int,
     decode: str = "cpu",
     shard_size: int = 1000,
+    host_decode_share: str | None = None,
 ) -> dict[str, Any]:
-    """The Prefect classify flow end to end (discovery, shards, Parquet).
+    """The Prefect classify flow end to end (discovery, shards, Parquet); `host_decode_share`: the
+    flow's ONCOFLOW_HOST_DECODE_SHARE for this run (None: as the environment has it).
 
     start-up = from the call until the work is known (model loaded from disk, Prefect's temporary server
     up unless PREFECT_API_URL is set, source listed, index read), as the CLI runs it; steady img/s = images after the first batch / time after the first batch.
@@ -286,12 +290,19 @@ def bench_flow(
     )
     clear_model_cache()
     stage_times.take()
+    saved = os.environ.get("ONCOFLOW_HOST_DECODE_SHARE")
+    if host_decode_share is not None:
+        os.environ["ONCOFLOW_HOST_DECODE_SHARE"] = host_decode_share
     started = time.perf_counter()
     try:
         start_loading_model(parameters)  # as the CLI does: the model loads while Prefect starts
         summary = classify(**parameters.model_dump())
     finally:
         progress_listeners.remove(listen)
+        if saved is None:
+            os.environ.pop("ONCOFLOW_HOST_DECODE_SHARE", None)
+        else:
+            os.environ["ONCOFLOW_HOST_DECODE_SHARE"] = saved
     finished = time.perf_counter()
     images = summary["images_classified"]
     steady = (
@@ -521,15 +532,22 @@ def main() -> None:
 
     fp32_probs: dict[str, float] = {}
 
-    def engine(precision: str, decode: str = "cpu", overlap: bool = True, share: float | None = 0.0) -> None:
+    def engine(
+        precision: str,
+        decode: str = "cpu",
+        overlap: bool = True,
+        share: float | None = 0.0,
+        pool: str = "processes",
+    ) -> None:
         nonlocal fp32_probs
         speed, probs, _ = bench_engine(
-            model_dir, corpus, args.device, precision, batch, decode, overlap, share
+            model_dir, corpus, args.device, precision, batch, decode, overlap, share, pool
         )
         key = (
             f"engine_{precision}"
             + ("_decode_gpu" if decode == "gpu" else "")
             + ("" if share == 0 else "_adaptive_split" if share is None else f"_host_share_{share}")
+            + ("_threads" if share != 0 and pool == "threads" else "")
             + ("" if overlap else "_serial")
         )
         results[f"{key}_img_s"] = speed
@@ -559,11 +577,16 @@ def main() -> None:
         for precision in dict.fromkeys([default_precision, "fp16" if args.device == "cuda" else "fp32"]):
             sections.run(f"engine_{precision}_decode_gpu", engine, precision, "gpu")
         sections.run("engine_decode_gpu_serial", lambda: engine(default_precision, "gpu", overlap=False))
-        # The host/nvjpeg split (off by default: nvjpeg decodes every JPEG) adapting per batch.
+        # The host/nvjpeg split (off by default: nvjpeg decodes every JPEG) adapting per batch, its host
+        # share in worker processes (the default pool since the eighth session).
         sections.run("engine_decode_gpu_adaptive_split", lambda: engine(default_precision, "gpu", share=None))
         if args.device == "cuda":  # fixed shares map the curve the adaptive share should find the top of
             for share in (0.25, 0.5):
                 sections.run(f"engine_host_share_{share}", engine, default_precision, "gpu", True, share)
+            # The pool runs A and B measured (threads, under the engine's GIL), for comparison.
+            sections.run(
+                "engine_host_share_0.25_threads", engine, default_precision, "gpu", True, 0.25, "threads"
+            )
     flow_decode = "gpu" if args.device == "cuda" else "cpu"
     for shard_size in args.flow_shard_sizes:
         flow = sections.run(
@@ -573,6 +596,16 @@ def main() -> None:
         )
         suffix = "" if shard_size == args.flow_shard_sizes[0] else f"_shard_{shard_size}"
         results.update({f"{key}{suffix}": value for key, value in (flow or {}).items()})
+    if args.device == "cuda" and args.flow_shard_sizes:
+        # The flow with the adaptive split (its host share in worker processes), for when the engine
+        # sections above show the split paying off: the default would then change.
+        shard_size = args.flow_shard_sizes[0]
+        flow = sections.run(
+            f"flow_shard_{shard_size}_adaptive_split",
+            bench_flow,
+            *(model_dir, corpus, args.device, default_precision, batch, flow_decode, shard_size, "auto"),
+        )
+        results.update({f"{key}_adaptive_split": value for key, value in (flow or {}).items()})
     results["flow_precision"], results["flow_decode"] = default_precision, flow_decode
     if snippet_rate and results.get("engine_fp32_img_s"):
         results["engine_fp32_vs_seed_snippet"] = round(results["engine_fp32_img_s"] / snippet_rate, 2)

@@ -254,9 +254,11 @@ def bench_flow(
     decode: str = "cpu",
     shard_size: int = 1000,
     host_decode_share: str | None = None,
+    shards_in_flight: int | None = None,
 ) -> dict[str, Any]:
     """The Prefect classify flow end to end (discovery, shards, Parquet); `host_decode_share`: the
-    flow's ONCOFLOW_HOST_DECODE_SHARE for this run (None: as the environment has it).
+    flow's ONCOFLOW_HOST_DECODE_SHARE for this run (None: as the environment has it);
+    `shards_in_flight`: threads of the local task runner (None: the flow's own, SHARDS_IN_FLIGHT).
 
     start-up = from the call until the work is known (model loaded from disk, Prefect's temporary server
     up unless PREFECT_API_URL is set, source listed, index read), as the CLI runs it; steady img/s = images after the first batch / time after the first batch.
@@ -296,7 +298,12 @@ def bench_flow(
     started = time.perf_counter()
     try:
         start_loading_model(parameters)  # as the CLI does: the model loads while Prefect starts
-        summary = classify(**parameters.model_dump())
+        flow = classify
+        if shards_in_flight is not None:
+            from prefect.task_runners import ThreadPoolTaskRunner
+
+            flow = classify.with_options(task_runner=ThreadPoolTaskRunner(max_workers=shards_in_flight))
+        summary = flow(**parameters.model_dump())
     finally:
         progress_listeners.remove(listen)
         if saved is None:
@@ -606,6 +613,14 @@ def main() -> None:
             *(model_dir, corpus, args.device, default_precision, batch, flow_decode, shard_size, "auto"),
         )
         results.update({f"{key}_adaptive_split": value for key, value in (flow or {}).items()})
+        # One shard at a time: do two engines sharing the GPU (the flow's default) cost the gap between
+        # the engine and the flow? (Run B: engine 4,191 img/s, flow steady 3,485.)
+        flow = sections.run(
+            f"flow_shard_{shard_size}_one_in_flight",
+            bench_flow,
+            *(model_dir, corpus, args.device, default_precision, batch, flow_decode, shard_size, None, 1),
+        )
+        results.update({f"{key}_one_in_flight": value for key, value in (flow or {}).items()})
     results["flow_precision"], results["flow_decode"] = default_precision, flow_decode
     if snippet_rate and results.get("engine_fp32_img_s"):
         results["engine_fp32_vs_seed_snippet"] = round(results["engine_fp32_img_s"] / snippet_rate, 2)

@@ -288,9 +288,14 @@ DECODERS = ("pil", "pil+device_resize", "nvjpeg+device_resize")
 PIL, PIL_DEVICE_RESIZE, NVJPEG_DEVICE_RESIZE = DECODERS
 
 
+MAX_POOL_RENEWALS = 3  # per engine run: a pool whose workers keep dying is given up, not restarted forever
 SPLIT_STEP = 1 / 32  # share of a batch's JPEGs moved between host and nvjpeg after each batch
 SPLIT_SLACK_SECONDS = 0.0005  # waits shorter than this count as no wait,
 SPLIT_SLACK_SHARE = 0.05  # and so do waits under 5% of the batch's preparation time
+
+
+# One chunk of a batch's host share: its indices, the future of its decoding (None: refused), the pool.
+HostChunk = tuple[list[int], "Future[list[np.ndarray | str]] | None", "Executor | None"]
 
 
 class DecodeSplit:
@@ -313,8 +318,10 @@ class DecodeSplit:
 
     Each batch's host share goes to the pool in `workers` chunks (one task per worker, not per image, so
     a process pool moves a few large messages per batch). A worker process that dies (killed for memory,
-    or a decoder crash) costs nothing but time: its chunk goes to nvjpeg in the same batch, and `renew`
-    (given the broken pool) supplies a new pool for the next batches; without `renew` the split stops.
+    or a decoder crash) loses no image: the chunks of its pool go to nvjpeg in the same batch (and, for
+    files nvjpeg rejects, to PIL in this process, as `--decode cpu` decodes every file), and `renew`
+    (given the broken pool) supplies a new pool for the next batches, at most MAX_POOL_RENEWALS times;
+    without `renew`, or after that, the split stops.
     """
 
     def __init__(
@@ -344,40 +351,36 @@ class DecodeSplit:
 
     def submit(
         self, preprocessor: Preprocessor, items: list[np.ndarray], indices: list[int]
-    ) -> list[tuple[list[int], Future[list[np.ndarray | str]] | None]]:
+    ) -> list[HostChunk]:
         """Start decoding `indices` on the host, in up to `workers` chunks; a chunk the pool refused
-        (it broke) comes back with None and goes to nvjpeg."""
+        (it broke) comes back without a future and goes to nvjpeg."""
         size = max(1, -(-len(indices) // self.workers))
-        submitted: list[tuple[list[int], Future[list[np.ndarray | str]] | None]] = []
+        submitted: list[HostChunk] = []
         for start in range(0, len(indices), size):
-            chunk = indices[start : start + size]
-            future = None
-            if self.pool is not None:
+            chunk, pool, future = indices[start : start + size], self.pool, None
+            if pool is not None:
                 try:
-                    future = self.pool.submit(
+                    future = pool.submit(
                         host_resize_chunk, preprocessor, [items[i] for i in chunk], self.max_pixels
                     )
                 except (BrokenExecutor, RuntimeError):  # broken, or shut down at interpreter exit
-                    self._broken()
-            submitted.append((chunk, future))
+                    self._broken(pool)
+            submitted.append((chunk, future, pool))
         return submitted
 
     def collect(
-        self,
-        submitted: list[tuple[list[int], Future[list[np.ndarray | str]] | None]],
-        failures: dict[int, str],
-        decoders: dict[int, str],
+        self, submitted: list[HostChunk], failures: dict[int, str], decoders: dict[int, str]
     ) -> tuple[dict[int, np.ndarray], list[int]]:
         """Wait for the host part: ({index: uint8 pixels at the model's size}, [indices nvjpeg must
         decode instead, because their worker died]); error texts go into `failures`."""
         clock = time.perf_counter()
         pixels: dict[int, np.ndarray] = {}
         lost: list[int] = []
-        for chunk, future in submitted:
+        for chunk, future, pool in submitted:
             try:
                 results = future.result() if future is not None else None
             except BrokenExecutor:
-                self._broken()
+                self._broken(pool)
                 results = None
             except Exception as exc:  # the worker could not run the call (a bug, not an image)
                 logger.warning("host decode of %d images failed, nvjpeg decodes them: %s", len(chunk), exc)
@@ -396,11 +399,21 @@ class DecodeSplit:
         self.on_device += len(lost)
         return pixels, lost
 
-    def _broken(self) -> None:
-        if self.pool is None:
-            return
+    def _broken(self, pool: Executor | None) -> None:
+        """`pool` lost a worker: if it is still this split's pool, take a new one (at most
+        MAX_POOL_RENEWALS times per run; then the split stops and nvjpeg decodes everything)."""
+        if pool is None or pool is not self.pool:
+            return  # already replaced (all chunks of a broken pool fail; one renewal is enough)
         self.lost_workers += 1
-        self.pool = self.renew(self.pool) if self.renew is not None else None
+        if self.renew is None or self.lost_workers > MAX_POOL_RENEWALS:
+            logger.warning(
+                "host decode workers keep failing (%d pools lost): nvjpeg decodes every JPEG",
+                self.lost_workers,
+            )
+            self.pool = None
+        else:
+            logger.warning("a host decode worker process ended abruptly; starting new ones")
+            self.pool = self.renew(pool)
 
     def adjust(self, readers_behind: bool, feeder_ahead: bool, slack: float = SPLIT_SLACK_SECONDS) -> None:
         """Move the share after a batch (adaptive mode only); host waits up to `slack` seconds are none."""
@@ -489,7 +502,7 @@ class DevicePreprocessor:
         failures: dict[int, str] = {}
         decoders: dict[int, str] = {}
         encoded = [i for i, item in enumerate(items) if item.ndim == 1]
-        on_host: list[tuple[list[int], Future[list[np.ndarray | str]] | None]] = []
+        on_host: list[HostChunk] = []
         if split is not None and split.pool is not None and encoded:
             keep = len(encoded) - split.count(len(encoded))
             on_host = split.submit(self.host, items, encoded[keep:])
@@ -500,7 +513,7 @@ class DevicePreprocessor:
         decoders.update(dict.fromkeys(pixels, PIL_DEVICE_RESIZE))
         decoded.update(self._upload(pixels, device))
         # Every image that may still arrive gets a slot; nvjpeg's are resized while the host works.
-        slots = sorted([*decoded, *(i for chunk, _ in on_host for i in chunk)])
+        slots = sorted([*decoded, *(i for chunk, _, _ in on_host for i in chunk)])
         out = torch.empty(len(slots), 3, self.host.height, self.host.width, device=device)
         position = {i: n for n, i in enumerate(slots)}
         self._resize_into(out, position, decoded, device)

@@ -501,7 +501,8 @@ def split_pool(workers: int, kind: str = "processes", broken: Executor | None = 
                 pool = ThreadPoolExecutor(workers, thread_name_prefix="oncoflow-split")
             else:
                 pool = DecodeWorkers(workers)
-                atexit.register(pool.shutdown)
+                # At exit, without waiting: a worker ends when its input closes, as this process exits.
+                atexit.register(pool.shutdown, wait=False)
             _split_pools[key] = pool
         return pool
 

@@ -32,6 +32,7 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import BrokenExecutor, Executor, Future
+from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
@@ -107,6 +108,22 @@ def split_body(body: bytes, sizes: list[int]) -> list[np.ndarray]:
     return views
 
 
+def worker_process() -> subprocess.Popen[bytes]:
+    """Start one worker: `-P` keeps the working directory off its module path, and this package's own
+    folder comes first, so a different `tasks` package where the engine happens to run cannot be the one
+    imported. Its own session keeps a Ctrl-C in the terminal from reaching it (it ends when its input
+    closes: when this process shuts the pool down or exits)."""
+    ours = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join([ours, *(entry for entry in sys.path if entry and entry != ours)])
+    return subprocess.Popen(
+        [sys.executable, "-P", "-m", "tasks.workers"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=path),
+        start_new_session=True,
+    )
+
+
 class DecodeWorkers(Executor):
     """`workers` worker processes, each fed by one thread of this process that sends it a call and
     waits for the reply (the waiting releases the GIL; encoding holds it for a copy of the bytes).
@@ -117,17 +134,7 @@ class DecodeWorkers(Executor):
         self._lock = threading.Lock()
         self._broken: str | None = None
         self._shutdown = False
-        # The workers find the modules this process finds.
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path for path in sys.path if path))
-        self._processes = [
-            subprocess.Popen(
-                [sys.executable, "-m", "tasks.workers"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                env=env,
-            )
-            for _ in range(max(1, workers))
-        ]
+        self._processes = [worker_process() for _ in range(max(1, workers))]
         self._threads = [
             threading.Thread(target=self._serve, args=(process,), name="oncoflow-worker-io", daemon=True)
             for process in self._processes
@@ -179,10 +186,19 @@ class DecodeWorkers(Executor):
                 future.set_exception(BrokenExecutor(self._broken))
                 continue
             try:
-                send(process.stdin, *encode_call(preprocessor, items, max_pixels))
+                call_header, call_body = encode_call(preprocessor, items, max_pixels)
+            except Exception as exc:  # arguments this protocol cannot carry: that call fails alone
+                future.set_exception(exc)
+                continue
+            try:
+                send(process.stdin, call_header, call_body)
                 header, body = receive(process.stdout), receive(process.stdout)
             except OSError:  # the pipe broke: the worker is gone
                 header = body = None
+            except BaseException as exc:  # out of memory mid-message: this worker's stream is unusable
+                self._break(f"a call to a decode worker failed: {exc!r}")
+                future.set_exception(BrokenExecutor(self._broken))
+                continue
             if header is None or body is None:
                 self._break(f"a decode worker process ended abruptly (exit code {process.wait()})")
                 future.set_exception(BrokenExecutor(self._broken))

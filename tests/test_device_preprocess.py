@@ -301,6 +301,40 @@ def test_a_host_decode_worker_that_dies_loses_no_image_and_the_pool_is_renewed(
         np.testing.assert_allclose(row.numpy(), host(decode_image(data)), atol=2 / 255 / 0.25 + 1e-5)
 
 
+def test_workers_that_die_during_a_batch_cost_one_new_pool_and_no_image(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every chunk of a pool whose workers died fails; the split renews the pool once, not per chunk
+    (a second renewal would shut down the healthy pool it just got), and nvjpeg decodes the chunks."""
+    monkeypatch.setattr(DevicePreprocessor, "_decode_jpegs", staticmethod(pil_stand_in_for_nvjpeg))
+    host = Preprocessor(224, 224, Image.Resampling.BILINEAR, 1 / 255, (0.5,) * 3, (0.25,) * 3)
+    device = DevicePreprocessor(host, nvjpeg=True)
+    jpegs = [noise_jpeg(seed) for seed in range(8)]
+    items = [device.encode_or_decode(data, 10**6)[0] for data in jpegs]
+    pool = inference.split_pool(4, "processes")
+    assert isinstance(pool, DecodeWorkers)
+    for pid in pool.pids:  # dead before the batch, unnoticed until a call reaches them
+        os.kill(pid, signal.SIGKILL)
+    renewed: list[object] = []
+
+    def renew(broken: object) -> object:
+        renewed.append(broken)
+        return inference.split_pool(4, "processes", broken=broken)  # type: ignore[arg-type]
+
+    split = DecodeSplit(pool, share=1.0, workers=4, renew=renew)  # type: ignore[arg-type]
+    batch, failures, decoders = device.batch(items, torch.device("cpu"), torch.float32, split)
+    assert failures == {} and tuple(batch.shape) == (8, 3, 224, 224)
+    assert decoders == ["nvjpeg+device_resize"] * 8, "the dead pool's chunks went to nvjpeg"
+    assert renewed == [pool] and split.lost_workers == 1
+    assert split.pool is inference.split_pool(4, "processes") and split.pool is not pool
+    assert (split.on_host, split.on_device) == (0, 8)
+    # The new pool works: the next batch's host share is decoded by it.
+    batch, failures, decoders = device.batch(items, torch.device("cpu"), torch.float32, split)
+    assert failures == {} and decoders == ["pil"] * 8
+    for row, data in zip(batch, jpegs, strict=True):
+        np.testing.assert_allclose(row.numpy(), host(decode_image(data)), atol=1e-5)
+
+
 def _png(seed: int) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     buffer = io.BytesIO()

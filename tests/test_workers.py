@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import BrokenExecutor
 from pathlib import Path
@@ -16,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tasks.images import Preprocessor, decode_image, host_resize_chunk
-from tasks.workers import DecodeWorkers, decode_reply, encode_call, receive, send
+from tasks.workers import DecodeWorkers, decode_reply, encode_call, receive, send, worker_process
 
 HOST = Preprocessor(64, 48, Image.Resampling.BILINEAR, 1 / 255, (0.5, 0.4, 0.3), (0.2, 0.3, 0.4))
 
@@ -56,6 +54,13 @@ def test_workers_give_pils_pixels_and_error_texts_from_lean_processes() -> None:
         assert all(resident_mb(pid) < 120 for pid in pool.pids)
         with pytest.raises(TypeError, match="host_resize_chunk"):
             pool.submit(os.getpid)
+        # Arguments the protocol cannot carry fail their own call; the workers go on.
+        odd = Preprocessor(64, 48, 2, 1 / 255, (np.float32(0.5),) * 3, (0.5,) * 3)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="JSON serializable"):
+            pool.submit(host_resize_chunk, odd, items[:1], 10**6).result(timeout=60)
+        assert isinstance(
+            pool.submit(host_resize_chunk, HOST, items[:1], 10**6).result(timeout=60)[0], np.ndarray
+        )
     finally:
         pool.shutdown()
     assert all(process.poll() is not None for process in pool._processes), "shutdown ends the workers"
@@ -81,12 +86,7 @@ def test_a_worker_killed_breaks_the_pool_like_a_process_pool() -> None:
 
 
 def test_a_malformed_call_fails_alone_and_the_worker_goes_on() -> None:
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "tasks.workers"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)),
-    )
+    worker = worker_process()
     assert worker.stdin is not None and worker.stdout is not None
     try:
         send(worker.stdin, b"{not json", b"")
@@ -103,3 +103,18 @@ def test_a_malformed_call_fails_alone_and_the_worker_goes_on() -> None:
     finally:
         worker.stdin.close()
         assert worker.wait(timeout=30) == 0, "a worker ends when its input does"
+
+
+def test_workers_import_this_package_whatever_the_working_directory_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine started in a folder that has its own `tasks` package still gets working workers."""
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "__init__.py").write_text("raise ImportError('the wrong tasks package')\n")
+    monkeypatch.chdir(tmp_path)
+    pool = DecodeWorkers(1)
+    try:
+        (pixels,) = pool.submit(host_resize_chunk, HOST, [as_item(jpeg(3))], 10**6).result(timeout=60)
+        assert isinstance(pixels, np.ndarray) and pixels.shape == (64, 48, 3)
+    finally:
+        pool.shutdown()

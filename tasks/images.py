@@ -252,7 +252,11 @@ class Preprocessor:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """An RGB image → float32 array (3, height, width), ready for the model."""
-        pixels: np.ndarray = np.asarray(self.resize(image), dtype=np.float32)
+        return self.normalize(np.asarray(self.resize(image)))
+
+    def normalize(self, resized: np.ndarray) -> np.ndarray:
+        """Resized RGB pixels (height, width, 3) → float32 array (3, height, width), ready for the model."""
+        pixels: np.ndarray = np.asarray(resized, dtype=np.float32)
         if self.do_rescale:
             pixels = pixels * np.float32(self.rescale_factor)
         if self.do_normalize:
@@ -295,7 +299,7 @@ SPLIT_SLACK_SHARE = 0.05  # and so do waits under 5% of the batch's preparation 
 
 
 # One chunk of a batch's host share: its indices, the future of its decoding (None: refused), the pool.
-HostChunk = tuple[list[int], "Future[list[np.ndarray | str]] | None", "Executor | None"]
+HostChunk = tuple[list[int], "Future[list[Decoded | str]] | None", "Executor | None"]
 
 
 class DecodeSplit:
@@ -392,7 +396,7 @@ class DecodeSplit:
                 if isinstance(result, str):
                     failures[i] = result
                 else:
-                    pixels[i] = result
+                    pixels[i] = result[0]
                     decoders[i] = PIL
         self.host_wait = time.perf_counter() - clock
         self.on_host -= len(lost)
@@ -424,17 +428,31 @@ class DecodeSplit:
         self.share = min(1.0, max(0.0, self.share + step))
 
 
-def host_resize_chunk(
-    preprocessor: Preprocessor, items: list[np.ndarray], max_pixels: int
-) -> list[np.ndarray | str]:
-    """A DecodeSplit's host work for one chunk: JPEG bytes → uint8 RGB pixels (H, W, 3) at the model's
-    size (PIL decode + PIL resize: the reference's pixels), or the error text of the image's row.
+# One image decoded on the host: uint8 RGB pixels (H, W, 3) at the model's size, the source's width, height.
+Decoded = tuple[np.ndarray, int, int]
 
-    Module-level and free of torch, so a worker process runs it after importing only this module."""
-    out: list[np.ndarray | str] = []
-    for data in items:
+
+def host_resize_chunk(
+    preprocessor: Preprocessor,
+    items: list[np.ndarray],
+    max_pixels: int,
+    names: list[str] | None = None,
+    exif_orientation: bool = False,
+) -> list[Decoded | str]:
+    """Host decoding of one chunk of files (bytes as uint8 arrays): PIL decode + PIL resize, the
+    reference's pixels, or the error text of the image's row. `names` (file names) mark DICOM files by
+    extension and name the file in messages, as in decode_image.
+
+    Used for a DecodeSplit's share of a batch's JPEGs and, beside a GPU, for `--decode cpu`
+    (tasks.inference). Module-level and free of torch, so a worker process (tasks.workers) runs it
+    after importing only this module."""
+    out: list[Decoded | str] = []
+    for n, data in enumerate(items):
         try:
-            out.append(np.asarray(preprocessor.resize(decode_image(data.tobytes(), max_pixels))))
+            image = decode_image(
+                data.tobytes(), max_pixels, name=names[n] if names else "", exif_orientation=exif_orientation
+            )
+            out.append((np.asarray(preprocessor.resize(image)), image.width, image.height))
         except Exception as exc:
             out.append(decode_error(exc))
     return out

@@ -9,13 +9,14 @@ the next batch while the pool keeps up. Every file becomes exactly one row: `ok`
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import queue
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -30,16 +31,20 @@ from PIL import Image
 
 from tasks.images import (
     DEFAULT_MAX_PIXELS,
+    MAX_POOL_RENEWALS,
     PIL,
     SPLIT_SLACK_SECONDS,
     SPLIT_SLACK_SHARE,
+    Decoded,
     DecodeSplit,
     DevicePreprocessor,
     Preprocessor,
     ProcessorFallback,
     decode_error,
     decode_image,
+    host_resize_chunk,
     nvjpeg_available,
+    on_cuda,
     oversized,
 )
 from tasks.model import LoadedModel, ModelError
@@ -58,6 +63,8 @@ PROBE_FROM_BYTES, PROBE_BYTES = 64 << 20, 1 << 20
 # Called as listener("total", n) once the work is known and listener("advance", n) after each batch;
 # the CLI's progress bar listens here.
 progress_listeners: list[Callable[[str, int], None]] = []
+
+logger = logging.getLogger(__name__)
 
 MESSAGE_LIMIT = 500  # characters of an error row's message: enough to act on, never a dump
 
@@ -135,6 +142,10 @@ class EngineOptions:
     # Where they run: "processes" (worker processes sharing no GIL with the feeder and the model thread;
     # see split_pool) or "threads" (what the H100 runs measured, slower than no split).
     host_decode_pool: Literal["processes", "threads"] = "processes"
+    # With decode "cpu" (exact): PIL decode + resize in worker processes too (tasks.workers; the reader
+    # threads still read and normalize, so the pixels are the same arrays). None: when the model is on
+    # a GPU and host_decode_pool is "processes" (on a CPU the forward needs those cores anyway).
+    decode_cpu_in_processes: bool | None = None
 
 
 @dataclass
@@ -157,6 +168,17 @@ def prepare(
     exif_orientation: bool = False,
 ) -> Prepared:
     """Read, decode and preprocess one file; failures become a Prepared with an error, never raise."""
+    read = read_for_decode(file, fs, max_pixels)
+    if isinstance(read, Prepared):
+        return read
+    data, file = read
+    return decode_prepared(file, data, preprocess, max_pixels, exif_orientation)
+
+
+def read_for_decode(
+    file: DiscoveredFile, fs: fsspec.AbstractFileSystem, max_pixels: int
+) -> tuple[bytes, DiscoveredFile] | Prepared:
+    """A file's bytes (and its listing, refreshed by the read), or the Prepared error row it becomes."""
     if file.size > MAX_FILE_BYTES:
         return Prepared(
             file, error=f"too_large: {file.size} bytes; files over {MAX_FILE_BYTES} bytes are not read"
@@ -166,7 +188,7 @@ def prepare(
             refusal := oversized(read_bytes(fs, file.path, PROBE_BYTES), max_pixels)
         ):
             return Prepared(file, error=refusal[:MESSAGE_LIMIT])
-        data, file = read_file(file, fs)
+        return read_file(file, fs)
     except FileNotFoundError:
         return Prepared(file, error="missing: the file vanished after listing")
     except ConnectionError:
@@ -174,6 +196,12 @@ def prepare(
     # Any other storage error (permissions, a local EIO after retries) concerns this file only.
     except Exception as exc:
         return Prepared(file, error=redact(f"read_failed: {type(exc).__name__}: {exc}")[:MESSAGE_LIMIT])
+
+
+def decode_prepared(
+    file: DiscoveredFile, data: bytes, preprocess: Preprocess, max_pixels: int, exif_orientation: bool
+) -> Prepared:
+    """Decode and preprocess one file's bytes in this thread."""
     try:
         if isinstance(preprocess, DevicePreprocessor):
             pixels, width, height = preprocess.encode_or_decode(
@@ -184,6 +212,98 @@ def prepare(
         return Prepared(file, preprocess(image), width=image.width, height=image.height)
     except Exception as exc:  # ImageError, or a decoder bug on one hostile file: never kill the shard
         return Prepared(file, error=redact(decode_error(exc))[:MESSAGE_LIMIT])
+
+
+EXACT_CHUNK_BYTES = 64 << 20  # file bytes a reader thread hands a decode worker at once (memory bound)
+
+
+class ExactDecoders:
+    """`--decode cpu` beside a GPU: PIL decode + resize in worker processes (tasks.workers), each reader
+    thread sending the files of its run as one call, so the engine's threads keep the GIL for the
+    feeder and the model's launches (on the H100, 16 PIL threads slowed those 7×: bench/README.md).
+    Normalizing stays in the reader thread, with Preprocessor.normalize, the second half of
+    Preprocessor.__call__: the model gets the very arrays the threads would have made.
+
+    If the workers fail (one died; at most MAX_POOL_RENEWALS new pools per run), the files of that
+    call are decoded in the reader thread, as without workers: nothing is lost or changed."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.pool: Executor | None = split_pool(workers, "processes")
+        self.renewals = 0
+        self._lock = threading.Lock()
+
+    def decode(
+        self,
+        preprocessor: Preprocessor,
+        items: list[np.ndarray],
+        names: list[str],
+        max_pixels: int,
+        exif: bool,
+    ) -> list[Decoded | str] | None:
+        """host_resize_chunk's results, or None when the workers could not run the call."""
+        pool = self.pool
+        if pool is None:
+            return None
+        try:
+            return pool.submit(host_resize_chunk, preprocessor, items, max_pixels, names, exif).result()  # type: ignore[no-any-return]
+        except BrokenExecutor:
+            with self._lock:
+                if self.pool is pool:
+                    self.renewals += 1
+                    renew = self.renewals <= MAX_POOL_RENEWALS
+                    self.pool = split_pool(self.workers, "processes", broken=pool) if renew else None
+                    logger.warning(
+                        "a decode worker process ended abruptly; %s",
+                        "starting new ones" if renew else "decoding in threads from now on",
+                    )
+        except Exception as exc:
+            logger.warning("decode workers failed (%s); these files are decoded in threads", exc)
+        return None
+
+    def prepare_run(
+        self,
+        files: Sequence[DiscoveredFile],
+        fs: fsspec.AbstractFileSystem,
+        preprocess: Preprocessor,
+        options: EngineOptions,
+    ) -> list[Prepared]:
+        """prepare() for a run of files, decoded by the workers in calls of up to EXACT_CHUNK_BYTES."""
+        prepared: list[Prepared | None] = []
+        pending: list[tuple[int, DiscoveredFile, bytes]] = []
+
+        def flush() -> None:
+            items = [np.frombuffer(data, np.uint8) for _, _, data in pending]
+            names = [file.path for _, file, _ in pending]
+            results = self.decode(preprocess, items, names, options.max_pixels, options.exif_orientation)
+            for n, (index, file, data) in enumerate(pending):
+                result = results[n] if results is not None else None
+                if result is None:
+                    prepared[index] = decode_prepared(
+                        file, data, preprocess, options.max_pixels, options.exif_orientation
+                    )
+                elif isinstance(result, str):
+                    prepared[index] = Prepared(file, error=redact(result)[:MESSAGE_LIMIT])
+                else:
+                    pixels, width, height = result
+                    prepared[index] = Prepared(file, preprocess.normalize(pixels), width=width, height=height)
+            pending.clear()
+
+        for file in files:
+            read = read_for_decode(file, fs, options.max_pixels)
+            if isinstance(read, Prepared):
+                prepared.append(read)
+                continue
+            data, listed = read
+            pending.append((len(prepared), listed, data))
+            prepared.append(None)
+            if sum(len(item[2]) for item in pending) >= EXACT_CHUNK_BYTES:
+                flush()
+        if pending:
+            flush()
+        done = [item for item in prepared if item is not None]
+        assert len(done) == len(prepared), "every file of the run became a Prepared"
+        return done
 
 
 def host_workers(
@@ -206,19 +326,22 @@ def prepared_stream(
     preprocess: Preprocess,
     options: EngineOptions,
     blocked: list[float] | None = None,
+    exact: ExactDecoders | None = None,
 ) -> Iterator[Prepared]:
     """Prepared files in input order, with at most a bounded number in flight.
 
     Files go to the workers in small runs (up to 16 at a time, fewer when that would leave workers
     idle): one future per file cost more Python time than reading a JPEG for nvjpeg does. Seconds spent
     waiting for runs the workers had not finished yet are added to `blocked[0]` (the DecodeSplit's sign
-    that the readers are behind).
+    that the readers are behind). With `exact`, the exact path's decoding runs in worker processes.
     """
     window = (options.batch_size or CPU_BATCH_SIZE) * (options.prefetch_batches + 1)
     workers = options.decode_workers or host_workers(files, preprocess, fs, options.exif_orientation)
     run = max(1, min(16, window // (2 * workers)))
 
     def prepare_run(start: int) -> list[Prepared]:
+        if exact is not None and isinstance(preprocess, Preprocessor):
+            return exact.prepare_run(files[start : start + run], fs, preprocess, options)
         return [
             prepare(file, fs, preprocess, options.max_pixels, options.exif_orientation)
             for file in files[start : start + run]
@@ -467,6 +590,24 @@ def decode_split(
     )
 
 
+def exact_decoders(
+    files: Sequence[DiscoveredFile],
+    fs: fsspec.AbstractFileSystem,
+    preprocess: Preprocess,
+    model: LoadedModel,
+    options: EngineOptions,
+) -> ExactDecoders | None:
+    """Worker processes for the exact path's decoding, one per reader thread; see
+    EngineOptions.decode_cpu_in_processes."""
+    wanted = options.decode_cpu_in_processes
+    if wanted is None:
+        wanted = on_cuda(model.device) and options.host_decode_pool == "processes"
+    if not wanted or not isinstance(preprocess, Preprocessor):
+        return None
+    readers = options.decode_workers or host_workers(files, preprocess, fs, options.exif_orientation)
+    return ExactDecoders(min(MAX_SPLIT_WORKERS, readers))
+
+
 MAX_SPLIT_WORKERS = 16  # each worker may hold one decoded scan: bounded however many cores a node has
 SPLIT_POOLS = ("processes", "threads")
 _split_pools: dict[tuple[str, int], Executor] = {}
@@ -522,7 +663,9 @@ def device_batches(
     lets spare cores decode part of each batch (see EngineOptions.host_decode_share).
     """
     blocked = [0.0]  # seconds spent waiting for reader threads that were not done yet
-    stream = prepared_stream(files, fs, preprocess, options, blocked)
+    stream = prepared_stream(
+        files, fs, preprocess, options, blocked, exact_decoders(files, fs, preprocess, model, options)
+    )
     source = batched(stream, options.batch_size or CPU_BATCH_SIZE)
     split = decode_split(files, fs, preprocess, model, options)
     try:

@@ -9,7 +9,8 @@ copy its CUDA context and threads. These workers run `python -m tasks.workers`: 
 holds numpy, Pillow and tasks.images (~30 MB).
 
 Nothing crosses the pipes as a pickle: a call is JSON (the preprocessor's numbers, the limit, the
-sizes) plus the JPEG bytes, a reply JSON (each image's shape or error text) plus the pixels. So the
+names, the sizes) plus the files' bytes, a reply JSON (each image's shape and source size, or its
+error text) plus the pixels. So the
 engine's process never unpickles what a worker that decodes untrusted files sends back, and a worker
 runs nothing but its one function.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import queue
@@ -37,11 +39,12 @@ from typing import IO, Any
 
 import numpy as np
 
-from tasks.images import Preprocessor, host_resize_chunk
+from tasks.images import Decoded, Preprocessor, host_resize_chunk
 
 HEADER = struct.Struct("!Q")  # each message: its length, then its bytes
-Chunk = list[np.ndarray | str]
-Call = tuple[Future[Chunk], Preprocessor, list[np.ndarray], int]
+Chunk = list[Decoded | str]
+Call = tuple[Future[Chunk], dict[str, Any]]  # a future and host_resize_chunk's arguments by name
+CALL = inspect.signature(host_resize_chunk)
 
 
 def send(stream: IO[bytes], *parts: bytes) -> None:
@@ -61,27 +64,39 @@ def receive(stream: IO[bytes]) -> bytes | None:
     return payload if len(payload) == size else None
 
 
-def encode_call(preprocessor: Preprocessor, items: list[np.ndarray], max_pixels: int) -> tuple[bytes, bytes]:
+def encode_call(arguments: dict[str, Any]) -> tuple[bytes, bytes]:
+    """A host_resize_chunk call (its arguments by name) as a JSON header and the files' bytes."""
+    items = arguments["items"]
     header = {
-        "preprocessor": dataclasses.asdict(preprocessor),
-        "max_pixels": max_pixels,
+        "preprocessor": dataclasses.asdict(arguments["preprocessor"]),
+        "max_pixels": arguments["max_pixels"],
+        "names": arguments.get("names"),
+        "exif_orientation": arguments.get("exif_orientation", False),
         "sizes": [item.nbytes for item in items],
     }
     return json.dumps(header).encode(), join(items)
 
 
-def decode_call(header: bytes, body: bytes) -> tuple[Preprocessor, list[np.ndarray], int]:
+def decode_call(header: bytes, body: bytes) -> dict[str, Any]:
     fields = json.loads(header)
     config = fields["preprocessor"]
-    preprocessor = Preprocessor(**{**config, "mean": tuple(config["mean"]), "std": tuple(config["std"])})
-    return preprocessor, split_body(body, fields["sizes"]), int(fields["max_pixels"])
+    return {
+        "preprocessor": Preprocessor(
+            **{**config, "mean": tuple(config["mean"]), "std": tuple(config["std"])}
+        ),
+        "items": split_body(body, fields["sizes"]),
+        "max_pixels": int(fields["max_pixels"]),
+        "names": fields["names"],
+        "exif_orientation": bool(fields["exif_orientation"]),
+    }
 
 
 def encode_reply(results: Chunk) -> tuple[bytes, bytes]:
     described = [
-        {"error": result} if isinstance(result, str) else {"shape": list(result.shape)} for result in results
+        {"error": result} if isinstance(result, str) else {"shape": list(result[0].shape), "size": result[1:]}
+        for result in results
     ]
-    return json.dumps(described).encode(), join([r for r in results if not isinstance(r, str)])
+    return json.dumps(described).encode(), join([r[0] for r in results if not isinstance(r, str)])
 
 
 def decode_reply(header: bytes, body: bytes) -> Chunk:
@@ -93,7 +108,7 @@ def decode_reply(header: bytes, body: bytes) -> Chunk:
         array.reshape(shape)
         for array, shape in zip(split_body(body, [int(np.prod(s)) for s in shapes]), shapes, strict=True)
     )
-    return [d["error"] if "error" in d else next(arrays) for d in described]
+    return [d["error"] if "error" in d else (next(arrays), *d["size"]) for d in described]
 
 
 def join(arrays: list[np.ndarray]) -> bytes:
@@ -151,18 +166,16 @@ class DecodeWorkers(Executor):
         return [process.pid for process in self._processes]
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        if fn is not host_resize_chunk or kwargs:
-            raise TypeError(
-                "decode workers run tasks.images.host_resize_chunk(preprocessor, items, max_pixels)"
-            )
-        preprocessor, items, max_pixels = args
+        if fn is not host_resize_chunk:
+            raise TypeError("decode workers run tasks.images.host_resize_chunk only")
+        arguments = dict(CALL.bind(*args, **kwargs).arguments)
         with self._lock:
             if self._broken is not None:
                 raise BrokenExecutor(self._broken)
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             future: Future[Chunk] = Future()
-            self._calls.put((future, preprocessor, items, max_pixels))
+            self._calls.put((future, arguments))
             return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -183,14 +196,14 @@ class DecodeWorkers(Executor):
     def _serve(self, process: subprocess.Popen[bytes]) -> None:
         assert process.stdin is not None and process.stdout is not None
         while (call := self._calls.get()) is not None:
-            future, preprocessor, items, max_pixels = call
+            future, arguments = call
             if not future.set_running_or_notify_cancel():
                 continue
             if self._broken is not None:
                 future.set_exception(BrokenExecutor(self._broken))
                 continue
             try:
-                call_header, call_body = encode_call(preprocessor, items, max_pixels)
+                call_header, call_body = encode_call(arguments)
             except Exception as exc:  # arguments this protocol cannot carry: that call fails alone
                 future.set_exception(exc)
                 continue
@@ -254,7 +267,7 @@ def main() -> None:
     sys.stdout = sys.stderr  # a stray print must not corrupt the replies
     while (header := receive(calls)) is not None and (body := receive(calls)) is not None:
         try:
-            send(replies, *encode_reply(host_resize_chunk(*decode_call(header, body))))
+            send(replies, *encode_reply(host_resize_chunk(**decode_call(header, body))))
         except Exception as exc:  # a malformed call: that call fails, the worker goes on
             send(replies, json.dumps({"failed": f"{type(exc).__name__}: {exc}"}).encode(), b"")
 

@@ -1,4 +1,5 @@
-"""tasks.workers: the worker processes that take the host share of a split batch off the engine's GIL."""
+"""tasks.workers: the worker processes that take host decoding (a split batch's host share, and the
+exact `--decode cpu` path beside a GPU) off the engine's GIL."""
 
 from __future__ import annotations
 
@@ -7,14 +8,27 @@ import os
 import signal
 import time
 from concurrent.futures import BrokenExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tasks import inference
 from tasks.images import Preprocessor, decode_image, host_resize_chunk
+from tasks.inference import EngineOptions, classify_files
+from tasks.model import load_model
+from tasks.storage import list_images, open_location
 from tasks.workers import DecodeWorkers, decode_reply, encode_call, receive, send, worker_process
+from tests.corpus import (
+    animated_gif,
+    bad_files,
+    exif_rotated_jpeg,
+    multipage_tiff,
+    sixteen_bit_png,
+    write_files,
+)
 
 HOST = Preprocessor(64, 48, Image.Resampling.BILINEAR, 1 / 255, (0.5, 0.4, 0.3), (0.2, 0.3, 0.4))
 
@@ -42,8 +56,10 @@ def test_workers_give_pils_pixels_and_error_texts_from_lean_processes() -> None:
         items = [as_item(d) for d in [*data, data[0][:200], b"not an image at all"]]
         results = pool.submit(host_resize_chunk, HOST, items, 10**6).result(timeout=60)
         for got, source in zip(results[:3], data, strict=True):
-            assert isinstance(got, np.ndarray) and got.shape == (64, 48, 3)
-            assert np.array_equal(got, np.asarray(HOST.resize(decode_image(source))))  # PIL's own pixels
+            assert isinstance(got, tuple)
+            pixels, width, height = got
+            assert pixels.shape == (64, 48, 3) and (width, height) == (130, 90), "the source's own size"
+            assert np.array_equal(pixels, np.asarray(HOST.resize(decode_image(source))))  # PIL's own pixels
         assert isinstance(results[3], str) and results[3].startswith("truncated:")
         assert isinstance(results[4], str) and results[4].startswith("not_an_image:")
         assert pool.submit(host_resize_chunk, HOST, [], 10**6).result(timeout=60) == []
@@ -58,9 +74,7 @@ def test_workers_give_pils_pixels_and_error_texts_from_lean_processes() -> None:
         odd = Preprocessor(64, 48, 2, 1 / 255, (np.float32(0.5),) * 3, (0.5,) * 3)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="JSON serializable"):
             pool.submit(host_resize_chunk, odd, items[:1], 10**6).result(timeout=60)
-        assert isinstance(
-            pool.submit(host_resize_chunk, HOST, items[:1], 10**6).result(timeout=60)[0], np.ndarray
-        )
+        assert isinstance(pool.submit(host_resize_chunk, HOST, items[:1], 10**6).result(timeout=60)[0], tuple)
     finally:
         pool.shutdown()
     assert all(process.poll() is not None for process in pool._processes), "shutdown ends the workers"
@@ -95,11 +109,12 @@ def test_a_malformed_call_fails_alone_and_the_worker_goes_on() -> None:
         with pytest.raises(RuntimeError, match="decode worker failed: JSONDecodeError"):
             decode_reply(header, body)
         item = as_item(jpeg(2))
-        send(worker.stdin, *encode_call(HOST, [item], 10**6))
+        send(worker.stdin, *encode_call({"preprocessor": HOST, "items": [item], "max_pixels": 10**6}))
         header, body = receive(worker.stdout), receive(worker.stdout)
         assert header is not None and body is not None
-        (pixels,) = decode_reply(header, body)
-        assert np.array_equal(pixels, host_resize_chunk(HOST, [item], 10**6)[0])
+        ((pixels, width, height),) = decode_reply(header, body)
+        assert np.array_equal(pixels, host_resize_chunk(HOST, [item], 10**6)[0][0])
+        assert (width, height) == (130, 90)
     finally:
         worker.stdin.close()
         assert worker.wait(timeout=30) == 0, "a worker ends when its input does"
@@ -114,7 +129,55 @@ def test_workers_import_this_package_whatever_the_working_directory_holds(
     monkeypatch.chdir(tmp_path)
     pool = DecodeWorkers(1)
     try:
-        (pixels,) = pool.submit(host_resize_chunk, HOST, [as_item(jpeg(3))], 10**6).result(timeout=60)
+        ((pixels, _, _),) = pool.submit(host_resize_chunk, HOST, [as_item(jpeg(3))], 10**6).result(timeout=60)
         assert isinstance(pixels, np.ndarray) and pixels.shape == (64, 48, 3)
     finally:
         pool.shutdown()
+
+
+def rows_without_time(table: object) -> list[dict[str, object]]:
+    return [{k: v for k, v in row.items() if k != "processed_at"} for row in table.to_pylist()]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("exif", [False, True])
+def test_exact_path_decoded_in_workers_gives_the_very_same_rows(
+    image_folder: Path, tiny_model: str, exif: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--decode cpu` beside a GPU decodes in worker processes: every row, error texts and
+    probabilities included, equals the one the reader threads make (here forced on, on the CPU)."""
+    write_files(image_folder / "bad", {name: data for name, (data, _) in bad_files().items()})
+    write_files(image_folder / "more", {"rotated.jpg": exif_rotated_jpeg(), "multi.tif": multipage_tiff()})
+    write_files(image_folder / "more", {"deep.png": sixteen_bit_png()[0], "moving.gif": animated_gif()})
+    model = load_model(tiny_model, device="cpu", precision="fp32")
+    location = open_location(str(image_folder))
+    files = list(list_images(location))
+    options = EngineOptions(batch_size=4, decode="cpu", exif_orientation=exif)
+    threads = classify_files(files, location.fs, model, options, "r", "s")
+    in_workers = replace(options, decode_cpu_in_processes=True)
+
+    def not_in_this_process(*args: object) -> None:
+        raise AssertionError("a file was decoded in the engine's process")
+
+    monkeypatch.setattr(inference, "decode_prepared", not_in_this_process)
+    processes = classify_files(files, location.fs, model, in_workers, "r", "s")
+    assert rows_without_time(processes) == rows_without_time(threads)
+    assert len(files) == 23 and threads.column("status").to_pylist().count("error") == 11
+
+
+def test_exact_path_workers_that_die_change_no_row(image_folder: Path, tiny_model: str) -> None:
+    """Workers killed before the run: the first call finds them dead, its files are decoded in the
+    reader thread, a new pool takes the rest; the rows are the same."""
+    model = load_model(tiny_model, device="cpu", precision="fp32")
+    location = open_location(str(image_folder))
+    files = list(list_images(location)) * 4
+    options = EngineOptions(batch_size=4, decode="cpu", decode_workers=2)
+    threads = classify_files(files, location.fs, model, options, "r", "s")
+    pool = inference.split_pool(2, "processes")
+    assert isinstance(pool, DecodeWorkers)
+    for pid in pool.pids:
+        os.kill(pid, signal.SIGKILL)
+    processes = classify_files(
+        files, location.fs, model, replace(options, decode_cpu_in_processes=True), "r", "s"
+    )
+    assert rows_without_time(processes) == rows_without_time(threads)
+    assert inference.split_pool(2, "processes") is not pool, "the broken pool was replaced"

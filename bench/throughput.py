@@ -554,7 +554,7 @@ def main() -> None:
             f"engine_{precision}"
             + ("_decode_gpu" if decode == "gpu" else "")
             + ("" if share == 0 else "_adaptive_split" if share is None else f"_host_share_{share}")
-            + ("_threads" if share != 0 and pool == "threads" else "")
+            + ("_threads" if pool == "threads" else "")
             + ("" if overlap else "_serial")
         )
         results[f"{key}_img_s"] = speed
@@ -571,6 +571,10 @@ def main() -> None:
 
     for precision in precisions:
         sections.run(f"engine_{precision}", engine, precision)
+    if args.device == "cuda":
+        # --decode cpu beside a GPU decodes in worker processes (since the eighth session); the reader
+        # threads doing it themselves, as in runs A and B, for comparison.
+        sections.run("engine_fp16_threads", engine, "fp16", "cpu", True, 0.0, "threads")
     default_precision = resolve_precision("auto", torch.device(args.device))
     if args.device == "cuda" or args.quick:  # on a CPU the device path only proves it runs
         results["device_preprocess_img_s"] = sections.run(

@@ -10,7 +10,9 @@ returns zeros. Everything else is the real engine (`classify_files`, threads, fe
 It reports the reader stream alone (`prepared_stream`) and the whole engine, with the default
 number of reader threads and with 16 (the old default), so a change to the host side shows here
 before a GPU is at hand; then the host share of a DecodeSplit at its largest (PIL decode + resize of
-every JPEG in one thread per core, real batch code, no forward), per core. These are not GPU throughputs.
+every JPEG in one worker per core, processes and threads, real batch code, no forward), per core; then
+the exact path (`--decode cpu`, no forward) with PIL in worker processes and in the reader threads.
+These are not GPU throughputs.
 """
 
 from __future__ import annotations
@@ -108,6 +110,17 @@ def main() -> None:
         suffix = "" if pool == "threads" else "_processes"  # threads keep the keys of earlier runs
         results[f"split_host_decode_{cores}_{pool}_files_s"] = round(rate)
         results[f"split_host_decode_per_core_files_s{suffix}"] = round(rate / cores)
+    # The exact path (`--decode cpu`: PIL decode + resize + normalize), no forward pass: in the reader
+    # threads, and with PIL's part in worker processes (the default beside a GPU).
+    for in_processes in (True, False):
+        options = EngineOptions(
+            batch_size=args.batch_size, decode="cpu", decode_cpu_in_processes=in_processes
+        )
+        classify_files(subset[: args.batch_size], location.fs, model, options, "warm-up", "bench")
+        started = time.perf_counter()
+        table = classify_files(subset, location.fs, model, options, "bench", "bench")
+        rate = table.num_rows / (time.perf_counter() - started)
+        results[f"exact_decode_{'processes' if in_processes else 'threads'}_files_s"] = round(rate)
     publish(results, args.json)
 
 

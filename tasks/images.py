@@ -417,7 +417,11 @@ class DecodeSplit:
             self.pool = None
         else:
             logger.warning("a host decode worker process ended abruptly; starting new ones")
-            self.pool = self.renew(pool)
+            try:
+                self.pool = self.renew(pool)
+            except Exception as exc:  # new processes cannot start: nvjpeg decodes everything
+                logger.warning("host decode workers could not start again (%s)", exc)
+                self.pool = None
 
     def adjust(self, readers_behind: bool, feeder_ahead: bool, slack: float = SPLIT_SLACK_SECONDS) -> None:
         """Move the share after a batch (adaptive mode only); host waits up to `slack` seconds are none."""

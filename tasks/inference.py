@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import BrokenExecutor, Executor, Future, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -224,14 +224,16 @@ class ExactDecoders:
     Normalizing stays in the reader thread, with Preprocessor.normalize, the second half of
     Preprocessor.__call__: the model gets the very arrays the threads would have made.
 
-    If the workers fail (one died; at most MAX_POOL_RENEWALS new pools per run), the files of that
-    call are decoded in the reader thread, as without workers: nothing is lost or changed."""
+    If the workers fail (they cannot start, one died, a call failed), the files of that call are
+    decoded in the reader thread, as without workers: nothing is lost or changed. A broken pool is
+    replaced; after MAX_POOL_RENEWALS failures in one run the workers are given up (and retired, so
+    the next shard starts fresh ones) and the threads decode everything."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self.pool: Executor | None = split_pool(workers, "processes")
-        self.renewals = 0
+        self.failures = 0
         self._lock = threading.Lock()
+        self.pool = start_pool(workers)
 
     def decode(
         self,
@@ -246,19 +248,29 @@ class ExactDecoders:
         if pool is None:
             return None
         try:
-            return pool.submit(host_resize_chunk, preprocessor, items, max_pixels, names, exif).result()  # type: ignore[no-any-return]
-        except BrokenExecutor:
-            with self._lock:
-                if self.pool is pool:
-                    self.renewals += 1
-                    renew = self.renewals <= MAX_POOL_RENEWALS
-                    self.pool = split_pool(self.workers, "processes", broken=pool) if renew else None
-                    logger.warning(
-                        "a decode worker process ended abruptly; %s",
-                        "starting new ones" if renew else "decoding in threads from now on",
-                    )
-        except Exception as exc:
-            logger.warning("decode workers failed (%s); these files are decoded in threads", exc)
+            results: list[Decoded | str] = pool.submit(
+                host_resize_chunk, preprocessor, items, max_pixels, names, exif
+            ).result()
+            if len(results) == len(items):
+                return results
+            problem, unusable = f"{len(results)} results for {len(items)} files", False
+        except Exception as exc:  # a worker died, the pool was retired, or the call itself failed
+            problem = f"{type(exc).__name__}: {exc}"
+            unusable = isinstance(exc, BrokenExecutor | CancelledError | RuntimeError)
+        with self._lock:
+            if self.pool is pool:  # the first reader thread to find this pool failing deals with it
+                self.failures += 1
+                if self.failures > MAX_POOL_RENEWALS:
+                    retire_split_pool(pool)
+                    self.pool = None
+                elif unusable:  # another engine may have started the new pool already: then that one
+                    retire_split_pool(pool)
+                    self.pool = start_pool(self.workers)
+                logger.warning(
+                    "decode workers failed (%s); these files are decoded in threads%s",
+                    problem,
+                    ", and all the others too" if self.pool is None else "",
+                )
         return None
 
     def prepare_run(
@@ -268,9 +280,11 @@ class ExactDecoders:
         preprocess: Preprocessor,
         options: EngineOptions,
     ) -> list[Prepared]:
-        """prepare() for a run of files, decoded by the workers in calls of up to EXACT_CHUNK_BYTES."""
+        """prepare() for a run of files, decoded by the workers in calls of at most EXACT_CHUNK_BYTES
+        of file bytes (a larger file goes alone)."""
         prepared: list[Prepared | None] = []
         pending: list[tuple[int, DiscoveredFile, bytes]] = []
+        pending_bytes = 0
 
         def flush() -> None:
             items = [np.frombuffer(data, np.uint8) for _, _, data in pending]
@@ -286,7 +300,12 @@ class ExactDecoders:
                     prepared[index] = Prepared(file, error=redact(result)[:MESSAGE_LIMIT])
                 else:
                     pixels, width, height = result
-                    prepared[index] = Prepared(file, preprocess.normalize(pixels), width=width, height=height)
+                    try:
+                        prepared[index] = Prepared(
+                            file, preprocess.normalize(pixels), width=width, height=height
+                        )
+                    except Exception as exc:  # as decode_prepared would: an error row, not a failed shard
+                        prepared[index] = Prepared(file, error=redact(decode_error(exc))[:MESSAGE_LIMIT])
             pending.clear()
 
         for file in files:
@@ -295,15 +314,26 @@ class ExactDecoders:
                 prepared.append(read)
                 continue
             data, listed = read
-            pending.append((len(prepared), listed, data))
-            prepared.append(None)
-            if sum(len(item[2]) for item in pending) >= EXACT_CHUNK_BYTES:
+            if pending and pending_bytes + len(data) > EXACT_CHUNK_BYTES:
                 flush()
+                pending_bytes = 0
+            pending.append((len(prepared), listed, data))
+            pending_bytes += len(data)
+            prepared.append(None)
         if pending:
             flush()
         done = [item for item in prepared if item is not None]
         assert len(done) == len(prepared), "every file of the run became a Prepared"
         return done
+
+
+def start_pool(workers: int) -> Executor | None:
+    """The process-wide decode worker pool, or None (with a warning) when its processes cannot start."""
+    try:
+        return split_pool(workers, "processes")
+    except Exception as exc:  # out of processes, memory or file descriptors: decode in threads
+        logger.warning("decode worker processes could not start (%s); decoding in threads", exc)
+        return None
 
 
 def host_workers(
@@ -580,8 +610,11 @@ def decode_split(
         return None
     start = learned_split_share.get(str(model.device), 0.0)
     kind = options.host_decode_pool
+    pool = split_pool(workers, kind) if kind == "threads" else start_pool(workers)
+    if pool is None:
+        return None
     return DecodeSplit(
-        split_pool(workers, kind),
+        pool,
         options.host_decode_share,
         start=start,
         max_pixels=options.max_pixels,
@@ -619,6 +652,15 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def retire_split_pool(pool: Executor) -> None:
+    """Shut `pool` down and forget it, so the next split_pool call of its kind and size starts anew."""
+    with _split_lock:
+        for key, cached in list(_split_pools.items()):
+            if cached is pool:
+                del _split_pools[key]
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def split_pool(workers: int, kind: str = "processes", broken: Executor | None = None) -> Executor:

@@ -47,9 +47,15 @@ Call = tuple[Future[Chunk], dict[str, Any]]  # a future and host_resize_chunk's 
 CALL = inspect.signature(host_resize_chunk)
 
 
-def send(stream: IO[bytes], *parts: bytes) -> None:
+def send(stream: IO[bytes], header: bytes, body: list[memoryview] | bytes) -> None:
+    """Two messages: the header, then the body, written from its parts as they are (no joined copy)."""
+    parts = [body] if isinstance(body, bytes) else body
+    stream.write(HEADER.pack(len(header)))
+    stream.write(header)
+    stream.write(
+        HEADER.pack(sum(part.nbytes if isinstance(part, memoryview) else len(part) for part in parts))
+    )
     for part in parts:
-        stream.write(HEADER.pack(len(part)))
         stream.write(part)
     stream.flush()
 
@@ -64,7 +70,7 @@ def receive(stream: IO[bytes]) -> bytes | None:
     return payload if len(payload) == size else None
 
 
-def encode_call(arguments: dict[str, Any]) -> tuple[bytes, bytes]:
+def encode_call(arguments: dict[str, Any]) -> tuple[bytes, list[memoryview]]:
     """A host_resize_chunk call (its arguments by name) as a JSON header and the files' bytes."""
     items = arguments["items"]
     header = {
@@ -91,7 +97,7 @@ def decode_call(header: bytes, body: bytes) -> dict[str, Any]:
     }
 
 
-def encode_reply(results: Chunk) -> tuple[bytes, bytes]:
+def encode_reply(results: Chunk) -> tuple[bytes, list[memoryview]]:
     described = [
         {"error": result} if isinstance(result, str) else {"shape": list(result[0].shape), "size": result[1:]}
         for result in results
@@ -111,9 +117,9 @@ def decode_reply(header: bytes, body: bytes) -> Chunk:
     return [d["error"] if "error" in d else (next(arrays), *d["size"]) for d in described]
 
 
-def join(arrays: list[np.ndarray]) -> bytes:
-    """The arrays' bytes, one after another, copied once (`tobytes` then a join would copy twice)."""
-    return b"".join(np.ascontiguousarray(array).data.cast("B") for array in arrays)
+def join(arrays: list[np.ndarray]) -> list[memoryview]:
+    """The arrays' bytes, one after another, as views for `send` to write (no copy of contiguous ones)."""
+    return [np.ascontiguousarray(array).data.cast("B") for array in arrays]
 
 
 def split_body(body: bytes, sizes: list[int]) -> list[np.ndarray]:

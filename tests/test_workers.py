@@ -6,20 +6,24 @@ from __future__ import annotations
 import io
 import os
 import signal
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import BrokenExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tasks import inference
+from tasks import inference, workers
 from tasks.images import Preprocessor, decode_image, host_resize_chunk
 from tasks.inference import EngineOptions, classify_files
 from tasks.model import load_model
-from tasks.storage import list_images, open_location
+from tasks.storage import DiscoveredFile, list_images, open_location
 from tasks.workers import DecodeWorkers, decode_reply, encode_call, receive, send, worker_process
 from tests.corpus import (
     animated_gif,
@@ -139,12 +143,16 @@ def rows_without_time(table: object) -> list[dict[str, object]]:
     return [{k: v for k, v in row.items() if k != "processed_at"} for row in table.to_pylist()]  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("exif", [False, True])
+@pytest.mark.parametrize(("exif", "chunk_bytes"), [(False, None), (True, None), (False, 1)])
 def test_exact_path_decoded_in_workers_gives_the_very_same_rows(
-    image_folder: Path, tiny_model: str, exif: bool, monkeypatch: pytest.MonkeyPatch
+    image_folder: Path, tiny_model: str, exif: bool, chunk_bytes: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`--decode cpu` beside a GPU decodes in worker processes: every row, error texts and
-    probabilities included, equals the one the reader threads make (here forced on, on the CPU)."""
+    probabilities included, equals the one the reader threads make (here forced on, on the CPU).
+    chunk_bytes=1: each file of a run goes to the workers in a call of its own."""
+    monkeypatch.setattr(inference, "_split_pools", {})  # this test's own workers
+    if chunk_bytes is not None:
+        monkeypatch.setattr(inference, "EXACT_CHUNK_BYTES", chunk_bytes)
     write_files(image_folder / "bad", {name: data for name, (data, _) in bad_files().items()})
     write_files(image_folder / "more", {"rotated.jpg": exif_rotated_jpeg(), "multi.tif": multipage_tiff()})
     write_files(image_folder / "more", {"deep.png": sixteen_bit_png()[0], "moving.gif": animated_gif()})
@@ -164,20 +172,78 @@ def test_exact_path_decoded_in_workers_gives_the_very_same_rows(
     assert len(files) == 23 and threads.column("status").to_pylist().count("error") == 11
 
 
-def test_exact_path_workers_that_die_change_no_row(image_folder: Path, tiny_model: str) -> None:
-    """Workers killed before the run: the first call finds them dead, its files are decoded in the
-    reader thread, a new pool takes the rest; the rows are the same."""
+def counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The files decoded in the engine's own process from now on (inference.decode_prepared calls)."""
+    calls: list[str] = []
+    original = inference.decode_prepared
+
+    def counting(file: DiscoveredFile, *args: Any) -> Any:
+        calls.append(file.path)
+        return original(file, *args)
+
+    monkeypatch.setattr(inference, "decode_prepared", counting)
+    return calls
+
+
+def engine_runs(image_folder: Path, tiny_model: str) -> tuple[Callable[[bool], list[dict[str, object]]], int]:
     model = load_model(tiny_model, device="cpu", precision="fp32")
     location = open_location(str(image_folder))
     files = list(list_images(location)) * 4
     options = EngineOptions(batch_size=4, decode="cpu", decode_workers=2)
-    threads = classify_files(files, location.fs, model, options, "r", "s")
+
+    def run(in_processes: bool) -> list[dict[str, object]]:
+        chosen = replace(options, decode_cpu_in_processes=in_processes)
+        return rows_without_time(classify_files(files, location.fs, model, chosen, "r", "s"))
+
+    return run, len(files)
+
+
+def test_exact_path_workers_that_die_change_no_row(
+    image_folder: Path, tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers killed before the run: the calls that find them dead are decoded in the reader threads
+    (one run of files each, two threads), a new pool takes the rest; the rows are the same."""
+    monkeypatch.setattr(inference, "_split_pools", {})
+    run, images = engine_runs(image_folder, tiny_model)
+    threads = run(False)
     pool = inference.split_pool(2, "processes")
     assert isinstance(pool, DecodeWorkers)
     for pid in pool.pids:
         os.kill(pid, signal.SIGKILL)
-    processes = classify_files(
-        files, location.fs, model, replace(options, decode_cpu_in_processes=True), "r", "s"
-    )
-    assert rows_without_time(processes) == rows_without_time(threads)
+    in_threads = counted(monkeypatch)
+    assert run(True) == threads
+    assert 1 <= len(in_threads) <= 6 < images, "only the calls that met the dead pool"
     assert inference.split_pool(2, "processes") is not pool, "the broken pool was replaced"
+
+
+def test_exact_path_gives_up_workers_that_keep_dying_or_cannot_start(
+    image_folder: Path, tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run, images = engine_runs(image_folder, tiny_model)
+    threads = run(False)
+    # Workers that exit at once: every call fails; after MAX_POOL_RENEWALS new pools, threads only.
+    monkeypatch.setattr(inference, "_split_pools", {})
+    started: list[int] = []
+
+    def short_lived() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            [sys.executable, "-c", "pass"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        started.append(process.pid)
+        return process
+
+    monkeypatch.setattr(workers, "worker_process", short_lived)
+    in_threads = counted(monkeypatch)
+    assert run(True) == threads
+    assert len(in_threads) == images, "every file ended up decoded in a reader thread"
+    assert len(started) == 2 * (1 + inference.MAX_POOL_RENEWALS), "two workers a pool, then no more"
+    assert inference._split_pools == {}, "the last broken pool was retired, not left for the next shard"
+    # Workers that cannot start at all (out of processes): threads from the start, same rows.
+    monkeypatch.setattr(inference, "_split_pools", {})
+
+    def refused() -> subprocess.Popen[bytes]:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(workers, "worker_process", refused)
+    in_threads.clear()
+    assert run(True) == threads and len(in_threads) == images

@@ -270,16 +270,23 @@ def test_host_share_of_a_split_batch_gives_the_reference_pixels_and_error_catego
     )
 
 
+def jpegs_for_a_split(
+    count: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Preprocessor, DevicePreprocessor, list[bytes], list[np.ndarray]]:
+    """`count` JPEGs as the reader threads hand them to a split batch, with PIL standing in for nvjpeg."""
+    monkeypatch.setattr(DevicePreprocessor, "_decode_jpegs", staticmethod(pil_stand_in_for_nvjpeg))
+    host = Preprocessor(224, 224, Image.Resampling.BILINEAR, 1 / 255, (0.5,) * 3, (0.25,) * 3)
+    device = DevicePreprocessor(host, nvjpeg=True)
+    jpegs = [noise_jpeg(seed) for seed in range(count)]
+    return host, device, jpegs, [device.encode_or_decode(data, 10**6)[0] for data in jpegs]
+
+
 def test_a_host_decode_worker_that_dies_loses_no_image_and_the_pool_is_renewed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A worker process killed mid-run (out of memory, a decoder crash) breaks its pool: the chunk that
     pool refused is decoded by nvjpeg in the same batch, and the next chunk goes to a new pool."""
-    monkeypatch.setattr(DevicePreprocessor, "_decode_jpegs", staticmethod(pil_stand_in_for_nvjpeg))
-    host = Preprocessor(224, 224, Image.Resampling.BILINEAR, 1 / 255, (0.5,) * 3, (0.25,) * 3)
-    device = DevicePreprocessor(host, nvjpeg=True)
-    jpegs = [noise_jpeg(seed) for seed in range(6)]
-    items = [device.encode_or_decode(data, 10**6)[0] for data in jpegs]
+    host, device, jpegs, items = jpegs_for_a_split(6, monkeypatch)
     pool = inference.split_pool(2, "processes")
     assert isinstance(pool, DecodeWorkers) and os.getpid() not in pool.pids
     os.kill(pool.pids[0], signal.SIGKILL)
@@ -306,11 +313,7 @@ def test_workers_that_die_during_a_batch_cost_one_new_pool_and_no_image(
 ) -> None:
     """Every chunk of a pool whose workers died fails; the split renews the pool once, not per chunk
     (a second renewal would shut down the healthy pool it just got), and nvjpeg decodes the chunks."""
-    monkeypatch.setattr(DevicePreprocessor, "_decode_jpegs", staticmethod(pil_stand_in_for_nvjpeg))
-    host = Preprocessor(224, 224, Image.Resampling.BILINEAR, 1 / 255, (0.5,) * 3, (0.25,) * 3)
-    device = DevicePreprocessor(host, nvjpeg=True)
-    jpegs = [noise_jpeg(seed) for seed in range(8)]
-    items = [device.encode_or_decode(data, 10**6)[0] for data in jpegs]
+    host, device, jpegs, items = jpegs_for_a_split(8, monkeypatch)
     pool = inference.split_pool(4, "processes")
     assert isinstance(pool, DecodeWorkers)
     for pid in pool.pids:  # dead before the batch, unnoticed until a call reaches them

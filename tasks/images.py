@@ -324,8 +324,8 @@ class DecodeSplit:
     a process pool moves a few large messages per batch). A worker process that dies (killed for memory,
     or a decoder crash) loses no image: the chunks of its pool go to nvjpeg in the same batch (and, for
     files nvjpeg rejects, to PIL in this process, as `--decode cpu` decodes every file), and `renew`
-    (given the broken pool) supplies a new pool for the next batches, at most MAX_POOL_RENEWALS times;
-    without `renew`, or after that, the split stops.
+    (given the broken pool) supplies a new pool for the next batches (or None: it could not), at most
+    MAX_POOL_RENEWALS times; without `renew`, or after that, the split stops.
     """
 
     def __init__(
@@ -335,7 +335,7 @@ class DecodeSplit:
         start: float = 0.0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         workers: int = 1,
-        renew: Callable[[Executor], Executor] | None = None,
+        renew: Callable[[Executor], Executor | None] | None = None,
     ) -> None:
         if share is not None and not 0.0 <= share <= 1.0:
             raise ValueError(f"host decode share must be between 0 and 1, got {share}")
@@ -417,11 +417,7 @@ class DecodeSplit:
             self.pool = None
         else:
             logger.warning("a host decode worker process ended abruptly; starting new ones")
-            try:
-                self.pool = self.renew(pool)
-            except Exception as exc:  # new processes cannot start: nvjpeg decodes everything
-                logger.warning("host decode workers could not start again (%s)", exc)
-                self.pool = None
+            self.pool = self.renew(pool)  # None when no new workers can start: nvjpeg decodes all
 
     def adjust(self, readers_behind: bool, feeder_ahead: bool, slack: float = SPLIT_SLACK_SECONDS) -> None:
         """Move the share after a batch (adaptive mode only); host waits up to `slack` seconds are none."""

@@ -263,9 +263,8 @@ class ExactDecoders:
                 if self.failures > MAX_POOL_RENEWALS:
                     retire_split_pool(pool)
                     self.pool = None
-                elif unusable:  # another engine may have started the new pool already: then that one
-                    retire_split_pool(pool)
-                    self.pool = start_pool(self.workers)
+                elif unusable:
+                    self.pool = renewed_pool(pool, self.workers)
                 logger.warning(
                     "decode workers failed (%s); these files are decoded in threads%s",
                     problem,
@@ -327,13 +326,20 @@ class ExactDecoders:
         return done
 
 
-def start_pool(workers: int) -> Executor | None:
-    """The process-wide decode worker pool, or None (with a warning) when its processes cannot start."""
+def start_pool(workers: int, kind: str = "processes") -> Executor | None:
+    """split_pool, or None (with a warning) when its processes cannot start: decode in threads then."""
     try:
-        return split_pool(workers, "processes")
-    except Exception as exc:  # out of processes, memory or file descriptors: decode in threads
-        logger.warning("decode worker processes could not start (%s); decoding in threads", exc)
+        return split_pool(workers, kind)
+    except Exception as exc:  # out of processes, memory or file descriptors
+        logger.warning("decode worker processes could not start (%s); decoding without them", exc)
         return None
+
+
+def renewed_pool(failed: Executor, workers: int, kind: str = "processes") -> Executor | None:
+    """The pool to use instead of `failed`: a new one, or the one another engine of this process
+    already started in its place (engines that share a pool all see it fail)."""
+    retire_split_pool(failed)
+    return start_pool(workers, kind)
 
 
 def host_workers(
@@ -610,7 +616,7 @@ def decode_split(
         return None
     start = learned_split_share.get(str(model.device), 0.0)
     kind = options.host_decode_pool
-    pool = split_pool(workers, kind) if kind == "threads" else start_pool(workers)
+    pool = start_pool(workers, kind)
     if pool is None:
         return None
     return DecodeSplit(
@@ -619,7 +625,7 @@ def decode_split(
         start=start,
         max_pixels=options.max_pixels,
         workers=workers,
-        renew=lambda broken: split_pool(workers, kind, broken=broken),
+        renew=lambda failed: renewed_pool(failed, workers, kind),
     )
 
 
@@ -663,22 +669,19 @@ def retire_split_pool(pool: Executor) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
-def split_pool(workers: int, kind: str = "processes", broken: Executor | None = None) -> Executor:
+def split_pool(workers: int, kind: str = "processes") -> Executor:
     """One pool of host-decode workers per kind and size for the whole process, so the shards that run at
-    once (two with the local runner) share the spare cores instead of each claiming them all. `broken`:
-    a pool that lost a worker process; it is replaced (the others keep theirs).
+    once (two with the local runner) share the spare cores instead of each claiming them all. A pool
+    that failed is retired (retire_split_pool) and the next call starts a new one (renewed_pool).
 
-    "processes" are fresh interpreters (tasks.workers.DecodeWorkers) that share no GIL with the feeder and the model
-    thread and import only numpy, Pillow and tasks.images; they start here, while the first batch is
-    still being read, and end with this process."""
+    "processes" are fresh interpreters (tasks.workers.DecodeWorkers) that share no GIL with the feeder
+    and the model thread and import only numpy, Pillow and tasks.images; they start here, while the
+    first batch is still being read, and end with this process."""
     if kind not in SPLIT_POOLS:
         raise ValueError(f"host decode pool must be one of {SPLIT_POOLS}, got {kind!r}")
     with _split_lock:
         key = (kind, workers)
         pool = _split_pools.get(key)
-        if pool is not None and pool is broken:
-            pool.shutdown(wait=False, cancel_futures=True)
-            pool = None
         if pool is None:
             if kind == "threads":
                 pool = ThreadPoolExecutor(workers, thread_name_prefix="oncoflow-split")

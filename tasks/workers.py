@@ -17,7 +17,7 @@ runs nothing but its one function.
 Semantics follow ProcessPoolExecutor where they matter: results and exceptions come back through the
 Future; if a worker process dies (killed for memory, a crash in a decoder), the pool is broken: the
 Futures in flight and queued fail with BrokenExecutor, later submits raise it, and the caller starts a
-new pool (tasks.inference.split_pool).
+new pool (tasks.inference.renewed_pool).
 """
 
 from __future__ import annotations

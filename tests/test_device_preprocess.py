@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import BrokenExecutor, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -295,7 +295,7 @@ def test_a_host_decode_worker_that_dies_loses_no_image_and_the_pool_is_renewed(
         while time.monotonic() < deadline:
             pool.submit(host_resize_chunk, host, items[:1], 10**6).result(timeout=60)
     split = DecodeSplit(
-        pool, share=0.5, workers=2, renew=lambda broken: inference.split_pool(2, "processes", broken=broken)
+        pool, share=0.5, workers=2, renew=lambda failed: inference.renewed_pool(failed, 2, "processes")
     )
     batch, failures, decoders = device.batch(items, torch.device("cpu"), torch.float32, split)
     assert failures == {} and tuple(batch.shape) == (6, 3, 224, 224)
@@ -320,11 +320,11 @@ def test_workers_that_die_during_a_batch_cost_one_new_pool_and_no_image(
         os.kill(pid, signal.SIGKILL)
     renewed: list[object] = []
 
-    def renew(broken: object) -> object:
-        renewed.append(broken)
-        return inference.split_pool(4, "processes", broken=broken)  # type: ignore[arg-type]
+    def renew(failed: Executor) -> Executor | None:
+        renewed.append(failed)
+        return inference.renewed_pool(failed, 4, "processes")
 
-    split = DecodeSplit(pool, share=1.0, workers=4, renew=renew)  # type: ignore[arg-type]
+    split = DecodeSplit(pool, share=1.0, workers=4, renew=renew)
     batch, failures, decoders = device.batch(items, torch.device("cpu"), torch.float32, split)
     assert failures == {} and tuple(batch.shape) == (8, 3, 224, 224)
     assert decoders == ["nvjpeg+device_resize"] * 8, "the dead pool's chunks went to nvjpeg"

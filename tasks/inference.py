@@ -666,6 +666,7 @@ def retire_split_pool(pool: Executor) -> None:
         for key, cached in list(_split_pools.items()):
             if cached is pool:
                 del _split_pools[key]
+    atexit.unregister(pool.shutdown)  # registered by split_pool; a retired pool need not wait for exit
     pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -347,7 +347,7 @@ class DecodeSplit:
         self.renew = renew
         self.host_wait = 0.0  # seconds the last batch waited for its host part after nvjpeg was done
         self.on_host = self.on_device = 0  # JPEGs decoded so far by each side
-        self.lost_workers = 0  # host chunks handed back to nvjpeg because the pool broke
+        self.lost_workers = 0  # pools that broke during this run (each handed its chunks to nvjpeg)
 
     def count(self, jpegs: int) -> int:
         """How many of `jpegs` JPEGs in this batch the host decodes."""

@@ -356,6 +356,16 @@ def host_workers(
     return min(16, cores)
 
 
+def reader_threads(
+    files: Sequence[DiscoveredFile],
+    fs: fsspec.AbstractFileSystem,
+    preprocess: Preprocess,
+    options: EngineOptions,
+) -> int:
+    """The reader threads a run uses: EngineOptions.decode_workers, or host_workers' choice."""
+    return options.decode_workers or host_workers(files, preprocess, fs, options.exif_orientation)
+
+
 def prepared_stream(
     files: Sequence[DiscoveredFile],
     fs: fsspec.AbstractFileSystem,
@@ -372,7 +382,7 @@ def prepared_stream(
     that the readers are behind). With `exact`, the exact path's decoding runs in worker processes.
     """
     window = (options.batch_size or CPU_BATCH_SIZE) * (options.prefetch_batches + 1)
-    workers = options.decode_workers or host_workers(files, preprocess, fs, options.exif_orientation)
+    workers = reader_threads(files, fs, preprocess, options)
     run = max(1, min(16, window // (2 * workers)))
 
     def prepare_run(start: int) -> list[Prepared]:
@@ -607,7 +617,7 @@ def decode_split(
         return None
     workers = options.host_decode_workers
     if workers is None:
-        readers = options.decode_workers or host_workers(files, preprocess, fs, options.exif_orientation)
+        readers = reader_threads(files, fs, preprocess, options)
         # Readers of bytes for nvjpeg mostly wait (on disk, or on S3 with 16 of them): count at most 4 cores.
         workers = min(MAX_SPLIT_WORKERS, max(0, usable_cores() - min(readers, 4) - 2))
         if options.host_decode_share is not None:
@@ -643,7 +653,7 @@ def exact_decoders(
         wanted = on_cuda(model.device) and options.host_decode_pool == "processes"
     if not wanted or not isinstance(preprocess, Preprocessor):
         return None
-    readers = options.decode_workers or host_workers(files, preprocess, fs, options.exif_orientation)
+    readers = reader_threads(files, fs, preprocess, options)
     return ExactDecoders(min(MAX_SPLIT_WORKERS, readers))
 
 

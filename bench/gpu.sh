@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU benchmark run (H100/H200 through the `device` tool), under ~6 minutes:
+# The one prepared GPU benchmark run (H100/H200 through the `device` tool), under ~7 minutes:
 #   bash bench/gpu.sh     # results in $OUT (or bench/): results-gpu.jsonl, nvjpeg-probe.json, gpu.log
 # The device machine has no network but has torch (CUDA), torchvision, transformers, pyarrow, fsspec;
 # what oncoflow needs beyond that (prefect, pydantic, s3fs, ...) travels as wheels in ./.whl (see
@@ -38,14 +38,14 @@ timeout 120 python3 bench/nvjpeg_probe.py --device cuda --json "$DEST/nvjpeg-pro
   | grep --line-buffered -v -E "it/s\]|Loading weights|Writing model|INFO"
 probe=${PIPESTATUS[0]}
 [ "$probe" -eq 0 ] || echo "FAILED bench/nvjpeg_probe.py (exit status $probe): see above; the benchmark goes on"
-timeout "${BENCH_TIMEOUT:-420}" python3 bench/throughput.py --device cuda --images "${IMAGES:-16000}" \
+timeout "${BENCH_TIMEOUT:-480}" python3 bench/throughput.py --device cuda --images "${IMAGES:-16000}" \
   --unique-images 2000 --batch-size "${BATCH:-256}" --snippet-images 200 --pipeline-images 1000 \
   --rss-images 0 0 --discovery-files 0 --flow-shard-sizes 4000 10000 \
   --json "$DEST/results-gpu.jsonl" 2>&1 | grep --line-buffered -v -E "it/s\]|Loading weights|Writing model|INFO"
 status=${PIPESTATUS[0]}
 case "$status" in
   0) echo "bench/throughput.py: every section ran" ;;
-  124) echo "bench/throughput.py was cut off after ${BENCH_TIMEOUT:-420} s: the figures so far are in $DEST/results-gpu.jsonl.partial" ;;
+  124) echo "bench/throughput.py was cut off after ${BENCH_TIMEOUT:-480} s: the figures so far are in $DEST/results-gpu.jsonl.partial" ;;
   *) echo "bench/throughput.py exit status $status: a section failed, see FAILED and its traceback above" ;;
 esac
 exec >&"$console" 2>&1   # close the pipe into tee, then wait for it to write the last lines

@@ -12,7 +12,9 @@ priority's effect). It also checks that its pixels equal torchvision's for one b
 high-priority decode keeps most of its speed beside the forward, the engine can approach the forward's
 ~9,000 img/s by decoding this way (the next step of issue 6); if not, it will not. It also reports
 whether launching the forward waits for the GPU (gpu_overlap.forward_launch): the engine's model
-thread spent ~34 ms per batch launching on the H100.
+thread spent ~34 ms per batch launching on the H100. And whether the host's GIL is the cause instead:
+torchvision's decode beside the forward replayed as a CUDA graph (the model thread then holds the GIL
+for microseconds a batch), and beside the eager forward with a 0.5 ms GIL switch interval.
 """
 
 from __future__ import annotations
@@ -32,13 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.gpu_overlap import (
+from bench.gpu_overlap import (  # noqa: E402
     Bench,
+    add_graphed_forward,
     alone_and_beside_forward,
     forward_launch,
+    measure,
     set_up,
     torchvision_decoder,
-)  # noqa: E402
+)
 
 MAX_COMPONENT = 4
 BACKEND_DEFAULT, BACKEND_HARDWARE = 0, 3
@@ -226,6 +230,19 @@ def main() -> None:
     results.update(forward_launch(bench))
     print({key: value for key, value in results.items() if key.startswith("forward_")}, flush=True)
     alone_and_beside_forward(bench, "decode", args.seconds, results)  # torchvision, for reference
+    # GIL or GPU? torchvision's decode beside the forward replayed as a CUDA graph (the model thread then
+    # holds the GIL for microseconds a batch), and beside the eager forward with a 0.5 ms GIL switch
+    # interval instead of 5 ms (a thread waiting for the GIL gets it sooner).
+    add_graphed_forward(bench)
+    alone_and_beside_forward(bench, "decode", args.seconds, results, forward="forward_graphed")
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    try:
+        counts = measure(bench, ("forward", "decode"), args.seconds)
+    finally:
+        sys.setswitchinterval(interval)
+    results["forward+decode_switch_interval_0.5ms_img_s"] = counts
+    print("decode beside the forward, switch interval 0.5 ms", counts, flush=True)
     for name, stream in (("normal", normal), ("high", high)):
         stage = f"direct_{name}_priority"
         bench.stages[stage] = direct

@@ -46,7 +46,7 @@ from tasks.inference import (  # noqa: E402
     split_images,
     stage_times,
 )
-from tasks.model import DTYPES, clear_model_cache, load_model, resolve_precision  # noqa: E402
+from tasks.model import DTYPES, clear_model_cache, compiled_forward, load_model, resolve_precision  # noqa: E402
 from tasks.storage import list_images, open_location  # noqa: E402
 
 LABELS = {0: "Normal", 1: "Malignant"}
@@ -143,20 +143,34 @@ def bench_pipeline(model_dir: str, paths: list[Path], device: str, precision: st
     return rate(len(paths), seconds)
 
 
-def bench_model_only(model_dir: str, device: str, precision: str, batch_size: int, batches: int) -> float:
+def bench_model_only(
+    model_dir: str, device: str, precision: str, batch_size: int, batches: int, compiled: bool = False
+) -> float:
     """Forward passes on ready tensors: the ceiling for everything else. "tf32" = fp32 weights with
-    TF32 matrix products allowed, switched off again afterwards."""
+    TF32 matrix products allowed, switched off again afterwards. `compiled`: through the engine's
+    --compile forward (tasks.model.CompiledForward); the compile itself is timed apart, in
+    last_stage_times["compile_seconds"]."""
     tf32 = precision == "tf32"
     model = load_model(model_dir, device=device, precision="fp32" if tf32 else precision)  # type: ignore[arg-type]
     torch.backends.cuda.matmul.allow_tf32 = tf32  # PyTorch's default is False (cuDNN's is already True)
     inputs = torch.randn(batch_size, 3, 224, 224, device=model.device, dtype=model.dtype)
+    forward = compiled_forward(model, batch_size) if compiled else None
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        return forward(batch) if forward is not None else model.network(pixel_values=batch).logits
+
     with torch.inference_mode():
-        model.network(pixel_values=inputs[: min(4, batch_size)])  # warm-up
+        started = time.perf_counter()
+        run(inputs[: min(4, batch_size)])  # warm-up (compiled: the compile, at the full batch shape)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
+        if forward is not None:
+            last_stage_times["compile_seconds"] = round(time.perf_counter() - started, 1)
+            if forward.failed:
+                raise RuntimeError(f"torch.compile failed: {forward.failed}")
         started = time.perf_counter()
         for _ in range(batches):
-            model.network(pixel_values=inputs).logits.float().cpu()
+            run(inputs).float().cpu()
         seconds = time.perf_counter() - started
     return rate(batch_size * batches, seconds)
 
@@ -171,8 +185,10 @@ def bench_engine(
     overlap: bool = True,
     host_decode_share: float | None = 0.0,
     host_decode_pool: str = "processes",
+    compiled: bool = False,
 ) -> tuple[float, dict[str, float], dict[str, str]]:
-    """oncoflow's engine (read → decode → batched forward → rows), without Prefect."""
+    """oncoflow's engine (read → decode → batched forward → rows), without Prefect; `compiled`: with
+    --compile (its warm-up batch compiles, or finds the model_only section's compile)."""
     model = load_model(model_dir, device=device, precision=precision)  # type: ignore[arg-type]
     location = open_location(str(folder))
     files = list(list_images(location))
@@ -182,6 +198,7 @@ def bench_engine(
         overlap=overlap,
         host_decode_share=host_decode_share,
         host_decode_pool=host_decode_pool,  # type: ignore[arg-type]
+        compile=compiled,
     )
     classify_files(files[: min(len(files), batch_size)], location.fs, model, options, "warm-up", "bench")
     stage_times.take()
@@ -496,6 +513,12 @@ def main() -> None:
     parser.add_argument("--discovery-files", type=int, default=100_000, help="0 skips discovery")
     parser.add_argument("--history-rows", type=int, default=1_000_000)
     parser.add_argument("--flow-shard-sizes", type=int, nargs="*", default=[1000], help="none skips the flow")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure --compile (model-only and engine; compiling costs 5-25 s on a CPU)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes for the test suite")
     parser.add_argument("--json", help="append the results as one JSON line to this file")
     args = parser.parse_args()
@@ -545,10 +568,11 @@ def main() -> None:
         overlap: bool = True,
         share: float | None = 0.0,
         pool: str = "processes",
+        compiled: bool = False,
     ) -> None:
         nonlocal fp32_probs
         speed, probs, _ = bench_engine(
-            model_dir, corpus, args.device, precision, batch, decode, overlap, share, pool
+            model_dir, corpus, args.device, precision, batch, decode, overlap, share, pool, compiled
         )
         key = (
             f"engine_{precision}"
@@ -556,14 +580,15 @@ def main() -> None:
             + ("" if share == 0 else "_adaptive_split" if share is None else f"_host_share_{share}")
             + ("_threads" if pool == "threads" else "")
             + ("" if overlap else "_serial")
+            + ("_compiled" if compiled else "")
         )
         results[f"{key}_img_s"] = speed
         results[f"{key}_stage_seconds"] = dict(last_stage_times)
         last_stage_times.clear()
-        ceiling = results.get(f"model_only_{precision}_img_s")
+        ceiling = results.get(f"model_only_{precision}{'_compiled' if compiled else ''}_img_s")
         if ceiling:
             results[f"{key}_vs_model_only"] = round(speed / ceiling, 3)
-        if precision == "fp32" and decode == "cpu":
+        if precision == "fp32" and decode == "cpu" and not compiled:
             fp32_probs = probs
             results["engine_fp32_vs_snippet_reference"] = agreement(reference, probs)
         elif fp32_probs:
@@ -625,6 +650,25 @@ def main() -> None:
             *(model_dir, corpus, args.device, default_precision, batch, flow_decode, shard_size, None, 1),
         )
         results.update({f"{key}_one_in_flight": value for key, value in (flow or {}).items()})
+    if args.compile:
+        # --compile: the forward through torch.compile (inductor), model-only then the engine, at the
+        # default precision and decode; the engine's agreement with fp32 is checked like every fast path.
+        # Last, so that a compile cut short by gpu.sh's time limit costs no other section.
+        key = f"model_only_{default_precision}_compiled"
+        results[f"{key}_img_s"] = sections.run(
+            key,
+            bench_model_only,
+            model_dir,
+            args.device,
+            default_precision,
+            batch,
+            20 if args.device == "cuda" else 3,
+            True,
+        )
+        results[f"{key}_compile_seconds"] = last_stage_times.pop("compile_seconds", None)
+        sections.run(
+            f"engine_{default_precision}_compiled", engine, default_precision, flow_decode, compiled=True
+        )
     results["flow_precision"], results["flow_decode"] = default_precision, flow_decode
     if snippet_rate and results.get("engine_fp32_img_s"):
         results["engine_fp32_vs_seed_snippet"] = round(results["engine_fp32_img_s"] / snippet_rate, 2)

@@ -132,6 +132,7 @@ def classify_shard(
         decode=params.decode,
         exif_orientation=params.exif_orientation,
         host_decode_share=host_decode_share,
+        compile=params.compile,
     )
     storage = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
     table = classify_files(files, open_location(params.source, storage).fs, model, options, run_id, shard)
@@ -284,6 +285,7 @@ def classify(
     aws_credentials_block: str | None = None,
     max_error_rate: float | None = None,
     exif_orientation: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Classify every new or changed image under SOURCE into the Parquet dataset at OUTPUT."""
     return classify_images(flow_params(ClassifyParams, **locals()))
@@ -302,6 +304,7 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
         revision, device_type = loaded.revision, loaded.device.type
         engine = resolve_options(EngineOptions(batch_size=params.batch_size, decode=params.decode), loaded)
         placement = f"{loaded.precision}, {loaded.device}, batch {engine.batch_size}, {engine.decode} decode"
+        placement += ", compiled" if params.compile else ""
     else:
         revision, device_type = inspect_model(params.model, params.revision).revision, "workers"
         placement = f"{params.precision} precision, {params.device} device, on the runner's workers"

@@ -200,6 +200,13 @@ MaxErrorRateOption = Annotated[
 ExifOption = Annotated[
     bool, typer.Option(help="Rotate images per their EXIF orientation tag (the reference snippet does not).")
 ]
+CompileOption = Annotated[
+    bool,
+    typer.Option(
+        help="Run the model through torch.compile: batches run faster after a one-time compile per process "
+        "(5-25 s on a CPU, cached on disk). Needs a C++ compiler on a CPU, Triton on a GPU. For large runs."
+    ),
+]
 
 
 def classify_command(
@@ -222,6 +229,7 @@ def classify_command(
     aws_credentials_block: AwsBlockOption = None,
     max_error_rate: MaxErrorRateOption = None,
     exif_orientation: ExifOption = False,
+    compile: CompileOption = False,
 ) -> None:
     """Classify new or changed images under SOURCE; append one Parquet row per image to OUTPUT."""
     params = validated(
@@ -241,16 +249,19 @@ def classify_command(
 
 
 def prepare_local_run(params: ClassifyParams, placement: RunnerParams) -> None:
-    """With the local runner, this process runs the model: check --device and --precision against this
-    machine (exit 2 before any work) and start loading the model while Prefect starts. On a cluster the
+    """With the local runner, this process runs the model: check --device, --precision and --compile
+    against this machine (exit 2 before any work) and start loading the model while Prefect starts. On a cluster the
     workers check and load it (this machine may have no GPU)."""
     if placement.runner != "local":
         return
     from flows.classify import start_loading_model
-    from tasks.model import resolve_device, resolve_precision
+    from tasks.model import check_compile, resolve_device, resolve_precision
 
     try:
-        resolve_precision(params.precision, resolve_device(params.device))
+        device = resolve_device(params.device)
+        resolve_precision(params.precision, device)
+        if params.compile:
+            check_compile(device)
     except ModelError as exc:
         fail(str(exc), code=2)
     start_loading_model(params)
@@ -579,6 +590,7 @@ def reprocess_command(
     aws_credentials_block: AwsBlockOption = None,
     max_error_rate: MaxErrorRateOption = None,
     exif_orientation: ExifOption = False,
+    compile: CompileOption = False,
     runner: RunnerOption = "local",
     dask_address: DaskAddressOption = None,
     dask_workers: DaskWorkersOption = 1,

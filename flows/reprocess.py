@@ -48,6 +48,7 @@ def reprocess(
     aws_credentials_block: str | None = None,
     max_error_rate: float | None = None,
     exif_orientation: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Classify every image under SOURCE (or SOURCE/PREFIX) with MODEL, resuming an interrupted run."""
     values = {k: v for k, v in locals().items() if k != "prefix"}

@@ -47,7 +47,7 @@ from tasks.images import (
     on_cuda,
     oversized,
 )
-from tasks.model import LoadedModel, ModelError
+from tasks.model import CompiledForward, LoadedModel, ModelError, compiled_forward
 from tasks.redaction import install_log_redaction, redact
 from tasks.sink import SCHEMA
 from tasks.storage import DiscoveredFile, read_bytes, read_file
@@ -146,6 +146,11 @@ class EngineOptions:
     # threads still read and normalize, so the pixels are the same arrays). None: when the model is on
     # a GPU and host_decode_pool is "processes" (on a CPU the forward needs those cores anyway).
     decode_cpu_in_processes: bool | None = None
+    # Run the forward through torch.compile (tasks.model.CompiledForward): fused kernels at one static
+    # batch shape, compiled once per process (on 2 CPU cores: 23 s the first time, 5 s from inductor's
+    # on-disk cache; ViT-Base bf16 then ran 14-19% faster, bench/README.md). Off by default: start-up
+    # counts for nightly runs of a few hundred images, and it is unmeasured on a GPU.
+    compile: bool = False
 
 
 @dataclass
@@ -482,11 +487,15 @@ class Launched:
 
 
 @torch.inference_mode()
-def launch(model: LoadedModel, batch: DeviceBatch) -> Launched:
-    """Start the forward pass and the copy of its softmax (fp32) to the host, without waiting for them:
-    on a GPU the caller turns the previous batch into rows while this one computes."""
+def launch(model: LoadedModel, batch: DeviceBatch, compiled: CompiledForward | None = None) -> Launched:
+    """Start the forward pass (through `compiled` when given) and the copy of its softmax (fp32) to the
+    host, without waiting for them: on a GPU the caller turns the previous batch into rows while this
+    one computes."""
     assert batch.inputs is not None
-    logits = model.network(pixel_values=batch.inputs).logits
+    if compiled is not None:
+        logits = compiled(batch.inputs)
+    else:
+        logits = model.network(pixel_values=batch.inputs).logits
     probabilities = torch.softmax(logits.float(), dim=-1)
     if model.device.type != "cuda":
         return Launched(batch, probabilities)
@@ -835,10 +844,11 @@ def classify_files(
     preprocess = choose_preprocessor(model, options.decode)
     rows = RowBuilder(model, options.threshold, run_id, shard)
     ahead = options.launch_ahead if options.launch_ahead is not None else model.device.type == "cuda"
+    compiled = compiled_forward(model, options.batch_size or CPU_BATCH_SIZE) if options.compile else None
     waiting: Launched | DeviceBatch | None = None  # the previous batch, launched or without inputs
     for batch in device_batches(files, fs, preprocess, model, options):
         clock = time.perf_counter()
-        launched = launch(model, batch) if batch.inputs is not None else batch
+        launched = launch(model, batch, compiled) if batch.inputs is not None else batch
         stage_times.add("model_forward", clock)
         if waiting is not None:
             add_rows(rows, model, options.threshold, waiting)

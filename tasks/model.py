@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class ModelError(Exception):
     """The model cannot be used as given; the message says why and how to fix it. Never retried."""
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,7 @@ def clear_model_cache() -> None:
     """Forget loaded models (benchmarks measuring a cold start; freeing memory between archives)."""
     with _cache_lock:
         _cache.clear()
+        _compiled.clear()
 
 
 def load_model(
@@ -268,3 +273,89 @@ def _load(name: str, revision: str | None, device: Device, precision: Precision)
         precision=chosen_precision,
         preprocess=make_preprocessor(files.processor_config, files.directory),
     )
+
+
+def check_compile(device: torch.device) -> None:
+    """ModelError unless torch.compile can build kernels for `device` here: Triton on a GPU, a C++
+    compiler on a CPU (inductor's own search: $CXX, else g++). Run before any work (--compile)."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ModelError(
+                "--compile on a GPU needs Triton, which is not installed here (`pip install triton`, the "
+                "version your PyTorch names); or run without --compile"
+            )
+        return
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as exc:
+        raise ModelError(
+            f"--compile on a CPU needs a C++ compiler and none was found ({type(exc).__name__}: "
+            f"{str(exc).strip()[:200]}); install g++ (or set CXX to one), or run without --compile"
+        ) from exc
+
+
+class CompiledForward:
+    """`network(pixel_values=...).logits` through torch.compile (inductor) at one static batch shape.
+
+    Every call runs at `batch_size` images: a shorter batch (a shard's last) is padded with zeros and
+    the padding's logits dropped, so a run compiles once (a new shape would compile again, tens of
+    seconds). The first call compiles while other callers wait (two shards in flight share one model).
+    If compiling fails the forward runs uncompiled from then on, with one warning: --compile only
+    changes speed, and a night's run must not fail on it (the CLI checks the compiler before work).
+    """
+
+    def __init__(self, network: torch.nn.Module, batch_size: int) -> None:
+        self.network = network
+        self.batch_size = batch_size
+        self.module = torch.compile(network, dynamic=False)
+        self.compiled = False
+        self.failed: str | None = None
+        self.lock = threading.Lock()
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        count = inputs.shape[0]
+        if self.failed is not None or count > self.batch_size:
+            return self.network(pixel_values=inputs).logits
+        if count < self.batch_size:
+            padding = inputs.new_zeros((self.batch_size - count, *inputs.shape[1:]))
+            inputs = torch.cat([inputs, padding])
+        if self.compiled:
+            return self.module(pixel_values=inputs).logits[:count]
+        with self.lock:
+            if self.failed is None:
+                try:
+                    logits = self.module(pixel_values=inputs).logits[:count]
+                    self.compiled = True
+                    return logits
+                except Exception as exc:
+                    from torch._dynamo.exc import TorchDynamoException
+
+                    if not isinstance(exc, TorchDynamoException):
+                        raise  # the model's own error (out of memory, a bad input): as uncompiled
+                    self.failed = compile_failure(exc)
+                    logger.warning("--compile failed, the model runs uncompiled (%s)", self.failed)
+        return self.network(pixel_values=inputs[:count]).logits
+
+
+def compile_failure(exc: BaseException) -> str:
+    """What stopped torch.compile, in one line: the compiler's own error, not dynamo's wrapper."""
+    cause = getattr(exc, "inner_exception", None) or exc
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[0][:300] if lines else ''}"
+
+
+# id(network) → batch size → its CompiledForward (which holds the network, so the id stays its own)
+_compiled: dict[int, dict[int, CompiledForward]] = {}
+
+
+def compiled_forward(model: LoadedModel, batch_size: int) -> CompiledForward:
+    """The model's CompiledForward for `batch_size`, built once per process and reused by every shard."""
+    with _cache_lock:
+        per_size = _compiled.setdefault(id(model.network), {})
+        if batch_size not in per_size:
+            per_size[batch_size] = CompiledForward(model.network, batch_size)
+        return per_size[batch_size]

@@ -38,6 +38,9 @@ def test_throughput_bench_runs_on_a_tiny_model(tmp_path: Path, prefect_server: s
     assert record["engine_bf16_vs_fp32"]["compared"] == 6
     device_path = next(v for k, v in record.items() if k.endswith("_decode_gpu_vs_fp32"))
     assert device_path["label_agreement"] == 1.0
+    compiled = next(v for k, v in record.items() if k.endswith("_compiled_vs_fp32"))  # --compile
+    assert compiled["compared"] == 6 and compiled["label_agreement"] == 1.0
+    assert next(v for k, v in record.items() if k.endswith("_compiled_compile_seconds")) > 0
     assert record["discovery_new"] == 100  # half of the 200 listed files are in the history
     stages = record["engine_fp32_stage_seconds"]
     assert (
@@ -51,6 +54,7 @@ def test_throughput_bench_runs_on_a_tiny_model(tmp_path: Path, prefect_server: s
         "pipeline_fp32_img_s",
         "model_only_fp32_img_s",
         "engine_fp32_img_s",
+        f"model_only_{record['flow_precision']}_compiled_img_s",
         "flow_img_s",
     ]:
         assert record[key] > 0, key

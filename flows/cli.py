@@ -29,6 +29,7 @@ from flows.params import (
     TrainParams,
     describe_validation_error,
     require_apart,
+    require_folder,
 )
 from tasks.compact import TARGET_ROWS
 from tasks.images import DEFAULT_MAX_PIXELS
@@ -249,22 +250,52 @@ def classify_command(
 
 
 def prepare_local_run(params: ClassifyParams, placement: RunnerParams) -> None:
-    """With the local runner, this process runs the model: check --device, --precision and --compile
-    against this machine (exit 2 before any work) and start loading the model while Prefect starts. On a cluster the
-    workers check and load it (this machine may have no GPU)."""
-    if placement.runner != "local":
-        return
-    from flows.classify import start_loading_model
+    """Check --model (exit 2 before any work); with the local runner this process runs the model: check
+    --device, --precision and --compile against this machine too, and start loading the model while
+    Prefect starts. On a cluster the workers check and load it (this machine may have no GPU)."""
+    local = placement.runner == "local"
+    check_model_arguments(params.model, params.device if local else None, params.precision, params.compile)
+    if local:
+        from flows.classify import start_loading_model
+
+        start_loading_model(params)
+
+
+def missing_folder(location: str) -> bool:
+    """A local path or file:// URI that is not an existing folder (object stores are checked later)."""
+    try:
+        require_folder(location, "")
+    except ValueError:
+        return True
+    return False
+
+
+def check_model_arguments(
+    model: str,
+    device: str | None = None,
+    precision: str | None = None,
+    compile: bool = False,
+    option: str = "--model",
+) -> None:
+    """Exit 2 before any work when the model arguments cannot work: a --model path that is no folder
+    (or a folder without safetensors weights), and, given the device the model runs on in this
+    process, --device, --precision and --compile on this machine."""
     from tasks.model import check_compile, resolve_device, resolve_precision
 
     try:
-        device = resolve_device(params.device)
-        resolve_precision(params.precision, device)
-        if params.compile:
-            check_compile(device)
+        check_model_name(model)
+    except ModelError as exc:
+        fail(f"invalid {option}: {exc}", code=2)
+    if device is None:
+        return
+    try:
+        torch_device = resolve_device(device)  # type: ignore[arg-type]
+        if precision is not None:
+            resolve_precision(precision, torch_device)  # type: ignore[arg-type]
+        if compile:
+            check_compile(torch_device)
     except ModelError as exc:
         fail(str(exc), code=2)
-    start_loading_model(params)
 
 
 class OneLineExpectedErrors(logging.Filter):
@@ -400,7 +431,9 @@ def read_dataset(
     if not output.lower().endswith(extensions):
         fail(f"--output {output!r} must end in {' or '.join(extensions)}", code=2)
     try:
-        require_apart(dest, "DEST", output, "--output")  # a file written into DEST would join the dataset
+        require_apart(
+            dest, "DEST", output, "--output", "file"
+        )  # a file written into DEST would join the dataset
     except ValueError as exc:
         fail(str(exc), code=2)
     try:
@@ -505,6 +538,8 @@ def evaluate_command(
 ) -> None:
     """Compare predictions with true labels: the seed card's metrics, plots and an operating point."""
     params = validated(EvaluateParams, **{k: v for k, v in locals().items()})
+    if params.data is not None:  # classified here first: the classify checks, before any work
+        check_model_arguments(params.model, params.device, params.precision)
     if params.labels:  # its content is an argument too: a bad labels file fails before any work
         from tasks.labels import LabelError, read_labels_file
 
@@ -541,6 +576,14 @@ def train_command(
 ) -> None:
     """Fine-tune a ViT on labelled images with the seed card's recipe; `classify --model OUTPUT` uses it."""
     params = validated(TrainParams, **{k: v for k, v in locals().items()})
+    check_model_arguments(params.base_model, params.device, option="--base-model")
+    from tasks.labels import LabelError, labeled_folder
+    from tasks.training import split
+
+    try:  # the classes and enough images for --val-split: listing only, before Prefect starts
+        split(labeled_folder(params.data), params.val_split, params.seed)
+    except (LabelError, ValueError, OSError) as exc:  # TrainingError is a ValueError
+        fail(str(exc), code=2)
     from flows.train import train
 
     quiet_expected_tracebacks(EXPECTED_ERRORS)
@@ -605,6 +648,12 @@ def reprocess_command(
         narrowed = within(source, prefix)
     except ValueError as exc:
         fail(str(exc), code=2)
+    if narrowed != source and missing_folder(narrowed) and not missing_folder(source):
+        fail(
+            f"invalid --prefix {prefix!r}: SOURCE has no such sub-folder ({narrowed!r}); give a path "
+            "relative to SOURCE, e.g. 2023/ward-4",
+            code=2,
+        )
     placement = validated(RunnerParams, **{k: v for k, v in values.items() if k in RunnerParams.model_fields})
     prepare_local_run(validated(ClassifyParams, **{**flow_values, "source": narrowed}), placement)
     run_and_report(reprocess, placement, **flow_values, prefix=prefix)
@@ -678,7 +727,7 @@ def serve_command(
     cron: Annotated[str, typer.Option(help="When classify-nightly runs (cron syntax).")] = "0 2 * * *",
     timezone: Annotated[str, typer.Option(help="IANA time zone of --cron, e.g. Europe/Berlin.")] = "UTC",
     device: DeviceOption = "auto",
-    limit: Annotated[int | None, typer.Option(help="At most this many runs at once.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many runs at once.")] = None,
 ) -> None:
     """Serve classify-nightly, reprocess-archive and evaluate from this machine until interrupted (Ctrl-C)."""
     from zoneinfo import available_timezones
@@ -700,11 +749,12 @@ def serve_command(
     except (ValueError, ValidationError):
         fail(f"invalid --cron {cron!r}: give five fields, e.g. '0 2 * * *' for 02:00 every day", code=2)
     validated(ClassifyParams, source=source, output=output, model=model, device=device)
-    try:
-        check_model_name(model)  # a local folder that is not there would fail only at 02:00
-    except ModelError as exc:
-        fail(f"invalid --model: {exc}", code=2)
+    check_model_arguments(model)  # a local folder that is not there would fail only at 02:00
     from flows.serve import build_deployments, serve_deployments
 
     with prefect_api("and run serve again once it answers (it takes a few seconds to start)"):
         serve_deployments(build_deployments(source, output, model, cron, timezone, device), limit=limit)
+
+
+if __name__ == "__main__":
+    app()

@@ -36,13 +36,16 @@ def require_folder(location: str, name: str, fix: str = "check the path") -> Non
         raise ValueError(f"{name} {location!r} is not an existing folder; {fix}")
 
 
-def require_apart(inputs: str, inputs_name: str, output: str, output_name: str = "output") -> None:
-    """Fail when the output lies inside the inputs or the other way round (a run would read its own output)."""
+def require_apart(
+    inputs: str, inputs_name: str, output: str, output_name: str = "output", kind: str = "folder"
+) -> None:
+    """Fail when the output lies inside the inputs or the other way round (a run would read its own
+    output); `kind`: what the output is (a folder, or a file)."""
     a, b = _normalized(inputs), _normalized(output)
     if a.startswith(b) or b.startswith(a):
         raise ValueError(
             f"{output_name} {output!r} and {inputs_name} {inputs!r} overlap; "
-            f"choose an {output_name} folder outside the {inputs_name}"
+            f"choose an {output_name} {kind} outside the {inputs_name}"
         )
 
 
@@ -144,11 +147,15 @@ def describe_validation_error(error: ValidationError, cli: bool = True) -> str:
     lines = []
     for problem in error.errors():
         field = ".".join(str(part) for part in problem["loc"])
-        name = f"--{field.replace('_', '-')}" if cli else f"parameter {field}"
-        where = f"{name}: " if field else ""
+        name = (CLI_ARGUMENTS.get(field) or f"--{field.replace('_', '-')}") if cli else f"parameter {field}"
         message = problem["msg"].removeprefix("Value error, ")
-        lines.append(f"invalid {where}{message}")
+        # A problem of one field names it; one of the whole input (two options that clash) already
+        # names what it concerns, as a sentence of its own.
+        lines.append(f"invalid {name}: {message}" if field else message)
     return redact("\n".join(lines))
+
+
+CLI_ARGUMENTS = {"source": "SOURCE", "dest": "DEST"}  # fields the CLI takes as positional arguments
 
 
 def flow_params(factory: Callable[..., P], **values: Any) -> P:
@@ -247,6 +254,18 @@ class EvaluateParams(StorageParams):
         if self.predictions is not None and not self.labels:
             raise ValueError("--predictions needs --labels FILE (csv or parquet with image_uri,label)")
         if self.predictions is not None:
+            classify_only = {
+                "--model": self.model != DEFAULT_MODEL,
+                "--revision": self.revision is not None,
+                "--device": self.device != "auto",
+                "--precision": self.precision != "auto",
+                "--batch-size": self.batch_size is not None,
+            }
+            if given := [option for option, set_here in classify_only.items() if set_here]:
+                raise ValueError(
+                    f"{', '.join(given)} go with --data (they classify it), not with --predictions, whose "
+                    "rows are already classified; to pick one model's rows of DEST use --model-revision"
+                )
             require_folder(
                 self.predictions, "--predictions", "give the --output folder of `oncoflow classify`"
             )
@@ -263,6 +282,10 @@ class EvaluateParams(StorageParams):
                 raise ValueError("--labels and --model-revision go with --predictions, not with --data")
             require_folder(self.data, "--data")
             require_apart(self.data, "data", self.output)
+            if self.revision and os.path.isdir(os.path.expanduser(self.model)):
+                raise ValueError(
+                    f"--revision applies to hub models only; model {self.model!r} is a local folder"
+                )
         return self
 
 

@@ -101,7 +101,8 @@ def test_host_decode_share_from_the_environment(monkeypatch: pytest.MonkeyPatch)
 def test_missing_source(tmp_path: Path) -> None:
     result = invoke("classify", str(tmp_path / "nope"), "--output", str(tmp_path / "out"))
     assert result.exit_code == 2
-    assert "not an existing folder" in result.output and "nope" in result.output
+    text = " ".join(result.output.split())
+    assert "not an existing folder" in text and "nope" in text and "invalid" not in text
 
 
 def test_output_inside_source(image_folder: Path) -> None:
@@ -126,7 +127,39 @@ def test_model_folder_without_safetensors_is_refused(image_folder: Path, tmp_pat
     folder.mkdir()
     (folder / "pytorch_model.bin").write_bytes(b"not loaded")
     result = invoke("classify", str(image_folder), "--output", str(tmp_path / "out"), "--model", str(folder))
-    assert result.exit_code == 1 and "safetensors" in result.output
+    assert result.exit_code == 2 and "invalid --model" in result.output and "safetensors" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_arguments_fail_before_any_work_with_a_message_that_reads(image_folder: Path, tmp_path: Path) -> None:
+    """A mistyped model path, a missing --prefix sub-folder and a --limit below 1 exit 2 before any
+    work; a problem of one option names it (SOURCE for the positional argument), and one of two options
+    together reads as a sentence."""
+    output = str(tmp_path / "out")
+    cases = [
+        (["classify", str(image_folder), "-o", output, "--model", "./no-such-model"], "invalid --model"),
+        (["reprocess", str(image_folder), "-o", output, "--model", "./no-such-model"], "invalid --model"),
+        (
+            ["reprocess", str(image_folder), "-o", output, "--model", "org/new-vit", "--prefix", "2023/x"],
+            "invalid --prefix '2023/x': SOURCE has no such sub-folder",
+        ),
+        (["classify", "s3://bucket/x?X-Amz-Signature=abc", "-o", output], "invalid SOURCE: must not embed"),
+        (["classify", str(image_folder), "-o", output, "--ray-address", "ray://h:1"], "error: --ray-address"),
+        (["serve", "--source", str(image_folder), "-o", output, "--limit", "0"], "--limit"),
+    ]
+    for args, expected in cases:
+        result = invoke(*args)
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and expected in text, (args, text)
+        assert "invalid invalid" not in text and "invalid --ray-address" not in text
+        assert not (tmp_path / "out").exists()
+
+
+def test_python_m_flows_cli_runs_the_cli() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and "classify" in done.stdout
 
 
 def test_classify_command_prints_a_summary(image_folder: Path, tmp_path: Path, tiny_model: str) -> None:
@@ -172,12 +205,16 @@ def test_help_explains_every_option() -> None:
 
 @pytest.mark.slow
 def test_an_explained_error_is_not_buried_under_a_traceback(
-    image_folder: Path, tmp_path: Path, prefect_server: str
+    image_folder: Path, tmp_path: Path, prefect_server: str, tiny_model: str
 ) -> None:
     """Prefect reports the failed run in one line; the CLI's `error:` line says why and what to do."""
-    folder = tmp_path / "pickled-model"
-    folder.mkdir()
-    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    import json
+    import shutil
+
+    folder = Path(shutil.copytree(tiny_model, tmp_path / "cats-and-dogs"))  # loads, but has no Malignant
+    config = json.loads((folder / "config.json").read_text())
+    config.update(id2label={"0": "cat", "1": "dog"}, label2id={"cat": 0, "dog": 1})
+    (folder / "config.json").write_text(json.dumps(config))
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     oncoflow = str(Path(sys.executable).parent / "oncoflow")  # the installed console script
     command = [oncoflow, "classify", str(image_folder), "-o", str(tmp_path / "out")]
@@ -185,7 +222,7 @@ def test_an_explained_error_is_not_buried_under_a_traceback(
         [*command, "--model", str(folder)], env=env, capture_output=True, text=True, timeout=240
     )
     assert done.returncode == 1
-    assert "error:" in done.stderr and "safetensors" in done.stderr
+    assert "error:" in done.stderr and "none of them 'Malignant'" in done.stderr
     assert "Traceback" not in done.stderr, done.stderr
 
 

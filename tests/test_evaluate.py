@@ -188,6 +188,33 @@ def test_bad_evaluate_arguments_fail_before_any_work(tmp_path: Path, args: list[
     assert not (tmp_path / "r").exists()
 
 
+def test_options_of_the_other_mode_and_models_that_cannot_run_fail_before_any_work(
+    labeled: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    """--predictions rows are classified already: the options that classify go with --data only; with
+    --data, the classify checks (a local --model with --revision, fp16 on a CPU) hold as for classify."""
+    (tmp_path / "preds").mkdir()
+    (tmp_path / "labels.csv").write_text("image_uri,label\n")
+    saved = ["--predictions", str(tmp_path / "preds"), "--labels", str(tmp_path / "labels.csv")]
+    cases = [
+        ([*saved, "--model", tiny_model, "--device", "cpu"], "--model, --device go with --data"),
+        (
+            ["--data", str(labeled), "--model", tiny_model, "--revision", "v2"],
+            "--revision applies to hub models",
+        ),
+        (["--data", str(labeled), "--model", str(tmp_path / "gone")], "invalid --model"),
+        (
+            ["--data", str(labeled), "--model", tiny_model, "--device", "cpu", "--precision", "fp16"],
+            "fp16 is not",
+        ),
+    ]
+    for args, expected in cases:
+        result = runner.invoke(app, ["evaluate", "-o", str(tmp_path / "r"), *args])
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and expected in text, (args, text)
+        assert not (tmp_path / "r").exists()
+
+
 def test_missing_inputs_and_a_file_as_report_folder_fail_before_any_work(tmp_path: Path) -> None:
     """Checked before Prefect starts: exit 2, naming the option."""
     (tmp_path / "preds").mkdir()

@@ -134,6 +134,24 @@ def test_bad_train_arguments_fail_before_any_work(tmp_path: Path, args: list[str
     assert result.exit_code == 2 and expected in result.output
 
 
+def test_train_data_and_model_that_cannot_work_fail_before_any_work(tmp_path: Path) -> None:
+    """Checked before Prefect starts (no flow run): exit 2, naming the input and the fix."""
+    few = write_signal_images(tmp_path / "few", 3, seed=0)
+    (tmp_path / "unlabelled" / "scans").mkdir(parents=True)
+    cases = [
+        (["--data", str(tmp_path / "unlabelled")], "needs one sub-folder per class, Normal/ and Malignant/"),
+        (["--data", str(few)], "training needs at least 7 images per class for --val-split 0.15"),
+        (["--data", str(few), "--base-model", str(tmp_path / "no-model")], "invalid --base-model"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--data", str(few), "--device", "cuda"], "no CUDA GPU is visible"))
+    for args, expected in cases:
+        result = runner.invoke(app, ["train", "-o", str(tmp_path / "model"), *args])
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and expected in text, (args, text)
+        assert not (tmp_path / "model").exists()
+
+
 def test_train_refuses_a_non_empty_output(tmp_path: Path) -> None:
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "keep.txt").write_text("mine")

@@ -142,3 +142,15 @@ def test_nvjpeg_priority_probe_says_what_it_needs() -> None:
             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
         )
         assert done.returncode == 1 and "needs a CUDA GPU" in done.stderr
+
+
+def test_compile_ab_bench_runs_on_a_tiny_model(tmp_path: Path) -> None:
+    """bench/compile_ab.py: eager and --compile forwards interleaved, both rates and the compile time."""
+    results = tmp_path / "compile.jsonl"
+    script = BENCH.parent / "compile_ab.py"
+    command = [sys.executable, str(script), "--model-size", "tiny", "--precision", "fp32", "--rounds", "2"]
+    done = subprocess.run([*command, "--json", str(results)], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(results.read_text())
+    assert record["eager_img_s"] > 0 and record["compiled_img_s"] > 0
+    assert record["compile_and_first_batch_seconds"] > 0 and record["batch_size"] == 32

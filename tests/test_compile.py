@@ -77,25 +77,16 @@ def test_a_compile_that_fails_runs_the_model_uncompiled(
     }
 
 
+def classify_on_cpu(folder: Path, output: Path, model: str, *options: str) -> list[str]:
+    return ["classify", str(folder), "-o", str(output), "--model", model, "--device", "cpu", *options]
+
+
 def test_compile_without_a_compiler_fails_before_any_work(
     image_folder: Path, tmp_path: Path, tiny_model: str
 ) -> None:
     output = tmp_path / "preds"
     with torch._inductor.config.patch(NO_COMPILER):
-        result = CliRunner().invoke(
-            app,
-            [
-                "classify",
-                str(image_folder),
-                "-o",
-                str(output),
-                "--model",
-                tiny_model,
-                "--device",
-                "cpu",
-                "--compile",
-            ],
-        )
+        result = CliRunner().invoke(app, [*classify_on_cpu(image_folder, output, tiny_model), "--compile"])
     assert result.exit_code == 2, result.output
     assert "--compile on a CPU needs a C++ compiler" in " ".join(result.output.split())
     assert not output.exists()
@@ -107,19 +98,8 @@ def test_classify_compile_through_the_cli_writes_the_rows_of_a_plain_run(
     import pyarrow.dataset as ds
 
     def probabilities(output: Path, *options: str) -> dict[str, float]:
-        arguments = [
-            "classify",
-            str(image_folder),
-            "-o",
-            str(output),
-            "--model",
-            tiny_model,
-            "--device",
-            "cpu",
-            "--precision",
-            "fp32",
-        ]
-        result = CliRunner().invoke(app, [*arguments, *options])
+        arguments = classify_on_cpu(image_folder, output, tiny_model, "--precision", "fp32", *options)
+        result = CliRunner().invoke(app, arguments)
         assert result.exit_code == 0, result.output
         table = ds.dataset(str(output), format="parquet", partitioning="hive").to_table()
         assert set(table.column("status").to_pylist()) == {"ok"}

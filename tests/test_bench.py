@@ -154,3 +154,14 @@ def test_compile_ab_bench_runs_on_a_tiny_model(tmp_path: Path) -> None:
     record = json.loads(results.read_text())
     assert record["eager_img_s"] > 0 and record["compiled_img_s"] > 0
     assert record["compile_and_first_batch_seconds"] > 0 and record["batch_size"] == 32
+
+
+def test_draft_decode_bench_runs_on_a_tiny_model(tmp_path: Path) -> None:
+    """bench/draft_decode.py: both decoders' rates, the pixel difference and the labels it changes."""
+    results = tmp_path / "draft.jsonl"
+    command = [sys.executable, str(BENCH.parent / "draft_decode.py"), "--images", "6", "--model-size", "tiny"]
+    done = subprocess.run([*command, "--json", str(results)], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(results.read_text())
+    assert record["sizes_of_the_first_image"] == {"file": [700, 460], "draft": [350, 230]}
+    assert record["draft_decode_resize_img_s_one_core"] > 0 and 0 <= record["label_agreement"] <= 1

@@ -193,6 +193,51 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench/nvjpeg_priority.py needs a CUDA GPU (it measures nvjpeg on one)")
     bench: Bench = set_up("cuda", args.batch)  # runs torchvision's nvjpeg once, which loads libnvjpeg
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "batch": args.batch}
+
+    def save() -> None:  # after every part: a later part that fails or is cut off keeps the earlier ones
+        if args.json:
+            args.json.write_text(json.dumps(results) + "\n")
+
+    results.update(forward_launch(bench))
+    print({key: value for key, value in results.items() if key.startswith("forward_")}, flush=True)
+    alone_and_beside_forward(bench, "decode", args.seconds, results)  # torchvision, for reference
+    save()
+    gil_or_gpu(bench, args.seconds, results)
+    save()
+    try:
+        direct_decoder(bench, args, results)
+    except Exception as exc:  # noqa: BLE001 - written without a GPU: its failure is a result too
+        results["direct_decoder_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        print("FAILED the direct decoder:", results["direct_decoder_error"], flush=True)
+    print(json.dumps(results, indent=1))
+    save()
+
+
+def gil_or_gpu(bench: Bench, seconds: float, results: dict[str, Any]) -> None:
+    """torchvision's decode beside the forward replayed as a CUDA graph (the model thread then holds the
+    GIL for microseconds a batch), and beside the eager forward with a 0.5 ms GIL switch interval
+    instead of 5 ms (a thread waiting for the GIL gets it sooner). A forward that cannot be captured
+    loses only its own figure."""
+    try:
+        add_graphed_forward(bench)
+        alone_and_beside_forward(bench, "decode", seconds, results, forward="forward_graphed")
+    except Exception as exc:  # noqa: BLE001 - recorded, the rest still runs
+        results["forward_graphed_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        print("FAILED forward_graphed:", results["forward_graphed_error"], flush=True)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    try:
+        counts = measure(bench, ("forward", "decode"), seconds)
+    finally:
+        sys.setswitchinterval(interval)
+    results["forward+decode_switch_interval_0.5ms_img_s"] = counts
+    print("decode beside the forward, switch interval 0.5 ms", counts, flush=True)
+
+
+def direct_decoder(bench: Bench, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """libnvjpeg's batched decoder called directly, on a normal- and on a high-priority stream: its
+    pixels against torchvision's, and each rate alone and beside the forward."""
     decoder = BatchedDecoder(find_libnvjpeg(), args.batch)
     batches = [
         decoder.prepare(bench.raw[i : i + args.batch], bench.device)
@@ -200,12 +245,8 @@ def main() -> None:
     ]
     high = torch.cuda.Stream(bench.device, priority=-100)  # torch maps it to its highest priority
     normal = torch.cuda.Stream(bench.device)
-    results: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0),
-        "batch": args.batch,
-        "backend": decoder.backend,
-        "stream_priorities": {"high": high.priority, "normal": normal.priority},
-    }
+    results["backend"] = decoder.backend
+    results["stream_priorities"] = {"high": high.priority, "normal": normal.priority}
     # Same pixels as torchvision (both are nvjpeg): the largest difference over one batch.
     decode_jpeg, rgb = torchvision_decoder()
     reference = decode_jpeg(bench.encoded[0], mode=rgb, device=bench.device)
@@ -214,42 +255,17 @@ def main() -> None:
     results["max_abs_diff_vs_torchvision"] = max(
         int((a.int() - b.int()).abs().max()) for a, b in zip(ours, reference, strict=True)
     )
-    print(
-        "backend",
-        decoder.backend,
-        "max abs diff vs torchvision",
-        results["max_abs_diff_vs_torchvision"],
-        flush=True,
-    )
+    print("backend", decoder.backend, "max abs diff vs torchvision", results["max_abs_diff_vs_torchvision"])
 
     def direct(n: int) -> None:
         stream = torch.cuda.current_stream(bench.device)
         decoder.decode(batches[n % len(batches)], stream)
         stream.synchronize()
 
-    results.update(forward_launch(bench))
-    print({key: value for key, value in results.items() if key.startswith("forward_")}, flush=True)
-    alone_and_beside_forward(bench, "decode", args.seconds, results)  # torchvision, for reference
-    # GIL or GPU? torchvision's decode beside the forward replayed as a CUDA graph (the model thread then
-    # holds the GIL for microseconds a batch), and beside the eager forward with a 0.5 ms GIL switch
-    # interval instead of 5 ms (a thread waiting for the GIL gets it sooner).
-    add_graphed_forward(bench)
-    alone_and_beside_forward(bench, "decode", args.seconds, results, forward="forward_graphed")
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.0005)
-    try:
-        counts = measure(bench, ("forward", "decode"), args.seconds)
-    finally:
-        sys.setswitchinterval(interval)
-    results["forward+decode_switch_interval_0.5ms_img_s"] = counts
-    print("decode beside the forward, switch interval 0.5 ms", counts, flush=True)
     for name, stream in (("normal", normal), ("high", high)):
         stage = f"direct_{name}_priority"
         bench.stages[stage] = direct
         alone_and_beside_forward(bench, stage, args.seconds, results, streams={stage: stream})
-    print(json.dumps(results, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(results) + "\n")
 
 
 if __name__ == "__main__":

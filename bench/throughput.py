@@ -46,7 +46,14 @@ from tasks.inference import (  # noqa: E402
     split_images,
     stage_times,
 )
-from tasks.model import DTYPES, clear_model_cache, compiled_forward, load_model, resolve_precision  # noqa: E402
+from tasks.model import (  # noqa: E402
+    DTYPES,
+    clear_model_cache,
+    compiled_forward,
+    fixed_batch_forward,
+    load_model,
+    resolve_precision,
+)
 from tasks.storage import list_images, open_location  # noqa: E402
 
 LABELS = {0: "Normal", 1: "Malignant"}
@@ -186,6 +193,7 @@ def bench_engine(
     host_decode_share: float | None = 0.0,
     host_decode_pool: str = "processes",
     compiled: bool = False,
+    cuda_graphs: bool = False,
 ) -> tuple[float, dict[str, float], dict[str, str]]:
     """oncoflow's engine (read → decode → batched forward → rows), without Prefect; `compiled`: with
     --compile (its warm-up batch compiles, or finds the model_only section's compile)."""
@@ -199,6 +207,7 @@ def bench_engine(
         host_decode_share=host_decode_share,
         host_decode_pool=host_decode_pool,  # type: ignore[arg-type]
         compile=compiled,
+        cuda_graphs=cuda_graphs,
     )
     classify_files(files[: min(len(files), batch_size)], location.fs, model, options, "warm-up", "bench")
     stage_times.take()
@@ -212,6 +221,12 @@ def bench_engine(
     # Which decoder made the pixels, and how many rows are ok: a "decode gpu" run that quietly fell back
     # to the host, or error rows counted as images, must show in the results.
     last_stage_times["rows"] = row_counts(table)
+    if compiled or (cuda_graphs and model.device.type == "cuda"):  # built, or fell back to eager (why)
+        forward = fixed_batch_forward(
+            model, "compile" if compiled else "cuda_graphs", options.batch_size or 32
+        )
+        last_stage_times["forward_built"] = forward.ready
+        last_stage_times["forward_failed"] = forward.failed
     uris = table.column("image_uri").to_pylist()
     probs = dict(zip(uris, table.column("prob_malignant").to_pylist(), strict=True))
     labels = dict(zip(uris, table.column("label").to_pylist(), strict=True))
@@ -569,10 +584,11 @@ def main() -> None:
         share: float | None = 0.0,
         pool: str = "processes",
         compiled: bool = False,
+        graphs: bool = False,
     ) -> None:
         nonlocal fp32_probs
         speed, probs, _ = bench_engine(
-            model_dir, corpus, args.device, precision, batch, decode, overlap, share, pool, compiled
+            model_dir, corpus, args.device, precision, batch, decode, overlap, share, pool, compiled, graphs
         )
         key = (
             f"engine_{precision}"
@@ -581,6 +597,7 @@ def main() -> None:
             + ("_threads" if pool == "threads" else "")
             + ("" if overlap else "_serial")
             + ("_compiled" if compiled else "")
+            + ("_cuda_graphs" if graphs else "")
         )
         results[f"{key}_img_s"] = speed
         results[f"{key}_stage_seconds"] = dict(last_stage_times)
@@ -650,6 +667,16 @@ def main() -> None:
             *(model_dir, corpus, args.device, default_precision, batch, flow_decode, shard_size, None, 1),
         )
         results.update({f"{key}_one_in_flight": value for key, value in (flow or {}).items()})
+    if args.device == "cuda":
+        # The forward replayed as a CUDA graph (no compile: captured in a second): does the feeder get
+        # the GIL it needs when the model thread makes one call per batch? Agreement as for every path.
+        sections.run(
+            f"engine_{default_precision}_decode_gpu_cuda_graphs",
+            engine,
+            default_precision,
+            "gpu",
+            graphs=True,
+        )
     if args.compile:
         # --compile: the forward through torch.compile (inductor), model-only then the engine, at the
         # default precision and decode; the engine's agreement with fp32 is checked like every fast path.

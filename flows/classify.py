@@ -31,6 +31,7 @@ from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import (
     EngineOptions,
     classify_files,
+    cuda_graphs_from_env,
     host_decode_share_from_env,
     progress_listeners,
     resolve_options,
@@ -118,11 +119,13 @@ def classify_shard(
     run_id: str,
     day: datetime,
     host_decode_share: float | None = 0.0,
+    cuda_graphs: bool = False,
 ) -> ShardManifest:
     """Classify one shard and write its rows as one Parquet file, atomically.
 
     `host_decode_share` is ONCOFLOW_HOST_DECODE_SHARE as the flow process read it (workers on a
-    cluster may not have that environment); 0 (nvjpeg decodes every JPEG) like the engine's default."""
+    cluster may not have that environment); 0 (nvjpeg decodes every JPEG) like the engine's default.
+    `cuda_graphs` is ONCOFLOW_CUDA_GRAPHS, read the same way."""
     model = load_classifier(params)
     shard = shard_id(files, model.revision)
     options = EngineOptions(
@@ -133,6 +136,7 @@ def classify_shard(
         exif_orientation=params.exif_orientation,
         host_decode_share=host_decode_share,
         compile=params.compile,
+        cuda_graphs=cuda_graphs,
     )
     storage = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
     table = classify_files(files, open_location(params.source, storage).fs, model, options, run_id, shard)
@@ -197,14 +201,14 @@ def run_shards(
     A lease lost meanwhile (object stores: renewals failed) stops the submitting at the next shard.
     """
     day = datetime.now(UTC)
-    share = host_decode_share_from_env()
+    share, graphs = host_decode_share_from_env(), cuda_graphs_from_env()
     manifests: list[ShardManifest] = []
     pending: deque[PrefectFuture[ShardManifest]] = deque()
     try:
         for number, files in enumerate(shards):
             if lease is not None and lease.lost:
                 raise LeaseLost(lease.lost)
-            pending.append(classify_shard.submit(number, files, params, run_id, day, share))
+            pending.append(classify_shard.submit(number, files, params, run_id, day, share, graphs))
             if len(pending) >= slots * 2:
                 manifests.append(pending.popleft().result())
         while pending:

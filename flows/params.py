@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tasks.compact import TARGET_ROWS
 from tasks.images import DEFAULT_MAX_PIXELS
-from tasks.inference import host_decode_share_from_env
+from tasks.inference import cuda_graphs_from_env, host_decode_share_from_env
 from tasks.lease import lease_wait_from_env
 from tasks.model import DEFAULT_BASE_MODEL, DEFAULT_MODEL
 from tasks.redaction import has_credentials, redact
@@ -137,6 +137,7 @@ class ClassifyParams(StorageParams):
         if self.revision and os.path.isdir(os.path.expanduser(self.model)):
             raise ValueError(f"--revision applies to hub models only; model {self.model!r} is a local folder")
         host_decode_share_from_env()  # bad environment values fail here, before any work starts
+        cuda_graphs_from_env()
         lease_wait_from_env()
         return self
 

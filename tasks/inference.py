@@ -47,7 +47,7 @@ from tasks.images import (
     on_cuda,
     oversized,
 )
-from tasks.model import CompiledForward, LoadedModel, ModelError, compiled_forward
+from tasks.model import FixedBatchForward, LoadedModel, ModelError, fixed_batch_forward
 from tasks.redaction import install_log_redaction, redact
 from tasks.sink import SCHEMA
 from tasks.storage import DiscoveredFile, read_bytes, read_file
@@ -151,6 +151,11 @@ class EngineOptions:
     # on-disk cache; ViT-Base bf16 then ran 14-19% faster, bench/README.md). Off by default: start-up
     # counts for nightly runs of a few hundred images, and it is unmeasured on a GPU.
     compile: bool = False
+    # On a GPU: capture the forward once as a CUDA graph and replay it for every batch
+    # (tasks.model.GraphedForward): one call per batch instead of ~1,500 operator launches, each taking
+    # the GIL the feeder needs. Same kernels, same outputs. Off by default until measured on a GPU
+    # (ONCOFLOW_CUDA_GRAPHS=1 in the flows); ignored on a CPU and with `compile`.
+    cuda_graphs: bool = False
 
 
 @dataclass
@@ -422,6 +427,20 @@ Preprocess = Preprocessor | ProcessorFallback | DevicePreprocessor
 GPU_BATCH_SIZE, CPU_BATCH_SIZE = 256, 32
 
 
+def cuda_graphs_from_env() -> bool:
+    """EngineOptions.cuda_graphs as the flows take it: ONCOFLOW_CUDA_GRAPHS=1 (or true/yes/on) turns
+    them on; unset, empty or 0 (false/no/off) leaves them off."""
+    value = os.environ.get("ONCOFLOW_CUDA_GRAPHS", "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(
+        f"ONCOFLOW_CUDA_GRAPHS={value!r} is not 1 or 0; set 1 to replay the model's forward as a CUDA "
+        "graph on GPUs, or unset it"
+    )
+
+
 def host_decode_share_from_env() -> float | None:
     """EngineOptions.host_decode_share as the flows take it: ONCOFLOW_HOST_DECODE_SHARE unset, empty or 0
     lets nvjpeg decode every JPEG (the fastest measured, and reruns on the same GPU are reproducible);
@@ -487,15 +506,13 @@ class Launched:
 
 
 @torch.inference_mode()
-def launch(model: LoadedModel, batch: DeviceBatch, compiled: CompiledForward | None = None) -> Launched:
-    """Start the forward pass (through `compiled` when given) and the copy of its softmax (fp32) to the
-    host, without waiting for them: on a GPU the caller turns the previous batch into rows while this
-    one computes."""
+def launch(model: LoadedModel, batch: DeviceBatch, forward: FixedBatchForward | None = None) -> Launched:
+    """Start the forward pass (through `forward`, --compile or CUDA graphs, when given) and the copy of
+    its softmax (fp32) to the host, without waiting for them: on a GPU the caller turns the previous
+    batch into rows while this one computes."""
     assert batch.inputs is not None
-    if compiled is not None:
-        logits = compiled(batch.inputs)
-    else:
-        logits = model.network(pixel_values=batch.inputs).logits
+    inputs = batch.inputs
+    logits = forward(inputs) if forward is not None else model.network(pixel_values=inputs).logits
     probabilities = torch.softmax(logits.float(), dim=-1)
     if model.device.type != "cuda":
         return Launched(batch, probabilities)
@@ -844,11 +861,13 @@ def classify_files(
     preprocess = choose_preprocessor(model, options.decode)
     rows = RowBuilder(model, options.threshold, run_id, shard)
     ahead = options.launch_ahead if options.launch_ahead is not None else model.device.type == "cuda"
-    compiled = compiled_forward(model, options.batch_size or CPU_BATCH_SIZE) if options.compile else None
+    cuda = model.device.type == "cuda"
+    kind = "compile" if options.compile else "cuda_graphs" if options.cuda_graphs and cuda else None
+    forward = fixed_batch_forward(model, kind, options.batch_size or CPU_BATCH_SIZE) if kind else None
     waiting: Launched | DeviceBatch | None = None  # the previous batch, launched or without inputs
     for batch in device_batches(files, fs, preprocess, model, options):
         clock = time.perf_counter()
-        launched = launch(model, batch, compiled) if batch.inputs is not None else batch
+        launched = launch(model, batch, forward) if batch.inputs is not None else batch
         stage_times.add("model_forward", clock)
         if waiting is not None:
             add_rows(rows, model, options.threshold, waiting)

@@ -197,7 +197,7 @@ def clear_model_cache() -> None:
     """Forget loaded models (benchmarks measuring a cold start; freeing memory between archives)."""
     with _cache_lock:
         _cache.clear()
-        _compiled.clear()
+        _forwards.clear()
 
 
 def load_model(
@@ -298,64 +298,147 @@ def check_compile(device: torch.device) -> None:
         ) from exc
 
 
-class CompiledForward:
-    """`network(pixel_values=...).logits` through torch.compile (inductor) at one static batch shape.
+class FixedBatchForward:
+    """`network(pixel_values=...).logits` run at one static batch shape, built on the first call.
 
     Every call runs at `batch_size` images: a shorter batch (a shard's last) is padded with zeros and
-    the padding's logits dropped, so a run compiles once (a new shape would compile again, tens of
-    seconds). The first call compiles while other callers wait (two shards in flight share one model).
-    If compiling fails the forward runs uncompiled from then on, with one warning: --compile only
-    changes speed, and a night's run must not fail on it (the CLI checks the compiler before work).
-    """
+    the padding's logits dropped, so a run builds once. The first call builds while other callers wait
+    (two shards in flight share one model). If building fails the forward runs as plain PyTorch from
+    then on, with one warning: these only change speed, and a night's run must not fail on them.
+    Subclasses: CompiledForward (--compile), GraphedForward (CUDA graphs)."""
+
+    failure_warning = ""  # "%s" is the reason
 
     def __init__(self, network: torch.nn.Module, batch_size: int) -> None:
         self.network = network
         self.batch_size = batch_size
-        self.module = torch.compile(network, dynamic=False)
-        self.compiled = False
+        self.ready = False
         self.failed: str | None = None
         self.lock = threading.Lock()
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         count = inputs.shape[0]
+        if self.failed is None and count <= self.batch_size and not self.ready:
+            with self.lock:
+                if not self.ready and self.failed is None:
+                    try:
+                        self.build(self.padded(inputs))
+                        self.ready = True
+                    except Exception as exc:
+                        if not self.expected(exc):
+                            raise  # the model's own error (a bad input): as without
+                        self.failed = build_failure(exc)
+                        logger.warning(self.failure_warning, self.failed)
         if self.failed is not None or count > self.batch_size:
             return self.network(pixel_values=inputs).logits
-        if count < self.batch_size:
-            padding = inputs.new_zeros((self.batch_size - count, *inputs.shape[1:]))
-            inputs = torch.cat([inputs, padding])
-        if self.compiled:
-            return self.module(pixel_values=inputs).logits[:count]
+        return self.run(self.padded(inputs), count)
+
+    def padded(self, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.shape[0] == self.batch_size:
+            return inputs
+        padding = inputs.new_zeros((self.batch_size - inputs.shape[0], *inputs.shape[1:]))
+        return torch.cat([inputs, padding])
+
+    def build(self, inputs: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def run(self, inputs: torch.Tensor, count: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def expected(self, exc: Exception) -> bool:
+        """Whether `exc`, raised while building, means "cannot build here" (then: run without)."""
+        raise NotImplementedError
+
+
+class CompiledForward(FixedBatchForward):
+    """--compile: the forward through torch.compile (inductor), compiled on the first call (a new
+    shape would compile again, tens of seconds: hence one static batch). The CLI checks for the
+    compiler before any work; a compile that fails anyway runs uncompiled."""
+
+    failure_warning = "--compile failed, the model runs uncompiled (%s)"
+
+    def __init__(self, network: torch.nn.Module, batch_size: int) -> None:
+        super().__init__(network, batch_size)
+        self.module = torch.compile(network, dynamic=False)
+
+    def build(self, inputs: torch.Tensor) -> None:
+        self.module(pixel_values=inputs)  # compiles
+
+    def run(self, inputs: torch.Tensor, count: int) -> torch.Tensor:
+        logits: torch.Tensor = self.module(pixel_values=inputs).logits
+        return logits[:count]
+
+    def expected(self, exc: Exception) -> bool:
+        from torch._dynamo.exc import TorchDynamoException
+
+        return isinstance(exc, TorchDynamoException)
+
+
+class GraphedForward(FixedBatchForward):
+    """CUDA graphs: the forward captured once and replayed, one call per batch instead of the ~1,500
+    operator calls of the eager forward (each holding the GIL a little, while the engine's feeder needs
+    it; bench/README.md). Same kernels, so the same outputs as the eager forward at that batch size.
+
+    Replays run on a stream of their own, in call order under a lock: the captured input and output
+    buffers are shared, and two shards in flight call from two threads. A capture that fails (a model
+    whose forward synchronizes with the host, too little memory) runs eager."""
+
+    failure_warning = "CUDA graphs failed, the model runs without them (%s)"
+
+    def build(self, inputs: torch.Tensor) -> None:
+        device = inputs.device
+        self.static_inputs = inputs.clone()
+        warm = torch.cuda.Stream(device)
+        warm.wait_stream(torch.cuda.current_stream(device))
+        with torch.inference_mode(), torch.cuda.stream(warm):
+            for _ in range(3):  # warm-up (cuBLAS handles, autotuning) on a side stream, as capture asks
+                self.network(pixel_values=self.static_inputs)
+        torch.cuda.current_stream(device).wait_stream(warm)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: only this thread's calls may break the capture (the feeder keeps decoding)
+        with torch.inference_mode(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.static_logits = self.network(pixel_values=self.static_inputs).logits
+        self.stream = torch.cuda.Stream(device)
+
+    def run(self, inputs: torch.Tensor, count: int) -> torch.Tensor:
+        caller = torch.cuda.current_stream(inputs.device)
         with self.lock:
-            if self.failed is None:
-                try:
-                    logits = self.module(pixel_values=inputs).logits[:count]
-                    self.compiled = True
-                    return logits
-                except Exception as exc:
-                    from torch._dynamo.exc import TorchDynamoException
+            self.stream.wait_stream(caller)  # the inputs are ready, the previous logits read
+            with torch.cuda.stream(self.stream):
+                self.static_inputs.copy_(inputs)
+                self.graph.replay()
+                logits = self.static_logits[:count].clone()  # the next replay overwrites the buffer
+            caller.wait_stream(self.stream)
+        inputs.record_stream(self.stream)
+        logits.record_stream(caller)
+        return logits
 
-                    if not isinstance(exc, TorchDynamoException):
-                        raise  # the model's own error (out of memory, a bad input): as uncompiled
-                    self.failed = compile_failure(exc)
-                    logger.warning("--compile failed, the model runs uncompiled (%s)", self.failed)
-        return self.network(pixel_values=inputs[:count]).logits
+    def expected(self, exc: Exception) -> bool:
+        return isinstance(exc, RuntimeError)  # CUDA capture errors, out of memory
 
 
-def compile_failure(exc: BaseException) -> str:
-    """What stopped torch.compile, in one line: the compiler's own error, not dynamo's wrapper."""
+def build_failure(exc: BaseException) -> str:
+    """What stopped the build, in one line: the compiler's own error, not dynamo's wrapper."""
     cause = getattr(exc, "inner_exception", None) or exc
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
     return f"{type(cause).__name__}: {lines[0][:300] if lines else ''}"
 
 
-# id(network) → batch size → its CompiledForward (which holds the network, so the id stays its own)
-_compiled: dict[int, dict[int, CompiledForward]] = {}
+FORWARDS: dict[str, type[FixedBatchForward]] = {"compile": CompiledForward, "cuda_graphs": GraphedForward}
+# (id(network), kind, batch size) → its forward (which holds the network, so the id stays its own)
+_forwards: dict[tuple[int, str, int], FixedBatchForward] = {}
 
 
-def compiled_forward(model: LoadedModel, batch_size: int) -> CompiledForward:
-    """The model's CompiledForward for `batch_size`, built once per process and reused by every shard."""
+def fixed_batch_forward(model: LoadedModel, kind: str, batch_size: int) -> FixedBatchForward:
+    """The model's forward of `kind` (FORWARDS) for `batch_size`, built once per process and reused by
+    every shard."""
     with _cache_lock:
-        per_size = _compiled.setdefault(id(model.network), {})
-        if batch_size not in per_size:
-            per_size[batch_size] = CompiledForward(model.network, batch_size)
-        return per_size[batch_size]
+        key = (id(model.network), kind, batch_size)
+        if key not in _forwards:
+            _forwards[key] = FORWARDS[kind](model.network, batch_size)
+        return _forwards[key]
+
+
+def compiled_forward(model: LoadedModel, batch_size: int) -> FixedBatchForward:
+    """The model's --compile forward for `batch_size`."""
+    return fixed_batch_forward(model, "compile", batch_size)

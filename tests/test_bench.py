@@ -40,6 +40,8 @@ def test_throughput_bench_runs_on_a_tiny_model(tmp_path: Path, prefect_server: s
     assert device_path["label_agreement"] == 1.0
     compiled = next(v for k, v in record.items() if k.endswith("_compiled_vs_fp32"))  # --compile
     assert compiled["compared"] == 6 and compiled["label_agreement"] == 1.0
+    built = next(v for k, v in record.items() if k.endswith("_compiled_stage_seconds"))
+    assert built["forward_built"] is True and built["forward_failed"] is None  # compiled, not eager
     assert next(v for k, v in record.items() if k.endswith("_compiled_compile_seconds")) > 0
     assert record["discovery_new"] == 100  # half of the 200 listed files are in the history
     stages = record["engine_fp32_stage_seconds"]

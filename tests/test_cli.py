@@ -67,6 +67,7 @@ def test_arguments_this_machine_cannot_honour_fail_before_any_work(
         ("ONCOFLOW_HOST_DECODE_SHARE", "half", "from 0 to 1"),
         ("ONCOFLOW_HOST_DECODE_SHARE", "1.5", "from 0 to 1"),
         ("ONCOFLOW_HOST_DECODE_SHARE", "-0.1", "from 0 to 1"),
+        ("ONCOFLOW_CUDA_GRAPHS", "maybe", "is not 1 or 0"),
         ("ONCOFLOW_LEASE_WAIT_SECONDS", "1h", "number of seconds"),
         ("ONCOFLOW_LEASE_WAIT_SECONDS", "-5", "number of seconds"),
         ("ONCOFLOW_LEASE_WAIT_SECONDS", "inf", "number of seconds"),
@@ -96,6 +97,23 @@ def test_host_decode_share_from_the_environment(monkeypatch: pytest.MonkeyPatch)
         assert host_decode_share_from_env() == share
     monkeypatch.delenv("ONCOFLOW_HOST_DECODE_SHARE")
     assert host_decode_share_from_env() == 0.0  # nvjpeg decodes every JPEG unless asked otherwise
+
+
+def test_cuda_graphs_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.inference import cuda_graphs_from_env
+
+    for value, wanted in [
+        ("1", True),
+        (" On ", True),
+        ("yes", True),
+        ("", False),
+        ("0", False),
+        ("off", False),
+    ]:
+        monkeypatch.setenv("ONCOFLOW_CUDA_GRAPHS", value)
+        assert cuda_graphs_from_env() is wanted
+    monkeypatch.delenv("ONCOFLOW_CUDA_GRAPHS")
+    assert cuda_graphs_from_env() is False
 
 
 def test_missing_source(tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ def test_the_compiled_model_gives_the_rows_of_the_uncompiled_one(
     compiled = rows_by_name(eleven_images, tiny_model, compile=True)
 
     forward = compiled_forward(load_model(tiny_model, device="cpu", precision="fp32"), 4)
-    assert forward.compiled and forward.failed is None, "the rows came from inductor's kernels"
+    assert forward.ready and forward.failed is None, "the rows came from inductor's kernels"
     assert plain.keys() == compiled.keys() and len(compiled) == 11
     assert compiled["10.jpg"]["status"] == "error" and compiled["10.jpg"]["error"].startswith("not_an_image")
     for name, row in plain.items():
@@ -68,7 +68,7 @@ def test_a_compile_that_fails_runs_the_model_uncompiled(
         compiled = rows_by_name(eleven_images, model_dir, compile=True)
 
     forward = compiled_forward(load_model(model_dir, device="cpu", precision="fp32"), 4)
-    assert forward.failed is not None and not forward.compiled
+    assert forward.failed is not None and not forward.ready
     assert [r.message for r in caplog.records].count(
         f"--compile failed, the model runs uncompiled ({forward.failed})"
     ) == 1
@@ -113,3 +113,43 @@ def test_classify_compile_through_the_cli_writes_the_rows_of_a_plain_run(
     compiled = probabilities(tmp_path / "compiled", "--compile", "--batch-size", "4")
     assert len(compiled) == 6 and compiled.keys() == plain.keys()
     assert all(compiled[uri] == pytest.approx(p, abs=1e-5) for uri, p in plain.items())
+
+
+def test_cuda_graphs_are_ignored_on_a_cpu(eleven_images: Path, tiny_model: str) -> None:
+    plain = rows_by_name(eleven_images, tiny_model)
+    graphs = rows_by_name(eleven_images, tiny_model, cuda_graphs=True)
+    assert {n: r["prob_malignant"] for n, r in graphs.items()} == {
+        n: r["prob_malignant"] for n, r in plain.items()
+    }
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_give_the_rows_of_the_eager_forward_from_two_threads(
+    eleven_images: Path, tiny_model: str
+) -> None:
+    """Replays share one captured graph: two shards classifying at once (as two in flight do) each get
+    their own images' rows, equal to the eager forward's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.model import fixed_batch_forward
+
+    def rows(**options: object) -> dict[str, dict]:
+        location = open_location(str(eleven_images))
+        files = list(list_images(location))
+        model = load_model(tiny_model, device="cuda", precision="fp32")
+        engine = EngineOptions(batch_size=4, **options)  # type: ignore[arg-type]
+        table = classify_files(files, location.fs, model, engine, "run", "shard")
+        return {row["image_uri"]: row for row in table.to_pylist()}
+
+    plain = rows()
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda _: rows(cuda_graphs=True), range(2)))
+    forward = fixed_batch_forward(load_model(tiny_model, device="cuda", precision="fp32"), "cuda_graphs", 4)
+    assert forward.ready and forward.failed is None
+    for graphed in runs:
+        assert graphed.keys() == plain.keys()
+        for uri, row in plain.items():
+            assert graphed[uri]["status"] == row["status"] and graphed[uri]["label"] == row["label"]
+            if row["status"] == "ok":
+                assert graphed[uri]["prob_malignant"] == pytest.approx(row["prob_malignant"], abs=1e-5)

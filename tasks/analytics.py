@@ -62,8 +62,14 @@ from predictions
 group by model, model_revision;
 
 create or replace view latest as
+with current_content as (
+    select image_uri, fingerprint
+    from predictions
+    qualify row_number() over (partition by image_uri order by processed_at desc, run_id desc) = 1
+)
 select p.*
 from predictions p
+join current_content c using (image_uri, fingerprint)
 join revisions r using (model, model_revision)
 qualify row_number() over (
     partition by p.image_uri

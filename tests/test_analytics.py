@@ -214,6 +214,12 @@ def test_latest_is_one_row_per_image_from_the_newest_revision(tmp_path: Path) ->
     changed = rows(range(3, 4), OLD, FIRST_DAY + timedelta(days=3), 99, "changed", "site-b")
     changed = changed.set_column(1, "fingerprint", pa.array(["2000:1800000000000000000"]))
     write(dest, changed, OLD, FIRST_DAY + timedelta(days=3), "changed")
+    # site-a/img_00005, reprocessed by the new revision on day 3, changes on day 4 too, and the nightly
+    # run, still on the old revision, classifies its new content: the new revision's row describes a
+    # file that is gone, so `latest` shows the old revision's row of the current content.
+    edited = rows(range(5, 6), OLD, FIRST_DAY + timedelta(days=3), 98, "edited", "site-a")
+    edited = edited.set_column(1, "fingerprint", pa.array(["3000:1800000000000000000"]))
+    write(dest, edited, OLD, FIRST_DAY + timedelta(days=3), "edited")
 
     latest = {
         row[0]: row
@@ -223,7 +229,8 @@ def test_latest_is_one_row_per_image_from_the_newest_revision(tmp_path: Path) ->
     }
     assert len(latest) == 100
     site_a = [uri for uri in latest if "/site-a/" in uri]
-    assert {latest[u][1] for u in site_a if int(u[-9:-4]) < 40} == {NEW}
+    assert {latest[u][1] for u in site_a if int(u[-9:-4]) < 40 and not u.endswith("_00005.jpg")} == {NEW}
+    assert latest["file:///scans/site-a/img_00005.jpg"][1:] == (OLD, "3000:1800000000000000000")
     assert {latest[u][1] for u in site_a if int(u[-9:-4]) >= 40} == {OLD}, "not reprocessed yet: old row"
     assert latest["file:///scans/site-b/img_00003.jpg"][2] == "2000:1800000000000000000"
 

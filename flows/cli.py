@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import subprocess
 import sys
 import types
@@ -333,6 +334,28 @@ def quiet_expected_tracebacks(expected: tuple[type[BaseException], ...]) -> None
             handler.addFilter(OneLineExpectedErrors(expected))
 
 
+@contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout` in a cron line, a service manager stopping) ends a run as Ctrl-C does:
+    the run is marked Crashed, the command exits 130 and the temporary server is stopped. Prefect's own
+    handler marks the run Crashed, then signals the process again with the handler it found: without
+    this one, the default, which ends the process at once (exit 143) and leaves the temporary server
+    running. Not in a thread other than the main one, where signals cannot be handled."""
+
+    def interrupt(signum: int, frame: types.FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def detach_temporary_server() -> None:
     """Start Prefect's temporary server (used while PREFECT_API_URL is unset) in a session of its own.
 
@@ -363,7 +386,7 @@ def run_and_report(flow: Any, placement: RunnerParams, **parameters: Any) -> Non
     quiet_expected_tracebacks((*EXPECTED_ERRORS, TooManyErrors))
     detach_temporary_server()
     try:
-        with progress_bar():
+        with progress_bar(), sigterm_as_ctrl_c():
             summary = with_runner(flow, placement)(**parameters)
     except TooManyErrors as exc:
         print_summary(exc.summary)
@@ -396,8 +419,10 @@ def compact_command(
     from flows.analytics import compact_dataset
 
     detach_temporary_server()
+    quiet_expected_tracebacks(EXPECTED_ERRORS)
     try:
-        report = compact_dataset(**params.model_dump())
+        with sigterm_as_ctrl_c():
+            report = compact_dataset(**params.model_dump())
     except EXPECTED_ERRORS as exc:
         fail(str(exc))
     line = (
@@ -552,7 +577,8 @@ def evaluate_command(
     quiet_expected_tracebacks(EXPECTED_ERRORS)
     detach_temporary_server()
     try:
-        metrics = evaluate(**params.model_dump())
+        with sigterm_as_ctrl_c():
+            metrics = evaluate(**params.model_dump())
     except EXPECTED_ERRORS as exc:
         fail(str(exc))
     print_metrics(metrics, f"{params.output}/report.md")
@@ -589,7 +615,8 @@ def train_command(
     quiet_expected_tracebacks(EXPECTED_ERRORS)
     detach_temporary_server()
     try:
-        summary = train(**params.model_dump())
+        with sigterm_as_ctrl_c():
+            summary = train(**params.model_dump())
     except EXPECTED_ERRORS as exc:
         fail(str(exc))
     validation = summary["validation"]

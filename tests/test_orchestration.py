@@ -497,12 +497,14 @@ def test_prune_deletes_only_finished_runs_older_than_the_cutoff(
     assert runner.invoke(app, ["prune", "--older-than", "soon"]).exit_code == 2
 
 
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_ctrl_c_in_a_terminal_stops_a_run_on_the_temporary_server_cleanly(
-    tmp_path: Path, tiny_model: str
+    tmp_path: Path, tiny_model: str, how: str
 ) -> None:
     """A terminal's Ctrl-C signals the whole process group. Prefect's temporary server (no
     PREFECT_API_URL) runs in a session of its own, so it survives to record the run as Crashed: the
-    command exits 130 at once, without a minute of connection tracebacks, and stops the server."""
+    command exits 130 at once, without a minute of connection tracebacks, and stops the server.
+    SIGTERM to the command alone (`kill`, `timeout` in a cron line) ends it the same way."""
     from tests.conftest import make_image
 
     for number in range(150):
@@ -522,7 +524,10 @@ def test_ctrl_c_in_a_terminal_stops_a_run_on_the_temporary_server_cleanly(
         children = subprocess.run(
             ["pgrep", "-P", str(run.pid)], capture_output=True, text=True
         ).stdout.split()
-        os.killpg(run.pid, signal.SIGINT)  # what the terminal does
+        if how == "ctrl-c":
+            os.killpg(run.pid, signal.SIGINT)  # what the terminal does
+        else:
+            run.send_signal(signal.SIGTERM)
         output = run.communicate(timeout=120)[0].decode()
     finally:
         with contextlib.suppress(ProcessLookupError):

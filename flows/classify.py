@@ -193,6 +193,7 @@ def run_shards(
     run_id: str,
     slots: int = SHARDS_IN_FLIGHT,
     lease: Lease | None = None,
+    day: datetime | None = None,
 ) -> list[ShardManifest]:
     """Submit shards with a bounded window (2 per slot), so pending work never grows with the archive.
 
@@ -200,7 +201,7 @@ def run_shards(
     caller releases the output lease on the way out, and no write may land after that (exactly once).
     A lease lost meanwhile (object stores: renewals failed) stops the submitting at the next shard.
     """
-    day = datetime.now(UTC)
+    day = day or datetime.now(UTC)  # the `date` partition: the day the run started (its caller's)
     share, graphs = host_decode_share_from_env(), cuda_graphs_from_env()
     manifests: list[ShardManifest] = []
     pending: deque[PrefectFuture[ShardManifest]] = deque()
@@ -297,7 +298,8 @@ def classify(
 
 def classify_images(params: ClassifyParams) -> dict[str, Any]:
     """The body of the classify and reprocess flows: lease → discover → shards → summary."""
-    started = time.perf_counter()
+    # `day` names the `date` partition: the day the run started, even if a lease wait runs past midnight
+    started, day = time.perf_counter(), datetime.now(UTC)
     check_storage(params)
     run_id = str(flow_run.get_id() or uuid.uuid4())
     # Before the lease, so a model that cannot load leaves OUTPUT untouched. With the local runner the
@@ -321,7 +323,8 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
             listener("total", len(new_files))
         with gpu_slot(device_type):
             shard_size = params.shard_size or (GPU_SHARD_SIZE if device_type == "cuda" else CPU_SHARD_SIZE)
-            manifests = run_shards(cut_shards(new_files, shard_size), params, run_id, shard_slots(), lease)
+            shards = cut_shards(new_files, shard_size)
+            manifests = run_shards(shards, params, run_id, shard_slots(), lease, day)
     summary = summarize(found, len(new_files), manifests, time.perf_counter() - started, waited)
     summary.update(run_id=run_id, model=params.model, model_revision=revision)
     publish_summary(summary, params, f"{params.model} @ {revision} ({placement})")

@@ -21,6 +21,7 @@ already merged, leaving rows in two files for good.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -99,6 +100,15 @@ def finish_interrupted(destination: Location, files: list[str]) -> int:
                 present.discard(leftover)
                 deleted += 1
     return deleted
+
+
+def local_partition_folders(destination: Location) -> list[str]:
+    """Every `model_slug=*/date=*` folder of a local dataset, Parquet files in it or not, named as
+    parquet_files_by_partition names them; none on object stores (no folders, no temporaries)."""
+    if not destination.is_local:
+        return []
+    pattern = posixpath.join(glob.escape(destination.path.rstrip("/")), "model_slug=*", "date=*")
+    return sorted(path for path in glob.glob(pattern) if os.path.isdir(path))
 
 
 def remove_stale_temporaries(destination: Location, folder: str, now: float | None = None) -> int:
@@ -186,7 +196,11 @@ def compact(destination: Location, target_rows: int = TARGET_ROWS, run_id: str =
 
 def _compact(destination: Location, target_rows: int) -> CompactionReport:
     report = CompactionReport()
-    for folder, files in parquet_files_by_partition(destination).items():
+    partitions = parquet_files_by_partition(destination)
+    for folder in local_partition_folders(destination):
+        if folder not in partitions:  # a day whose only shard was killed before its rename
+            report.temporaries_deleted += remove_stale_temporaries(destination, folder)
+    for folder, files in partitions.items():
         report.partitions += 1
         report.leftovers_deleted += finish_interrupted(destination, files)
         report.temporaries_deleted += remove_stale_temporaries(destination, folder)

@@ -270,9 +270,10 @@ def acquire(
                 wait_seconds,
             )
         if time.monotonic() >= deadline:
+            waited = f" and was not released within {wait_seconds:.0f} s" if wait_seconds > 0 else ""
             raise LeaseBusy(
-                f"{where} is held by {lease.describe() if lease else 'another run'} and was not released "
-                f"within {wait_seconds:.0f} s; wait for that run to finish (or stop it), then run again"
+                f"{where} is held by {lease.describe() if lease else 'another run'}{waited}; wait for "
+                "that run to finish (or stop it), then run again"
             )
         time.sleep(POLL_SECONDS)
 

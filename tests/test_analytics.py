@@ -107,18 +107,22 @@ def test_a_crashed_compaction_among_shards_named_like_merged_files_is_finished(t
         folder / f".part-{'1' * 20}.parquet.tmp-{'a' * 32}",
         folder / f".part-c.parquet.tmp-{'b' * 32}",
     )
-    stale.write_bytes(b"killed a week ago")
+    # A day whose only shard was killed before its rename: a partition folder with no Parquet file.
+    lone = folder.parent / "date=2026-02-27" / f".part-{'2' * 20}.parquet.tmp-{'c' * 32}"
+    lone.parent.mkdir()
+    for old in (stale, lone):
+        old.write_bytes(b"killed a week ago")
+        os.utime(old, (time.time() - 7 * 86400, time.time() - 7 * 86400))
     fresh.write_bytes(b"being written")
-    os.utime(stale, (time.time() - 7 * 86400, time.time() - 7 * 86400))
 
     result = CliRunner().invoke(app, ["compact", str(dest)])
     text = " ".join(result.output.split())
     assert result.exit_code == 0, text
     assert (
-        "2 inputs of an interrupted compaction deleted" in text and "1 stale temporary files deleted" in text
+        "2 inputs of an interrupted compaction deleted" in text and "2 stale temporary files deleted" in text
     )
     assert [p.name for p in parquet_files(dest)] == [Path(merged).name]
-    assert not stale.exists() and fresh.exists()
+    assert not stale.exists() and not lone.exists() and fresh.exists()
     assert count(dest, "select count(*) from predictions") == 20
 
 

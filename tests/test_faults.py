@@ -255,3 +255,27 @@ def test_a_lost_lease_stops_the_run_before_the_next_shard(tmp_path: Path, tiny_m
         with pytest.raises(LeaseLost, match="could not be renewed"):
             run_shards([files[:1], files[1:]], params, "run-a", lease=lease)
     assert not list((tmp_path / "preds").rglob("*.parquet"))
+
+
+def test_shards_go_to_the_date_partition_of_the_day_the_run_started(tmp_path: Path, tiny_model: str) -> None:
+    """A run that waits for the lease past midnight still writes under the day it started on."""
+    from datetime import UTC, datetime
+
+    from prefect import flow
+
+    from flows.classify import run_shards
+    from flows.params import ClassifyParams
+
+    folder = scans(tmp_path / "scans", 2)
+    files = list(list_images(open_location(str(folder))))
+    params = ClassifyParams(
+        source=str(folder), output=str(tmp_path / "preds"), model=tiny_model, device="cpu"
+    )
+    started = datetime(2026, 11, 27, 23, 59, 30, tzinfo=UTC)
+
+    @flow
+    def shards_after_midnight() -> None:
+        run_shards([files[:1], files[1:]], params, "run-a", day=started)
+
+    shards_after_midnight()
+    assert {path.parent.name for path in (tmp_path / "preds").rglob("*.parquet")} == {"date=2026-11-27"}

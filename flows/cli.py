@@ -456,9 +456,8 @@ def read_dataset(
     if not output.lower().endswith(extensions):
         fail(f"--output {output!r} must end in {' or '.join(extensions)}", code=2)
     try:
-        require_apart(
-            dest, "DEST", output, "--output", "file"
-        )  # a file written into DEST would join the dataset
+        # a file written into DEST would join the dataset
+        require_apart(dest, "DEST", output, "--output", "file")
     except ValueError as exc:
         fail(str(exc), code=2)
     try:

@@ -48,6 +48,12 @@ case "$status" in
   124) echo "bench/throughput.py was cut off after ${BENCH_TIMEOUT:-480} s: the figures so far are in $DEST/results-gpu.jsonl.partial" ;;
   *) echo "bench/throughput.py exit status $status: a section failed, see FAILED and its traceback above" ;;
 esac
+# Which defaults the figures call for (bench/README.md, "Ready for the next GPU session")
+if [ "$status" -eq 0 ] && [ -s "$DEST/results-gpu.jsonl" ]; then
+  python3 bench/decide.py "$DEST/results-gpu.jsonl"
+elif [ -s "$DEST/results-gpu.jsonl.partial" ]; then
+  python3 bench/decide.py "$DEST/results-gpu.jsonl.partial"
+fi
 exec >&"$console" 2>&1   # close the pipe into tee, then wait for it to write the last lines
 wait "$tee_pid"
 exit "$status"

@@ -167,3 +167,33 @@ def test_draft_decode_bench_runs_on_a_tiny_model(tmp_path: Path) -> None:
     record = json.loads(results.read_text())
     assert record["sizes_of_the_first_image"] == {"file": [700, 460], "draft": [350, 230]}
     assert record["draft_decode_resize_img_s_one_core"] > 0 and 0 <= record["label_agreement"] <= 1
+
+
+def test_decide_names_the_default_each_gpu_figure_earns(tmp_path: Path) -> None:
+    """bench/decide.py (run by gpu.sh): faster beyond the spread and agreeing wins; slower, disagreeing,
+    fallen back to eager or missing does not."""
+    results = {
+        "engine_fp16_decode_gpu_img_s": 4000.0,
+        "engine_fp16_decode_gpu_adaptive_split_img_s": 6000.0,
+        "engine_fp16_decode_gpu_adaptive_split_vs_fp32": {"label_agreement": 0.9975},
+        "engine_fp16_decode_gpu_cuda_graphs_img_s": 7000.0,
+        "engine_fp16_decode_gpu_cuda_graphs_vs_fp32": {"label_agreement": 0.99},
+        "engine_fp16_decode_gpu_compiled_img_s": 9000.0,
+        "engine_fp16_decode_gpu_compiled_stage_seconds": {"forward_built": False},
+        "flow_steady_img_s": 3500.0,
+        "flow_steady_img_s_one_in_flight": 3600.0,
+    }
+    path = tmp_path / "results-gpu.jsonl"
+    path.write_text("{}\n" + json.dumps(results) + "\n")
+    done = subprocess.run(
+        [sys.executable, str(BENCH.parent / "decide.py"), str(path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    lines = {line.split(":")[0].removeprefix("- "): line for line in done.stdout.splitlines()[1:]}
+    assert (
+        "WINS: ONCOFLOW_HOST_DECODE_SHARE defaults to auto"
+        in lines[next(k for k in lines if "engine" in k and "host share" in k)]
+    )
+    assert "not measured (flow_steady_img_s_adaptive_split missing)" in done.stdout
+    assert "1.03x" in done.stdout and "labels 99.00%" in done.stdout and "fell back to eager" in done.stdout
+    assert done.stdout.count("WINS") == 1

@@ -82,3 +82,16 @@ def image_folder(tmp_path: Path) -> Path:
     make_image(root / ".hidden.jpg", seed=7)
     make_image(root / ".cache" / "g.jpg", seed=8)
     return root
+
+
+def cpu_compiler_missing() -> bool:
+    """No C++ compiler for torch.compile on the CPU here: the --compile tests cannot compile."""
+    import torch
+
+    from tasks.model import ModelError, check_compile
+
+    try:
+        check_compile(torch.device("cpu"))
+    except ModelError:
+        return True
+    return False

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import cpu_compiler_missing
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
 
 
@@ -27,6 +29,8 @@ def test_throughput_bench_runs_on_a_tiny_model(tmp_path: Path, prefect_server: s
         "--json",
         str(results),
     ]
+    compiles = not cpu_compiler_missing()
+    command += [] if compiles else ["--no-compile"]
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -38,11 +42,12 @@ def test_throughput_bench_runs_on_a_tiny_model(tmp_path: Path, prefect_server: s
     assert record["engine_bf16_vs_fp32"]["compared"] == 6
     device_path = next(v for k, v in record.items() if k.endswith("_decode_gpu_vs_fp32"))
     assert device_path["label_agreement"] == 1.0
-    compiled = next(v for k, v in record.items() if k.endswith("_compiled_vs_fp32"))  # --compile
-    assert compiled["compared"] == 6 and compiled["label_agreement"] == 1.0
-    built = next(v for k, v in record.items() if k.endswith("_compiled_stage_seconds"))
-    assert built["forward_built"] is True and built["forward_failed"] is None  # compiled, not eager
-    assert next(v for k, v in record.items() if k.endswith("_compiled_compile_seconds")) > 0
+    if compiles:  # --compile, where this machine has a C++ compiler for it
+        compiled = next(v for k, v in record.items() if k.endswith("_compiled_vs_fp32"))
+        assert compiled["compared"] == 6 and compiled["label_agreement"] == 1.0
+        built = next(v for k, v in record.items() if k.endswith("_compiled_stage_seconds"))
+        assert built["forward_built"] is True and built["forward_failed"] is None  # compiled, not eager
+        assert next(v for k, v in record.items() if k.endswith("_compiled_compile_seconds")) > 0
     assert record["discovery_new"] == 100  # half of the 200 listed files are in the history
     stages = record["engine_fp32_stage_seconds"]
     assert (
@@ -56,8 +61,8 @@ def test_throughput_bench_runs_on_a_tiny_model(tmp_path: Path, prefect_server: s
         "pipeline_fp32_img_s",
         "model_only_fp32_img_s",
         "engine_fp32_img_s",
-        f"model_only_{record['flow_precision']}_compiled_img_s",
         "flow_img_s",
+        *([f"model_only_{record['flow_precision']}_compiled_img_s"] if compiles else []),
     ]:
         assert record[key] > 0, key
 
@@ -146,6 +151,7 @@ def test_nvjpeg_priority_probe_says_what_it_needs() -> None:
         assert done.returncode == 1 and "needs a CUDA GPU" in done.stderr
 
 
+@pytest.mark.skipif(cpu_compiler_missing(), reason="torch.compile needs a C++ compiler (g++)")
 def test_compile_ab_bench_runs_on_a_tiny_model(tmp_path: Path) -> None:
     """bench/compile_ab.py: eager and --compile forwards interleaved, both rates and the compile time."""
     results = tmp_path / "compile.jsonl"

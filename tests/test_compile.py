@@ -15,9 +15,12 @@ from flows.demo import build_tiny_model
 from tasks.inference import EngineOptions, classify_files
 from tasks.model import compiled_forward, load_model
 from tasks.storage import list_images, open_location
-from tests.conftest import make_image
+from tests.conftest import cpu_compiler_missing, make_image
 
 NO_COMPILER = {"cpp.cxx": ("/nonexistent/bin/c++",), "fx_graph_cache": False}
+
+
+needs_compiler = pytest.mark.skipif(cpu_compiler_missing(), reason="torch.compile needs a C++ compiler (g++)")
 
 
 def rows_by_name(folder: Path, model_dir: str, **options: object) -> dict[str, dict]:
@@ -39,6 +42,7 @@ def eleven_images(tmp_path: Path) -> Path:
     return root
 
 
+@needs_compiler
 def test_the_compiled_model_gives_the_rows_of_the_uncompiled_one(
     eleven_images: Path, tiny_model: str
 ) -> None:
@@ -92,6 +96,7 @@ def test_compile_without_a_compiler_fails_before_any_work(
     assert not output.exists()
 
 
+@needs_compiler
 def test_classify_compile_through_the_cli_writes_the_rows_of_a_plain_run(
     image_folder: Path, tmp_path: Path, tiny_model: str
 ) -> None:

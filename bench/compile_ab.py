@@ -11,7 +11,6 @@ same input, alternately, so a slow minute slows both. Uses the engine's own comp
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.throughput import machine, make_model  # noqa: E402
+from bench.throughput import emit, machine, make_model  # noqa: E402
 from tasks.model import compiled_forward, load_model  # noqa: E402
 
 
@@ -74,10 +73,7 @@ def main() -> None:
         "compiled_img_s": rates["compiled"],
         "compiled_vs_eager": round(rates["compiled"] / rates["eager"], 3),
     }
-    print(json.dumps(result))
-    if args.json:
-        with args.json.open("a") as handle:
-            handle.write(json.dumps(result) + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.throughput import machine, make_corpus, make_model  # noqa: E402
+from bench.throughput import emit, machine, make_corpus, make_model  # noqa: E402
 from tasks.model import load_model  # noqa: E402
 
 SIZE = (224, 224)
@@ -103,10 +102,7 @@ def main() -> None:
         "label_agreement": round(float(np.mean((a >= 0.5) == (b >= 0.5))), 4),
         "max_prob_diff": round(float(np.abs(a - b).max()), 5),
     }
-    print(json.dumps(result))
-    if args.json:
-        with args.json.open("a") as handle:
-            handle.write(json.dumps(result) + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -722,6 +722,14 @@ def main() -> None:
         sys.exit(1)
 
 
+def emit(result: dict[str, Any], json_lines: Path | None) -> None:
+    """Print a small benchmark's result as one JSON line; append it to `json_lines` if given."""
+    print(json.dumps(result))
+    if json_lines:
+        with json_lines.open("a") as handle:
+            handle.write(json.dumps(result) + "\n")
+
+
 def publish(results: dict[str, Any], json_lines: str | None) -> None:
     """Print the results as a Markdown table; append them as one JSON line to `json_lines` if given."""
     print("| metric | value |\n|---|---|")

@@ -577,27 +577,20 @@ def main() -> None:
 
     fp32_probs: dict[str, float] = {}
 
-    def engine(
-        precision: str,
-        decode: str = "cpu",
-        overlap: bool = True,
-        share: float | None = 0.0,
-        pool: str = "processes",
-        compiled: bool = False,
-        graphs: bool = False,
-    ) -> None:
+    def engine(precision: str, decode: str = "cpu", **variant: Any) -> None:
+        """bench_engine with `variant` (its keyword arguments after `decode`), recorded under a key
+        that names what differs from the defaults."""
         nonlocal fp32_probs
-        speed, probs, _ = bench_engine(
-            model_dir, corpus, args.device, precision, batch, decode, overlap, share, pool, compiled, graphs
-        )
+        speed, probs, _ = bench_engine(model_dir, corpus, args.device, precision, batch, decode, **variant)
+        share, compiled = variant.get("host_decode_share", 0.0), variant.get("compiled", False)
         key = (
             f"engine_{precision}"
             + ("_decode_gpu" if decode == "gpu" else "")
             + ("" if share == 0 else "_adaptive_split" if share is None else f"_host_share_{share}")
-            + ("_threads" if pool == "threads" else "")
-            + ("" if overlap else "_serial")
+            + ("_threads" if variant.get("host_decode_pool") == "threads" else "")
+            + ("" if variant.get("overlap", True) else "_serial")
             + ("_compiled" if compiled else "")
-            + ("_cuda_graphs" if graphs else "")
+            + ("_cuda_graphs" if variant.get("cuda_graphs") else "")
         )
         results[f"{key}_img_s"] = speed
         results[f"{key}_stage_seconds"] = dict(last_stage_times)
@@ -616,7 +609,7 @@ def main() -> None:
     if args.device == "cuda":
         # --decode cpu beside a GPU decodes in worker processes (since the eighth session); the reader
         # threads doing it themselves, as in runs A and B, for comparison.
-        sections.run("engine_fp16_threads", engine, "fp16", "cpu", True, 0.0, "threads")
+        sections.run("engine_fp16_threads", engine, "fp16", "cpu", host_decode_pool="threads")
     default_precision = resolve_precision("auto", torch.device(args.device))
     if args.device == "cuda" or args.quick:  # on a CPU the device path only proves it runs
         results["device_preprocess_img_s"] = sections.run(
@@ -632,13 +625,23 @@ def main() -> None:
         sections.run("engine_decode_gpu_serial", lambda: engine(default_precision, "gpu", overlap=False))
         # The host/nvjpeg split (off by default: nvjpeg decodes every JPEG) adapting per batch, its host
         # share in worker processes (the default pool since the eighth session).
-        sections.run("engine_decode_gpu_adaptive_split", lambda: engine(default_precision, "gpu", share=None))
+        sections.run(
+            "engine_decode_gpu_adaptive_split",
+            lambda: engine(default_precision, "gpu", host_decode_share=None),
+        )
         if args.device == "cuda":  # fixed shares map the curve the adaptive share should find the top of
             for share in (0.25, 0.5):
-                sections.run(f"engine_host_share_{share}", engine, default_precision, "gpu", True, share)
+                sections.run(
+                    f"engine_host_share_{share}", engine, default_precision, "gpu", host_decode_share=share
+                )
             # The pool runs A and B measured (threads, under the engine's GIL), for comparison.
             sections.run(
-                "engine_host_share_0.25_threads", engine, default_precision, "gpu", True, 0.25, "threads"
+                "engine_host_share_0.25_threads",
+                engine,
+                default_precision,
+                "gpu",
+                host_decode_share=0.25,
+                host_decode_pool="threads",
             )
     flow_decode = "gpu" if args.device == "cuda" else "cpu"
     for shard_size in args.flow_shard_sizes:
@@ -675,7 +678,7 @@ def main() -> None:
             engine,
             default_precision,
             "gpu",
-            graphs=True,
+            cuda_graphs=True,
         )
     if args.compile:
         # --compile: the forward through torch.compile (inductor), model-only then the engine, at the

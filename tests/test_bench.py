@@ -15,6 +15,17 @@ from tests.conftest import cpu_compiler_missing
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
 
 
+def run_bench(tmp_path: Path, script: str, *arguments: str, timeout: int) -> dict:
+    """Run bench/`script` with `arguments` and `--json FILE`; it must succeed; its JSON record (the last
+    line of a JSON-lines file, or the whole file when it is one indented object)."""
+    results = tmp_path / f"{Path(script).stem}.json"
+    command = [sys.executable, str(BENCH.parent / script), *arguments, "--json", str(results)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = results.read_text().strip()
+    return json.loads(text if text.startswith("{\n") else text.splitlines()[-1])
+
+
 @pytest.mark.slow
 def test_throughput_bench_runs_on_a_tiny_model(tmp_path: Path, prefect_server: str) -> None:
     results = tmp_path / "results.jsonl"
@@ -69,13 +80,8 @@ def test_throughput_bench_runs_on_a_tiny_model(tmp_path: Path, prefect_server: s
 
 @pytest.mark.slow
 def test_split_emulation_bench_runs(tmp_path: Path) -> None:
-    results = tmp_path / "split.jsonl"
-    script = BENCH.parent / "split_emulated.py"
-    command = [sys.executable, str(script), "--images", "48", "--unique-images", "8", "--batch-size", "8"]
-    command += ["--shares", "0", "1", "--json", str(results)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads(results.read_text())
+    arguments = ["--images", "48", "--unique-images", "8", "--batch-size", "8", "--shares", "0", "1"]
+    record = run_bench(tmp_path, "split_emulated.py", *arguments, timeout=120)
     assert record["fixed_0.0"]["host_decoded"] == 0  # nvjpeg (emulated) took every JPEG
     assert record["fixed_1.0"]["host_decoded"] == 48  # the split's PIL threads took every JPEG
     assert 0 <= record["adaptive"]["host_decoded"] <= 48
@@ -84,18 +90,7 @@ def test_split_emulation_bench_runs(tmp_path: Path) -> None:
 
 def test_nvjpeg_probe_runs(tmp_path: Path) -> None:
     """bench/gpu.sh's probe of odd and damaged JPEGs; on a CPU both sides decode with PIL and agree."""
-    results = tmp_path / "probe.json"
-    command = [
-        sys.executable,
-        str(BENCH.parent / "nvjpeg_probe.py"),
-        "--device",
-        "cpu",
-        "--json",
-        str(results),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads(results.read_text())
+    record = run_bench(tmp_path, "nvjpeg_probe.py", "--device", "cpu", timeout=240)
     assert record["status_disagreements"] == []
     files = record["files"]
     assert (
@@ -106,12 +101,18 @@ def test_nvjpeg_probe_runs(tmp_path: Path) -> None:
 
 def test_analytics_read_bench_runs(tmp_path: Path) -> None:
     """bench/analytics_read.py on a few tiny files: both readers agree (the bench asserts it), requests counted."""
-    results = tmp_path / "read.jsonl"
-    command = [sys.executable, str(BENCH.parent / "analytics_read.py"), "--files", "3", "--rows-per-file"]
-    command += ["10", "--s3-files", "2", "--s3-duckdb-bridge", "--repeats", "1", "--json", str(results)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads(results.read_text())
+    arguments = [
+        "--files",
+        "3",
+        "--rows-per-file",
+        "10",
+        "--s3-files",
+        "2",
+        "--s3-duckdb-bridge",
+        "--repeats",
+        "1",
+    ]
+    record = run_bench(tmp_path, "analytics_read.py", *arguments, timeout=300)
     assert record["local rows"] == 30 and record["s3 files"] == 2
     requests = int(record["s3 oncoflow connect: requests (per file)"].split()[0])
     assert 0 < requests <= 16
@@ -120,12 +121,8 @@ def test_analytics_read_bench_runs(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_gpu_overlap_probe_runs(tmp_path: Path) -> None:
     """bench/gpu_overlap.py's CPU mode: every stage alone and in pairs gives a rate."""
-    results = tmp_path / "overlap.json"
-    script = BENCH.parent / "gpu_overlap.py"
-    command = [sys.executable, str(script), "--device", "cpu", "--batch", "4", "--seconds", "0.2"]
-    done = subprocess.run([*command, "--json", str(results)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads(results.read_text())
+    arguments = ["--device", "cpu", "--batch", "4", "--seconds", "0.2"]
+    record = run_bench(tmp_path, "gpu_overlap.py", *arguments, timeout=300)
     for stage in ("forward", "decode", "prep", "resize"):
         assert record[f"{stage}_alone_img_s"] > 0, stage
     assert set(record["forward+decode_img_s"]) == {"forward", "decode"}
@@ -154,23 +151,15 @@ def test_nvjpeg_priority_probe_says_what_it_needs() -> None:
 @pytest.mark.skipif(cpu_compiler_missing(), reason="torch.compile needs a C++ compiler (g++)")
 def test_compile_ab_bench_runs_on_a_tiny_model(tmp_path: Path) -> None:
     """bench/compile_ab.py: eager and --compile forwards interleaved, both rates and the compile time."""
-    results = tmp_path / "compile.jsonl"
-    script = BENCH.parent / "compile_ab.py"
-    command = [sys.executable, str(script), "--model-size", "tiny", "--precision", "fp32", "--rounds", "2"]
-    done = subprocess.run([*command, "--json", str(results)], capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads(results.read_text())
+    arguments = ["--model-size", "tiny", "--precision", "fp32", "--rounds", "2"]
+    record = run_bench(tmp_path, "compile_ab.py", *arguments, timeout=240)
     assert record["eager_img_s"] > 0 and record["compiled_img_s"] > 0
     assert record["compile_and_first_batch_seconds"] > 0 and record["batch_size"] == 32
 
 
 def test_draft_decode_bench_runs_on_a_tiny_model(tmp_path: Path) -> None:
     """bench/draft_decode.py: both decoders' rates, the pixel difference and the labels it changes."""
-    results = tmp_path / "draft.jsonl"
-    command = [sys.executable, str(BENCH.parent / "draft_decode.py"), "--images", "6", "--model-size", "tiny"]
-    done = subprocess.run([*command, "--json", str(results)], capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads(results.read_text())
+    record = run_bench(tmp_path, "draft_decode.py", "--images", "6", "--model-size", "tiny", timeout=240)
     assert record["sizes_of_the_first_image"] == {"file": [700, 460], "draft": [350, 230]}
     assert record["draft_decode_resize_img_s_one_core"] > 0 and 0 <= record["label_agreement"] <= 1
 

@@ -559,11 +559,12 @@ def evaluate_command(
     ] = None,
     s3_endpoint_url: S3EndpointOption = None,
     aws_credentials_block: AwsBlockOption = None,
+    compile: CompileOption = False,
 ) -> None:
     """Compare predictions with true labels: the seed card's metrics, plots and an operating point."""
     params = validated(EvaluateParams, **{k: v for k, v in locals().items()})
     if params.data is not None:  # classified here first: the classify checks, before any work
-        check_model_arguments(params.model, params.device, params.precision)
+        check_model_arguments(params.model, params.device, params.precision, params.compile)
     if params.labels:  # its content is an argument too: a bad labels file fails before any work
         from tasks.labels import LabelError, read_labels_file
 

@@ -55,6 +55,7 @@ def classify_labeled_folder(params: EvaluateParams) -> tuple[str, pd.DataFrame, 
         device=params.device,
         precision=params.precision,
         batch_size=params.batch_size,
+        compile=params.compile,
         s3_endpoint_url=params.s3_endpoint_url,
         aws_credentials_block=params.aws_credentials_block,
     )
@@ -123,6 +124,7 @@ def evaluate(
     target_sensitivity: float | None = None,
     s3_endpoint_url: str | None = None,
     aws_credentials_block: str | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Evaluate predictions against labels; write metrics.json, report.md and plots to OUTPUT."""
     params = flow_params(EvaluateParams, **locals())

@@ -242,6 +242,9 @@ class EvaluateParams(StorageParams):
     target_sensitivity: float | None = Field(
         None, gt=0.0, le=1.0, description="Also report the highest threshold reaching this sensitivity"
     )
+    compile: bool = Field(
+        False, description="Classify --data through torch.compile (to check that path's agreement)"
+    )
 
     @field_validator("output", "predictions", "labels", "data")
     @classmethod
@@ -261,6 +264,7 @@ class EvaluateParams(StorageParams):
                 "--device": self.device != "auto",
                 "--precision": self.precision != "auto",
                 "--batch-size": self.batch_size is not None,
+                "--compile": self.compile,
             }
             if given := [option for option, set_here in classify_only.items() if set_here]:
                 raise ValueError(

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from flows.classify import classify
 from flows.cli import app
 from flows.evaluate import evaluate
-from tests.conftest import make_image
+from tests.conftest import cpu_compiler_missing, make_image
 
 runner = CliRunner()
 
@@ -198,6 +198,7 @@ def test_options_of_the_other_mode_and_models_that_cannot_run_fail_before_any_wo
     saved = ["--predictions", str(tmp_path / "preds"), "--labels", str(tmp_path / "labels.csv")]
     cases = [
         ([*saved, "--model", tiny_model, "--device", "cpu"], "--model, --device go with --data"),
+        ([*saved, "--compile"], "--compile go with --data"),
         (
             ["--data", str(labeled), "--model", tiny_model, "--revision", "v2"],
             "--revision applies to hub models",
@@ -213,6 +214,27 @@ def test_options_of_the_other_mode_and_models_that_cannot_run_fail_before_any_wo
         text = " ".join(result.output.split())
         assert result.exit_code == 2 and expected in text, (args, text)
         assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(cpu_compiler_missing(), reason="torch.compile needs a C++ compiler (g++)")
+def test_evaluate_data_compiled_scores_what_the_uncompiled_model_scores(
+    labeled: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    """evaluate --data --compile checks the compiled path on labelled images: same counts, same AUC."""
+
+    def metrics(name: str, *options: str) -> dict:
+        arguments = ["evaluate", "-o", str(tmp_path / name), "--data", str(labeled), "--model", tiny_model]
+        result = runner.invoke(app, [*arguments, "--device", "cpu", "--precision", "fp32", *options])
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / name / "metrics.json").read_text())
+
+    plain = metrics("plain")
+    compiled = metrics("compiled", "--compile", "--batch-size", "4")
+    assert compiled["images"]["evaluated"] == plain["images"]["evaluated"] == 16
+    assert [compiled[key] for key in ("tp", "fp", "tn", "fn")] == [
+        plain[key] for key in ("tp", "fp", "tn", "fn")
+    ]
+    assert compiled["roc_auc"] == pytest.approx(plain["roc_auc"], abs=1e-6)
 
 
 def test_missing_inputs_and_a_file_as_report_folder_fail_before_any_work(tmp_path: Path) -> None:

@@ -194,12 +194,14 @@ def bench_engine(
     host_decode_pool: str = "processes",
     compiled: bool = False,
     cuda_graphs: bool = False,
+    limit: int | None = None,
 ) -> tuple[float, dict[str, float], dict[str, str]]:
     """oncoflow's engine (read → decode → batched forward → rows), without Prefect; `compiled`: with
-    --compile (its warm-up batch compiles, or finds the model_only section's compile)."""
+    --compile (its warm-up batch compiles, or finds the model_only section's compile); `limit`: only the
+    first files of the folder (same URIs, so agreement still compares them with the other runs)."""
     model = load_model(model_dir, device=device, precision=precision)  # type: ignore[arg-type]
     location = open_location(str(folder))
-    files = list(list_images(location))
+    files = list(list_images(location))[:limit]
     options = EngineOptions(
         batch_size=batch_size,
         decode=decode,  # type: ignore[arg-type]
@@ -518,6 +520,13 @@ def main() -> None:
     parser.add_argument("--snippet-images", type=int, default=16, help="the seed loop is slow: a subset")
     parser.add_argument("--pipeline-images", type=int, default=None, help="default: all --images")
     parser.add_argument(
+        "--cpu-decode-images",
+        type=int,
+        default=None,
+        help="engine runs that decode on the host (--decode cpu) take only the first N images (on a GPU "
+        "they run at the host decoders' ~1,000 img/s); default: all --images",
+    )
+    parser.add_argument(
         "--rss-images",
         type=int,
         nargs=2,
@@ -581,7 +590,10 @@ def main() -> None:
         """bench_engine with `variant` (its keyword arguments after `decode`), recorded under a key
         that names what differs from the defaults."""
         nonlocal fp32_probs
-        speed, probs, _ = bench_engine(model_dir, corpus, args.device, precision, batch, decode, **variant)
+        limit = args.cpu_decode_images if decode == "cpu" else None
+        speed, probs, _ = bench_engine(
+            model_dir, corpus, args.device, precision, batch, decode, limit=limit, **variant
+        )
         share, compiled = variant.get("host_decode_share", 0.0), variant.get("compiled", False)
         key = (
             f"engine_{precision}"

@@ -36,13 +36,13 @@ jpeg = encode_jpeg(torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8))
 print("nvjpeg decode:", tuple(decode_jpeg([jpeg, jpeg], device="cuda")[0].shape))
 PY
 # How nvjpeg treats odd and damaged JPEGs (a few seconds): what the CPU tests cannot show.
-timeout 120 python3 bench/nvjpeg_probe.py --device cuda --json "$DEST/nvjpeg-probe.json" 2>&1 \
+timeout 60 python3 bench/nvjpeg_probe.py --device cuda --json "$DEST/nvjpeg-probe.json" 2>&1 \
   | grep --line-buffered -v -E "it/s\]|Loading weights|Writing model|INFO"
 probe=${PIPESTATUS[0]}
 [ "$probe" -eq 0 ] || echo "FAILED bench/nvjpeg_probe.py (exit status $probe): see above; the benchmark goes on"
 # The host-decoding engine runs (~1,000 img/s on a GPU machine) take 4,000 of the 16,000 images: the
 # 2,000 distinct ones and their first links, enough for their rate and for the fp32 reference.
-timeout "${BENCH_TIMEOUT:-390}" python3 bench/throughput.py --device cuda --images "${IMAGES:-16000}" \
+timeout "${BENCH_TIMEOUT:-400}" python3 bench/throughput.py --device cuda --images "${IMAGES:-16000}" \
   --unique-images 2000 --batch-size "${BATCH:-256}" --snippet-images 200 --pipeline-images 500 \
   --cpu-decode-images 4000 \
   --rss-images 0 0 --discovery-files 0 --flow-shard-sizes 4000 10000 \
@@ -50,7 +50,7 @@ timeout "${BENCH_TIMEOUT:-390}" python3 bench/throughput.py --device cuda --imag
 status=${PIPESTATUS[0]}
 case "$status" in
   0) echo "bench/throughput.py: every section ran" ;;
-  124) echo "bench/throughput.py was cut off after ${BENCH_TIMEOUT:-390} s: the figures so far are in $DEST/results-gpu.jsonl.partial" ;;
+  124) echo "bench/throughput.py was cut off after ${BENCH_TIMEOUT:-400} s: the figures so far are in $DEST/results-gpu.jsonl.partial" ;;
   *) echo "bench/throughput.py exit status $status: a section failed, see FAILED and its traceback above" ;;
 esac
 # Which defaults the figures call for (bench/README.md, "Ready for the next GPU session")
@@ -61,7 +61,7 @@ elif [ -s "$DEST/results-gpu.jsonl.partial" ]; then
 fi
 # GIL or GPU, and libnvjpeg called directly on a high-priority stream (bench/nvjpeg_priority.py; it
 # saves its JSON after each part, so a cut-off run keeps what it measured).
-timeout "${PRIORITY_TIMEOUT:-130}" python3 bench/nvjpeg_priority.py --seconds 2.5 --json "$DEST/priority.json" 2>&1 \
+timeout "${PRIORITY_TIMEOUT:-120}" python3 bench/nvjpeg_priority.py --seconds 2.5 --json "$DEST/priority.json" 2>&1 \
   | grep --line-buffered -v -E "it/s\]|Loading weights|Writing model|INFO"
 priority=${PIPESTATUS[0]}
 [ "$priority" -eq 0 ] || echo "bench/nvjpeg_priority.py exit status $priority (124: cut off): see above and $DEST/priority.json"

@@ -381,12 +381,12 @@ def detach_temporary_server() -> None:
 def run_and_report(flow: Any, placement: RunnerParams, **parameters: Any) -> None:
     """Run a classify-style flow on the chosen runner with a progress bar; print its summary; exit codes."""
     from flows.classify import TooManyErrors
-    from flows.runners import with_runner
+    from flows.runners import api_for_local_workers, with_runner
 
     quiet_expected_tracebacks((*EXPECTED_ERRORS, TooManyErrors))
     detach_temporary_server()
     try:
-        with progress_bar(), sigterm_as_ctrl_c():
+        with progress_bar(), sigterm_as_ctrl_c(), api_for_local_workers(placement):
             summary = with_runner(flow, placement)(**parameters)
     except TooManyErrors as exc:
         print_summary(exc.summary)

@@ -7,6 +7,8 @@ process) and keeps it for every shard it runs. Run one worker process per GPU, o
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from prefect.context import FlowRunContext
@@ -36,6 +38,30 @@ def make_task_runner(params: RunnerParams) -> TaskRunner[Any]:
 
         return RayTaskRunner(address=params.ray_address)  # type: ignore[no-any-return]
     return local_task_runner()
+
+
+@contextmanager
+def api_for_local_workers(params: RunnerParams) -> Iterator[None]:
+    """Run the flow inside this: with `--runner dask` and no address, and no PREFECT_API_URL, start
+    Prefect's temporary server here and name it in the settings, which Prefect hands to every task it
+    sends to the LocalCluster's workers. Without that each worker process started a temporary server
+    of its own (~5 s each, several servers writing one SQLite file). The server is stopped when this
+    process exits, as Prefect's own temporary server is. A cluster given by address has workers on other
+    machines, which need a server they can reach (PREFECT_API_URL): nothing to do for them here."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE, temporary_settings
+
+    if params.runner != "dask" or params.dask_address or PREFECT_API_URL.value():
+        yield
+        return
+    if not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
+        yield  # Prefect itself then says that PREFECT_API_URL is needed
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the one Prefect would start for this process (one per port)
+    server.start()
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield
 
 
 def local_task_runner() -> Any:

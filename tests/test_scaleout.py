@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -13,6 +17,7 @@ from flows.cli import app
 from flows.params import RunnerParams
 from flows.runners import with_runner
 
+ROOT = Path(__file__).resolve().parents[1]
 VOLATILE = {"run_id", "processed_at"}  # differ between any two runs, whatever the runner
 
 
@@ -67,24 +72,35 @@ def test_dask_cluster_matches_local_runner(image_folder: Path, tmp_path: Path, t
 def test_dask_runner_started_without_address_uses_a_local_cluster(
     image_folder: Path, tmp_path: Path, tiny_model: str
 ) -> None:
-    result = CliRunner().invoke(
-        app,
-        [
-            "classify",
-            str(image_folder),
-            "--output",
-            str(tmp_path / "out"),
-            "--model",
-            tiny_model,
-            "--device",
-            "cpu",
-            "--runner",
-            "dask",
-        ],
+    """`--runner dask` with no address and no PREFECT_API_URL, as a user runs it: a LocalCluster of two
+    worker processes, and ONE temporary Prefect server (started by the CLI and named to the workers),
+    which records every shard task the workers ran."""
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+        "PREFECT_HOME": str(home),
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "classify",
+        str(image_folder),
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    command += ["--model", tiny_model, "--device", "cpu", "--runner", "dask", "--dask-workers", "2"]
+    done = subprocess.run(
+        [*command, "--shard-size", "2"], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT
     )
-    assert result.exit_code == 0, result.output
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     rows, files = rows_and_files(tmp_path / "out")
-    assert len(rows) == 6 and len(files) == 1 and all(row["status"] == "ok" for row in rows)
+    assert len(rows) == 6 and len(files) == 3 and all(row["status"] == "ok" for row in rows)
+    output = done.stdout + done.stderr
+    assert output.count("Starting temporary server") == 1, output[-3000:]
+    with sqlite3.connect(home / "prefect.db") as db:
+        shards = db.execute("SELECT state_name FROM task_run WHERE name LIKE 'classify-shard-%'").fetchall()
+    assert shards == [("COMPLETED",)] * 3 or sorted(shards) == [("Completed",)] * 3, shards
 
 
 @pytest.mark.parametrize(

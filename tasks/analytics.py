@@ -4,7 +4,10 @@
   incremental index never classifies a key twice, and a key can sit in two files only for the moment
   between a compaction's write and its deletions (tasks/compact.py), or when a shard task was retried
   after its file was compacted. The view keeps one of the copies, which hold the same prediction.
-- `revisions`: each (model, model_revision) with `first_seen`, the earliest processed_at of its rows.
+- `revisions`: each model_revision with `first_seen`, the earliest processed_at of its rows, and `model`
+  as its first row spelled it. A revision is its weights and configs (tasks.model.weights_revision, or
+  the hub commit), whatever path or name loaded it: `/models/A`, `/models/A/` and `./A` are one
+  revision, and re-running it under another spelling does not make it newest again.
 - `latest`: one row per image_uri: the row of the revision first seen most recently that has a row for
   that image, and within that revision the newest row (max processed_at, i.e. the newest content
   version). Error rows count: if the newest revision could not read an image, `latest` says so
@@ -57,9 +60,10 @@ qualify row_number() over (
 ) = 1;
 
 create or replace view revisions as
-select model, model_revision, min(processed_at) as first_seen, count(*) as row_count
+select arg_min(model, processed_at) as model, model_revision, min(processed_at) as first_seen,
+       count(*) as row_count
 from predictions
-group by model, model_revision;
+group by model_revision;
 
 create or replace view latest as
 with current_content as (
@@ -70,7 +74,7 @@ with current_content as (
 select p.*
 from predictions p
 join current_content c using (image_uri, fingerprint)
-join revisions r using (model, model_revision)
+join revisions r using (model_revision)
 qualify row_number() over (
     partition by p.image_uri
     order by r.first_seen desc, p.processed_at desc, p.model_revision desc

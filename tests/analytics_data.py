@@ -17,7 +17,13 @@ MODEL = "/models/vit"
 
 
 def rows(
-    images: range, revision: str, when: datetime, seed: int, shard: str, folder: str = "site-a"
+    images: range,
+    revision: str,
+    when: datetime,
+    seed: int,
+    shard: str,
+    folder: str = "site-a",
+    model: str = MODEL,
 ) -> pa.Table:
     """One shard's rows; every 10th image is an error row, the rest get seeded probabilities."""
     rng = np.random.default_rng(seed)
@@ -34,7 +40,7 @@ def rows(
             "confidence": (prob if malignant else 1 - prob) if ok else None,
             "prob_malignant": prob if ok else None,
             "threshold": 0.5,
-            "model": MODEL,
+            "model": model,
             "model_revision": revision,
             "run_id": f"run-{revision[-2:]}-{when:%d}",
             "processed_at": when + timedelta(seconds=n),
@@ -74,3 +80,26 @@ def make_dataset(dest: Path, shard_rows: int = 20) -> dict[str, int]:
             write(dest, rows(chunk, revision, when, seed, shard, folder), revision, when, shard)
             total += len(chunk)
     return {"rows": total, "images": 100}
+
+
+def add_edits(dest: Path) -> dict[str, str]:
+    """After make_dataset, the cases `latest` must get right; {image_uri: the revision `latest` shows}.
+
+    - site-a/img_00005, reprocessed by the new revision on day 3, is edited on day 4 and the nightly
+      run, still on the old revision, classifies its new content: the old revision's row (of the file
+      as it is now), not the new revision's row of a file that is gone.
+    - site-c/img_00000-4 appear on day 3: the new revision classifies them, then on day 4 the old
+      revision does too, given as "/models/vit/" (another spelling of the same model): the new revision
+      still, because the old one was first seen on day 1 whatever its path.
+    """
+    day4 = FIRST_DAY + timedelta(days=3)
+    edited = rows(range(5, 6), OLD, day4, 98, "edited", "site-a")
+    edited = edited.set_column(1, "fingerprint", pa.array(["3000:1800000000000000000"]))
+    write(dest, edited, OLD, day4, "edited")
+    day3 = FIRST_DAY + timedelta(days=2)
+    write(dest, rows(range(5), NEW, day3 + timedelta(hours=1), 31, "c-new", "site-c"), NEW, day3, "c-new")
+    again = rows(range(5), OLD, day4 + timedelta(hours=1), 32, "c-old", "site-c", model=MODEL + "/")
+    write(dest, again, OLD, day4, "c-old")
+    expected = {"file:///scans/site-a/img_00005.jpg": OLD}
+    expected |= {f"file:///scans/site-c/img_{n:05d}.jpg": NEW for n in range(5)}
+    return expected

@@ -28,7 +28,7 @@ from tasks.dataset_report import DISCLAIMER, gather
 from tasks.metrics import read_predictions
 from tasks.sink import SCHEMA, read_index
 from tasks.storage import open_location
-from tests.analytics_data import FIRST_DAY, NEW, OLD, make_dataset, rows, write
+from tests.analytics_data import FIRST_DAY, MODEL, NEW, OLD, add_edits, make_dataset, rows, write
 
 
 def all_rows(dest: Path) -> list[tuple]:
@@ -218,25 +218,25 @@ def test_latest_is_one_row_per_image_from_the_newest_revision(tmp_path: Path) ->
     changed = rows(range(3, 4), OLD, FIRST_DAY + timedelta(days=3), 99, "changed", "site-b")
     changed = changed.set_column(1, "fingerprint", pa.array(["2000:1800000000000000000"]))
     write(dest, changed, OLD, FIRST_DAY + timedelta(days=3), "changed")
-    # site-a/img_00005, reprocessed by the new revision on day 3, changes on day 4 too, and the nightly
-    # run, still on the old revision, classifies its new content: the new revision's row describes a
-    # file that is gone, so `latest` shows the old revision's row of the current content.
-    edited = rows(range(5, 6), OLD, FIRST_DAY + timedelta(days=3), 98, "edited", "site-a")
-    edited = edited.set_column(1, "fingerprint", pa.array(["3000:1800000000000000000"]))
-    write(dest, edited, OLD, FIRST_DAY + timedelta(days=3), "edited")
+    edits = add_edits(dest)  # an edit after the reprocess; the old model again under another spelling
 
+    connection = connect(str(dest))
     latest = {
         row[0]: row
-        for row in connect(str(dest))
-        .sql("select image_uri, model_revision, fingerprint from latest")
-        .fetchall()
+        for row in connection.sql("select image_uri, model_revision, fingerprint from latest").fetchall()
     }
-    assert len(latest) == 100
+    assert len(latest) == 105
     site_a = [uri for uri in latest if "/site-a/" in uri]
     assert {latest[u][1] for u in site_a if int(u[-9:-4]) < 40 and not u.endswith("_00005.jpg")} == {NEW}
     assert latest["file:///scans/site-a/img_00005.jpg"][1:] == (OLD, "3000:1800000000000000000")
     assert {latest[u][1] for u in site_a if int(u[-9:-4]) >= 40} == {OLD}, "not reprocessed yet: old row"
     assert latest["file:///scans/site-b/img_00003.jpg"][2] == "2000:1800000000000000000"
+    assert {uri: latest[uri][1] for uri in edits} == edits
+    # One revision per model_revision, named by its first row's spelling of the model.
+    assert connection.sql("select model, model_revision from revisions order by first_seen").fetchall() == [
+        (MODEL, OLD),
+        (MODEL, NEW),
+    ]
 
 
 @pytest.mark.parametrize("extension", [".parquet", ".csv"])

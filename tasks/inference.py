@@ -549,8 +549,12 @@ def decide(probabilities: np.ndarray, positive_id: int, threshold: float) -> np.
 class RowBuilder:
     """Accumulates a shard's rows column by column."""
 
-    def __init__(self, model: LoadedModel, threshold: float, run_id: str, shard: str) -> None:
+    def __init__(
+        self, model: LoadedModel, threshold: float, run_id: str, shard: str, exif_orientation: bool = False
+    ) -> None:
         self.model, self.threshold, self.run_id, self.shard = model, threshold, run_id, shard
+        # --exif-orientation changes the pixels: the decoder column says so (`pil+exif_orientation`).
+        self.decoder_suffix = "+exif_orientation" if exif_orientation else ""
         self.columns: dict[str, list[object]] = {name: [] for name in SCHEMA.names}
 
     def add(
@@ -569,7 +573,7 @@ class RowBuilder:
             "precision": self.model.precision,
             "image_width": item.width,
             "image_height": item.height,
-            "decoder": item.decoder,
+            "decoder": item.decoder + self.decoder_suffix if item.decoder else item.decoder,
         }
         if probabilities is not None and class_id is not None:
             values.update(
@@ -859,7 +863,7 @@ def classify_files(
     install_log_redaction()  # storage libraries log signed URLs at debug level
     options = resolve_options(options, model)
     preprocess = choose_preprocessor(model, options.decode)
-    rows = RowBuilder(model, options.threshold, run_id, shard)
+    rows = RowBuilder(model, options.threshold, run_id, shard, options.exif_orientation)
     ahead = options.launch_ahead if options.launch_ahead is not None else model.device.type == "cuda"
     cuda = model.device.type == "cuda"
     kind = "compile" if options.compile else "cuda_graphs" if options.cuda_graphs and cuda else None

@@ -143,6 +143,21 @@ def test_exif_orientation_is_applied_only_when_asked(tmp_path: Path) -> None:
     assert np.abs(np.asarray(rotated, dtype=np.int16) - upright).max() == 0
 
 
+def test_rows_say_when_exif_orientation_was_applied(tmp_path: Path, tiny_model: str) -> None:
+    """--exif-orientation changes the pixels: each row's decoder says it was on, so an analyst can
+    tell such rows from a plain run's (the flag applies to new and changed images only)."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "rotated.jpg").write_bytes(corpus.exif_rotated_jpeg((64, 32), orientation=6))
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    plain = classify_folder(folder, tiny_model)
+    turned = classify_folder(folder, tiny_model, exif_orientation=True)
+    assert plain["rotated.jpg"]["decoder"] == "pil"
+    assert turned["rotated.jpg"]["decoder"] == "pil+exif_orientation"
+    assert turned["broken.jpg"]["decoder"] is None, "error rows have no pixels, so no decoder"
+    assert turned["rotated.jpg"]["prob_malignant"] != plain["rotated.jpg"]["prob_malignant"]
+
+
 def test_sixteen_bit_images_are_scaled_by_range_not_clipped() -> None:
     data, pixels = corpus.sixteen_bit_png(1000, 4000)
     clipped = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))

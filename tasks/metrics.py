@@ -287,8 +287,10 @@ def compute_metrics(joined: Joined, target_sensitivity: float | None = None) -> 
     metrics: dict[str, Any] = {
         "models": sorted(scored["model"].unique().tolist()),
         "model_revisions": sorted(scored["model_revision"].unique().tolist()),
-        # The decisions are classify's own labels, made at the threshold recorded in each row.
-        "threshold": thresholds[0] if len(thresholds) == 1 else thresholds,
+        # The decisions are classify's own labels, made at the threshold recorded in each row:
+        # `threshold` is that number, null when the rows were decided at several (`thresholds`).
+        "threshold": thresholds[0] if len(thresholds) == 1 else None,
+        "thresholds": thresholds,
         "images": {
             "evaluated": len(scored),
             "error_rows": joined.error_rows,

@@ -185,6 +185,17 @@ def confusion_table(metrics: dict[str, Any]) -> str:
     )
 
 
+def threshold_text(metrics: dict[str, Any]) -> str:
+    """The decision threshold the labels were made at; several, said plainly, when rows differ."""
+    thresholds = metrics.get("thresholds") or [metrics["threshold"]]
+    if len(thresholds) == 1:
+        return f"decision threshold on prob_malignant: {thresholds[0]:g}."
+    return (
+        f"decision thresholds on prob_malignant: {', '.join(f'{t:g}' for t in thresholds)} (rows were "
+        "classified at different --threshold values; the figures below mix their decisions)."
+    )
+
+
 def render_markdown(metrics: dict[str, Any], title: str = "oncoflow evaluation") -> str:
     """report.md: the seed card's table, what it means, the details and the plots."""
     images = metrics["images"]
@@ -194,7 +205,7 @@ def render_markdown(metrics: dict[str, Any], title: str = "oncoflow evaluation")
         RESEARCH_NOTICE,
         "",
         f"Model: {', '.join(metrics['models'])} (revision {', '.join(metrics['model_revisions'])}); "
-        f"decision threshold on prob_malignant: {metrics['threshold']}.",
+        + threshold_text(metrics),
         f"Evaluated {images['evaluated']} labelled images ({metrics['counts']['Normal']} Normal, "
         f"{metrics['counts']['Malignant']} Malignant). Not evaluated: {images['labelled_error_rows']} "
         f"labelled images whose row is an error row, {images['predictions_without_label']} predictions "

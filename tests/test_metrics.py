@@ -428,3 +428,22 @@ def test_a_labels_path_with_a_tilde_is_the_home_folder(
     (tmp_path / "labels.csv").write_text("image_uri,label\na.png,Normal\n")
     labels = read_labels_file("~/labels.csv")
     assert labels["image_uri"].tolist() == [f"file://{tmp_path}/a.png"]
+
+
+def test_rows_decided_at_several_thresholds_are_said_so() -> None:
+    """metrics.json: `threshold` is a number when every row was decided at one, else null, and
+    `thresholds` always lists them; report.md says the figures mix the decisions."""
+    y_true = np.array([1, 1, 0, 0, 1, 0])
+    prob = np.array([0.9, 0.46, 0.2, 0.47, 0.6, 0.1])
+    one = compute_metrics(Joined(scored_frame(y_true, prob, 0.468), 0, 0, 0, 0))
+    assert one["threshold"] == 0.468 and one["thresholds"] == [0.468]
+    assert "decision threshold on prob_malignant: 0.468." in render_markdown(one)
+    frame = scored_frame(y_true, prob, 0.468)
+    frame.loc[3:, "threshold"] = 0.47
+    frame["y_pred"] = (frame["prob_malignant"] >= frame["threshold"]).astype(int)
+    mixed = compute_metrics(Joined(frame, 0, 0, 0, 0))
+    assert mixed["threshold"] is None and mixed["thresholds"] == [0.468, 0.47]
+    assert json.loads(json.dumps(mixed))["thresholds"] == [0.468, 0.47]
+    assert "decision thresholds on prob_malignant: 0.468, 0.47 (rows were classified" in render_markdown(
+        mixed
+    )

@@ -43,6 +43,7 @@ from tasks.sink import (
     earlier_thresholds,
     model_slug,
     read_index,
+    rows_with_other_exif,
     select_new,
     shard_id,
     shard_path,
@@ -101,6 +102,16 @@ def discover_new_images(params: ClassifyParams, revision: str) -> tuple[int, lis
             decided,
             params.threshold,
             params.threshold,
+        )
+    if other := rows_with_other_exif(index, params.exif_orientation):
+        get_run_logger().warning(
+            "%s already holds %d rows of this model revision classified %s --exif-orientation; it applies "
+            "to new and changed images only (the decoder column says which rows were rotated). To "
+            "classify every image %s it, classify into a new --output",
+            redact(params.output),
+            other,
+            "without" if params.exif_orientation else "with",
+            "with" if params.exif_orientation else "without",
         )
     return len(listed), select_new(listed, index)
 

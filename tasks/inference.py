@@ -49,7 +49,7 @@ from tasks.images import (
 )
 from tasks.model import FixedBatchForward, LoadedModel, ModelError, fixed_batch_forward
 from tasks.redaction import install_log_redaction, redact
-from tasks.sink import SCHEMA
+from tasks.sink import EXIF_SUFFIX, SCHEMA
 from tasks.storage import DiscoveredFile, read_bytes, read_file
 from tasks.workers import DecodeWorkers
 
@@ -554,7 +554,7 @@ class RowBuilder:
     ) -> None:
         self.model, self.threshold, self.run_id, self.shard = model, threshold, run_id, shard
         # --exif-orientation changes the pixels: the decoder column says so (`pil+exif_orientation`).
-        self.decoder_suffix = "+exif_orientation" if exif_orientation else ""
+        self.decoder_suffix = EXIF_SUFFIX if exif_orientation else ""
         self.columns: dict[str, list[object]] = {name: [] for name in SCHEMA.names}
 
     def add(

@@ -85,7 +85,7 @@ def write_shard(destination: Location, relative_path: str, table: pa.Table) -> s
 
 
 def read_index(destination: Location, revision: str) -> pa.Table:
-    """(image_uri, fingerprint, threshold) of every row DEST already holds for this model revision.
+    """(image_uri, fingerprint, threshold, exif) of every row DEST already holds for this model revision.
 
     A file can vanish between listing and reading: a concurrent `oncoflow compact` merged it, and the
     merged file was written before its inputs were deleted, so a listing taken after the vanishing
@@ -172,22 +172,32 @@ def open_dataset(
     )
 
 
+EXIF_SUFFIX = "+exif_orientation"  # ends a row's decoder when --exif-orientation rotated its pixels
+
+
 def _empty_index() -> pa.Table:
-    return pa.table({name: pa.array([], pa.string()) for name in INDEX_COLUMNS}).append_column(
-        "threshold", pa.array([], pa.float64())
-    )
+    columns = {name: pa.array([], pa.string()) for name in INDEX_COLUMNS}
+    return pa.table({**columns, "threshold": pa.array([], pa.float64()), "exif": pa.array([], pa.bool_())})
 
 
 def _read_index(destination: Location, revision: str, files: list[str] | None = None) -> pa.Table:
-    """The index rows of `files` (default: every dataset file) for this model revision."""
+    """The index rows of `files` (default: every dataset file) for this model revision. `exif`: whether
+    the row's pixels were made with --exif-orientation (null for error rows and rows of files written
+    before the decoder column existed)."""
     empty = _empty_index()
-    dataset = open_dataset(destination, files)
+    dataset = open_dataset(destination, files, DATASET_SCHEMA)
     if dataset is None:
         return empty
-    table = dataset.to_table(
-        columns=[*INDEX_COLUMNS, "threshold"], filter=pc.field("model_revision") == revision
-    )
+    columns = {name: pc.field(name) for name in [*INDEX_COLUMNS, "threshold"]}
+    columns["exif"] = pc.ends_with(pc.field("decoder"), pattern=EXIF_SUFFIX)
+    table = dataset.to_table(columns=columns, filter=pc.field("model_revision") == revision)
     return table.cast(empty.schema)
+
+
+def rows_with_other_exif(index: pa.Table, exif_orientation: bool) -> int:
+    """Rows of the index whose pixels were made with the other --exif-orientation setting. Like
+    --threshold, the option applies to new and changed images only: these keep theirs."""
+    return pc.sum(pc.equal(index.column("exif"), not exif_orientation)).as_py() or 0
 
 
 def earlier_thresholds(index: pa.Table, threshold: float) -> dict[float, int]:

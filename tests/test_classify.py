@@ -212,6 +212,29 @@ def test_a_new_threshold_on_an_existing_output_says_what_it_applies_to(
     assert "prob_malignant >= 0.9" in warning
 
 
+def test_exif_orientation_on_an_existing_output_says_what_it_applies_to(
+    image_folder: Path, tmp_path: Path, tiny_model: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--exif-orientation, like --threshold, applies to new and changed images only: a run that turns
+    it on (or off) over rows made the other way says how many keep their pixels; a run that keeps the
+    setting says nothing."""
+    output = tmp_path / "preds"
+    classify(str(image_folder), str(output), model=tiny_model, device="cpu")
+
+    def warnings(**options: object) -> str:
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            classify(str(image_folder), str(output), model=tiny_model, device="cpu", **options)  # type: ignore[arg-type]
+        return " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+    assert "--exif-orientation" not in warnings(), "every row so far made without it"
+    make_image(image_folder / "later.png", seed=99)
+    turned_on = warnings(exif_orientation=True)
+    assert "already holds 6 rows of this model revision classified without --exif-orientation" in turned_on
+    assert sorted(r["decoder"] for r in read_rows(output)) == ["pil"] * 6 + ["pil+exif_orientation"]
+    assert "holds 1 rows of this model revision classified with --exif-orientation" in warnings()
+
+
 def test_a_file_replaced_after_listing_gets_the_fingerprint_of_what_was_read(
     image_folder: Path, tiny_model: str
 ) -> None:

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from tasks.lease import acquire
 from tasks.sink import SCHEMA_VERSION, dataset_files
-from tasks.storage import Location, write_atomic
+from tasks.storage import Location, check_output, storage_call, write_atomic
 
 # Readers want files of ~100 MB-1 GB: at 20-30 bytes per row (measured, docs/analytics.md) 4 million
 # rows is ~80-120 MB; DuckDB, Spark and Athena then open 1 file per 4 million images instead of 4,000.
@@ -183,11 +183,16 @@ def compact(destination: Location, target_rows: int = TARGET_ROWS, run_id: str =
     """Merge small files in every partition of the dataset at `destination`, holding its compaction lease."""
     if target_rows < 2:
         raise ValueError(f"target_rows must be at least 2, got {target_rows}")
-    if not destination.fs.exists(destination.path):  # before the lease, which would create DEST
+    fs, root = destination.fs, destination.path
+    # Storage errors (endpoint, credentials, permissions) become one message naming DEST and the fix,
+    # as in every other command (tasks.storage.storage_call), before the lease and before any work.
+    if not storage_call(fs, root, lambda: fs.exists(root)):  # before the lease, which would create DEST
         raise FileNotFoundError(f"dataset {destination.uri!r} does not exist; check the path")
+    check_output(destination)  # compaction writes merged files and deletes their inputs
     run_id = run_id or f"compact-{uuid.uuid4().hex[:8]}"
     with acquire(destination, COMPACTION_LEASE, run_id, wait_seconds=0) as lease:
-        report = _compact(destination, target_rows)
+        # A transient error is retried from the top: each step is safe to repeat (finish_interrupted).
+        report = storage_call(fs, root, lambda: _compact(destination, target_rows))
     dead = lease.previous
     if dead is not None and dead.run_id != run_id:
         report.superseded_run = dead.run_id

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import uuid
 from pathlib import Path
 
+import boto3
 import pyarrow.dataset as ds
 import pytest
+import requests
 import s3fs
 from typer.testing import CliRunner
 
@@ -13,7 +17,7 @@ from flows.cli import app
 from tasks.analytics import connect, fetched_files, listed_files, retry_while_compacting
 from tasks.storage import open_location
 from tests.analytics_data import make_dataset
-from tests.s3_fixtures import FaultyProxy, upload_folder
+from tests.s3_fixtures import FaultyProxy, free_port, upload_folder
 
 pytestmark = pytest.mark.s3
 
@@ -33,6 +37,44 @@ def test_compact_command_on_s3_keeps_every_row_once(s3: s3fs.S3FileSystem, tmp_p
     s3.invalidate_cache()
     assert rows() == before and len(before) == 140
     assert len([p for p in s3.find("preds/dest") if p.endswith(".parquet")]) == 3
+
+
+def test_compact_on_s3_names_the_endpoint_or_permission_problem_before_any_work(
+    s3: s3fs.S3FileSystem, s3_server: str, tmp_path: Path
+) -> None:
+    """A wrong endpoint, and credentials that may read but not write: one line naming DEST and the
+    fix, exit 1, no traceback, no file touched."""
+    from prefect_aws import AwsCredentials
+
+    make_dataset(tmp_path / "dest")
+    upload_folder(s3, tmp_path / "dest", "preds/dest")
+    before = sorted(s3.find("preds/dest"))
+    wrong = f"http://127.0.0.1:{free_port()}"
+    unreachable = CliRunner().invoke(app, ["compact", "s3://preds/dest", "--s3-endpoint-url", wrong])
+    text = " ".join(unreachable.output.split())
+    assert unreachable.exit_code == 1 and f"cannot connect to the S3 endpoint {wrong}" in text, text
+    assert "Traceback" not in unreachable.output
+
+    iam = boto3.client("iam", endpoint_url=s3_server, region_name="us-east-1")
+    user = f"reader-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    read_only = {"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetObject"], "Resource": "*"}
+    policy = json.dumps({"Version": "2012-10-17", "Statement": [read_only]})
+    iam.put_user_policy(UserName=user, PolicyName="read-only", PolicyDocument=policy)
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    AwsCredentials(aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"]).save(
+        user
+    )
+    requests.post(f"{s3_server}/moto-api/reset-auth", data=b"0", timeout=10).raise_for_status()
+    try:
+        denied = CliRunner().invoke(app, ["compact", "s3://preds/dest", "--aws-credentials-block", user])
+    finally:
+        requests.post(f"{s3_server}/moto-api/reset-auth", data=b"inf", timeout=10).raise_for_status()
+    text = " ".join(denied.output.split())
+    assert denied.exit_code == 1 and "access denied to s3://preds/dest" in text, text
+    assert "s3:PutObject" in text and "Traceback" not in denied.output
+    s3.invalidate_cache()
+    assert sorted(s3.find("preds/dest")) == before
 
 
 def test_latest_and_report_read_a_dataset_on_s3_through_the_given_endpoint(

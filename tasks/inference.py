@@ -205,7 +205,15 @@ def read_for_decode(
         raise  # still failing after the storage layer's retries: fail the shard (the task retries it), never a final row
     # Any other storage error (permissions, a local EIO after retries) concerns this file only.
     except Exception as exc:
-        return Prepared(file, error=redact(f"read_failed: {type(exc).__name__}: {exc}")[:MESSAGE_LIMIT])
+        # An error row is final for this content: say how to have the file classified again (local
+        # files unreadable at listing are left out instead; this is one that became so since).
+        retry = (
+            "; once it is readable, `touch` it and the next run classifies it"
+            if file.uri.startswith("file://")
+            else ""
+        )
+        text = f"read_failed: {type(exc).__name__}: {exc}"
+        return Prepared(file, error=(redact(text)[: MESSAGE_LIMIT - len(retry)] + retry))
 
 
 def decode_prepared(

@@ -214,16 +214,18 @@ def _list_local(root: str) -> Iterator[DiscoveredFile]:
     or a second link to a folder already scanned neither hangs discovery nor lists an image twice.
 
     An image name that cannot be stat-ed (a broken link, a file deleted during the listing) and a
-    sub-folder that cannot be opened are left out with a warning instead of failing the whole run; only
-    the source folder itself must open. Such a name is not listed as a `missing` row: it has no size or
+    sub-folder that cannot be opened, and an image this process may not read, are left out with a
+    warning instead of failing the whole run; only the source folder itself must open. Such a name is not listed as a `missing` row: it has no size or
     mtime to fingerprint, and an error row is final, so a made-up fingerprint would record a file that
-    never had content. Left out, a repaired link or a readable folder is simply classified next run.
+    never had content. Left out, a repaired link or a readable folder or file is simply classified next
+    run.
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"source folder {root!r} does not exist or is not a folder; check the path")
     root_stat = os.stat(root)
     visited = {(root_stat.st_dev, root_stat.st_ino)}
     stack = [root]
+    unreadable: list[str] = []
     while stack:
         folder = stack.pop()
         try:
@@ -246,6 +248,9 @@ def _list_local(root: str) -> Iterator[DiscoveredFile]:
                     visited.add((st.st_dev, st.st_ino))
                     stack.append(entry.path)
             elif stat_module.S_ISREG(st.st_mode):
+                if not os.access(entry.path, os.R_OK, effective_ids=True):
+                    unreadable.append(entry.path)
+                    continue
                 yield DiscoveredFile(
                     "file://" + printable_path(entry.path),
                     entry.path,
@@ -258,6 +263,26 @@ def _list_local(root: str) -> Iterator[DiscoveredFile]:
                     printable_path(entry.path),
                     SPECIAL_FILE_KINDS.get(stat_module.S_IFMT(st.st_mode), "special file"),
                 )
+    if unreadable:
+        _warn_unreadable(unreadable)
+
+
+def _warn_unreadable(paths: list[str]) -> None:
+    """One warning for the images this process may not read (an exporter's umask 077, a cron job that
+    fixes permissions later). Left out, not recorded: an error row would be final (chmod keeps the
+    mtime, so the fingerprint), and the image would never be classified once readable."""
+    shown = ", ".join(printable_path(path) for path in sorted(paths)[:UNREADABLE_EXAMPLES])
+    more = f" and {len(paths) - UNREADABLE_EXAMPLES} more" if len(paths) > UNREADABLE_EXAMPLES else ""
+    logger.warning(
+        "left %d unreadable image file(s) out of the listing (Permission denied): %s%s; make them readable "
+        "by this user, and the next run lists and classifies them",
+        len(paths),
+        shown,
+        more,
+    )
+
+
+UNREADABLE_EXAMPLES = 5
 
 
 SPECIAL_FILE_KINDS = {

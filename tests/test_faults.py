@@ -81,6 +81,7 @@ def test_storage_errors_are_retried_per_file_and_the_shard_is_kept(tmp_path: Pat
     assert fs.attempts[denied] == 1, "a permission problem is not transient"
     assert rows[2]["error"].startswith("read_failed: OSError")
     assert rows[3]["error"].startswith("read_failed: PermissionError")
+    assert rows[3]["error"].endswith("once it is readable, `touch` it and the next run classifies it")
 
 
 def test_a_lasting_outage_fails_the_shard_instead_of_writing_final_error_rows(

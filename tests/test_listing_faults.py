@@ -132,3 +132,46 @@ def test_classify_succeeds_past_a_broken_link(tmp_path: Path, tiny_model: str) -
         "file://" + str(folder / "sub" / "b.png"),
     ]
     assert {r["status"] for r in rows} == {"ok"}
+
+
+def as_an_ordinary_user(command: list[str]) -> list[str] | None:
+    """`command` run without the power to read every file: as it is for a non-root user; for root, with
+    the capabilities that bypass file permissions dropped (setpriv); None where neither is possible."""
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0):
+        return command
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", *command] if setpriv else None
+
+
+def test_an_unreadable_image_is_left_out_and_listed_once_readable(tmp_path: Path) -> None:
+    """An exporter writing with umask 077, a cron job fixing permissions later: the unreadable images
+    are left out with one warning (not recorded as final error rows, since chmod keeps the mtime and so
+    the fingerprint), and the next listing after the fix has them."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "scans"
+    make_image(folder / "a.jpg", seed=1)
+    for name in ("b.jpg", "c.png"):
+        make_image(folder / "late" / name, seed=2)
+        (folder / "late" / name).chmod(0o000)
+    script = (
+        "import logging, os, sys; logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
+        "from tasks.storage import list_images, open_location\n"
+        "print([os.path.relpath(f.path, sys.argv[1]) for f in list_images(open_location(sys.argv[1]))])"
+    )
+    command = as_an_ordinary_user([sys.executable, "-c", script, str(folder)])
+    if command is None:
+        pytest.skip("running as root without setpriv: every file is readable")
+    root = Path(__file__).resolve().parents[1]
+    try:
+        before = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=root, check=True)
+    finally:
+        for name in ("b.jpg", "c.png"):
+            (folder / "late" / name).chmod(0o644)
+    after = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=root, check=True)
+    assert before.stdout.strip() == "['a.jpg']" and "'late/b.jpg'" in after.stdout
+    warning = " ".join(before.stderr.split())
+    assert "left 2 unreadable image file(s) out of the listing (Permission denied)" in warning, warning
+    assert str(folder / "late" / "b.jpg") in warning and "the next run lists and classifies them" in warning
+    assert after.stderr.strip() == ""

@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from tasks.sink import DATASET_SCHEMA, PARTITIONING, dataset_files, open_dataset
+from tasks.sink import DATASET_SCHEMA, PARTITIONING, dataset_files, not_parquet, open_dataset
 from tasks.storage import Location, fetch_whole, open_location, storage_call, to_uri
 
 T = TypeVar("T")
@@ -159,10 +159,7 @@ def fetched_files(location: Location, files: list[str]) -> ds.Dataset:
         try:
             pq.read_metadata(pa.BufferReader(data))
         except pa.ArrowException as exc:
-            raise ValueError(
-                f"{to_uri(location.fs, path)} is not a readable Parquet file ({exc}); move it out of "
-                "DEST, or delete it if it is damaged"
-            ) from exc
+            raise not_parquet(to_uri(location.fs, path), exc) from exc
     parquet = ds.ParquetFileFormat()
     fragments = [
         parquet.make_fragment(

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.lease import acquire
-from tasks.sink import SCHEMA_VERSION, dataset_files
+from tasks.sink import SCHEMA_VERSION, dataset_files, find_unreadable_file
 from tasks.storage import Location, check_output, storage_call, write_atomic
 
 # Readers want files of ~100 MB-1 GB: at 20-30 bytes per row (measured, docs/analytics.md) 4 million
@@ -192,7 +192,10 @@ def compact(destination: Location, target_rows: int = TARGET_ROWS, run_id: str =
     run_id = run_id or f"compact-{uuid.uuid4().hex[:8]}"
     with acquire(destination, COMPACTION_LEASE, run_id, wait_seconds=0) as lease:
         # A transient error is retried from the top: each step is safe to repeat (finish_interrupted).
-        report = storage_call(fs, root, lambda: _compact(destination, target_rows))
+        try:
+            report = storage_call(fs, root, lambda: _compact(destination, target_rows))
+        except pa.ArrowInvalid as exc:  # a damaged or foreign file: name it, and what to do
+            raise (find_unreadable_file(destination) or exc) from exc
     dead = lease.previous
     if dead is not None and dead.run_id != run_id:
         report.superseded_run = dead.run_id

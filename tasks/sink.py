@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from tasks.storage import DiscoveredFile, Location, storage_call, write_atomic
+from tasks.storage import DiscoveredFile, Location, storage_call, to_uri, write_atomic
 
 # 1: the contract columns + shard_id, precision, image_width/height; 2: + decoder.
 SCHEMA_VERSION = "2"
@@ -84,6 +84,32 @@ def write_shard(destination: Location, relative_path: str, table: pa.Table) -> s
     return write_atomic(destination, relative_path, buffer.getvalue())
 
 
+class DatasetFileError(ValueError):
+    """A file in DEST's partition folders that is not a readable Parquet file."""
+
+
+def not_parquet(uri: str, reason: object) -> DatasetFileError:
+    """The error for a dataset file pyarrow cannot read: which file, and what to do about it."""
+    return DatasetFileError(
+        f"{uri} is not a readable Parquet file ({reason}); oncoflow writes each file under a temporary "
+        "name and renames it when complete, so another tool truncated it or put it there: move it out of "
+        "DEST (look inside first if it may hold rows), or delete it if it is damaged, then run again"
+    )
+
+
+def find_unreadable_file(destination: Location, files: list[str] | None = None) -> DatasetFileError | None:
+    """After a whole-dataset read failed on a damaged file (pyarrow's message may name none): the first
+    of `files` (default: every dataset file) whose Parquet footer cannot be read, as an error."""
+    for path in dataset_files(destination) if files is None else files:
+        try:
+            pq.read_metadata(path, filesystem=destination.fs)
+        except FileNotFoundError:
+            continue  # merged away by a concurrent compaction: not damaged
+        except (pa.ArrowException, OSError) as exc:
+            return not_parquet(to_uri(destination.fs, path), exc)
+    return None
+
+
 def read_index(destination: Location, revision: str) -> pa.Table:
     """(image_uri, fingerprint, threshold, exif) of every row DEST already holds for this model revision.
 
@@ -98,6 +124,8 @@ def read_index(destination: Location, revision: str) -> pa.Table:
         return storage_call(destination.fs, destination.path, lambda: _read_index(destination, revision))
     except FileNotFoundError:
         return _read_index_around_compaction(destination, revision)
+    except pa.ArrowInvalid as exc:  # a damaged or foreign file: name it, and what to do
+        raise (find_unreadable_file(destination) or exc) from exc
 
 
 def _read_index_around_compaction(destination: Location, revision: str) -> pa.Table:

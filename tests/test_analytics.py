@@ -29,6 +29,7 @@ from tasks.metrics import read_predictions
 from tasks.sink import SCHEMA, read_index
 from tasks.storage import open_location
 from tests.analytics_data import FIRST_DAY, MODEL, NEW, OLD, add_edits, make_dataset, rows, write
+from tests.conftest import make_image
 
 
 def all_rows(dest: Path) -> list[tuple]:
@@ -398,6 +399,36 @@ def test_files_saved_inside_dest_are_refused_or_ignored(
     assert count(dest, "select count(*) from predictions") == len(before) == 6
     result = CliRunner().invoke(app, ["latest", str(dest), "-o", str(tmp_path / "latest.csv")])
     assert result.exit_code == 0 and "wrote 6 rows" in result.output, result.output
+
+
+@pytest.mark.parametrize("content", [b"", b"not parquet at all" * 10], ids=["zero-byte", "garbage"])
+def test_a_damaged_file_in_dest_is_named_with_the_fix(
+    image_folder: Path, tmp_path: Path, tiny_model: str, content: bytes
+) -> None:
+    """A part file another tool truncated or put there blocks classify and compact until moved; both
+    name it and say so (exit 1, no traceback), and nothing is written or deleted."""
+    dest = tmp_path / "preds"
+    assert (
+        CliRunner()
+        .invoke(app, ["classify", str(image_folder), "-o", str(dest), "--model", tiny_model])
+        .exit_code
+        == 0
+    )
+    (partition,) = dest.glob("model_slug=*/date=*")
+    damaged = partition / "part-00000000000000000000.parquet"
+    damaged.write_bytes(content)
+    files = sorted(dest.rglob("*.parquet"))
+    make_image(image_folder / "later.png", seed=99)
+    for command in (
+        ["classify", str(image_folder), "-o", str(dest), "--model", tiny_model, "--device", "cpu"],
+        ["compact", str(dest)],
+    ):
+        result = CliRunner().invoke(app, command)
+        text = " ".join(result.output.split())
+        assert result.exit_code == 1 and "Traceback" not in result.output, text
+        assert f"{damaged.name} is not a readable Parquet file" in text, text
+        assert "move it out of DEST" in text, text
+        assert sorted(dest.rglob("*.parquet")) == files
 
 
 def test_report_histogram_counts_rows_decided_at_any_threshold(tmp_path: Path) -> None:

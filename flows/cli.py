@@ -164,7 +164,10 @@ DaskAddressOption = Annotated[
     typer.Option(help="Dask scheduler (tcp://HOST:8786); without it --runner dask starts a LocalCluster."),
 ]
 DaskWorkersOption = Annotated[
-    int, typer.Option(help="Worker processes of the LocalCluster that --runner dask starts without address.")
+    int | None,
+    typer.Option(
+        help="Worker processes of the LocalCluster that --runner dask starts without address [default: 1]."
+    ),
 ]
 RayAddressOption = Annotated[
     str | None,
@@ -224,7 +227,7 @@ def classify_command(
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     runner: RunnerOption = "local",
     dask_address: DaskAddressOption = None,
-    dask_workers: DaskWorkersOption = 1,
+    dask_workers: DaskWorkersOption = None,
     ray_address: RayAddressOption = None,
     decode: DecodeOption = "auto",
     s3_endpoint_url: S3EndpointOption = None,
@@ -663,7 +666,7 @@ def reprocess_command(
     compile: CompileOption = False,
     runner: RunnerOption = "local",
     dask_address: DaskAddressOption = None,
-    dask_workers: DaskWorkersOption = 1,
+    dask_workers: DaskWorkersOption = None,
     ray_address: RayAddressOption = None,
 ) -> None:
     """Classify every image under SOURCE with MODEL; other models' rows stay; re-run to resume."""

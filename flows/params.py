@@ -181,8 +181,8 @@ class RunnerParams(BaseModel):
 
     runner: Literal["local", "dask", "ray"] = "local"
     dask_address: str | None = Field(None, description="Dask scheduler, e.g. tcp://10.0.0.5:8786")
-    dask_workers: int = Field(
-        1, ge=1, le=256, description="Workers of the LocalCluster started without address"
+    dask_workers: int | None = Field(
+        None, ge=1, le=256, description="Workers of the LocalCluster started without address (default 1)"
     )
     ray_address: str | None = Field(None, description="Ray cluster, e.g. ray://10.0.0.5:10001")
 
@@ -190,6 +190,13 @@ class RunnerParams(BaseModel):
     def _check_runner(self) -> RunnerParams:
         if self.dask_address and self.runner != "dask":
             raise ValueError("--dask-address needs --runner dask")
+        if self.dask_workers is not None and (self.runner != "dask" or self.dask_address):
+            raise ValueError(
+                "--dask-workers sizes the LocalCluster that --runner dask starts without --dask-address; "
+                "a cluster given by address has its own workers: drop --dask-workers or --dask-address"
+                if self.dask_address
+                else "--dask-workers needs --runner dask (it sizes the LocalCluster started here)"
+            )
         if self.ray_address and self.runner != "ray":
             raise ValueError("--ray-address needs --runner ray")
         if self.dask_address and not self.dask_address.startswith(DASK_SCHEMES):

@@ -31,7 +31,7 @@ def make_task_runner(params: RunnerParams) -> TaskRunner[Any]:
             return DaskTaskRunner(address=params.dask_address)
         # No address: a LocalCluster of worker processes on this machine, one shard per worker at a time.
         return DaskTaskRunner(
-            cluster_kwargs={"n_workers": params.dask_workers, "threads_per_worker": 1, "processes": True}
+            cluster_kwargs={"n_workers": params.dask_workers or 1, "threads_per_worker": 1, "processes": True}
         )
     if params.runner == "ray":
         from prefect_ray import RayTaskRunner  # type: ignore[import-not-found]

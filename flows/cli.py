@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -458,6 +459,8 @@ def read_dataset(
     )
     if not output.lower().endswith(extensions):
         fail(f"--output {output!r} must end in {' or '.join(extensions)}", code=2)
+    if os.path.isdir(os.path.expanduser(output)):
+        fail(f"--output {output!r} is an existing folder; give a file name (it is created or replaced)", code=2)
     try:
         # a file written into DEST would join the dataset
         require_apart(dest, "DEST", output, "--output", "file")

@@ -282,6 +282,10 @@ def test_analytics_commands_reject_a_wrong_output_type_before_reading(tmp_path: 
     for command, wanted in (("latest", ".parquet or .csv"), ("report", ".html or .png")):
         result = CliRunner().invoke(app, [command, str(tmp_path), "--output", str(tmp_path / "out.txt")])
         assert result.exit_code == 2 and f"must end in {wanted}" in " ".join(result.output.split())
+    for command, name in (("latest", "folder.csv"), ("report", "folder.html")):
+        (tmp_path / name).mkdir()
+        result = CliRunner().invoke(app, [command, str(tmp_path), "--output", str(tmp_path / name)])
+        assert result.exit_code == 2 and "is an existing folder" in " ".join(result.output.split())
 
 
 @pytest.mark.parametrize("name", ["dest?x", "dest[ab]", "dest*", "dest\\[a]x"])

@@ -460,17 +460,26 @@ def read_dataset(
     if not output.lower().endswith(extensions):
         fail(f"--output {output!r} must end in {' or '.join(extensions)}", code=2)
     if os.path.isdir(os.path.expanduser(output)):
-        fail(f"--output {output!r} is an existing folder; give a file name (it is created or replaced)", code=2)
+        fail(
+            f"--output {output!r} is an existing folder; give a file name (it is created or replaced)", code=2
+        )
     try:
         # a file written into DEST would join the dataset
         require_apart(dest, "DEST", output, "--output", "file")
     except ValueError as exc:
         fail(str(exc), code=2)
+    storage = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
     try:
-        return action(
-            params.dest, output, storage_options(params.aws_credentials_block, params.s3_endpoint_url)
-        )
+        return action(params.dest, output, storage)
     except (*EXPECTED_ERRORS, duckdb.Error) as exc:
+        if (
+            isinstance(exc, duckdb.Error) and "parquet" in str(exc).lower()
+        ):  # a damaged file: which, and the fix
+            from tasks.sink import find_unreadable_file
+            from tasks.storage import open_location
+
+            damaged = find_unreadable_file(open_location(params.dest, storage))
+            fail(str(damaged or exc))
         fail(str(exc))
 
 

@@ -426,6 +426,8 @@ def test_a_damaged_file_in_dest_is_named_with_the_fix(
     for command in (
         ["classify", str(image_folder), "-o", str(dest), "--model", tiny_model, "--device", "cpu"],
         ["compact", str(dest)],
+        ["latest", str(dest), "-o", str(tmp_path / "latest.csv")],
+        ["report", str(dest), "-o", str(tmp_path / "report.html")],
     ):
         result = CliRunner().invoke(app, command)
         text = " ".join(result.output.split())

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from tasks.model import POSITIVE_LABEL
+from tasks.model import POSITIVE_LABEL, share_model_files
 
 CLASSES = ("Normal", POSITIVE_LABEL)
 
@@ -73,6 +73,7 @@ def build_tiny_model(folder: str, seed: int = 0, image_size: int = 224) -> str:
         label2id={name: i for i, name in enumerate(CLASSES)},
     )
     ViTForImageClassification(config).save_pretrained(folder, safe_serialization=True)
+    share_model_files(folder)
     ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
     return folder
 

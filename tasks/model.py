@@ -112,6 +112,25 @@ def weights_revision(directory: str) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
+def share_model_files(folder: str) -> None:
+    """Give the weights the permissions every other file of a saved model gets.
+
+    safetensors writes its weights 0600 (owner only) while `config.json` gets the account's umask
+    (usually 0644): a model trained by one account then fails to load for the account that runs the
+    nightly flow. The config file's mode is the umask's answer, read without touching the process umask."""
+    mode = os.stat(os.path.join(folder, "config.json")).st_mode & 0o777
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.endswith(".safetensors") and os.path.isfile(path):
+            os.chmod(path, mode)
+
+
+def unreadable_model_files(directory: str) -> list[str]:
+    """The files a load needs (weights, config, processor config) that this account cannot read."""
+    names = [n for n in os.listdir(directory) if n.endswith(".safetensors") or n in REVISION_FILES]
+    return sorted(n for n in names if not os.access(os.path.join(directory, n), os.R_OK, effective_ids=True))
+
+
 def check_model_name(name: str) -> str | None:
     """The local folder `name` names (None for a hub id), or ModelError when it cannot load: a folder
     without .safetensors weights, or a name that is neither a folder nor a hub id 'org/name'.
@@ -123,6 +142,12 @@ def check_model_name(name: str) -> str | None:
             raise ModelError(
                 f"model folder {directory!r} has no .safetensors weights; oncoflow never loads pickled "
                 "weights. Re-save it with `model.save_pretrained(folder, safe_serialization=True)`"
+            )
+        unreadable = unreadable_model_files(directory)
+        if unreadable:
+            raise ModelError(
+                f"model folder {directory!r}: this account cannot read {', '.join(unreadable)}; let it read "
+                f"them (`chmod a+r {directory}/*`, or run as the account that saved the model)"
             )
         return directory
     if name.startswith((".", "/", "~")) or name.count("/") != 1:

@@ -8,6 +8,7 @@ Malignant=1 from the class folders; the validation split is stratified and fixed
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from sklearn.model_selection import train_test_split
 from tasks.images import ImageError, Preprocessor, ProcessorFallback, decode_image, make_preprocessor
 from tasks.labels import CLASS_NAMES, LabeledImage, labeled_folder
 from tasks.metrics import classification_metrics, probability_metrics, rate_intervals
-from tasks.model import DEFAULT_BASE_MODEL, ModelError, fetch_model, resolve_device
+from tasks.model import DEFAULT_BASE_MODEL, ModelError, fetch_model, resolve_device, share_model_files
 from tasks.report import RESEARCH_NOTICE, interpretation, metric_text, seed_table, trust_notes
 
 
@@ -306,15 +307,20 @@ def fine_tune(
 def save_model(network: torch.nn.Module, base_dir: str, output: str, card: str) -> None:
     """save_pretrained (safetensors + config with id2label) + the base's processor config + README.md.
 
-    Written to a hidden folder of its own beside the target and renamed into place, so a crash never
-    leaves half a model and no folder of the user's (`MODEL.partial`) is touched.
+    Written to a hidden folder of its own and moved into place, so a crash never leaves half a model
+    and no folder of the user's (`MODEL.partial`) is touched. A new --output: the hidden folder sits
+    beside it and is renamed to it in one step. An existing empty one (checked before training; it may
+    be a mount point or a symlink, which cannot be replaced): the hidden folder sits inside it and its
+    files move up one by one, the weights last, so a folder with weights always holds a whole model.
     """
-    target = output.rstrip("/")
-    partial = os.path.join(
-        os.path.dirname(target) or ".", f".{os.path.basename(target)}.partial-{uuid.uuid4().hex}"
-    )
+    target = output.rstrip("/") or "/"
+    into_existing = os.path.isdir(target)
+    parent = target if into_existing else (os.path.dirname(target) or ".")
+    name = "model" if into_existing else os.path.basename(target)
+    partial = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex}")
     try:
         network.save_pretrained(partial)  # type: ignore[operator]
+        share_model_files(partial)
         shutil.copy(os.path.join(base_dir, "preprocessor_config.json"), partial)
         with open(os.path.join(partial, "README.md"), "w") as handle:
             handle.write(card)
@@ -322,9 +328,14 @@ def save_model(network: torch.nn.Module, base_dir: str, output: str, card: str) 
         shutil.rmtree(partial, ignore_errors=True)
         raise
     try:
-        if os.path.exists(target):
-            os.rmdir(target)  # checked empty before training
-        os.replace(partial, target)
+        if into_existing:
+            if set(os.listdir(target)) != {os.path.basename(partial)}:
+                raise OSError(errno.ENOTEMPTY, "something else was saved there during training")
+            for file in sorted(os.listdir(partial), key=lambda n: n.endswith(".safetensors")):
+                os.replace(os.path.join(partial, file), os.path.join(target, file))
+            os.rmdir(partial)
+        else:
+            os.replace(partial, target)
     except OSError as exc:  # e.g. something was saved into the output folder meanwhile: keep the model
         raise TrainingError(
             f"the trained model is complete in {partial}, but it cannot be moved to {target} ({exc}); "

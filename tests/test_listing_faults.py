@@ -175,3 +175,32 @@ def test_an_unreadable_image_is_left_out_and_listed_once_readable(tmp_path: Path
     assert "left 2 unreadable image file(s) out of the listing (Permission denied)" in warning, warning
     assert str(folder / "late" / "b.jpg") in warning and "the next run lists and classifies them" in warning
     assert after.stderr.strip() == ""
+
+
+def test_a_model_this_account_cannot_read_fails_before_any_work(tmp_path: Path) -> None:
+    """A model saved by another account with owner-only weights: exit 2 naming the file and the fix,
+    before the source is listed or anything is written."""
+    import subprocess
+    import sys
+
+    from flows.demo import build_tiny_model
+
+    model = Path(build_tiny_model(str(tmp_path / "model"), seed=1))
+    weights = model / "model.safetensors"
+    make_image(tmp_path / "scans" / "a.jpg", seed=1)
+    command = as_an_ordinary_user(
+        [sys.executable, "-m", "flows.cli", "classify", str(tmp_path / "scans"), "-o", str(tmp_path / "out")]
+        + ["--model", str(model), "--device", "cpu"]
+    )
+    if command is None:
+        pytest.skip("running as root without setpriv: every file is readable")
+    if os.geteuid() == 0:
+        os.chown(weights, 12345, 12345)  # another account's file, owner-only
+    weights.chmod(0o600 if os.geteuid() == 0 else 0o000)
+    root = Path(__file__).resolve().parents[1]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=root, env=environment)
+    text = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 2, text
+    assert "this account cannot read model.safetensors" in text and "chmod a+r" in text, text
+    assert not (tmp_path / "out").exists()

@@ -58,6 +58,8 @@ def test_train_writes_a_model_folder_with_a_model_card(trained: dict[str, Path])
     }
     assert not list(model.glob("*.bin")) and not list(model.parent.glob(".model.partial-*"))
     assert (model.with_name("model.partial") / "notes.txt").read_text() == "mine"
+    # safetensors alone would write the weights 0600: the account running the nightly flow could not load them
+    assert (model / "model.safetensors").stat().st_mode & 0o777 == (model / "config.json").stat().st_mode & 0o777
     config = json.loads((model / "config.json").read_text())
     assert config["id2label"] == {"0": "Normal", "1": "Malignant"}
     assert config["label2id"] == {"Normal": 0, "Malignant": 1}
@@ -242,3 +244,26 @@ def test_train_refuses_a_file_as_output(tmp_path: Path) -> None:
     (tmp_path / "model.bin").write_text("not a folder")
     result = runner.invoke(app, ["train", "--data", str(tmp_path), "-o", str(tmp_path / "model.bin")])
     assert result.exit_code == 2 and "is a file" in " ".join(result.output.split())
+
+
+def test_a_model_saves_into_an_empty_folder_behind_a_symlink(tmp_path: Path, tiny_model: str) -> None:
+    """--output may be an empty mount point or a link to one: neither can be replaced by a rename, so
+    the files move into it (weights last), and the link and folder stay as they were."""
+    from transformers import ViTForImageClassification
+
+    from tasks.model import load_model
+    from tasks.training import save_model
+
+    network = ViTForImageClassification.from_pretrained(tiny_model)
+    (tmp_path / "volume").mkdir()
+    (tmp_path / "model").symlink_to(tmp_path / "volume")
+    save_model(network, tiny_model, str(tmp_path / "model") + "/", "# card")
+    assert (tmp_path / "model").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "volume").iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
+    assert not list(tmp_path.glob(".*partial*"))
+    assert load_model(str(tmp_path / "model"), device="cpu", precision="fp32").id2label == {0: "Normal", 1: "Malignant"}

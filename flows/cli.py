@@ -360,6 +360,31 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+RUN_FIX = "or unset PREFECT_API_URL to run on a temporary server of this command's own"
+RERUN_FIX = (  # the server went away during a run: each Parquet file lands whole or not at all
+    "then run the command again: the rows written are kept, and their images are not classified twice"
+)
+
+
+def prepare_prefect_api() -> None:
+    """Before a command's flow starts. With PREFECT_API_URL set (the environment or the Prefect profile),
+    a server that does not answer fails now, naming the URL and the fix, not as a traceback from
+    Prefect's engine after the model has loaded; only a connection failure counts (a server that
+    answers is Prefect's to judge). Without it, Prefect's temporary server is detached (below)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        detach_temporary_server()
+        return
+    from prefect.client.orchestration import get_client
+
+    with prefect_api(fix=RUN_FIX), get_client(sync_client=True) as client:
+        error = client.api_healthcheck()
+        if isinstance(error, httpx.TransportError):
+            raise error
+
+
 def detach_temporary_server() -> None:
     """Start Prefect's temporary server (used while PREFECT_API_URL is unset) in a session of its own.
 
@@ -384,13 +409,20 @@ def detach_temporary_server() -> None:
 
 def run_and_report(flow: Any, placement: RunnerParams, **parameters: Any) -> None:
     """Run a classify-style flow on the chosen runner with a progress bar; print its summary; exit codes."""
+    import httpx
+
     from flows.classify import TooManyErrors
     from flows.runners import api_for_local_workers, with_runner
 
-    quiet_expected_tracebacks((*EXPECTED_ERRORS, TooManyErrors))
-    detach_temporary_server()
+    quiet_expected_tracebacks((*EXPECTED_ERRORS, TooManyErrors, httpx.TransportError))
+    prepare_prefect_api()
     try:
-        with progress_bar(), sigterm_as_ctrl_c(), api_for_local_workers(placement):
+        with (
+            progress_bar(),
+            sigterm_as_ctrl_c(),
+            api_for_local_workers(placement),
+            prefect_api(fix=RERUN_FIX, mid_run=True),
+        ):
             summary = with_runner(flow, placement)(**parameters)
     except TooManyErrors as exc:
         print_summary(exc.summary)
@@ -422,7 +454,7 @@ def compact_command(
     params = validated(DatasetParams, **locals())
     from flows.analytics import compact_dataset
 
-    detach_temporary_server()
+    prepare_prefect_api()
     quiet_expected_tracebacks(EXPECTED_ERRORS)
     try:
         with sigterm_as_ctrl_c():
@@ -590,7 +622,7 @@ def evaluate_command(
     from flows.evaluate import evaluate
 
     quiet_expected_tracebacks(EXPECTED_ERRORS)
-    detach_temporary_server()
+    prepare_prefect_api()
     try:
         with sigterm_as_ctrl_c():
             metrics = evaluate(**params.model_dump())
@@ -628,7 +660,7 @@ def train_command(
     from flows.train import train
 
     quiet_expected_tracebacks(EXPECTED_ERRORS)
-    detach_temporary_server()
+    prepare_prefect_api()
     try:
         with sigterm_as_ctrl_c():
             summary = train(**params.model_dump())
@@ -704,8 +736,14 @@ def reprocess_command(
 @contextmanager
 def prefect_api(
     fix: str = "or unset PREFECT_API_URL to read this machine's own run history",
+    mid_run: bool = False,
 ) -> Iterator[None]:
-    """Calls to the Prefect API: an unreachable server is an error that names the URL and the fix."""
+    """Calls to the Prefect API: an unreachable server is an error that names the URL and the fix.
+
+    `mid_run`: the server went away while a flow ran. Prefect's background services would then spend
+    minutes retrying, one event at a time, deliveries to a server that is gone before the process may
+    exit; the command ends at once instead (exit 1), after the message. Every Parquet file of the run is
+    whole already (each lands in one rename) and the lease is released in the flow's own `finally`."""
     import httpx
     from prefect.settings import PREFECT_API_URL
 
@@ -713,10 +751,15 @@ def prefect_api(
         yield
     except httpx.TransportError as exc:
         url = PREFECT_API_URL.value() or "the temporary server"
-        fail(
-            f"cannot reach the Prefect API at {url} ({type(exc).__name__}: {exc}); start it "
-            f"(`prefect server start`), {fix}"
-        )
+        message = f"cannot reach the Prefect API at {url} ({type(exc).__name__}: {exc}); start it "
+        if not mid_run:
+            fail(f"{message}(`prefect server start`), {fix}")
+        try:
+            fail(f"{message}again, {fix}; the run stays 'Running' in its history")
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
 
 
 @app.command("history")

@@ -278,6 +278,33 @@ def test_history_names_an_unreachable_prefect_api() -> None:
             assert "PREFECT_API_URL" in text
 
 
+def test_a_run_fails_before_any_work_when_the_prefect_api_is_down(
+    image_folder: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    """The nightly cron line with the server stopped: one line naming the URL and both fixes, before
+    the model loads or anything is written (it was a traceback from Prefect's engine)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    output = tmp_path / "preds"
+    model = ["--model", tiny_model, "--device", "cpu"]
+    commands = [
+        ["classify", str(image_folder), "-o", str(output), *model],
+        ["reprocess", str(image_folder), "-o", str(output), *model],
+        ["evaluate", "--data", str(image_folder), "-o", str(tmp_path / "report"), *model],
+        ["compact", str(tmp_path / "dataset")],
+    ]
+    (tmp_path / "dataset").mkdir()
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        for command in commands:
+            result = invoke(*command)
+            text = " ".join(result.output.split())
+            assert result.exit_code == 1, (command, text)
+            assert "cannot reach the Prefect API at http://127.0.0.1:9/api" in text, (command, text)
+            assert "(`prefect server start`), or unset PREFECT_API_URL to run on a temporary server" in text
+    assert not output.exists() and not (tmp_path / "report").exists()
+    assert not list((tmp_path / "dataset").iterdir())
+
+
 def test_an_empty_source_folder_fails_like_an_empty_s3_prefix(tmp_path: Path, tiny_model: str) -> None:
     """An unmounted share is an empty folder: the run fails and says so instead of 'classifying' nothing."""
     source = tmp_path / "mnt" / "scans"

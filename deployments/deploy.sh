@@ -12,8 +12,10 @@
 #   deployment by name (--name) applies them.
 # - `{{ $VAR }}` of an unset variable deploys as an empty string: an empty source fails only at 02:00,
 #   and an empty time zone silently schedules in UTC. The variables are checked here first.
-# Extra arguments go to every `prefect deploy`. Exit code 2: a variable is missing or invalid.
+# Extra arguments go to every `prefect deploy`. Exit code 2: a variable is missing or invalid (unset,
+# empty, a relative path, a time zone that is not an IANA name).
 set -euo pipefail
+caller=$PWD
 cd "$(dirname "$0")/.."
 
 missing=()
@@ -23,6 +25,24 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "error: set ${missing[*]} before deploying: deployments/prefect.yaml reads them at deploy time," \
         "and an unset one would deploy as an empty string (see docs/operations.md)" >&2
+    exit 2
+fi
+# The worker runs each flow in ONCOFLOW_REPO, maybe as another account: a relative path (or a relative
+# model folder, which would be read as a hub id) would name something else there, or nothing, and a
+# quoted "~" another account's home.
+relative=()
+for variable in ONCOFLOW_REPO ONCOFLOW_SOURCE ONCOFLOW_OUTPUT ONCOFLOW_MODEL; do
+    value=${!variable}
+    case $value in
+        /* | *://*) ;;
+        *) if [ "$variable" != ONCOFLOW_MODEL ] || [ -d "$caller/$value" ] || [[ $value == "~"* ]]; then
+            relative+=("$variable=$value")
+        fi ;;
+    esac
+done
+if [ ${#relative[@]} -gt 0 ]; then
+    echo "error: ${relative[*]}: give absolute paths (e.g. \$(realpath PATH)) or s3:// URIs; the worker" \
+        "runs the flows in ONCOFLOW_REPO, where a relative path names another folder or none" >&2
     exit 2
 fi
 # The Python with Prefect and oncoflow: $PYTHON, else this checkout's .venv (`make install`), else python3.

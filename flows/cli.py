@@ -766,11 +766,12 @@ def prefect_api(
 def history_command(
     limit: Annotated[int, typer.Option(min=1, help="How many runs to show, newest first.")] = 20,
 ) -> None:
-    """Recent runs from the Prefect backend: flow, state, start, duration, images, errors."""
+    """Recent runs from the Prefect backend: flow, state, start, duration, images, errors, and the run id
+    (the `run_id` column of the rows it wrote; `prefect flow-run inspect ID` shows the rest)."""
     from flows.history import recent_runs
 
     table = Table(title="oncoflow runs (newest first)")
-    for column in ("flow", "run", "state", "start (UTC)", "duration", "images", "errors"):
+    for column in ("flow", "run", "state", "start (UTC)", "duration", "images", "errors", "run id"):
         table.add_column(column, justify="right" if column in {"duration", "images", "errors"} else "left")
     with prefect_api():
         runs = recent_runs(limit)
@@ -783,8 +784,9 @@ def history_command(
             f"{run.seconds:.1f} s" if run.seconds is not None else "-",
             "-" if run.images is None else str(run.images),
             "-" if run.errors is None else str(run.errors),
+            run.run_id,
         )
-    Console(width=160).print(table)
+    Console(width=200).print(table)
 
 
 @app.command("prune")

@@ -45,16 +45,27 @@ class RunRow:
     run_id: str
 
 
+PAGE = 200  # the Prefect server's largest page (PREFECT_API_DEFAULT_LIMIT)
+
+
 def recent_runs(limit: int = 20) -> list[RunRow]:
     """The latest `limit` flow runs, newest first, with image and error counts from their summary artifact."""
+    runs: list[FlowRun] = []
+    summaries: dict[str, dict[str, int]] = {}
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(  # started runs only: the nightly schedule's future runs are not history
-            flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(is_null_=False)),
-            sort=FlowRunSort.START_TIME_DESC,
-            limit=limit,
-        )
-        flows = {run.flow_id: client.read_flow(run.flow_id).name for run in runs}
-        summaries = read_summaries(client, [run.id for run in runs])
+        while len(runs) < limit:  # in pages: the API returns at most PAGE runs (or artifacts) per call
+            wanted = min(PAGE, limit - len(runs))
+            page = client.read_flow_runs(  # started runs only: the nightly schedule's future runs are not history
+                flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(is_null_=False)),
+                sort=FlowRunSort.START_TIME_DESC,
+                limit=wanted,
+                offset=len(runs),
+            )
+            runs += page
+            summaries |= read_summaries(client, [run.id for run in page])
+            if len(page) < wanted:
+                break
+        flows = {flow_id: client.read_flow(flow_id).name for flow_id in {run.flow_id for run in runs}}
     return [
         RunRow(
             flow=flows[run.flow_id],

@@ -479,6 +479,30 @@ def test_history_lists_runs_with_their_image_counts(
     assert latest.run_id == summary["run_id"] and latest.seconds is not None and latest.seconds > 0
     result = runner.invoke(app, ["history", "--limit", "3"])
     assert result.exit_code == 0 and "classify" in result.output and "Completed" in result.output
+    assert summary["run_id"] in result.output  # to find the run's rows: WHERE run_id = '...'
+
+
+def test_history_reads_more_runs_than_one_api_page() -> None:
+    """The server returns at most 200 runs per call (a larger limit was a 422 traceback)."""
+    from prefect import flow
+    from prefect.states import Completed, Running
+
+    from flows.history import PAGE
+
+    @flow(name="history-page")
+    def history_page() -> None:
+        """Never run: the flow the runs below belong to."""
+
+    with get_client(sync_client=True) as client:
+        for _ in range(PAGE + 5):
+            run = client.create_flow_run(history_page, state=Running())
+            client.set_flow_run_state(run.id, Completed(), force=True)
+    runs = recent_runs(limit=PAGE + 5)
+    assert [run.flow for run in runs] == ["history-page"] * (PAGE + 5)
+    assert len({run.run_id for run in runs}) == PAGE + 5
+    assert [run.start for run in runs] == sorted((run.start for run in runs), reverse=True)
+    result = runner.invoke(app, ["history", "--limit", str(PAGE + 1)])
+    assert result.exit_code == 0 and result.output.count("history-page") == PAGE + 1, result.output[-500:]
 
 
 def test_prune_deletes_only_finished_runs_older_than_the_cutoff(

@@ -308,7 +308,7 @@ def test_deploy_script_deploys_to_the_files_pool_or_the_one_given(prefect_server
         ({"ONCOFLOW_TIMEZONE": "Berlin"}, "not an IANA"),
         ({"ONCOFLOW_REPO": "."}, "ONCOFLOW_REPO=.: give absolute paths"),
         ({"ONCOFLOW_SOURCE": "data/scans", "ONCOFLOW_OUTPUT": "~/preds"}, "ONCOFLOW_OUTPUT=~/preds: give"),
-        ({"ONCOFLOW_MODEL": "deployments"}, "ONCOFLOW_MODEL=deployments: give absolute paths"),  # a folder here
+        ({"ONCOFLOW_MODEL": "deployments"}, "ONCOFLOW_MODEL=deployments: give"),  # a folder, relative
     ):
         refused = run("deployments/deploy.sh", **changes)
         assert refused.returncode == 2 and named in refused.stderr, refused.stderr

@@ -59,7 +59,8 @@ def test_train_writes_a_model_folder_with_a_model_card(trained: dict[str, Path])
     assert not list(model.glob("*.bin")) and not list(model.parent.glob(".model.partial-*"))
     assert (model.with_name("model.partial") / "notes.txt").read_text() == "mine"
     # safetensors alone would write the weights 0600: the account running the nightly flow could not load them
-    assert (model / "model.safetensors").stat().st_mode & 0o777 == (model / "config.json").stat().st_mode & 0o777
+    modes = {name: (model / name).stat().st_mode & 0o777 for name in ("model.safetensors", "config.json")}
+    assert modes["model.safetensors"] == modes["config.json"], modes
     config = json.loads((model / "config.json").read_text())
     assert config["id2label"] == {"0": "Normal", "1": "Malignant"}
     assert config["label2id"] == {"Normal": 0, "Malignant": 1}
@@ -266,4 +267,5 @@ def test_a_model_saves_into_an_empty_folder_behind_a_symlink(tmp_path: Path, tin
         "preprocessor_config.json",
     ]
     assert not list(tmp_path.glob(".*partial*"))
-    assert load_model(str(tmp_path / "model"), device="cpu", precision="fp32").id2label == {0: "Normal", 1: "Malignant"}
+    loaded = load_model(str(tmp_path / "model"), device="cpu", precision="fp32")
+    assert loaded.id2label == {0: "Normal", 1: "Malignant"}

@@ -467,7 +467,7 @@ def test_reprocess_requires_a_model_and_an_existing_prefix(image_folder: Path, t
         "../..",
     ]
     result = runner.invoke(app, escape)
-    assert result.exit_code == 2 and "inside SOURCE" in result.output
+    assert result.exit_code == 2 and "inside SOURCE" in " ".join(result.output.split()), result.output
 
 
 def test_history_lists_runs_with_their_image_counts(

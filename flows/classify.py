@@ -7,6 +7,7 @@ nightly run only classifies what is new or changed. Run it with `oncoflow classi
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import threading
 import time
@@ -35,6 +36,7 @@ from tasks.inference import (
     host_decode_share_from_env,
     progress_listeners,
     resolve_options,
+    stopping_runs,
 )
 from tasks.lease import Lease, LeaseLost
 from tasks.model import DEFAULT_MODEL, LoadedModel, inspect_model, load_model
@@ -211,6 +213,11 @@ def run_shards(
     If a shard fails, the shards already submitted are waited for before the error propagates: the
     caller releases the output lease on the way out, and no write may land after that (exactly once).
     A lease lost meanwhile (object stores: renewals failed) stops the submitting at the next shard.
+
+    Stopped (Ctrl-C, SIGTERM: a BaseException that is no Exception here), the run does not finish the shards in its window:
+    those not started are cancelled, and those running in this process end at their next batch without
+    writing (`stopping_runs`). So a stop takes about one batch, not up to four shards; the next run
+    classifies what was left. Shards on Dask or Ray workers finish (they cannot see this process's flag).
     """
     day = day or datetime.now(UTC)  # the `date` partition: the day the run started (its caller's)
     share, graphs = host_decode_share_from_env(), cuda_graphs_from_env()
@@ -225,10 +232,28 @@ def run_shards(
                 manifests.append(pending.popleft().result())
         while pending:
             manifests.append(pending.popleft().result())
+    except BaseException as stop:  # Ctrl-C, SIGTERM (Prefect's TerminationSignal), SystemExit, ...
+        if isinstance(stop, Exception):  # a shard failed: the others finish and keep their rows
+            raise
+        stopping_runs.add(run_id)
+        for future in pending:
+            queued = thread_future(future)
+            if queued is not None:
+                queued.cancel()  # only a shard not started yet (in the thread pool's queue)
+        raise
     finally:
         for future in pending:
-            future.wait()
+            queued = thread_future(future)
+            if queued is None or not queued.cancelled():
+                future.wait()
+        stopping_runs.discard(run_id)
     return manifests
+
+
+def thread_future(future: PrefectFuture[Any]) -> concurrent.futures.Future[Any] | None:
+    """The thread pool's own future behind a shard submitted to the local runner (None elsewhere)."""
+    wrapped = getattr(future, "wrapped_future", None)
+    return wrapped if isinstance(wrapped, concurrent.futures.Future) else None
 
 
 def summarize(

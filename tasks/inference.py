@@ -17,7 +17,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Literal
@@ -63,6 +63,15 @@ PROBE_FROM_BYTES, PROBE_BYTES = 64 << 20, 1 << 20
 # Called as listener("total", n) once the work is known and listener("advance", n) after each batch;
 # the CLI's progress bar listens here.
 progress_listeners: list[Callable[[str, int], None]] = []
+
+# Runs being stopped (Ctrl-C, SIGTERM): their shards running in this process end at the next batch and
+# write nothing (flows.classify.run_shards adds a run here; the next run classifies those images).
+stopping_runs: set[str] = set()
+
+
+class ShardStopped(Exception):
+    """The run was stopped while this shard ran: it ended at a batch boundary and wrote no rows."""
+
 
 logger = logging.getLogger(__name__)
 
@@ -748,7 +757,7 @@ def device_batches(
     preprocess: Preprocess,
     model: LoadedModel,
     options: EngineOptions,
-) -> Iterator[DeviceBatch]:
+) -> Generator[DeviceBatch, None, None]:
     """Batches ready on the model's device, in input order.
 
     With `options.overlap`, a feeder thread assembles batch k+1 (on a side CUDA stream when the model is
@@ -877,16 +886,19 @@ def classify_files(
     kind = "compile" if options.compile else "cuda_graphs" if options.cuda_graphs and cuda else None
     forward = fixed_batch_forward(model, kind, options.batch_size or CPU_BATCH_SIZE) if kind else None
     waiting: Launched | DeviceBatch | None = None  # the previous batch, launched or without inputs
-    for batch in device_batches(files, fs, preprocess, model, options):
-        clock = time.perf_counter()
-        launched = launch(model, batch, forward) if batch.inputs is not None else batch
-        stage_times.add("model_forward", clock)
-        if waiting is not None:
-            add_rows(rows, model, options.threshold, waiting)
-        waiting = launched
-        if not ahead:
-            add_rows(rows, model, options.threshold, waiting)
-            waiting = None
+    with closing(device_batches(files, fs, preprocess, model, options)) as batches:
+        for batch in batches:
+            if run_id in stopping_runs:
+                raise ShardStopped(f"run {run_id} was stopped: shard {shard} wrote no rows")
+            clock = time.perf_counter()
+            launched = launch(model, batch, forward) if batch.inputs is not None else batch
+            stage_times.add("model_forward", clock)
+            if waiting is not None:
+                add_rows(rows, model, options.threshold, waiting)
+            waiting = launched
+            if not ahead:
+                add_rows(rows, model, options.threshold, waiting)
+                waiting = None
     if waiting is not None:
         add_rows(rows, model, options.threshold, waiting)
     return rows.table()

@@ -167,7 +167,7 @@ DaskAddressOption = Annotated[
 DaskWorkersOption = Annotated[
     int | None,
     typer.Option(
-        help="Worker processes of the LocalCluster that --runner dask starts without address [default: 1]."
+        help="Worker processes of the LocalCluster that --runner dask starts without address \\[default: 1]."
     ),
 ]
 RayAddressOption = Annotated[

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
@@ -56,7 +57,6 @@ class StorageParams(BaseModel):
 
     s3_endpoint_url: str | None = Field(
         None,
-        pattern=r"^https?://[^/\s]+",
         description="S3-compatible endpoint (MinIO, SeaweedFS, Ceph), e.g. http://minio:9000; "
         "default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS",
     )
@@ -68,7 +68,9 @@ class StorageParams(BaseModel):
 
     @field_validator("s3_endpoint_url")
     @classmethod
-    def _no_credentials_in_endpoint(cls, value: str | None) -> str | None:
+    def _an_http_endpoint_without_credentials(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL with a host, e.g. http://minio:9000")
         return refuse_credentials(value)
 
 

@@ -483,9 +483,11 @@ def check_source(location: Location) -> None:
         lambda: fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix and prefix + "/", MaxKeys=1),
     )
     if not listing.get("KeyCount"):
+        endpoint = getattr(fs, "endpoint_url", None) or "the default AWS endpoint"
         raise FileNotFoundError(
-            f"nothing under {location.uri}: the prefix holds no objects (object stores have no empty "
-            "folders); check the bucket and prefix"
+            f"nothing under {location.uri} at {endpoint}: the prefix holds no objects (object stores "
+            "have no empty folders); check the bucket and prefix, and the endpoint (--s3-endpoint-url, "
+            "AWS_ENDPOINT_URL)"
         )
 
 

@@ -230,7 +230,7 @@ def test_missing_bucket_or_prefix_fails_before_the_model_loads(
     with pytest.raises(FileNotFoundError, match=expected) as raised:
         # A model that cannot load: reaching the storage error proves storage is checked first.
         classify(source, output, model="/no/such/model", device="cpu")
-    assert "check the bucket" in str(raised.value)
+    assert "check the bucket" in str(raised.value) and "--s3-endpoint-url" in str(raised.value)
     assert s3.find("preds") == []
 
 
@@ -365,11 +365,15 @@ def test_cli_endpoint_option_and_block_keep_secrets_out(
 
 
 def test_cli_rejects_a_malformed_endpoint(image_folder: Path, tmp_path: Path) -> None:
-    result = CliRunner().invoke(
-        app,
-        ["classify", str(image_folder), "--output", str(tmp_path / "out"), "--s3-endpoint-url", "minio:9000"],
-    )
-    assert result.exit_code == 2 and "--s3-endpoint-url" in result.output
+    for endpoint in ("minio:9000", "ftp://minio", "http://"):
+        result = CliRunner().invoke(
+            app,
+            ["classify", str(image_folder), "--output", str(tmp_path / "out"), "--s3-endpoint-url", endpoint],
+        )
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2, text
+        assert "invalid --s3-endpoint-url: must be an http:// or https:// URL with a host" in text, text
+        assert "pattern" not in text
 
 
 def test_a_block_naming_an_assumed_role_profile_lets_botocore_refresh_it(

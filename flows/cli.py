@@ -619,6 +619,8 @@ def evaluate_command(
             read_labels_file(params.labels)
         except (LabelError, OSError) as exc:  # OSError: unreadable (permissions), a folder, ...
             fail(str(exc), code=2)
+    if params.predictions and not params.model_revision and not params.aws_credentials_block:
+        check_one_revision(params.predictions, params.s3_endpoint_url)
     from flows.evaluate import evaluate
 
     quiet_expected_tracebacks(EXPECTED_ERRORS)
@@ -629,6 +631,20 @@ def evaluate_command(
     except EXPECTED_ERRORS as exc:
         fail(str(exc))
     print_metrics(metrics, f"{params.output}/report.md")
+
+
+def check_one_revision(predictions: str, s3_endpoint_url: str | None) -> None:
+    """Exit 2 before Prefect starts when --predictions holds several model revisions and no
+    --model-revision chooses one. A dataset that cannot be read here is left for the flow to report."""
+    from flows.credentials import storage_options
+    from tasks.metrics import EvaluationError, require_one_revision
+
+    try:
+        require_one_revision(predictions, storage_options(None, s3_endpoint_url))
+    except EvaluationError as exc:
+        fail(str(exc), code=2)
+    except Exception:  # unreachable storage, a damaged file: the flow's own checks name those
+        return
 
 
 def train_command(

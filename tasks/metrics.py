@@ -125,6 +125,21 @@ def canonical_uris(uris: pd.Series) -> pd.Series:
     return uris.where(~local, uris[local].str.replace(OLD_LITERAL_PERCENT, "%25", regex=True))
 
 
+def require_one_revision(destination: str, storage: dict[str, Any] | None = None) -> None:
+    """EvaluationError when the dataset holds several model revisions, from its model_revision column
+    alone (cheap, so the CLI checks it before Prefect starts); read_predictions says the rest."""
+    location = open_location(destination, storage or {})
+    dataset = open_dataset(location)
+    if dataset is None:
+        return
+    revisions = pc.unique(dataset.to_table(columns=["model_revision"]).column("model_revision")).drop_null()
+    if len(revisions) > 1:
+        raise EvaluationError(
+            f"predictions dataset {destination!r} holds {len(revisions)} model revisions {_revisions(location)}; "
+            "choose one with --model-revision (a model_revision value or a model_slug partition name)"
+        )
+
+
 def _revisions(location: Location) -> list[str]:
     """Each model_revision of the dataset, with its model_slug partition: `revision (slug)`."""
     dataset = open_dataset(location)

@@ -214,10 +214,11 @@ def run_shards(
     caller releases the output lease on the way out, and no write may land after that (exactly once).
     A lease lost meanwhile (object stores: renewals failed) stops the submitting at the next shard.
 
-    Stopped (Ctrl-C, SIGTERM: a BaseException that is no Exception here), the run does not finish the shards in its window:
-    those not started are cancelled, and those running in this process end at their next batch without
-    writing (`stopping_runs`). So a stop takes about one batch, not up to four shards; the next run
-    classifies what was left. Shards on Dask or Ray workers finish (they cannot see this process's flag).
+    Stopped (Ctrl-C, SIGTERM: a BaseException that is no Exception here), the run does not finish the
+    shards in its window: those not started are cancelled, and those running in this process end at
+    their next batch without writing (`stopping_runs`). So a stop takes about one batch, not up to four
+    shards; the next run classifies what was left. Shards on Dask or Ray workers finish (they cannot
+    see this process's flag).
     """
     day = day or datetime.now(UTC)  # the `date` partition: the day the run started (its caller's)
     share, graphs = host_decode_share_from_env(), cuda_graphs_from_env()

@@ -619,8 +619,8 @@ def evaluate_command(
             read_labels_file(params.labels)
         except (LabelError, OSError) as exc:  # OSError: unreadable (permissions), a folder, ...
             fail(str(exc), code=2)
-    if params.predictions and not params.model_revision and not params.aws_credentials_block:
-        check_one_revision(params.predictions, params.s3_endpoint_url)
+    if params.predictions and not params.aws_credentials_block:
+        check_revision_choice(params.predictions, params.model_revision, params.s3_endpoint_url)
     from flows.evaluate import evaluate
 
     quiet_expected_tracebacks(EXPECTED_ERRORS)
@@ -633,14 +633,16 @@ def evaluate_command(
     print_metrics(metrics, f"{params.output}/report.md")
 
 
-def check_one_revision(predictions: str, s3_endpoint_url: str | None) -> None:
+def check_revision_choice(predictions: str, model_revision: str | None, s3_endpoint_url: str | None) -> None:
     """Exit 2 before Prefect starts when --predictions holds several model revisions and no
-    --model-revision chooses one. A dataset that cannot be read here is left for the flow to report."""
+    --model-revision chooses one, or none that it names. A dataset that cannot be read here is left
+    for the flow to report."""
     from flows.credentials import storage_options
-    from tasks.metrics import EvaluationError, require_one_revision
+    from tasks.metrics import EvaluationError
+    from tasks.metrics import check_revision_choice as check
 
     try:
-        require_one_revision(predictions, storage_options(None, s3_endpoint_url))
+        check(predictions, model_revision, storage_options(None, s3_endpoint_url))
     except EvaluationError as exc:
         fail(str(exc), code=2)
     except Exception:  # unreachable storage, a damaged file: the flow's own checks name those

@@ -125,18 +125,29 @@ def canonical_uris(uris: pd.Series) -> pd.Series:
     return uris.where(~local, uris[local].str.replace(OLD_LITERAL_PERCENT, "%25", regex=True))
 
 
-def require_one_revision(destination: str, storage: dict[str, Any] | None = None) -> None:
-    """EvaluationError when the dataset holds several model revisions, from its model_revision column
-    alone (cheap, so the CLI checks it before Prefect starts); read_predictions says the rest."""
+def check_revision_choice(
+    destination: str, model_revision: str | None = None, storage: dict[str, Any] | None = None
+) -> None:
+    """EvaluationError when the dataset holds several model revisions and `model_revision` is None, or
+    none that `model_revision` names (a revision or a model_slug). Reads the two columns alone (cheap,
+    so the CLI checks before Prefect starts); read_predictions says the rest."""
     location = open_location(destination, storage or {})
     dataset = open_dataset(location)
     if dataset is None:
         return
-    revisions = pc.unique(dataset.to_table(columns=["model_revision"]).column("model_revision")).drop_null()
-    if len(revisions) > 1:
+    table = dataset.to_table(columns=["model_revision", "model_slug"])
+    revisions = pc.unique(table.column("model_revision")).drop_null()
+    if model_revision is None and len(revisions) > 1:
         raise EvaluationError(
             f"predictions dataset {destination!r} holds {len(revisions)} model revisions {_revisions(location)}; "
             "choose one with --model-revision (a model_revision value or a model_slug partition name)"
+        )
+    names = set(revisions.to_pylist()) | set(pc.unique(table.column("model_slug")).to_pylist())
+    if model_revision is not None and model_revision not in names:
+        raise EvaluationError(
+            f"predictions dataset {destination!r} holds no rows for model revision {model_revision!r}; "
+            f"it holds {_revisions(location) or 'none'} (give a model_revision value or a model_slug "
+            "partition name)"
         )
 
 

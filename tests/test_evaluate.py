@@ -165,7 +165,7 @@ def test_several_model_revisions_must_be_chosen(
 
     unknown = runner.invoke(app, [*common, "--model-revision", "sha256:nope"])
     text = " ".join(unknown.output.split())
-    assert unknown.exit_code == 1 and "no rows for model revision 'sha256:nope'" in text
+    assert unknown.exit_code == 2 and "no rows for model revision 'sha256:nope'" in text
     assert first["model_revision"] in text, "the revisions it holds are listed"
 
     chosen = runner.invoke(app, [*common, "--model-revision", first["model_revision"]])

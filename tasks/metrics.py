@@ -78,16 +78,10 @@ def read_predictions(
         present = retry_while_compacting(
             lambda: storage_call(location.fs, location.path, lambda: _revisions(location))
         )
-        raise EvaluationError(
-            f"predictions dataset {destination!r} holds no rows for model revision {model_revision!r}; "
-            f"it holds {present or 'none'} (give a model_revision value or a model_slug partition name)"
-        )
+        raise missing_revision(destination, model_revision, present)
     if len(revisions) > 1:
-        slugs = sorted(frame["model_slug"].unique())
-        raise EvaluationError(
-            f"predictions dataset {destination!r} holds {len(revisions)} model revisions {revisions} "
-            f"(partitions {slugs}); choose one with --model-revision (the flow parameter model_revision)"
-        )
+        pairs = frame[["model_revision", "model_slug"]].drop_duplicates().itertuples(index=False)
+        raise several_revisions(destination, len(revisions), sorted(f"{r} ({s})" for r, s in pairs))
     # Rows written before file URIs spelled `%` as %25 (2026-11-27) compare in the current spelling, so
     # labels match them and an image with rows in both spellings counts once.
     frame["image_uri"] = canonical_uris(frame["image_uri"])
@@ -138,17 +132,26 @@ def check_revision_choice(
     table = dataset.to_table(columns=["model_revision", "model_slug"])
     revisions = pc.unique(table.column("model_revision")).drop_null()
     if model_revision is None and len(revisions) > 1:
-        raise EvaluationError(
-            f"predictions dataset {destination!r} holds {len(revisions)} model revisions {_revisions(location)}; "
-            "choose one with --model-revision (a model_revision value or a model_slug partition name)"
-        )
+        raise several_revisions(destination, len(revisions), _revisions(location))
     names = set(revisions.to_pylist()) | set(pc.unique(table.column("model_slug")).to_pylist())
     if model_revision is not None and model_revision not in names:
-        raise EvaluationError(
-            f"predictions dataset {destination!r} holds no rows for model revision {model_revision!r}; "
-            f"it holds {_revisions(location) or 'none'} (give a model_revision value or a model_slug "
-            "partition name)"
-        )
+        raise missing_revision(destination, model_revision, _revisions(location))
+
+
+def several_revisions(destination: str, count: int, present: list[str]) -> EvaluationError:
+    """`present`: each revision with its partition, `revision (slug)`."""
+    return EvaluationError(
+        f"predictions dataset {destination!r} holds {count} model revisions {present}; choose one with "
+        "--model-revision (the flow parameter model_revision: a model_revision value or a model_slug "
+        "partition name)"
+    )
+
+
+def missing_revision(destination: str, model_revision: str, present: list[str]) -> EvaluationError:
+    return EvaluationError(
+        f"predictions dataset {destination!r} holds no rows for model revision {model_revision!r}; "
+        f"it holds {present or 'none'} (give a model_revision value or a model_slug partition name)"
+    )
 
 
 def _revisions(location: Location) -> list[str]:

@@ -103,8 +103,7 @@ def weights_revision(directory: str) -> str:
     std or resize method changes the probabilities as much as new weights, so it is a new revision
     (its rows get their own partition, and every image is classified again)."""
     digest = hashlib.sha256()
-    names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors") or n in REVISION_FILES)
-    for name in names:
+    for name in model_files(directory):
         digest.update(name.encode())
         with open(os.path.join(directory, name), "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
@@ -125,10 +124,18 @@ def share_model_files(folder: str) -> None:
             os.chmod(path, mode)
 
 
+def model_files(directory: str) -> list[str]:
+    """The files a load needs and a revision hashes: the weights, the config, the processor config."""
+    return sorted(n for n in os.listdir(directory) if n.endswith(".safetensors") or n in REVISION_FILES)
+
+
 def unreadable_model_files(directory: str) -> list[str]:
-    """The files a load needs (weights, config, processor config) that this account cannot read."""
-    names = [n for n in os.listdir(directory) if n.endswith(".safetensors") or n in REVISION_FILES]
-    return sorted(n for n in names if not os.access(os.path.join(directory, n), os.R_OK, effective_ids=True))
+    """The model_files this account cannot read."""
+    return [
+        n
+        for n in model_files(directory)
+        if not os.access(os.path.join(directory, n), os.R_OK, effective_ids=True)
+    ]
 
 
 def check_model_name(name: str) -> str | None:

@@ -29,7 +29,9 @@ from flows.params import (
     EvaluateParams,
     RunnerParams,
     TrainParams,
+    check_endpoint_environment,
     describe_validation_error,
+    location_argument,
     require_apart,
     require_folder,
 )
@@ -489,9 +491,15 @@ def read_dataset(
     params = validated(
         DatasetParams, dest=dest, s3_endpoint_url=s3_endpoint_url, aws_credentials_block=aws_credentials_block
     )
+    try:
+        output = location_argument(output)  # a local file or an s3:// key
+        if output.startswith("s3://") and not params.s3_endpoint_url:
+            check_endpoint_environment()
+    except ValueError as exc:
+        fail(f"invalid --output: {exc}", code=2)
     if not output.lower().endswith(extensions):
         fail(f"--output {output!r} must end in {' or '.join(extensions)}", code=2)
-    if os.path.isdir(os.path.expanduser(output)):
+    if "://" not in output and os.path.isdir(os.path.expanduser(output)):
         fail(
             f"--output {output!r} is an existing folder; give a file name (it is created or replaced)", code=2
         )
@@ -853,12 +861,16 @@ def serve_command(
         CronSchedule(cron=cron, timezone=timezone)
     except (ValueError, ValidationError):
         fail(f"invalid --cron {cron!r}: give five fields, e.g. '0 2 * * *' for 02:00 every day", code=2)
-    validated(ClassifyParams, source=source, output=output, model=model, device=device)
-    check_model_arguments(model)  # a local folder that is not there would fail only at 02:00
+    params = validated(ClassifyParams, source=source, output=output, model=model, device=device)
+    # The runs execute in this process: a model folder or --device that cannot work here would
+    # otherwise fail only at 02:00.
+    check_model_arguments(params.model, params.device)
     from flows.serve import build_deployments, serve_deployments
 
     with prefect_api("and run serve again once it answers (it takes a few seconds to start)"):
-        serve_deployments(build_deployments(source, output, model, cron, timezone, device), limit=limit)
+        serve_deployments(
+            build_deployments(params.source, params.output, model, cron, timezone, device), limit=limit
+        )
 
 
 if __name__ == "__main__":

@@ -6,9 +6,19 @@ import importlib.util
 import os
 import re
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any, Literal, TypeVar
+from urllib.parse import unquote_to_bytes
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from tasks.compact import TARGET_ROWS
 from tasks.images import DEFAULT_MAX_PIXELS
@@ -22,16 +32,53 @@ P = TypeVar("P", bound=BaseModel)
 
 def _normalized(location: str) -> str:
     """Comparable form of a location: absolute local path, or the URI without a trailing slash."""
+    with suppress(ValueError):  # a location the validators refuse is compared as written
+        location = location_argument(location)
     if "://" not in location:
         return os.path.abspath(os.path.expanduser(location)).rstrip("/") + "/"
-    if location.startswith("file://"):
-        return os.path.abspath(location[len("file://") :]).rstrip("/") + "/"
     return location.rstrip("/") + "/"
+
+
+REMOTE_SCHEMES = ("s3", "s3a")
+
+
+def location_argument(value: str, local_only: bool = False) -> str:
+    """A location argument in the one spelling the rest of oncoflow reads, or a ValueError saying why not.
+
+    - a plain path: kept as given (`~` and relative paths are resolved where it is opened);
+    - `file:///abs/path` and `file://localhost/abs/path` (RFC 8089): the local path, its %XX escapes
+      decoded (`Path.as_uri()` writes a space as %20); a `file://` URI with another host, or with a
+      relative path, is refused: mount the share and give its path;
+    - `s3://bucket/prefix` (`S3://` and `s3a://` too): `s3://` plus the rest; it must name a bucket.
+    Any other scheme is refused, naming the ones that work. `local_only`: refuse `s3://` as well (the
+    report folder of evaluate, the training data and model folders).
+    """
+    if "://" not in value:
+        return value
+    scheme, rest = value.split("://", 1)
+    if scheme.lower() == "file":
+        host, slash, path = rest.partition("/")
+        if host.lower() not in {"", "localhost"} or not slash:
+            raise ValueError(
+                f"{value!r} is not a local file:// URI; write file:///absolute/path (or a plain path); "
+                "for a network share, mount it and give its path"
+            )
+        return os.fsdecode(unquote_to_bytes("/" + path))
+    if scheme.lower() in REMOTE_SCHEMES:
+        if local_only:
+            raise ValueError(f"{value!r} is on an object store; this must be a local folder or file")
+        if not rest.split("/", 1)[0]:
+            raise ValueError(f"{value!r} names no bucket; write s3://BUCKET/prefix")
+        return f"s3://{rest}"
+    raise ValueError(
+        f"{value!r}: {scheme}:// is not supported; give a local path, a file:// URI"
+        + ("" if local_only else " or s3://BUCKET/prefix")
+    )
 
 
 def require_folder(location: str, name: str, fix: str = "check the path") -> None:
     """Fail unless a local path or file:// URI is an existing folder (object stores are checked later)."""
-    if "://" in location and not location.startswith("file://"):
+    if "://" in _normalized(location):
         return
     if not os.path.isdir(_normalized(location).rstrip("/") or "/"):
         raise ValueError(f"{name} {location!r} is not an existing folder; {fix}")
@@ -69,9 +116,39 @@ class StorageParams(BaseModel):
     @field_validator("s3_endpoint_url")
     @classmethod
     def _an_http_endpoint_without_credentials(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError("must be an http:// or https:// URL with a host, e.g. http://minio:9000")
+        if value is not None and not is_endpoint(value):
+            raise ValueError(ENDPOINT_FORM)
         return refuse_credentials(value)
+
+    @model_validator(mode="after")
+    def _a_usable_endpoint_from_the_environment(self) -> StorageParams:
+        uses_s3 = any(isinstance(v, str) and v.startswith("s3://") for v in self.__dict__.values())
+        if uses_s3 and not self.s3_endpoint_url:
+            check_endpoint_environment()
+        return self
+
+
+ENDPOINT_FORM = "must be an http:// or https:// URL with a host, e.g. http://minio:9000"
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # botocore's order: the first set wins
+
+
+def is_endpoint(value: str) -> bool:
+    return re.match(r"^https?://[^/\s]+", value) is not None
+
+
+def check_endpoint_environment() -> None:
+    """Fail before any work when the endpoint variable that S3 access would use is malformed: botocore
+    would otherwise fail on the first request, after Prefect has started, with a message naming no
+    variable. Credentials in it are refused like in --s3-endpoint-url."""
+    for variable in ENDPOINT_VARIABLES:
+        value = os.environ.get(variable)
+        if value:
+            if not is_endpoint(value) or has_credentials(value):
+                raise ValueError(
+                    f"environment variable {variable} {ENDPOINT_FORM} and without credentials "
+                    f"(they go in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY); fix or unset it"
+                )
+            return
 
 
 def refuse_credentials(value: str | None) -> str | None:
@@ -125,8 +202,8 @@ class ClassifyParams(StorageParams):
 
     @field_validator("source", "output")
     @classmethod
-    def _no_credentials(cls, value: str) -> str:
-        return refuse_credentials(value) or value
+    def _a_location(cls, value: str) -> str:
+        return location_argument(refuse_credentials(value) or value)
 
     @model_validator(mode="after")
     def _check_locations(self) -> ClassifyParams:
@@ -226,8 +303,8 @@ class DatasetParams(StorageParams):
 
     @field_validator("dest")
     @classmethod
-    def _no_credentials(cls, value: str) -> str:
-        return refuse_credentials(value) or value
+    def _a_location(cls, value: str) -> str:
+        return location_argument(refuse_credentials(value) or value)
 
 
 class EvaluateParams(StorageParams):
@@ -257,8 +334,9 @@ class EvaluateParams(StorageParams):
 
     @field_validator("output", "predictions", "labels", "data")
     @classmethod
-    def _no_credentials(cls, value: str | None) -> str | None:
-        return refuse_credentials(value)
+    def _a_location(cls, value: str | None, info: ValidationInfo) -> str | None:
+        value = refuse_credentials(value)  # the report folder, the labels file and --data are local
+        return value and location_argument(value, local_only=info.field_name != "predictions")
 
     @model_validator(mode="after")
     def _check_inputs(self) -> EvaluateParams:
@@ -318,6 +396,11 @@ class TrainParams(BaseModel):
     seed: int = Field(42, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: int = Field(0, ge=0, le=64, description="DataLoader processes decoding images")
+
+    @field_validator("data", "output")
+    @classmethod
+    def _a_local_folder(cls, value: str) -> str:
+        return location_argument(value, local_only=True)
 
     @model_validator(mode="after")
     def _check_folders(self) -> TrainParams:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -46,7 +45,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from tasks.sink import DATASET_SCHEMA, PARTITIONING, dataset_files, not_parquet, open_dataset
-from tasks.storage import Location, fetch_whole, open_location, storage_call, to_uri
+from tasks.storage import Location, fetch_whole, open_location, staged_file, storage_call, to_uri
 
 T = TypeVar("T")
 
@@ -189,26 +188,19 @@ def connect(destination: str, storage: dict[str, Any] | None = None) -> duckdb.D
 
 
 def export_latest(destination: str, output: str, storage: dict[str, Any] | None = None) -> int:
-    """Write the `latest` view to the local file OUTPUT (.parquet or .csv), atomically; return the row count."""
+    """Write the `latest` view to OUTPUT (.parquet or .csv; a local file or an s3:// key, written
+    whole or not at all); return the row count."""
     extension = os.path.splitext(output)[1].lower()
     if extension not in EXPORT_FORMATS:
         raise ValueError(f"--output {output!r} must end in .parquet or .csv")
-    target = os.path.abspath(output)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    temporary = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")
+    with staged_file(output, storage) as staged:
 
-    def export() -> int:  # one pass over the dataset's files; the count comes from the copy itself
-        written = connect(destination, storage).execute(
-            f"copy (select * from latest order by image_uri) to '{temporary.replace(chr(39), chr(39) * 2)}' "
-            + EXPORT_FORMATS[extension]
-        )
-        rows: int = written.fetchall()[0][0]
-        return rows
+        def export() -> int:  # one pass over the dataset's files; the count comes from the copy itself
+            written = connect(destination, storage).execute(
+                f"copy (select * from latest order by image_uri) to '{staged.replace(chr(39), chr(39) * 2)}' "
+                + EXPORT_FORMATS[extension]
+            )
+            rows: int = written.fetchall()[0][0]
+            return rows
 
-    try:
-        rows = retry_while_compacting(export)
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return rows
+        return retry_while_compacting(export)

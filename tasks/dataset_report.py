@@ -10,7 +10,6 @@ import base64
 import html
 import io
 import os
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tasks.analytics import connect, retry_while_compacting  # noqa: E402
+from tasks.storage import staged_file  # noqa: E402
 
 # Over 0–1, not 0.5–1: at a threshold other than 0.5 the decided class's probability can be below 0.5.
 CONFIDENCE_BINS = np.linspace(0.0, 1.0, 21)
@@ -168,7 +168,7 @@ def render_html(data: ReportData, png: bytes, title: str) -> str:
 
 
 def write_report(destination: str, output: str, storage: dict[str, Any] | None = None) -> ReportData:
-    """Render the report of DEST to the local file OUTPUT (.html or .png), atomically."""
+    """Render the report of DEST to OUTPUT (.html or .png; a local file or an s3:// key), atomically."""
     extension = os.path.splitext(output)[1].lower()
     if extension not in {".html", ".png"}:
         raise ValueError(f"--output {output!r} must end in .html or .png")
@@ -177,10 +177,6 @@ def write_report(destination: str, output: str, storage: dict[str, Any] | None =
     title = f"oncoflow report: {name or os.path.basename(os.path.abspath(destination))}"
     png = render_png(data, title)
     content = png if extension == ".png" else render_html(data, png, title).encode()
-    target = os.path.abspath(output)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    temporary = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")
-    with open(temporary, "wb") as handle:
+    with staged_file(output, storage) as staged, open(staged, "wb") as handle:
         handle.write(content)
-    os.replace(temporary, target)
     return data

@@ -140,9 +140,11 @@ def unreadable_model_files(directory: str) -> list[str]:
 
 def check_model_name(name: str) -> str | None:
     """The local folder `name` names (None for a hub id), or ModelError when it cannot load: a folder
-    without .safetensors weights, or a name that is neither a folder nor a hub id 'org/name'.
+    without .safetensors weights, without config.json or preprocessor_config.json (or with one that is
+    not JSON), files this account cannot read, or a name that is neither a folder nor a hub id 'org/name'.
 
-    Cheap (no hashing, no download): `serve` runs it so a wrong --model fails now, not at 02:00."""
+    Cheap (no hashing, no download, no weights read): the CLI runs it before Prefect starts (classify,
+    reprocess, evaluate --data, train --base-model, serve) so a wrong --model exits 2 now, not at 02:00."""
     if os.path.isdir(os.path.expanduser(name)):
         directory = os.path.abspath(os.path.expanduser(name))
         if not any(n.endswith(".safetensors") for n in os.listdir(directory)):
@@ -150,12 +152,29 @@ def check_model_name(name: str) -> str | None:
                 f"model folder {directory!r} has no .safetensors weights; oncoflow never loads pickled "
                 "weights. Re-save it with `model.save_pretrained(folder, safe_serialization=True)`"
             )
+        missing = [n for n in REVISION_FILES if not os.path.isfile(os.path.join(directory, n))]
+        if missing:
+            raise ModelError(
+                f"model folder {directory!r} has no {' and no '.join(missing)}; save the model and its image "
+                "processor into it: `model.save_pretrained(folder)`, "
+                "`AutoImageProcessor.from_pretrained(base).save_pretrained(folder)`"
+            )
         unreadable = unreadable_model_files(directory)
         if unreadable:
             raise ModelError(
                 f"model folder {directory!r}: this account cannot read {', '.join(unreadable)}; let it read "
                 f"them (`chmod a+r {directory}/*`, or run as the account that saved the model)"
             )
+        for file_name in REVISION_FILES:
+            try:
+                with open(os.path.join(directory, file_name)) as handle:
+                    if not isinstance(json.load(handle), dict):
+                        raise ValueError("not a JSON object")
+            except ValueError as exc:
+                raise ModelError(
+                    f"model folder {directory!r}: {file_name} is not a valid configuration ({exc}); "
+                    "save the model again with `save_pretrained`"
+                ) from exc
         return directory
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelError(

@@ -16,10 +16,11 @@ import logging
 import os
 import random
 import stat as stat_module
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from http.client import IncompleteRead as HttpIncompleteRead
 from typing import Any, TypeVar
@@ -415,6 +416,30 @@ def write_atomic(location: Location, relative_path: str, data: bytes) -> str:
     except OSError as exc:
         raise output_error(exc, location.uri) from exc
     return target
+
+
+@contextmanager
+def staged_file(output: str, storage_options: dict[str, Any] | None = None) -> Iterator[str]:
+    """A local path to write one output file (an export, a report) to; when the block ends without an
+    error it becomes OUTPUT whole: renamed over a local file, or uploaded to an object store (s3fs puts
+    a large file in parts, visible only once complete). A failed block leaves OUTPUT as it was."""
+    if "://" in output:
+        location = open_location(output, storage_options)
+        with tempfile.TemporaryDirectory(prefix="oncoflow-") as folder:
+            staged = os.path.join(folder, os.path.basename(location.path))
+            yield staged
+            fs = location.fs
+            storage_call(fs, location.path, lambda: fs.put_file(staged, location.path))
+        return
+    target = os.path.abspath(os.path.expanduser(output))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staged = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")
+    try:
+        yield staged
+        os.replace(staged, target)
+    finally:
+        if os.path.lexists(staged):
+            os.remove(staged)
 
 
 def _write_local(target: str, data: bytes) -> None:

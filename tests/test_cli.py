@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import pytest
 from typer.testing import CliRunner
 
@@ -345,3 +347,94 @@ def test_serve_names_a_bad_cron_and_an_unreachable_api(
         result = invoke(*common[:-1], str(tmp_path / "no-such-model"))  # before anything is served
         text = " ".join(result.output.split())
         assert result.exit_code == 2 and "invalid --model" in text and "no-such-model" in text
+
+
+def test_locations_fail_before_any_work_unless_they_name_somewhere_oncoflow_can_go(
+    image_folder: Path, tmp_path: Path, tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A URI that names no bucket, another host's file:// path or a scheme oncoflow does not read
+    exits 2 naming the argument, for every command; reports and training stay local."""
+    output = str(tmp_path / "out")
+    folder = str(image_folder)
+    cases = [
+        (["classify", "s3://", "-o", output], "invalid SOURCE: 's3://' names no bucket"),
+        (["classify", folder, "-o", "s3:///x"], "invalid --output: 's3:///x' names no bucket"),
+        (["classify", "gs://b/x", "-o", output], "gs:// is not supported"),
+        (["classify", "file://server/share", "-o", output], "not a local file:// URI"),
+        (["compact", "s3://"], "invalid DEST: 's3://' names no bucket"),
+        (["latest", "S3://", "-o", "x.csv"], "names no bucket"),
+        (["latest", folder, "-o", "gs://b/x.csv"], "invalid --output"),
+        (["evaluate", "--data", folder, "-o", "s3://b/report"], "must be a local folder"),
+        (["evaluate", "--predictions", "s3://b/p", "--labels", "s3://b/l.csv", "-o", output], "--labels"),
+        (["train", "--data", "s3://b/d", "-o", output], "must be a local folder"),
+    ]
+    for args, expected in cases:
+        result = invoke(*args)
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and expected in text, (args, text)
+        assert not (tmp_path / "out").exists()
+    # A malformed endpoint variable, named, when an argument is on S3; local runs do not read it.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "minio:9000")
+    for args in (["classify", "s3://b/x", "-o", output], ["latest", folder, "-o", "s3://b/x.csv"]):
+        result = invoke(*args)
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and "environment variable AWS_ENDPOINT_URL must be" in text, text
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://user:pass@minio:9000")
+    result = invoke("compact", "s3://b/x")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "AWS_ENDPOINT_URL_S3" in text and "pass" not in text, text
+
+
+def test_file_uris_are_read_as_rfc_8089_says(image_folder: Path, tmp_path: Path, tiny_model: str) -> None:
+    """`file://localhost/p` and `Path.as_uri()` (a space as %20) name the local folder, not a folder
+    named like the URI below the working directory."""
+    source = tmp_path / "my scans"
+    image_folder.rename(source)
+    output = tmp_path / "out put"
+    result = invoke(
+        "classify",
+        "file://localhost" + source.as_uri()[len("file://") :],
+        "-o",
+        output.as_uri(),
+        "--model",
+        tiny_model,
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 0, result.output
+    rows = duckdb.sql(f"select image_uri from read_parquet('{output}/**/*.parquet')").fetchall()
+    assert len(rows) == 6 and all(uri.startswith(f"file://{source}/") for (uri,) in rows)
+    assert not Path("file:").exists() and not (Path.cwd() / "localhost").exists()
+
+
+def test_a_model_folder_that_cannot_load_fails_before_any_work(
+    image_folder: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    """Missing or broken configuration files are found when the arguments are read (exit 2) by every
+    command that takes a model, `serve` included, not by the run at 02:00."""
+    import torch
+
+    missing, broken = tmp_path / "missing", tmp_path / "broken"
+    shutil.copytree(tiny_model, missing)
+    (missing / "preprocessor_config.json").unlink()
+    shutil.copytree(tiny_model, broken)
+    (broken / "config.json").write_text('{"id2label": ')
+    output = str(tmp_path / "out")
+    for model, expected in (
+        (missing, "has no preprocessor_config.json"),
+        (broken, "config.json is not a valid configuration"),
+    ):
+        for args in (
+            ["classify", str(image_folder), "-o", output, "--model", str(model)],
+            ["evaluate", "--data", str(image_folder), "-o", output, "--model", str(model)],
+            ["train", "--data", str(image_folder), "-o", output, "--base-model", str(model)],
+            ["serve", "--source", str(image_folder), "-o", output, "--model", str(model)],
+        ):
+            result = invoke(*args)
+            text = " ".join(result.output.split())
+            assert result.exit_code == 2 and expected in text, (args, text)
+    if not torch.cuda.is_available():
+        result = invoke("serve", "--source", str(image_folder), "-o", output, "--device", "cuda")
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and "no CUDA GPU is visible" in text, text
+    assert not (tmp_path / "out").exists()

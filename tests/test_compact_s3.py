@@ -110,6 +110,32 @@ def test_latest_and_report_read_a_dataset_on_s3_through_the_given_endpoint(
     assert result.exit_code == 0 and "merged 7 files into 3" in result.output, result.output
 
 
+def test_latest_and_report_write_their_file_to_s3(s3: s3fs.S3FileSystem, tmp_path: Path) -> None:
+    """An s3:// --output is an object in the bucket, not a local `./s3:/...` file; a bucket that
+    does not exist fails naming it, and writes nothing locally either."""
+    make_dataset(tmp_path / "dest")
+    runner = CliRunner()
+    local = tmp_path / "local.csv"
+    assert runner.invoke(app, ["latest", str(tmp_path / "dest"), "-o", str(local)]).exit_code == 0
+    s3.mkdir("exports")
+    for command, key in (("latest", "exports/nightly/latest.csv"), ("report", "exports/nightly/r.html")):
+        result = runner.invoke(
+            app, [command, str(tmp_path / "dest"), "-o", f"S3://{key}"], catch_exceptions=False
+        )
+        assert result.exit_code == 0, result.output
+    s3.invalidate_cache()
+    assert s3.cat_file("exports/nightly/latest.csv") == local.read_bytes()
+    assert b"For research, not diagnosis" in s3.cat_file("exports/nightly/r.html")
+    assert sorted(s3.ls("exports/nightly")) == ["exports/nightly/latest.csv", "exports/nightly/r.html"]
+
+    result = runner.invoke(app, ["latest", str(tmp_path / "dest"), "-o", "s3://no-such-bucket/l.csv"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "s3://no-such-bucket/l.csv" in text, text
+    result = runner.invoke(app, ["report", str(tmp_path / "dest"), "-o", "s3:///r.html"])
+    assert result.exit_code == 2 and "names no bucket" in result.output
+    assert not Path("s3:").exists()
+
+
 def test_analytics_on_a_missing_s3_dataset_names_it(
     s3: s3fs.S3FileSystem, s3_server: str, tmp_path: Path
 ) -> None:

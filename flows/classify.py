@@ -353,7 +353,7 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
         placement = f"{params.precision} precision, {params.device} device, on the runner's workers"
     # The lease makes overlapping runs take turns: listing happens only once it is held (exactly once).
     asked = time.perf_counter()
-    with exclusive_output(params, run_id) as lease:
+    with exclusive_output(params, run_id, revision) as lease:
         waited = time.perf_counter() - asked
         found, new_files = discover_new_images(params, revision)
         for listener in progress_listeners:

@@ -262,10 +262,29 @@ def prepare_local_run(params: ClassifyParams, placement: RunnerParams) -> None:
     Prefect starts. On a cluster the workers check and load it (this machine may have no GPU)."""
     local = placement.runner == "local"
     check_model_arguments(params.model, params.device if local else None, params.precision, params.compile)
+    check_writable(params.output)
     if local:
         from flows.classify import start_loading_model
 
         start_loading_model(params)
+
+
+def check_writable(folder: str, option: str = "--output") -> None:
+    """Exit 2 before any work when a local output folder can neither be created nor written (its parent
+    is a file, a read-only or virtual filesystem, no permission); object stores are checked by the run."""
+    if "://" in folder:
+        return
+    from tasks.storage import probe_local_folder
+
+    try:
+        probe_local_folder(folder)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        fail(
+            f"invalid {option}: cannot create or write the folder {folder!r} ({reason}); choose a folder "
+            "this account can create and write",
+            code=2,
+        )
 
 
 def missing_folder(location: str) -> bool:
@@ -508,6 +527,9 @@ def read_dataset(
         require_apart(dest, "DEST", output, "--output", "file")
     except ValueError as exc:
         fail(str(exc), code=2)
+    check_writable(
+        os.path.dirname(os.path.abspath(os.path.expanduser(output))) if "://" not in output else output
+    )
     storage = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
     try:
         return action(params.dest, output, storage)
@@ -620,6 +642,7 @@ def evaluate_command(
     params = validated(EvaluateParams, **{k: v for k, v in locals().items()})
     if params.data is not None:  # classified here first: the classify checks, before any work
         check_model_arguments(params.model, params.device, params.precision, params.compile)
+    check_writable(params.output)
     if params.labels:  # its content is an argument too: a bad labels file fails before any work
         from tasks.labels import LabelError, read_labels_file
 
@@ -676,6 +699,7 @@ def train_command(
     """Fine-tune a ViT on labelled images with the seed card's recipe; `classify --model OUTPUT` uses it."""
     params = validated(TrainParams, **{k: v for k, v in locals().items()})
     check_model_arguments(params.base_model, params.device, option="--base-model")
+    check_writable(params.output)
     from tasks.labels import LabelError, labeled_folder
     from tasks.training import split
 
@@ -865,6 +889,7 @@ def serve_command(
     # The runs execute in this process: a model folder or --device that cannot work here would
     # otherwise fail only at 02:00.
     check_model_arguments(params.model, params.device)
+    check_writable(params.output)
     from flows.serve import build_deployments, serve_deployments
 
     with prefect_api("and run serve again once it answers (it takes a few seconds to start)"):

@@ -31,13 +31,14 @@ DEFAULT_GPU_LIMIT = "gpu"
 
 
 @contextmanager
-def exclusive_output(params: ClassifyParams, run_id: str) -> Iterator[Lease]:
-    """Hold the output lease for this model; a run that died holding it is marked Crashed in Prefect."""
+def exclusive_output(params: ClassifyParams, run_id: str, revision: str) -> Iterator[Lease]:
+    """Hold the output lease for this model revision; a run that died holding it is marked Crashed in
+    Prefect."""
     wait = lease_wait_from_env()
     output = open_location(
         params.output, storage_options(params.aws_credentials_block, params.s3_endpoint_url)
     )
-    with acquire(output, lease_key(params.model), run_id, wait_seconds=wait) as lease:
+    with acquire(output, lease_key(revision), run_id, wait_seconds=wait) as lease:
         dead = lease.previous
         if dead is not None and dead.run_id != run_id:
             reason = f"process died holding the output lease; superseded by run {run_id}"

@@ -1,4 +1,4 @@
-"""One writer at a time per (output dataset, model): a lease object inside DEST.
+"""One writer at a time per (output dataset, model revision): a lease object inside DEST.
 
 Why: shard files are named by their content, so a retried task or a re-run after `kill -9` overwrites
 its own files. Two runs that overlap, though, list the source at different moments and cut different
@@ -20,8 +20,10 @@ PID namespace, pid gone or reused), so a rerun after `kill -9` does not wait for
 ignores conditional writes is detected at acquire time and reported; overlapping runs are then not
 excluded there.
 
-The key is the model as given (not its resolved revision), so the lease is taken before the model loads:
-two runs of the same model serialise, runs of different models on the same DEST proceed in parallel.
+The key is the model revision (the one in the rows' `model_revision`), known before the lease because
+the model is loaded (or, on a cluster, its files hashed) first: two runs of one revision serialise
+whatever folder or spelling each was given, runs of different revisions on the same DEST proceed in
+parallel.
 The `_leases` folder is invisible to readers: pyarrow skips names starting with `_`, and the
 `**/*.parquet` glob of DuckDB or Spark does not match `.lease` files.
 """
@@ -144,13 +146,13 @@ def process_start(pid: int) -> str:
         return ""
 
 
-def lease_key(model: str) -> str:
-    """A file-safe name for the model as given; local paths are resolved (absolute, links followed) so
-    every spelling of one folder (`./m`, `/abs/m`, a `current -> m` link) takes the same lease."""
-    if os.path.isdir(os.path.expanduser(model)):
-        model = os.path.realpath(os.path.expanduser(model))
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", model.rstrip("/").rsplit("/", 1)[-1]).strip("-.") or "model"
-    return f"{readable[:40]}-{hashlib.sha256(model.encode()).hexdigest()[:12]}"
+def lease_key(revision: str) -> str:
+    """A file-safe name for a model revision (`sha256:<16 hex>` of a local folder, a hub commit).
+
+    The revision, not the model as given: two spellings or two copies of one model folder (a model
+    copied to each GPU machine) write the same rows, so they must take turns like one model does."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", revision).strip("-.") or "model"
+    return f"{readable[:40]}-{hashlib.sha256(revision.encode()).hexdigest()[:12]}"
 
 
 class Lease:

@@ -12,6 +12,7 @@ they may end up in Prefect's run records, which logging filters never see.
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
 import os
 import random
@@ -226,13 +227,22 @@ def _list_local(root: str) -> Iterator[DiscoveredFile]:
     root_stat = os.stat(root)
     visited = {(root_stat.st_dev, root_stat.st_ino)}
     stack = [root]
+    # Links to folders wait until every folder reachable without them is walked, then go in path order:
+    # an image under a real folder always keeps its real path as URI, also when a link to its folder
+    # (or to one above it) is added later, which would otherwise re-classify it under a new URI.
+    links: list[tuple[str, tuple[int, int]]] = []
     unreadable: list[str] = []
-    while stack:
+    while stack or links:
+        if not stack:
+            link, identity = heapq.heappop(links)
+            if identity in visited:
+                continue
+            visited.add(identity)
+            stack.append(link)
         folder = stack.pop()
         try:
             with os.scandir(folder) as scanned:
-                # Real folders before links to them, then by name: which path wins is the same every night.
-                entries = sorted(scanned, key=lambda e: (e.is_symlink(), e.name))
+                entries = sorted(scanned, key=lambda e: e.name)
         except OSError as exc:
             if folder == root:
                 raise
@@ -245,7 +255,9 @@ def _list_local(root: str) -> Iterator[DiscoveredFile]:
             if st is None:
                 continue
             if stat_module.S_ISDIR(st.st_mode):
-                if (st.st_dev, st.st_ino) not in visited:
+                if entry.is_symlink():
+                    heapq.heappush(links, (entry.path, (st.st_dev, st.st_ino)))
+                elif (st.st_dev, st.st_ino) not in visited:
                     visited.add((st.st_dev, st.st_ino))
                     stack.append(entry.path)
             elif stat_module.S_ISREG(st.st_mode):
@@ -484,6 +496,26 @@ def output_error(error: OSError, destination: str) -> OSError:
         "are kept (classify skips their images, compact finishes its merge), nothing is written twice"
     )
     return OSError(error.errno, message) if error.errno else type(error)(message)
+
+
+def probe_local_folder(path: str) -> None:
+    """Raise OSError unless the local folder `path` exists or can be created, and a file can be written
+    in it. Leaves nothing behind: a probe file and the folders made for it are removed again."""
+    target = os.path.abspath(os.path.expanduser(path))
+    made = []  # deepest first
+    folder = target
+    while not os.path.lexists(folder) and folder != os.path.dirname(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        os.makedirs(target, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(prefix=".oncoflow-write-check-", dir=target)
+        os.close(descriptor)
+        os.remove(probe)
+    finally:
+        for created in made:
+            with suppress(OSError):
+                os.rmdir(created)
 
 
 def check_source(location: Location) -> None:

@@ -176,6 +176,24 @@ def test_folder_links_are_followed_once_and_loops_do_not_hang(tmp_path: Path) ->
     assert paths == [str(root / "a" / "x.png"), str(root / "linked" / "y.png")]
 
 
+def test_a_link_added_above_a_folder_does_not_change_its_images_uris(tmp_path: Path) -> None:
+    """An image keeps the URI of its real path whatever links point into its tree, wherever they sit
+    and whatever they are called: a new link must not make last night's images look new."""
+    from tasks.storage import list_images, open_location
+
+    root = tmp_path / "scans"
+    make_image(root / "ward" / "2024" / "deep" / "x.png")
+    make_image(tmp_path / "elsewhere" / "y.png")
+    before = sorted(f.uri for f in list_images(open_location(str(root))))
+    (root / "0-shortcut").symlink_to(root / "ward" / "2024" / "deep")  # sorts (and sits) above "ward"
+    (root / "ward" / "2024" / "a-up").symlink_to(root / "ward")
+    (root / "a-first").symlink_to(tmp_path / "elsewhere")  # outside SOURCE: reached through links only
+    (root / "b-second").symlink_to(tmp_path / "elsewhere")
+    after = sorted(f.uri for f in list_images(open_location(str(root))))
+    assert before == [f"file://{root}/ward/2024/deep/x.png"]
+    assert after == [f"file://{root}/a-first/y.png", *before]  # the first link in path order, once
+
+
 def test_lowercase_model_labels_are_written_as_the_contract_spells_them(
     image_folder: Path, tmp_path: Path
 ) -> None:

@@ -438,3 +438,26 @@ def test_a_model_folder_that_cannot_load_fails_before_any_work(
         text = " ".join(result.output.split())
         assert result.exit_code == 2 and "no CUDA GPU is visible" in text, text
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_cannot_be_made_fails_before_any_work(
+    image_folder: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    """A parent that is a file, a virtual filesystem: exit 2 naming --output, not a failed run later.
+    The check leaves nothing behind when it passes."""
+    from tasks.storage import probe_local_folder
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    outputs = [str(blocker / "preds"), "/proc/oncoflow-preds"]
+    for output in outputs:
+        for args in (
+            ["classify", str(image_folder), "-o", output, "--model", tiny_model, "--device", "cpu"],
+            ["evaluate", "--data", str(image_folder), "-o", output, "--model", tiny_model],
+            ["latest", str(image_folder), "-o", output + "/latest.csv"],
+        ):
+            result = invoke(*args)
+            text = " ".join(result.output.split())
+            assert result.exit_code == 2 and "invalid --output: cannot create or write" in text, (args, text)
+    probe_local_folder(str(tmp_path / "new" / "deeper" / "preds"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "scans"]

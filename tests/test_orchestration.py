@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from flows.guards import gpu_slot
 from flows.history import prune_runs, recent_runs
 from flows.serve import build_deployments
 from tasks.lease import LeaseBusy, acquire, lease_key
+from tasks.model import weights_revision
 from tasks.storage import RETRY_ATTEMPTS, open_location
 from tests.s3_fixtures import FaultyProxy
 
@@ -174,12 +176,18 @@ def test_an_outage_longer_than_the_ttl_loses_the_lease_loudly(lease_server: str)
         lease.release()
 
 
-def test_every_spelling_of_a_local_model_takes_the_same_lease(tmp_path: Path) -> None:
-    model = tmp_path / "models" / "vit-v2"
-    model.mkdir(parents=True)
-    (tmp_path / "models" / "current").symlink_to(model)
-    spellings = [str(model), str(tmp_path / "models" / "current"), str(model) + "/", f"{model}/../vit-v2"]
-    assert len({lease_key(spelling) for spelling in spellings}) == 1
+def test_every_spelling_and_copy_of_a_local_model_takes_the_same_lease(
+    tmp_path: Path, tiny_model: str
+) -> None:
+    """The lease is the revision's: the same rows, whichever folder or spelling the run was given."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny_model, models / "vit-v2")
+    shutil.copytree(tiny_model, models / "copy-on-gpu-2")
+    (models / "current").symlink_to(models / "vit-v2")
+    spellings = ["vit-v2", "current", "vit-v2/", "vit-v2/../copy-on-gpu-2", "copy-on-gpu-2"]
+    keys = {lease_key(weights_revision(str(models / spelling))) for spelling in spellings}
+    assert keys == {lease_key(weights_revision(tiny_model))}
+    assert lease_key("sha256:0123456789abcdef").startswith("sha256-0123456789abcdef-")
 
 
 def test_a_second_compaction_of_the_same_dataset_fails_at_once(tmp_path: Path) -> None:
@@ -205,7 +213,10 @@ def test_time_spent_waiting_for_the_lease_is_reported_apart(
     import threading
 
     output = tmp_path / "preds"
-    holder = acquire(open_location(str(output)), lease_key(tiny_model), "run-before", wait_seconds=0)
+    # Held for another copy of the same model: same revision, same rows, so the run waits for it.
+    other_copy = shutil.copytree(tiny_model, tmp_path / "model-copy")
+    key = lease_key(weights_revision(str(other_copy)))
+    holder = acquire(open_location(str(output)), key, "run-before", wait_seconds=0)
 
     class ReleaseOnceWaiting(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:  # "... waiting up to 3600 s ..."

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from tasks.storage import Location, output_error
+from tasks.storage import Location, output_error, storage_call
 
 LEASE_FOLDER = "_leases"
 DEFAULT_WAIT_SECONDS = 3600.0  # a nightly run waits this long behind a run still writing, then fails
@@ -217,10 +217,11 @@ class ObjectLease(Lease):
         renewed = time.time()
         while not self.stopped.wait(self.ttl / 4):
             try:
-                self.etag = _put(self.location, self.path, _record(self.holder, self.ttl), if_match=self.etag)
+                record = _record(self.holder, self.ttl)
+                self.etag = _put(self.location, self.path, record, if_match=self.etag, retry=False)
                 renewed = time.time()
             except Exception as exc:  # botocore's connection errors are not OSErrors
-                replaced = _error_code(exc) in PRECONDITION_FAILED
+                replaced = isinstance(exc, FileExistsError)
                 next_try, expires = time.time() + self.ttl / 4, renewed + self.ttl
                 if not replaced and next_try < expires - self.ttl / 8:
                     logger.warning("could not renew lease %s (%s); retrying", self.path, exc, extra=self.run)
@@ -315,10 +316,12 @@ def _try_object(location: Location, key: str, holder: Holder, ttl: float) -> Lea
             # ETag first, then the body: the body is at least as new as the ETag, so a takeover
             # conditioned on that ETag can only replace the expired record it read.
             stale_etag = str(_call(location, "head_object", path)["ETag"])
-            data = location.fs.cat_file(path)
+            data = storage_call(location.fs, path, lambda: location.fs.cat_file(path))
         except FileNotFoundError:  # released in between: try again at once
             return _try_object(location, key, holder, ttl)
         current = _parse(data)
+        if current == holder:  # our own create, retried after its answer was lost (a 500, a drop)
+            return ObjectLease(location, key, holder, stale_etag, ttl, None)
         # A holder that died on this machine (kill -9, OOM) need not be waited for until its record
         # expires (up to the TTL, 10 minutes): take its lease over now, the same way as an expired one.
         if time.time() < _expiry(data) and not (current and current.dead_on_this_machine()):
@@ -389,10 +392,26 @@ def _parse(data: bytes) -> Holder | None:
         return None
 
 
-def _call(location: Location, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-    """One S3 call through s3fs, which turns botocore errors into Python's own (412 → FileExistsError/OSError)."""
+def _call(location: Location, method: str, path: str, retry: bool = True, **kwargs: Any) -> dict[str, Any]:
+    """One S3 call through s3fs, which turns botocore errors into Python's own; a conditional write
+    that lost (412/409, whichever condition) raises FileExistsError.
+
+    With `retry`, through storage_call: transient errors (a 500, a dropped connection) are retried and
+    the others name the lease's URI and the fix. The heartbeat calls without: it has its own retries,
+    timed against the lease's expiry."""
     bucket, key, _ = location.fs.split_path(path)
-    return location.fs.call_s3(method, Bucket=bucket, Key=key, **kwargs)
+
+    def call() -> dict[str, Any]:
+        try:
+            return location.fs.call_s3(method, Bucket=bucket, Key=key, **kwargs)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            if _error_code(exc) in PRECONDITION_FAILED:
+                raise FileExistsError(f"{path}: condition not met ({_error_code(exc)})") from exc
+            raise
+
+    return storage_call(location.fs, path, call) if retry else call()
 
 
 # A conditional write that lost: 412 (the condition did not hold) or 409 (AWS: a concurrent conditional
@@ -412,22 +431,21 @@ def _error_code(error: BaseException) -> str | None:
 
 
 def _put(
-    location: Location, path: str, data: bytes, if_none_match: bool = False, if_match: str | None = None
+    location: Location,
+    path: str,
+    data: bytes,
+    if_none_match: bool = False,
+    if_match: str | None = None,
+    retry: bool = True,
 ) -> str:
-    """PUT the record; a create (`if_none_match`) that finds an object raises FileExistsError.
+    """PUT the record; one whose condition fails (a create that finds an object, a renewal or
+    takeover whose ETag is no longer current) raises FileExistsError.
 
     s3fs says FileExistsError only when the 412 names its condition; SeaweedFS (and others) send 412
-    without it, which s3fs turns into OSError(EINVAL)."""
+    without it, which s3fs turns into OSError(EINVAL): _call looks at the status instead."""
     conditions: dict[str, str] = {}
     if if_none_match:
         conditions["IfNoneMatch"] = "*"
     if if_match:
         conditions["IfMatch"] = if_match
-    try:
-        return str(_call(location, "put_object", path, Body=data, **conditions)["ETag"])
-    except FileExistsError:
-        raise
-    except OSError as exc:
-        if if_none_match and _error_code(exc) in PRECONDITION_FAILED:
-            raise FileExistsError(f"{path} exists") from exc
-        raise
+    return str(_call(location, "put_object", path, retry, Body=data, **conditions)["ETag"])

@@ -64,6 +64,7 @@ RETRY_ATTEMPTS = 3  # whole-operation attempts in storage_call, on top of the pe
 RETRY_BASE_SECONDS = 0.5
 RETRY_CAP_SECONDS = 8.0
 WRITE_CHECK_NAME = ".oncoflow-write-check"  # hidden: pyarrow and DuckDB's *.parquet glob skip it
+WRITE_CHECK_BODY = b"oncoflow write check\n"  # not empty: a store that takes 0-byte objects may refuse data
 
 TRANSIENT_ERRORS = (  # timeouts (socket, asyncio, fsspec) are all TimeoutError
     TimeoutError,
@@ -519,8 +520,8 @@ def probe_local_folder(path: str) -> None:
 
 
 def check_source(location: Location) -> None:
-    """Fail fast, before any work, when a source is empty: an S3 prefix with no objects (or a missing
-    or unreadable bucket), a local folder with no entries at all. An unmounted share is an empty folder,
+    """Fail fast, before any work, when a source is empty or unreadable: an S3 prefix with no objects (or
+    a missing or unlistable bucket) or whose first object cannot be read, a local folder with no entries. An unmounted share is an empty folder,
     and a nightly run that classified nothing must not look like a success."""
     if location.is_local:
         with os.scandir(location.path) as entries:
@@ -546,6 +547,12 @@ def check_source(location: Location) -> None:
             "have no empty folders); check the bucket and prefix, and the endpoint (--s3-endpoint-url, "
             "AWS_ENDPOINT_URL)"
         )
+    # Credentials that may list but not read (s3:GetObject missing, a KMS key not granted) would turn
+    # every image into a final read_failed row: read one byte of the first object now instead.
+    first = listing["Contents"][0]
+    if first.get("Size"):
+        path = f"{bucket}/{first['Key']}"
+        storage_call(fs, path, lambda: fs.cat_file(path, start=0, end=1))
 
 
 def check_output(location: Location) -> None:
@@ -560,7 +567,7 @@ def check_output(location: Location) -> None:
     probe = location.join(WRITE_CHECK_NAME)
     # Errors name the output as given, not the bucket or the probe.
     storage_call(fs, location.path, lambda: fs.call_s3("head_bucket", Bucket=bucket))
-    storage_call(fs, location.path, lambda: fs.pipe_file(probe, b""))
+    storage_call(fs, location.path, lambda: fs.pipe_file(probe, WRITE_CHECK_BODY))
     # A store may allow writing but not deleting; the probe has a fixed name, so at most one remains.
     with suppress(PermissionError):
         storage_call(fs, location.path, lambda: fs.rm_file(probe))

@@ -148,6 +148,20 @@ def lease_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 @pytest.mark.s3
+def test_object_lease_survives_server_errors_and_names_itself_when_they_persist(lease_server: str) -> None:
+    """A 500 now and then is retried; a store that keeps failing fails the run naming the lease's URI
+    (not a bare `[Errno 121] internal error`)."""
+    with FaultyProxy(lease_server, every=3, faults=("internal",)) as proxy:
+        location = open_location("s3://leases/flaky", {"client_kwargs": {"endpoint_url": proxy.url}})
+        with acquire(location, "m", "run-a", wait_seconds=0, ttl_seconds=30) as lease:
+            assert lease.previous is None
+        assert proxy.injected["internal"] > 0
+        proxy.every = 1  # every request fails from now on
+        with pytest.raises(ConnectionError, match="s3://leases/flaky/_leases/m.lease"):
+            acquire(location, "m", "run-b", wait_seconds=0, ttl_seconds=30)
+
+
+@pytest.mark.s3
 def test_object_lease_on_a_store_that_answers_412_without_its_condition(lease_server: str) -> None:
     """SeaweedFS answers a failed If-None-Match PUT with a bare 412: still 'held by another run'."""
     with FaultyProxy(lease_server, every=10**9, bare_412=True) as proxy:

@@ -261,6 +261,19 @@ def test_access_denied_fails_before_the_model_loads(
         classify("s3://scans/incoming", "s3://preds/out", model="/no/such/model", aws_credentials_block=block)
     assert "--aws-credentials-block" in str(raised.value)
     assert key["SecretAccessKey"] not in str(raised.value)
+
+    # Listing without reading: not a run that writes a final read_failed row for every image.
+    list_only = {"Effect": "Allow", "Action": ["s3:ListBucket", "s3:PutObject"], "Resource": "*"}
+    requests.post(f"{s3_server}/moto-api/reset-auth", data=b"inf", timeout=10).raise_for_status()
+    client.put_user_policy(
+        UserName="reader",
+        PolicyName="read-only",
+        PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [list_only]}),
+    )
+    requests.post(f"{s3_server}/moto-api/reset-auth", data=b"0", timeout=10).raise_for_status()
+    with pytest.raises(PermissionError, match="access denied to s3://scans/incoming/") as raised:
+        classify("s3://scans/incoming", "s3://preds/out", model="/no/such/model", aws_credentials_block=block)
+    assert "s3:GetObject" in str(raised.value)
     requests.post(f"{s3_server}/moto-api/reset-auth", data=b"inf", timeout=10).raise_for_status()
     assert s3.find("preds") == []
 

@@ -50,7 +50,8 @@ def location_argument(value: str, local_only: bool = False) -> str:
       decoded (`Path.as_uri()` writes a space as %20); a `file://` URI with another host, or with a
       relative path, is refused: mount the share and give its path;
     - `s3://bucket/prefix` (`S3://` and `s3a://` too): `s3://` plus the rest; it must name a bucket.
-    Any other scheme is refused, naming the ones that work. `local_only`: refuse `s3://` as well (the
+    Another scheme is passed through when an fsspec filesystem for it is installed (fsspec_scheme), and
+    refused otherwise, naming the ones that work. `local_only`: refuse every URI but file:// (the
     report folder of evaluate, the training data and model folders).
     """
     if "://" not in value:
@@ -70,10 +71,24 @@ def location_argument(value: str, local_only: bool = False) -> str:
         if not rest.split("/", 1)[0]:
             raise ValueError(f"{value!r} names no bucket; write s3://BUCKET/prefix")
         return f"s3://{rest}"
+    if not local_only and fsspec_scheme(scheme):
+        return value
     raise ValueError(
         f"{value!r}: {scheme}:// is not supported; give a local path, a file:// URI"
         + ("" if local_only else " or s3://BUCKET/prefix")
     )
+
+
+def fsspec_scheme(scheme: str) -> bool:
+    """A scheme of another fsspec filesystem that is installed here (gcsfs's gs://, adlfs's az://):
+    passed through to fsspec as is, untested by oncoflow."""
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ValueError, ImportError):
+        return False
+    return True
 
 
 def require_folder(location: str, name: str, fix: str = "check the path") -> None:

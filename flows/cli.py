@@ -642,7 +642,16 @@ def evaluate_command(
     params = validated(EvaluateParams, **{k: v for k, v in locals().items()})
     if params.data is not None:  # classified here first: the classify checks, before any work
         check_model_arguments(params.model, params.device, params.precision, params.compile)
-    check_writable(params.output)
+        check_writable(params.output)
+        from tasks.labels import LabelError, labeled_folder
+
+        try:  # Normal/ and Malignant/ sub-folders with images: a listing, before Prefect starts
+            if not labeled_folder(params.data):
+                fail(f"--data {params.data!r} holds no images under Normal/ and Malignant/", code=2)
+        except (LabelError, OSError) as exc:
+            fail(str(exc), code=2)
+    else:
+        check_writable(params.output)
     if params.labels:  # its content is an argument too: a bad labels file fails before any work
         from tasks.labels import LabelError, read_labels_file
 
@@ -841,11 +850,13 @@ def history_command(
 
 @app.command("prune")
 def prune_command(
-    older_than: Annotated[str, typer.Option(help="Age of the runs to delete: 30d, 12h or 90m.")] = "30d",
+    older_than: Annotated[
+        str, typer.Option(help="Age of the runs to delete: 30d (days), 12h (hours) or 90m (minutes).")
+    ] = "30d",
     dry_run: Annotated[bool, typer.Option(help="Only count what would be deleted.")] = False,
 ) -> None:
     """Delete finished flow runs (with task runs, states, artifacts) that ended longer ago than --older-than."""
-    from flows.history import parse_age, prune_runs
+    from flows.history import describe_age, parse_age, prune_runs
 
     try:
         age = parse_age(older_than)
@@ -853,7 +864,10 @@ def prune_command(
         fail(str(exc), code=2)
     with prefect_api():
         count = prune_runs(age, dry_run=dry_run)
-    console.print(f"{'would delete' if dry_run else 'deleted'} {count} flow run(s) older than {older_than}")
+    console.print(
+        f"{'would delete' if dry_run else 'deleted'} {count} flow run(s) older than {older_than} "
+        f"({describe_age(age)})"
+    )
 
 
 @app.command("serve")

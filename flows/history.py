@@ -148,9 +148,21 @@ def prune_runs(older_than: timedelta, dry_run: bool = False) -> int:
 
 
 def parse_age(text: str) -> timedelta:
-    """`30d`, `12h`, `90m` → a timedelta; anything else is a ValueError naming the accepted forms."""
+    """`30d`, `12h`, `90m` → a timedelta; anything else is a ValueError naming the accepted forms.
+
+    `m` is minutes (as in `sleep 90m`), never months: the CLI says the age in words before it deletes."""
     units = {"d": "days", "h": "hours", "m": "minutes"}
     number, unit = text[:-1], text[-1:].lower()
     if unit not in units or not number.isdigit() or int(number) <= 0:
         raise ValueError(f"--older-than {text!r} is not an age; write e.g. 30d, 12h or 90m")
     return timedelta(**{units[unit]: int(number)})
+
+
+def describe_age(age: timedelta) -> str:
+    """An age in words, the unit spelled out: `1 minute`, `30 days`, `12 hours`."""
+    seconds = int(age.total_seconds())
+    for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
+        if seconds % size == 0:
+            count = seconds // size
+            return f"{count} {unit}{'' if count == 1 else 's'}"
+    return f"{seconds} seconds"

@@ -369,9 +369,10 @@ class EvaluateParams(StorageParams):
                 "--compile": self.compile,
             }
             if given := [option for option, set_here in classify_only.items() if set_here]:
+                they = ("they classify", "go") if len(given) > 1 else ("it classifies", "goes")
                 raise ValueError(
-                    f"{', '.join(given)} go with --data (they classify it), not with --predictions, whose "
-                    "rows are already classified; to pick one model's rows of DEST use --model-revision"
+                    f"{', '.join(given)} {they[1]} with --data ({they[0]} it), not with --predictions, "
+                    "whose rows are already classified; to pick one model's rows of DEST use --model-revision"
                 )
             require_folder(
                 self.predictions, "--predictions", "give the --output folder of `oncoflow classify`"
@@ -420,6 +421,7 @@ class TrainParams(BaseModel):
     @model_validator(mode="after")
     def _check_folders(self) -> TrainParams:
         require_folder(self.data, "--data")
+        require_apart(self.data, "--data", self.output, "--output")
         output = os.path.expanduser(self.output)
         if os.path.exists(output) and not os.path.isdir(output):
             raise ValueError(f"--output {self.output!r} is a file; give a new folder for the model")

@@ -245,7 +245,10 @@ def wilson_interval(successes: int, trials: int) -> list[float] | None:
     shrink = 1 + WILSON_Z**2 / trials
     centre = (share + WILSON_Z**2 / (2 * trials)) / shrink
     half = WILSON_Z * math.sqrt(share * (1 - share) / trials + WILSON_Z**2 / (4 * trials**2)) / shrink
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    # At 0% and 100% the bound is exactly 0 or 1; floating point would write 2.8e-17 or 0.9999999999999999.
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == trials else min(1.0, centre + half)
+    return [low, high]
 
 
 def rate_intervals(decisions: dict[str, Any]) -> dict[str, list[float] | None]:

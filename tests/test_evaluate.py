@@ -200,12 +200,13 @@ def test_options_of_the_other_mode_and_models_that_cannot_run_fail_before_any_wo
     saved = ["--predictions", str(tmp_path / "preds"), "--labels", str(tmp_path / "labels.csv")]
     cases = [
         ([*saved, "--model", tiny_model, "--device", "cpu"], "--model, --device go with --data"),
-        ([*saved, "--compile"], "--compile go with --data"),
+        ([*saved, "--compile"], "--compile goes with --data"),
         (
             ["--data", str(labeled), "--model", tiny_model, "--revision", "v2"],
             "--revision applies to hub models",
         ),
         (["--data", str(labeled), "--model", str(tmp_path / "gone")], "invalid --model"),
+        (["--data", str(tmp_path / "preds"), "--model", tiny_model], "needs one sub-folder per class"),
         (
             ["--data", str(labeled), "--model", tiny_model, "--device", "cpu", "--precision", "fp16"],
             "fp16 is not",

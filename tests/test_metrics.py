@@ -327,6 +327,8 @@ def test_wilson_intervals_match_published_values() -> None:
     assert wilson_interval(0, 5) == pytest.approx([0.0, 0.4345], abs=1e-4)
     assert wilson_interval(5, 5) == pytest.approx([0.5655, 1.0], abs=1e-4)
     assert wilson_interval(0, 0) is None
+    for trials in (1, 3, 7, 10, 1000):  # exact at the ends: no 2.8e-17 in metrics.json
+        assert wilson_interval(0, trials)[0] == 0.0 and wilson_interval(trials, trials)[1] == 1.0
 
 
 def test_report_states_sample_size_intervals_and_how_far_the_numbers_reach(tmp_path: Path) -> None:

@@ -540,7 +540,10 @@ def test_prune_deletes_only_finished_runs_older_than_the_cutoff(
         old_end, recent_end = (client.read_flow_run(run).end_time for run in (old, recent))  # type: ignore[arg-type]
     cutoff = old_end + (recent_end - old_end) / 2
 
-    assert runner.invoke(app, ["prune", "--older-than", "30d"]).output.strip().startswith("deleted 0")
+    pruned = runner.invoke(app, ["prune", "--older-than", "30d"]).output.strip()
+    assert pruned == "deleted 0 flow run(s) older than 30d (30 days)"
+    counted = runner.invoke(app, ["prune", "--older-than", "1m", "--dry-run"]).output.strip()
+    assert counted.startswith("would delete") and counted.endswith("older than 1m (1 minute)")  # not a month
     assert prune_runs(datetime.now(UTC) - cutoff, dry_run=True) >= 1
     assert prune_runs(datetime.now(UTC) - cutoff) >= 1
     with get_client(sync_client=True) as client:

@@ -336,17 +336,21 @@ def read_file(file: DiscoveredFile, fs: fsspec.AbstractFileSystem) -> tuple[byte
     return data, file if fingerprint == file.fingerprint else replace(file, fingerprint=fingerprint)
 
 
-def s3_get(fs: S3FileSystem, path: str) -> tuple[bytes, str]:
-    """One S3 GET (retried by storage_call): the body and the ETag of the version it returned."""
-    return storage_call(fs, path, lambda: sync(fs.loop, _s3_get, fs, path))
+def s3_get(fs: S3FileSystem, path: str, size: int | None = None) -> tuple[bytes, str]:
+    """One S3 GET (retried by storage_call): the body (its first `size` bytes, if given) and the ETag
+    of the version it returned."""
+    return storage_call(fs, path, lambda: sync(fs.loop, _s3_get, fs, path, size))
 
 
-async def _s3_get(fs: S3FileSystem, path: str) -> tuple[bytes, str]:
-    """One S3 GET: the body and the ETag of the version it returned (s3fs retries truncated bodies)."""
-    bucket, key, version = fs.split_path(path)
+async def _s3_get(fs: S3FileSystem, path: str, size: int | None) -> tuple[bytes, str]:
+    """One S3 GET: the body and the ETag of the version it returned (s3fs retries truncated bodies).
+
+    The key is the listed path as it is: s3fs's own split_path would cut a key that holds the text
+    `?versionId=` (legal in a key) and read another object, or none."""
+    bucket, _, key = fs._strip_protocol(path).lstrip("/").partition("/")
 
     async def get_and_read() -> tuple[bytes, str]:
-        extra = {"VersionId": version} if version else {}
+        extra = {"Range": f"bytes=0-{size - 1}"} if size else {}
         response = await fs._call_s3("get_object", Bucket=bucket, Key=key, **extra)
         try:
             return await response["Body"].read(), str(response.get("ETag") or "").strip('"')
@@ -405,6 +409,8 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str, size: int | None = None
     """The whole content of one file, or its first `size` bytes (one GET, ranged, on object stores)."""
     if type(fs) is LocalFileSystem:  # plain local paths: skip fsspec's per-call path handling (~15 µs)
         return storage_call(fs, path, lambda: _read_local(path, -1 if size is None else size))
+    if isinstance(fs, S3FileSystem):
+        return s3_get(fs, path, size)[0]
     return storage_call(fs, path, lambda: fs.cat_file(path, start=None if size is None else 0, end=size))
 
 
@@ -551,8 +557,7 @@ def check_source(location: Location) -> None:
     # every image into a final read_failed row: read one byte of the first object now instead.
     first = listing["Contents"][0]
     if first.get("Size"):
-        path = f"{bucket}/{first['Key']}"
-        storage_call(fs, path, lambda: fs.cat_file(path, start=0, end=1))
+        s3_get(fs, f"{bucket}/{first['Key']}", 1)
 
 
 def check_output(location: Location) -> None:

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import boto3
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 import requests
 import s3fs
 from typer.testing import CliRunner
 
+import tasks.inference
 import tasks.storage
 from flows.classify import classify
 from flows.cli import app
@@ -61,6 +63,33 @@ def test_s3_to_s3(image_folder: Path, s3: s3fs.S3FileSystem, tiny_model: str) ->
         etag = info["ETag"].strip('"')
         assert row["fingerprint"] == f"{etag}:{info['size']}"
         assert row["status"] == "ok" and row["label"] in {"Normal", "Malignant"}
+
+
+def test_keys_with_query_like_text_are_read_as_the_objects_they_name(
+    image_folder: Path,
+    s3: s3fs.S3FileSystem,
+    s3_server: str,
+    tiny_model: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`?versionId=` is legal text in a key: the object it names is read, not a shorter key (a false
+    `missing` row, final), also through the ranged probe that large files get first."""
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.put_object(
+        Bucket="scans", Key="odd/scan?versionId=7.jpg", Body=(image_folder / "a.jpg").read_bytes()
+    )
+    client.put_object(Bucket="scans", Key="odd/b?versionId=8.png", Body=(image_folder / "c.png").read_bytes())
+    client.put_object(Bucket="scans", Key="odd/scan", Body=b"another object")
+    monkeypatch.setattr(tasks.inference, "PROBE_FROM_BYTES", 100)  # every file is probed, then read
+    rows = {r["image_uri"]: r for r in read_rows_of(run("s3://scans/odd", "s3://preds/odd", tiny_model), s3)}
+    assert sorted(rows) == ["s3://scans/odd/b?versionId=8.png", "s3://scans/odd/scan?versionId=7.jpg"]
+    assert {r["status"] for r in rows.values()} == {"ok"}, [r["error"] for r in rows.values()]
+
+
+def read_rows_of(summary: dict, client: s3fs.S3FileSystem) -> list[dict]:
+    return [
+        row for path in summary["output_files"] for row in pq.read_table(path, filesystem=client).to_pylist()
+    ]
 
 
 def test_an_object_replaced_after_listing_gets_the_etag_of_what_was_read(

@@ -46,14 +46,18 @@ def location_argument(value: str, local_only: bool = False) -> str:
     """A location argument in the one spelling the rest of oncoflow reads, or a ValueError saying why not.
 
     - a plain path: kept as given (`~` and relative paths are resolved where it is opened);
-    - `file:///abs/path` and `file://localhost/abs/path` (RFC 8089): the local path, its %XX escapes
-      decoded (`Path.as_uri()` writes a space as %20); a `file://` URI with another host, or with a
-      relative path, is refused: mount the share and give its path;
+    - `file:///abs/path`, `file://localhost/abs/path` and `file:/abs/path` (RFC 8089; Java and Spark
+      write the last): the local path, its %XX escapes decoded (`Path.as_uri()` writes a space as
+      %20); a `file://` URI with another host, or with a relative path, is refused: mount the share
+      and give its path;
     - `s3://bucket/prefix` (`S3://` and `s3a://` too): `s3://` plus the rest; it must name a bucket.
-    Another scheme is passed through when an fsspec filesystem for it is installed (fsspec_scheme), and
-    refused otherwise, naming the ones that work. `local_only`: refuse every URI but file:// (the
-    report folder of evaluate, the training data and model folders).
+    A cloud filesystem fsspec has installed (gcsfs's gs://, adlfs's az://) or one the program
+    registered itself is passed through (fsspec_scheme); any other scheme (http://, ftp://, zip://, ...)
+    is refused, naming the ones that work. `local_only`: refuse every URI but file:// (the report
+    folder of evaluate, the training data and model folders).
     """
+    if value[:5].lower() == "file:" and value[5:6] == "/" and value[5:7] != "//":
+        value = "file://" + value[5:]  # file:/abs/path
     if "://" not in value:
         return value
     scheme, rest = value.split("://", 1)
@@ -73,22 +77,33 @@ def location_argument(value: str, local_only: bool = False) -> str:
         return f"s3://{rest}"
     if not local_only and fsspec_scheme(scheme):
         return value
+    hint = ""
+    if scheme.lower() in {"http", "https"} and not local_only:
+        hint = "; for an S3-compatible server write s3://BUCKET/prefix and pass its URL as --s3-endpoint-url"
     raise ValueError(
         f"{value!r}: {scheme}:// is not supported; give a local path, a file:// URI"
         + ("" if local_only else " or s3://BUCKET/prefix")
+        + hint
     )
 
 
-def fsspec_scheme(scheme: str) -> bool:
-    """A scheme of another fsspec filesystem that is installed here (gcsfs's gs://, adlfs's az://):
-    passed through to fsspec as is, untested by oncoflow."""
-    import fsspec
+CLOUD_SCHEMES = frozenset({"gs", "gcs", "az", "abfs", "abfss"})  # object stores, with their fsspec package
 
-    try:
-        fsspec.get_filesystem_class(scheme)
-    except (ValueError, ImportError):
-        return False
-    return True
+
+def fsspec_scheme(scheme: str) -> bool:
+    """A cloud object store whose fsspec filesystem is installed here, or a filesystem the running
+    program registered itself (`fsspec.register_implementation`): passed through to fsspec as is,
+    untested by oncoflow. fsspec's other built-ins (http, ftp, zip, github, memory, ...) are not
+    places a dataset can live and are refused."""
+    from fsspec.registry import get_filesystem_class, known_implementations, registry
+
+    if scheme in CLOUD_SCHEMES:
+        try:
+            get_filesystem_class(scheme)
+        except (ValueError, ImportError):
+            return False
+        return True
+    return scheme in registry and scheme not in known_implementations
 
 
 def require_folder(location: str, name: str, fix: str = "check the path") -> None:

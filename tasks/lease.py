@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from tasks.storage import Location, output_error, storage_call
+from tasks.storage import Location, output_error, s3_error_code, storage_call
 
 LEASE_FOLDER = "_leases"
 DEFAULT_WAIT_SECONDS = 3600.0  # a nightly run waits this long behind a run still writing, then fails
@@ -213,7 +213,8 @@ class ObjectLease(Lease):
     def _renew(self) -> None:
         """Renew every ttl/4. A failed renewal is retried while the record written last is still well
         inside its TTL (an outage of a few minutes is survived); the lease is lost at once when another
-        run has replaced the record, or when the time runs out."""
+        run has replaced the record, or when the time runs out. A condition that fails on this holder's
+        own record (a renewal that reached the store but whose answer was lost) is no loss."""
         renewed = time.time()
         while not self.stopped.wait(self.ttl / 4):
             try:
@@ -222,6 +223,10 @@ class ObjectLease(Lease):
                 renewed = time.time()
             except Exception as exc:  # botocore's connection errors are not OSErrors
                 replaced = isinstance(exc, FileExistsError)
+                if replaced and self._still_mine():
+                    # A renewal whose answer was lost wrote the record, at most one period ago.
+                    renewed = time.time() - self.ttl / 4
+                    continue
                 next_try, expires = time.time() + self.ttl / 4, renewed + self.ttl
                 if not replaced and next_try < expires - self.ttl / 8:
                     logger.warning("could not renew lease %s (%s); retrying", self.path, exc, extra=self.run)
@@ -229,6 +234,20 @@ class ObjectLease(Lease):
                 self.lost = f"lease {self.path} could not be renewed ({exc}); another run may take it over"
                 logger.error(self.lost, extra=self.run)
                 return
+
+    def _still_mine(self) -> bool:
+        """After a renewal's condition failed: True (and the ETag now current) when the record is this
+        holder's own, i.e. an earlier renewal reached the store but its answer was lost, so self.etag
+        is one renewal behind; False when another run took the lease over."""
+        try:
+            etag = str(_call(self.location, "head_object", self.path, retry=False)["ETag"])
+            data = self.location.fs.cat_file(self.path)
+        except Exception:  # gone or unreadable: not provably ours
+            return False
+        if _parse(data) != self.holder:
+            return False
+        self.etag = etag
+        return True
 
     def release(self) -> None:
         if self.stopped.is_set():
@@ -407,8 +426,8 @@ def _call(location: Location, method: str, path: str, retry: bool = True, **kwar
         except FileExistsError:
             raise
         except OSError as exc:
-            if _error_code(exc) in PRECONDITION_FAILED:
-                raise FileExistsError(f"{path}: condition not met ({_error_code(exc)})") from exc
+            if s3_error_code(exc) in PRECONDITION_FAILED:
+                raise FileExistsError(f"{path}: condition not met ({s3_error_code(exc)})") from exc
             raise
 
     return storage_call(location.fs, path, call) if retry else call()
@@ -417,17 +436,6 @@ def _call(location: Location, method: str, path: str, retry: bool = True, **kwar
 # A conditional write that lost: 412 (the condition did not hold) or 409 (AWS: a concurrent conditional
 # write to the same key is in progress).
 PRECONDITION_FAILED = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
-
-
-def _error_code(error: BaseException) -> str | None:
-    """The S3 error code (or HTTP status) behind an s3fs/botocore error, if it came from the server."""
-    for cause in (error, error.__cause__):
-        response = getattr(cause, "response", None)
-        if isinstance(response, dict):
-            code = response.get("Error", {}).get("Code")
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            return str(code or status) if code or status else None
-    return None
 
 
 def _put(

@@ -147,7 +147,13 @@ def check_model_name(name: str) -> str | None:
     reprocess, evaluate --data, train --base-model, serve) so a wrong --model exits 2 now, not at 02:00."""
     if os.path.isdir(os.path.expanduser(name)):
         directory = os.path.abspath(os.path.expanduser(name))
-        if not any(n.endswith(".safetensors") for n in os.listdir(directory)):
+        try:
+            names = os.listdir(directory)
+        except OSError as exc:
+            raise ModelError(
+                f"model folder {directory!r} cannot be listed ({exc.strerror}); let this account read it"
+            ) from exc
+        if not any(n.endswith(".safetensors") for n in names):
             raise ModelError(
                 f"model folder {directory!r} has no .safetensors weights; oncoflow never loads pickled "
                 "weights. Re-save it with `model.save_pretrained(folder, safe_serialization=True)`"

@@ -441,7 +441,8 @@ def write_atomic(location: Location, relative_path: str, data: bytes) -> str:
 def staged_file(output: str, storage_options: dict[str, Any] | None = None) -> Iterator[str]:
     """A local path to write one output file (an export, a report) to; when the block ends without an
     error it becomes OUTPUT whole: renamed over a local file, or uploaded to an object store (s3fs puts
-    a large file in parts, visible only once complete). A failed block leaves OUTPUT as it was."""
+    a large file in parts, visible only once complete). A failed block leaves OUTPUT as it was.
+    An object-store output is staged in the temporary folder (TMPDIR): it needs room for the file."""
     if "://" in output:
         location = open_location(output, storage_options)
         with tempfile.TemporaryDirectory(prefix="oncoflow-") as folder:
@@ -507,7 +508,8 @@ def output_error(error: OSError, destination: str) -> OSError:
 
 def probe_local_folder(path: str) -> None:
     """Raise OSError unless the local folder `path` exists or can be created, and a file can be written
-    in it. Leaves nothing behind: a probe file and the folders made for it are removed again."""
+    in it. Leaves nothing behind: a probe file and the folders made for it are removed again (an empty
+    folder another process made at the same moment may go with them; the run makes it again)."""
     target = os.path.abspath(os.path.expanduser(path))
     made = []  # deepest first
     folder = target
@@ -541,10 +543,9 @@ def check_source(location: Location) -> None:
         return
     bucket, _, prefix = location.path.partition("/")
     fs = location.fs
-    listing = storage_call(
-        fs,
-        location.path,
-        lambda: fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix and prefix + "/", MaxKeys=1),
+    start = prefix and prefix + "/"
+    listing = storage_call(  # one page: up to 1,000 keys
+        fs, location.path, lambda: fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=start)
     )
     if not listing.get("KeyCount"):
         endpoint = getattr(fs, "endpoint_url", None) or "the default AWS endpoint"
@@ -554,10 +555,46 @@ def check_source(location: Location) -> None:
             "AWS_ENDPOINT_URL)"
         )
     # Credentials that may list but not read (s3:GetObject missing, a KMS key not granted) would turn
-    # every image into a final read_failed row: read one byte of the first object now instead.
-    first = listing["Contents"][0]
-    if first.get("Size"):
-        s3_get(fs, f"{bucket}/{first['Key']}", 1)
+    # every image into a final read_failed row: read one byte of the page's first image now instead.
+    # Not of a hidden or non-image object (its own ACL or key says nothing of the images), nor of one
+    # a lifecycle rule archived (it is not read again once classified).
+    probe = next((item for item in listing.get("Contents", []) if probe_candidate(item, start)), None)
+    if probe is None:
+        return
+    try:
+        s3_get(fs, f"{bucket}/{probe['Key']}", 1)
+    except PermissionError as exc:
+        if s3_error_code(exc) != "InvalidObjectState":  # archived by Intelligent-Tiering: not a denial
+            raise
+
+
+ARCHIVED_STORAGE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
+
+
+def probe_candidate(item: dict[str, Any], start: str) -> bool:
+    """A listed object that the image listing keeps and that a GET can read at once."""
+    relative = str(item["Key"])[len(start) :]
+    names = relative.split("/")
+    return (
+        bool(item.get("Size"))
+        and item.get("StorageClass") not in ARCHIVED_STORAGE_CLASSES
+        and not any(name.startswith(".") for name in names)
+        and is_image_name(names[-1])
+    )
+
+
+def s3_error_code(error: BaseException) -> str | None:
+    """The S3 error code (or HTTP status) behind an error, looked up along its chain of causes
+    (storage_call's translation, s3fs's, botocore's ClientError); None when no server answered."""
+    cause: BaseException | None = error
+    while cause is not None:
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return str(code or status) if code or status else None
+        cause = cause.__cause__
+    return None
 
 
 def check_output(location: Location) -> None:

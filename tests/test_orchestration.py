@@ -148,6 +148,28 @@ def lease_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 @pytest.mark.s3
+def test_a_renewal_whose_answer_was_lost_keeps_the_lease(lease_server: str) -> None:
+    """A renewal that reached the store but whose answer never came leaves the holder's own record
+    under an ETag the lease does not know: the next renewal's condition fails, and that is no loss.
+    Another run's record in its place is."""
+    from tasks.lease import Holder, _record
+
+    location = open_location("s3://leases/lost-answer", {"client_kwargs": {"endpoint_url": lease_server}})
+    path = "leases/lost-answer/_leases/m.lease"
+    lease = acquire(location, "m", "run-a", wait_seconds=0, ttl_seconds=2)
+    location.fs.pipe_file(path, _record(lease.holder, 2))
+    time.sleep(2.5)  # renewals every 0.5 s, past the 2 s the old ETag's record was valid for
+    assert lease.lost is None and lease.heartbeat.is_alive()
+    with pytest.raises(LeaseBusy, match="run-a"):
+        acquire(location, "m", "run-b", wait_seconds=0, ttl_seconds=2)
+
+    location.fs.pipe_file(path, _record(Holder.me("run-b"), 2))  # taken over
+    lease.heartbeat.join(timeout=5)
+    assert lease.lost is not None and "could not be renewed" in lease.lost
+    lease.release()
+
+
+@pytest.mark.s3
 def test_object_lease_survives_server_errors_and_names_itself_when_they_persist(lease_server: str) -> None:
     """A 500 now and then is retried; a store that keeps failing fails the run naming the lease's URI
     (not a bare `[Errno 121] internal error`)."""

@@ -86,6 +86,26 @@ def test_keys_with_query_like_text_are_read_as_the_objects_they_name(
     assert {r["status"] for r in rows.values()} == {"ok"}, [r["error"] for r in rows.values()]
 
 
+def test_the_source_read_check_skips_archived_hidden_and_non_image_objects(
+    image_folder: Path, s3: s3fs.S3FileSystem, s3_server: str, tiny_model: str
+) -> None:
+    """The one-byte read before the model loads probes an image the run could read: an archived
+    image first in key order (a lifecycle rule's Glacier) or a hidden file does not fail the run."""
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.put_object(Bucket="scans", Key="incoming/.DS_Store", Body=b"finder")
+    client.put_object(
+        Bucket="scans",
+        Key="incoming/0-2019.jpg",
+        Body=(image_folder / "a.jpg").read_bytes(),
+        StorageClass="GLACIER",
+    )
+    upload_folder(s3, image_folder, "scans/incoming")
+    summary = run("s3://scans/incoming", "s3://preds/out", tiny_model)
+    rows = {r["image_uri"].rsplit("/", 1)[-1]: r for r in read_rows_of(summary, s3)}
+    assert len(rows) == 7 and rows["a.jpg"]["status"] == "ok"
+    assert rows["0-2019.jpg"]["error"].startswith("read_failed"), rows["0-2019.jpg"]
+
+
 def read_rows_of(summary: dict, client: s3fs.S3FileSystem) -> list[dict]:
     return [
         row for path in summary["output_files"] for row in pq.read_table(path, filesystem=client).to_pylist()

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
+from tests.conftest import make_image
 
 runner = CliRunner()
 
@@ -291,10 +292,13 @@ def test_a_run_fails_before_any_work_when_the_prefect_api_is_down(
 
     output = tmp_path / "preds"
     model = ["--model", tiny_model, "--device", "cpu"]
+    labeled = tmp_path / "labeled"
+    for number, label in enumerate(["Normal", "Malignant"]):
+        make_image(labeled / label / "x.png", seed=number)
     commands = [
         ["classify", str(image_folder), "-o", str(output), *model],
         ["reprocess", str(image_folder), "-o", str(output), *model],
-        ["evaluate", "--data", str(image_folder), "-o", str(tmp_path / "report"), *model],
+        ["evaluate", "--data", str(labeled), "-o", str(tmp_path / "report"), *model],
         ["compact", str(tmp_path / "dataset")],
     ]
     (tmp_path / "dataset").mkdir()

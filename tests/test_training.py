@@ -161,7 +161,8 @@ def test_train_data_and_model_that_cannot_work_fail_before_any_work(tmp_path: Pa
 def test_train_refuses_a_non_empty_output(tmp_path: Path) -> None:
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "keep.txt").write_text("mine")
-    result = runner.invoke(app, ["train", "--data", str(tmp_path), "-o", str(tmp_path / "model")])
+    (tmp_path / "data").mkdir()
+    result = runner.invoke(app, ["train", "--data", str(tmp_path / "data"), "-o", str(tmp_path / "model")])
     assert result.exit_code == 2 and "not empty" in " ".join(result.output.split()), result.output
     assert (tmp_path / "model" / "keep.txt").read_text() == "mine"
 
@@ -246,7 +247,10 @@ def test_a_model_that_cannot_be_moved_into_place_is_kept(tmp_path: Path, tiny_mo
 
 def test_train_refuses_a_file_as_output(tmp_path: Path) -> None:
     (tmp_path / "model.bin").write_text("not a folder")
-    result = runner.invoke(app, ["train", "--data", str(tmp_path), "-o", str(tmp_path / "model.bin")])
+    (tmp_path / "data").mkdir()
+    result = runner.invoke(
+        app, ["train", "--data", str(tmp_path / "data"), "-o", str(tmp_path / "model.bin")]
+    )
     assert result.exit_code == 2 and "is a file" in " ".join(result.output.split())
 
 

@@ -152,10 +152,15 @@ def parse_age(text: str) -> timedelta:
 
     `m` is minutes (as in `sleep 90m`), never months: the CLI says the age in words before it deletes."""
     units = {"d": "days", "h": "hours", "m": "minutes"}
-    number, unit = text[:-1], text[-1:].lower()
-    if unit not in units or not number.isdigit() or int(number) <= 0:
-        raise ValueError(f"--older-than {text!r} is not an age; write e.g. 30d, 12h or 90m")
-    return timedelta(**{units[unit]: int(number)})
+    number, unit = text[:-1], text[-1:]  # lower case only: `1M` could mean a month
+    if unit not in units or not number.isdigit() or not 0 < int(number) <= 36500 * 24 * 60:
+        raise ValueError(
+            f"--older-than {text!r} is not an age; write e.g. 30d, 12h or 90m (lower case; at most 100 years)"
+        )
+    age = timedelta(**{units[unit]: int(number)})
+    if age > timedelta(days=36500):
+        raise ValueError(f"--older-than {text!r} is more than 100 years; write e.g. 30d")
+    return age
 
 
 def describe_age(age: timedelta) -> str:

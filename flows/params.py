@@ -59,6 +59,12 @@ def location_argument(value: str, local_only: bool = False) -> str:
     if value[:5].lower() == "file:" and value[5:6] == "/" and value[5:7] != "//":
         value = "file://" + value[5:]  # file:/abs/path
     if "://" not in value:
+        scheme = value.split(":", 1)[0].lower() if ":" in value else ""
+        if scheme in REMOTE_SCHEMES or scheme == "file":  # `s3:/bucket`, `file:relative`: a typo
+            raise ValueError(
+                f"{value!r} is neither a path nor a URI; write "
+                + ("file:///absolute/path" if scheme == "file" else "s3://BUCKET/prefix")
+            )
         return value
     scheme, rest = value.split("://", 1)
     if scheme.lower() == "file":

@@ -370,6 +370,8 @@ def test_locations_fail_before_any_work_unless_they_name_somewhere_oncoflow_can_
         (["latest", folder, "-o", "gs://b/x.csv"], "invalid --output"),
         (["classify", "https://minio:9000/scans", "-o", output], "pass its URL as --s3-endpoint-url"),
         (["latest", folder, "-o", "github://x.csv"], "github:// is not supported"),
+        (["classify", folder, "-o", "s3:/bucket/x"], "write s3://BUCKET/prefix"),
+        (["report", folder, "-o", "file:r.html"], "write file:///absolute/path"),
         (["evaluate", "--data", folder, "-o", "s3://b/report"], "must be a local folder"),
         (["evaluate", "--predictions", "s3://b/p", "--labels", "s3://b/l.csv", "-o", output], "--labels"),
         (["train", "--data", "s3://b/d", "-o", output], "must be a local folder"),

@@ -586,13 +586,22 @@ def test_ctrl_c_in_a_terminal_stops_a_run_on_the_temporary_server_cleanly(
 
     The stop does not wait for the shards in the run's window (up to 4 x --shard-size images): those not
     started are cancelled and the running ones end at their next batch, writing nothing. Here the signal
-    comes as the first of 5 shards of 30 lands; before, all four in the window were finished first."""
+    comes as the first of 5 shards of 30 lands; before, all four in the window were finished first.
+
+    The first shard holds small images and the others large ones (each takes seconds), so the shard
+    running beside the first is mid-way when the signal comes, however loaded the machine is: the shards
+    do not finish in lockstep, and a late signal still finds the others running."""
+    import numpy as np
     import pyarrow.parquet as pq
+    from PIL import Image
 
     from tests.conftest import make_image
 
-    for number in range(150):
+    for number in range(30):
         make_image(tmp_path / "src" / f"i{number:03d}.png", seed=number)
+    ramp = np.tile(np.linspace(0, 255, 2000, dtype=np.uint8), (2000, 1))  # about 70 ms to decode
+    for number in range(30, 150):
+        Image.fromarray(np.roll(ramp, number, axis=1)).save(tmp_path / "src" / f"i{number:03d}.png")
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("PREFECT_API_URL", None)
     command = [sys.executable, "-m", "flows.classify", str(tmp_path / "src"), "-o", str(tmp_path / "dest")]
@@ -621,6 +630,7 @@ def test_ctrl_c_in_a_terminal_stops_a_run_on_the_temporary_server_cleanly(
     assert children and not [child for child in children if Path(f"/proc/{child}").exists()]
     written = list((tmp_path / "dest").rglob("*.parquet"))
     assert 1 <= len(written) <= 2, output[-3000:]  # the first shard, and maybe the one beside it
+    assert "wrote no rows" in output, output[-3000:]  # a running shard ended at a batch, unwritten
     if how == "sigterm":  # the next run classifies the rest: every image once
         again = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

@@ -8,7 +8,6 @@ import re
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, Literal, TypeVar
-from urllib.parse import unquote_to_bytes
 
 from pydantic import (
     BaseModel,
@@ -26,6 +25,7 @@ from tasks.inference import cuda_graphs_from_env, host_decode_share_from_env
 from tasks.lease import lease_wait_from_env
 from tasks.model import DEFAULT_BASE_MODEL, DEFAULT_MODEL
 from tasks.redaction import has_credentials, redact
+from tasks.storage import file_uri_path
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -68,13 +68,13 @@ def location_argument(value: str, local_only: bool = False) -> str:
         return value
     scheme, rest = value.split("://", 1)
     if scheme.lower() == "file":
-        host, slash, path = rest.partition("/")
-        if host.lower() not in {"", "localhost"} or not slash:
+        path = file_uri_path(value)
+        if path is None:
             raise ValueError(
                 f"{value!r} is not a local file:// URI; write file:///absolute/path (or a plain path); "
                 "for a network share, mount it and give its path"
             )
-        return os.fsdecode(unquote_to_bytes("/" + path))
+        return path
     if scheme.lower() in REMOTE_SCHEMES:
         if local_only:
             raise ValueError(f"{value!r} is on an object store; this must be a local folder or file")
@@ -246,8 +246,7 @@ class ClassifyParams(StorageParams):
         require_apart(self.source, "source", self.output)
         require_folder(self.source, "source")
         output = _normalized(self.output).rstrip("/")
-        local = "://" not in self.output or self.output.startswith("file://")
-        if local and os.path.exists(output) and not os.path.isdir(output):
+        if "://" not in self.output and os.path.exists(output) and not os.path.isdir(output):
             raise ValueError(f"output {self.output!r} is a file; give a folder (it is created if missing)")
         if self.revision and os.path.isdir(os.path.expanduser(self.model)):
             raise ValueError(f"--revision applies to hub models only; model {self.model!r} is a local folder")

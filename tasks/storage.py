@@ -174,15 +174,22 @@ def printable_path(path: str) -> str:
     return path.replace("%", "%25")
 
 
+def file_uri_path(uri: str) -> str | None:
+    """The local path a `file://` URI names (RFC 8089), its %XX escapes decoded: `file:///p` and
+    `file://localhost/p` are `/p`. None for another host (`file://server/share`) or no path at all."""
+    host, slash, path = uri[len("file://") :].partition("/")
+    if host.lower() not in {"", "localhost"} or not slash:
+        return None
+    return os.fsdecode(unquote_to_bytes("/" + path))
+
+
 def canonical_file_uri(uri: str) -> str:
     """A `file://` URI spelled the way classify writes image_uri: its %XX escapes decoded, then the path
     re-encoded by printable_path. `Path.as_uri()` (`%20` for a space) and oncoflow's own spelling give the
-    same text, so labels written either way match the rows. `file://localhost/p` (RFC 8089) is `file:///p`."""
-    rest = uri[len("file://") :]
-    if rest[: len("localhost/")].lower() == "localhost/":
-        rest = rest[len("localhost") :]
-    path = os.fsdecode(unquote_to_bytes(rest))
-    return "file://" + printable_path(path)
+    same text, so labels written either way match the rows. `file://localhost/p` (RFC 8089) is `file:///p`;
+    a URI naming another host is kept as given (it matches no row classify wrote)."""
+    path = file_uri_path(uri)
+    return uri if path is None else "file://" + printable_path(path)
 
 
 def _percent_encode_invalid(raw: bytes) -> str:

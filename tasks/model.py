@@ -312,11 +312,16 @@ def _load(name: str, revision: str | None, device: Device, precision: Precision)
     chosen_precision = resolve_precision(precision, torch_device)
     files = inspect_model(name, revision)
     try:
-        network = AutoModelForImageClassification.from_pretrained(
-            files.directory, use_safetensors=True, trust_remote_code=False
+        network, loading = AutoModelForImageClassification.from_pretrained(
+            files.directory,
+            use_safetensors=True,
+            trust_remote_code=False,
+            ignore_mismatched_sizes=True,  # reported by check_weights, as one line instead of a traceback
+            output_loading_info=True,
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {name!r} from {files.directory!r}: {exc}") from exc
+    check_weights(loading, name, files.directory)
     network = network.to(device=torch_device, dtype=DTYPES[chosen_precision]).eval()
     return LoadedModel(
         name=name,
@@ -330,6 +335,40 @@ def _load(name: str, revision: str | None, device: Device, precision: Precision)
         precision=chosen_precision,
         preprocess=make_preprocessor(files.processor_config, files.directory),
     )
+
+
+def check_weights(
+    loading: dict[str, Any], name: str, directory: str, new_head: bool = False, what: str = "model"
+) -> None:
+    """ModelError unless every tensor the model's config.json asks for was loaded from its weights.
+
+    transformers fills a tensor missing from the weights, or of another shape, with random values and
+    goes on: a config.json edited by hand or copied from another model would classify (or train) with
+    random layers and write plausible-looking rows. `new_head`: the classifier head may be missing or
+    of another shape (training puts a new one on its base)."""
+    head = ("classifier.",) if new_head else ()
+    missing = sorted(key for key in loading.get("missing_keys", ()) if not key.startswith(head))
+    mismatched = sorted(
+        (key, list(stored), list(wanted))
+        for key, stored, wanted in loading.get("mismatched_keys", ())
+        if not key.startswith(head)
+    )
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) it needs are not in the weights (such as {missing[0]})")
+    if mismatched:
+        key, stored, wanted = mismatched[0]
+        problems.append(
+            f"{len(mismatched)} tensor(s) have another shape (such as {key}: {stored} in the weights, "
+            f"{wanted} by config.json)"
+        )
+    if problems:
+        raise ModelError(
+            f"the weights of {what} {name!r} in {directory!r} do not fit its config.json: "
+            + "; ".join(problems)
+            + ". Was config.json edited, or copied from another model? Save the model again with "
+            "save_pretrained (or fetch it again) so the two belong together"
+        )
 
 
 def check_compile(device: torch.device) -> None:

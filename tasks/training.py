@@ -29,7 +29,14 @@ from sklearn.model_selection import train_test_split
 from tasks.images import ImageError, Preprocessor, ProcessorFallback, decode_image, make_preprocessor
 from tasks.labels import CLASS_NAMES, LabeledImage, labeled_folder
 from tasks.metrics import classification_metrics, probability_metrics, rate_intervals
-from tasks.model import DEFAULT_BASE_MODEL, ModelError, fetch_model, resolve_device, share_model_files
+from tasks.model import (
+    DEFAULT_BASE_MODEL,
+    ModelError,
+    check_weights,
+    fetch_model,
+    resolve_device,
+    share_model_files,
+)
 from tasks.report import RESEARCH_NOTICE, interpretation, metric_text, seed_table, trust_notes
 
 
@@ -185,7 +192,7 @@ def load_base(base_model: str) -> tuple[torch.nn.Module, str, dict[str, Any]]:
         )
     with open(processor_path) as handle:
         processor_config = json.load(handle)
-    network = AutoModelForImageClassification.from_pretrained(
+    network, loading = AutoModelForImageClassification.from_pretrained(
         directory,
         num_labels=len(CLASS_NAMES),
         id2label=dict(enumerate(CLASS_NAMES)),
@@ -193,7 +200,9 @@ def load_base(base_model: str) -> tuple[torch.nn.Module, str, dict[str, Any]]:
         ignore_mismatched_sizes=True,  # a base with another head (or none) gets a new 2-class head
         use_safetensors=True,
         trust_remote_code=False,
+        output_loading_info=True,
     )
+    check_weights(loading, base_model, directory, new_head=True, what="base model")
     # A base that already has a 2-class head (another fine-tuned model; its classes maybe in the other
     # order) keeps it through from_pretrained: start every run from a new head, under the caller's seed.
     head = getattr(network, "classifier", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -413,6 +414,28 @@ def test_file_uris_are_read_as_rfc_8089_says(image_folder: Path, tmp_path: Path,
     rows = duckdb.sql(f"select image_uri from read_parquet('{output}/**/*.parquet')").fetchall()
     assert len(rows) == 6 and all(uri.startswith(f"file://{source}/") for (uri,) in rows)
     assert not Path("file:").exists() and not (Path.cwd() / "localhost").exists()
+
+
+def test_a_config_that_does_not_fit_the_weights_fails_instead_of_using_random_layers(
+    image_folder: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    """transformers fills tensors missing from the weights (or of another shape) with random values and
+    goes on: a config.json edited or copied from another model would write plausible rows from random
+    layers. The run fails naming the model, and writes nothing (training: tests/test_training.py)."""
+    deeper, wider = tmp_path / "deeper", tmp_path / "wider"
+    for folder, change in ((deeper, {"num_hidden_layers": 4}), (wider, {"hidden_size": 64})):
+        shutil.copytree(tiny_model, folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+    output = tmp_path / "out"
+    for args, expected in (
+        (["classify", str(image_folder), "-o", str(output), "--model", str(deeper)], "tensor(s) it needs"),
+        (["classify", str(image_folder), "-o", str(output), "--model", str(wider)], "another shape"),
+    ):
+        result = invoke(*args, "--device", "cpu")
+        text = " ".join(result.output.split())
+        assert result.exit_code == 1 and "do not fit its config.json" in text and expected in text, text
+        assert not output.exists() or not list(output.rglob("*.parquet"))
 
 
 def test_a_model_folder_that_cannot_load_fails_before_any_work(

@@ -194,6 +194,33 @@ def test_a_base_with_a_two_class_head_gets_a_new_head_from_the_seed(tmp_path: Pa
     assert not torch.equal(first, base) and not torch.equal(first, second) and torch.equal(first, again)
 
 
+def test_a_base_whose_config_does_not_fit_its_weights_is_refused(tmp_path: Path, tiny_model: str) -> None:
+    """Training from a base with random layers (its config.json edited, or copied from another model)
+    would hand over a model that looks trained; only the head may be new."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4}))
+    data = write_signal_images(tmp_path / "data", 8, seed=0)
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "-o",
+        str(tmp_path / "m"),
+        "--base-model",
+        str(base),
+        "--device",
+        "cpu",
+    ]
+    result = runner.invoke(app, args)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "do not fit its config.json" in text and "it needs" in text, text
+    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
+
+
 def test_unreadable_training_images_are_all_listed_before_training(tmp_path: Path, tiny_model: str) -> None:
     data = write_signal_images(tmp_path / "data", 8, seed=0)
     truncated = data / "Malignant" / "malignant_2.png"

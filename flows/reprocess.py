@@ -13,9 +13,10 @@ from typing import Any, Literal
 from prefect import flow
 
 from flows.classify import classify_images
-from flows.params import ClassifyParams, flow_params
+from flows.params import ClassifyParams, flow_params, location_argument
 from flows.runners import local_task_runner
 from tasks.images import DEFAULT_MAX_PIXELS
+from tasks.redaction import has_credentials
 
 
 def within(source: str, prefix: str) -> str:
@@ -23,7 +24,14 @@ def within(source: str, prefix: str) -> str:
     prefix = prefix.strip("/")
     if ".." in prefix.split("/"):
         raise ValueError(f"--prefix {prefix!r} must stay inside SOURCE: give a sub-folder path without '..'")
-    return f"{source.rstrip('/')}/{prefix}" if prefix else source
+    if not prefix:
+        return source
+    if not has_credentials(source):  # refused by ClassifyParams, without echoing them
+        try:
+            source = location_argument(source)  # a malformed SOURCE is named as given, not joined
+        except ValueError as exc:
+            raise ValueError(f"invalid SOURCE: {exc}") from None
+    return f"{source.rstrip('/')}/{prefix}"
 
 
 @flow(

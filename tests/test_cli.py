@@ -363,6 +363,14 @@ def test_locations_fail_before_any_work_unless_they_name_somewhere_oncoflow_can_
     folder = str(image_folder)
     cases = [
         (["classify", "s3://", "-o", output], "invalid SOURCE: 's3://' names no bucket"),
+        (
+            ["reprocess", "s3://", "-o", output, "--model", "o/m", "--prefix", "2023"],
+            "invalid SOURCE: 's3://' names no bucket",
+        ),
+        (
+            ["reprocess", "s3:/b", "-o", output, "--model", "o/m", "--prefix", "2023"],
+            "invalid SOURCE: 's3:/b' is neither",
+        ),
         (["classify", folder, "-o", "s3:///x"], "invalid --output: 's3:///x' names no bucket"),
         (["classify", "gs://b/x", "-o", output], "gs:// is not supported"),
         (["classify", "file://server/share", "-o", output], "not a local file:// URI"),

@@ -45,7 +45,15 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from tasks.sink import DATASET_SCHEMA, PARTITIONING, dataset_files, not_parquet, open_dataset
-from tasks.storage import Location, fetch_whole, open_location, staged_file, storage_call, to_uri
+from tasks.storage import (
+    Location,
+    fetch_whole,
+    missing_bucket,
+    open_location,
+    staged_file,
+    storage_call,
+    to_uri,
+)
 
 T = TypeVar("T")
 
@@ -130,6 +138,8 @@ def listed_files(location: Location) -> list[str]:
     except FileNotFoundError:
         files = []
     if not files:
+        if bucket := missing_bucket(location):
+            raise NoDatasetFiles(bucket)
         check = "" if location.is_local else ", or check --s3-endpoint-url and the credentials"
         raise NoDatasetFiles(
             f"no Parquet files under {location.uri!r}; run `oncoflow classify SOURCE --output "

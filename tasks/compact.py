@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from tasks.lease import acquire
 from tasks.sink import SCHEMA_VERSION, dataset_files, find_unreadable_file
-from tasks.storage import Location, check_output, storage_call, write_atomic
+from tasks.storage import Location, check_output, missing_bucket, storage_call, write_atomic
 
 # Readers want files of ~100 MB-1 GB: at 20-30 bytes per row (measured, docs/analytics.md) 4 million
 # rows is ~80-120 MB; DuckDB, Spark and Athena then open 1 file per 4 million images instead of 4,000.
@@ -72,7 +72,9 @@ class CompactionReport:
 def parquet_files_by_partition(destination: Location) -> dict[str, list[str]]:
     """The dataset's Parquet files (tasks.sink.dataset_files), grouped by their folder, names sorted."""
     if not destination.fs.exists(destination.path):
-        raise FileNotFoundError(f"dataset {destination.uri!r} does not exist; check the path")
+        raise FileNotFoundError(
+            missing_bucket(destination) or f"dataset {destination.uri!r} does not exist; check the path"
+        )
     partitions: dict[str, list[str]] = defaultdict(list)
     for path in dataset_files(destination):
         partitions[posixpath.dirname(path)].append(path)
@@ -187,7 +189,9 @@ def compact(destination: Location, target_rows: int = TARGET_ROWS, run_id: str =
     # Storage errors (endpoint, credentials, permissions) become one message naming DEST and the fix,
     # as in every other command (tasks.storage.storage_call), before the lease and before any work.
     if not storage_call(fs, root, lambda: fs.exists(root)):  # before the lease, which would create DEST
-        raise FileNotFoundError(f"dataset {destination.uri!r} does not exist; check the path")
+        raise FileNotFoundError(
+            missing_bucket(destination) or f"dataset {destination.uri!r} does not exist; check the path"
+        )
     check_output(destination)  # compaction writes merged files and deletes their inputs
     run_id = run_id or f"compact-{uuid.uuid4().hex[:8]}"
     with acquire(destination, COMPACTION_LEASE, run_id, wait_seconds=0) as lease:

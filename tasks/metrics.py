@@ -33,7 +33,7 @@ from tasks.analytics import retry_while_compacting
 from tasks.labels import CLASS_NAMES
 from tasks.model import POSITIVE_LABEL
 from tasks.sink import open_dataset
-from tasks.storage import Location, open_location, storage_call
+from tasks.storage import Location, missing_bucket, open_location, storage_call
 
 PREDICTION_COLUMNS = ["image_uri", "prob_malignant", "label", "threshold", "model", "model_revision"]
 CALIBRATION_BINS = 10
@@ -54,7 +54,10 @@ def read_predictions(
     """
     location = open_location(destination, storage or {})
     if not storage_call(location.fs, location.path, lambda: location.fs.isdir(location.path)):
-        raise FileNotFoundError(f"predictions dataset {destination!r} does not exist; check --predictions")
+        raise FileNotFoundError(
+            missing_bucket(location)
+            or f"predictions dataset {destination!r} does not exist; check --predictions"
+        )
     columns = [*PREDICTION_COLUMNS, "status", "error", "processed_at", "model_slug"]
     wanted = None
     if model_revision:  # pushed down: other revisions' files are skipped, not loaded and dropped

@@ -615,7 +615,10 @@ def check_output(location: Location) -> None:
     bucket = location.path.split("/", 1)[0]
     probe = location.join(WRITE_CHECK_NAME)
     # Errors name the output as given, not the bucket or the probe.
-    storage_call(fs, location.path, lambda: fs.call_s3("head_bucket", Bucket=bucket))
+    try:
+        storage_call(fs, location.path, lambda: fs.call_s3("head_bucket", Bucket=bucket))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(bucket_not_found(location)) from exc
     storage_call(fs, location.path, lambda: fs.pipe_file(probe, WRITE_CHECK_BODY))
     # A store may allow writing but not deleting; the probe has a fixed name, so at most one remains.
     with suppress(PermissionError):
@@ -672,9 +675,36 @@ def translate_error(error: Exception, fs: fsspec.AbstractFileSystem, path: str) 
     return type(translated)(redact(str(translated)))
 
 
+def endpoint_name(fs: fsspec.AbstractFileSystem) -> str:
+    """The object store's endpoint URL as messages name it."""
+    return getattr(fs, "endpoint_url", None) or "the default AWS endpoint"
+
+
+def missing_bucket(location: Location) -> str | None:
+    """A message naming the bucket when an S3 location's bucket cannot be found (a typo, another
+    endpoint, credentials that cannot see it); None when it exists or the location is not on S3."""
+    if not isinstance(location.fs, S3FileSystem):
+        return None
+    bucket = location.path.split("/", 1)[0]
+    try:
+        if storage_call(location.fs, bucket, lambda: location.fs.exists(bucket)):
+            return None
+    except OSError:  # ConnectionError, PermissionError: the caller's own error says more
+        return None
+    return bucket_not_found(location)
+
+
+def bucket_not_found(location: Location) -> str:
+    bucket = location.path.split("/", 1)[0]
+    return (
+        f"bucket {bucket!r} (of {location.uri!r}) was not found at {endpoint_name(location.fs)}; check "
+        "the bucket name, --s3-endpoint-url (AWS_ENDPOINT_URL) and that the credentials can see it"
+    )
+
+
 def _translate_error(error: Exception, fs: fsspec.AbstractFileSystem, path: str) -> Exception:
     uri = to_uri(fs, path)
-    endpoint = getattr(fs, "endpoint_url", None) or "the default AWS endpoint"
+    endpoint = endpoint_name(fs)
     if isinstance(error, ClientError):
         error = translate_boto_error(error)
     if isinstance(error, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):

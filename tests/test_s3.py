@@ -265,7 +265,7 @@ def test_storage_call_retries_transient_errors_only(s3: s3fs.S3FileSystem) -> No
     [
         ("s3://no-such-bucket/scans", "s3://preds/out", "s3://no-such-bucket/scans not found"),
         ("s3://scans/no-such-prefix", "s3://preds/out", "nothing under s3://scans/no-such-prefix"),
-        ("s3://scans/incoming", "s3://no-such-bucket/out", "s3://no-such-bucket/out not found"),
+        ("s3://scans/incoming", "s3://no-such-bucket/out", "bucket 'no-such-bucket' .* was not found"),
     ],
 )
 def test_missing_bucket_or_prefix_fails_before_the_model_loads(
@@ -281,6 +281,34 @@ def test_missing_bucket_or_prefix_fails_before_the_model_loads(
         classify(source, output, model="/no/such/model", device="cpu")
     assert "check the bucket" in str(raised.value) and "--s3-endpoint-url" in str(raised.value)
     assert s3.find("preds") == []
+
+
+def test_a_missing_bucket_is_named_by_the_commands_that_read_a_dataset(
+    s3: s3fs.S3FileSystem, tmp_path: Path
+) -> None:
+    """A typo in the bucket is not reported as an empty dataset ("run classify first")."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image_uri,label\ns3://scans/a.png,Normal\n")
+    for args in (
+        ["latest", "s3://no-such-bucket/out", "-o", str(tmp_path / "l.csv")],
+        ["report", "s3://no-such-bucket/out", "-o", str(tmp_path / "r.html")],
+        ["compact", "s3://no-such-bucket/out"],
+        [
+            "evaluate",
+            "--predictions",
+            "s3://no-such-bucket/out",
+            "--labels",
+            str(labels),
+            "-o",
+            str(tmp_path),
+        ],
+    ):
+        result = CliRunner().invoke(app, args)
+        text = " ".join(result.output.split())
+        assert result.exit_code == 1, (args, text)
+        assert "bucket 'no-such-bucket' (of 's3://no-such-bucket/out') was not found at http" in text, text
+    result = CliRunner().invoke(app, ["latest", "s3://preds/out", "-o", str(tmp_path / "l.csv")])
+    assert result.exit_code == 1 and "no Parquet files under 's3://preds/out'" in result.output
 
 
 def test_access_denied_fails_before_the_model_loads(

@@ -309,7 +309,7 @@ def check_model_arguments(
     from tasks.model import check_compile, resolve_device, resolve_precision
 
     try:
-        check_model_name(model)
+        check_model_name(model, classifier=option == "--model")
     except ModelError as exc:
         fail(f"invalid {option}: {exc}", code=2)
     if device is None:

@@ -138,10 +138,11 @@ def unreadable_model_files(directory: str) -> list[str]:
     ]
 
 
-def check_model_name(name: str) -> str | None:
+def check_model_name(name: str, classifier: bool = False) -> str | None:
     """The local folder `name` names (None for a hub id), or ModelError when it cannot load: a folder
     without .safetensors weights, without config.json or preprocessor_config.json (or with one that is
     not JSON), files this account cannot read, or a name that is neither a folder nor a hub id 'org/name'.
+    `classifier`: its config.json must also name a Malignant class (a base model for train need not).
 
     Cheap (no hashing, no download, no weights read): the CLI runs it before Prefect starts (classify,
     reprocess, evaluate --data, train --base-model, serve) so a wrong --model exits 2 now, not at 02:00."""
@@ -174,13 +175,15 @@ def check_model_name(name: str) -> str | None:
         for file_name in REVISION_FILES:
             try:
                 with open(os.path.join(directory, file_name)) as handle:
-                    if not isinstance(json.load(handle), dict):
+                    if not isinstance(content := json.load(handle), dict):
                         raise ValueError("not a JSON object")
             except ValueError as exc:
                 raise ModelError(
                     f"model folder {directory!r}: {file_name} is not a valid configuration ({exc}); "
                     "save the model again with `save_pretrained`"
                 ) from exc
+            if classifier and file_name == "config.json":
+                positive_class(model_labels(content, name), name)
         return directory
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelError(
@@ -222,6 +225,18 @@ def canonical_label(label: str) -> str:
     """`malignant`/`NORMAL` as the output contract spells them (`Malignant`/`Normal`), so the rows and
     every query on `label = 'Malignant'` agree whatever case the model's config used; others as given."""
     return CANONICAL_LABELS.get(label.strip().lower(), label)
+
+
+def model_labels(config: dict[str, Any], name: str) -> dict[int, str]:
+    """config.json's id2label as {class number: label}, labels spelled as the output contract does."""
+    labels = config.get("id2label") or {}
+    try:
+        return {int(k): canonical_label(str(v)) for k, v in labels.items()}
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ModelError(
+            f"model {name!r}: id2label in config.json is not a map of class numbers to labels ({exc}); "
+            "set config.id2label to {0: 'Normal', 1: 'Malignant'} when saving it"
+        ) from exc
 
 
 def positive_class(id2label: dict[int, str], name: str) -> int:
@@ -296,10 +311,10 @@ def inspect_model(name: str, revision: str | None = None) -> ModelFiles:
         with open(processor_path) as handle:
             processor_config = json.load(handle)
         with open(os.path.join(directory, "config.json")) as handle:
-            labels = json.load(handle).get("id2label") or {}
+            config = json.load(handle)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read the configuration of model {name!r} in {directory!r}: {exc}") from exc
-    id2label = {int(k): canonical_label(str(v)) for k, v in labels.items()}
+    id2label = model_labels(config, name)
     return ModelFiles(
         directory, resolved_revision, processor_config, id2label, positive_class(id2label, name)
     )

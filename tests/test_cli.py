@@ -235,10 +235,9 @@ def test_an_explained_error_is_not_buried_under_a_traceback(
     import json
     import shutil
 
-    folder = Path(shutil.copytree(tiny_model, tmp_path / "cats-and-dogs"))  # loads, but has no Malignant
+    folder = Path(shutil.copytree(tiny_model, tmp_path / "deeper"))  # found only when the weights load
     config = json.loads((folder / "config.json").read_text())
-    config.update(id2label={"0": "cat", "1": "dog"}, label2id={"cat": 0, "dog": 1})
-    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4}))
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     oncoflow = str(Path(sys.executable).parent / "oncoflow")  # the installed console script
     command = [oncoflow, "classify", str(image_folder), "-o", str(tmp_path / "out")]
@@ -246,7 +245,7 @@ def test_an_explained_error_is_not_buried_under_a_traceback(
         [*command, "--model", str(folder)], env=env, capture_output=True, text=True, timeout=240
     )
     assert done.returncode == 1
-    assert "error:" in done.stderr and "none of them 'Malignant'" in done.stderr
+    assert "error:" in done.stderr and "do not fit its config.json" in done.stderr
     assert "Traceback" not in done.stderr, done.stderr
 
 
@@ -472,6 +471,22 @@ def test_a_model_folder_that_cannot_load_fails_before_any_work(
             result = invoke(*args)
             text = " ".join(result.output.split())
             assert result.exit_code == 2 and expected in text, (args, text)
+    # A classifier must name a Malignant class; a base model for train need not (it gets a new head).
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(tiny_model, unlabelled)
+    config = json.loads((unlabelled / "config.json").read_text())
+    config["id2label"], config["label2id"] = {"0": "LABEL_0", "1": "LABEL_1"}, {"LABEL_0": 0, "LABEL_1": 1}
+    (unlabelled / "config.json").write_text(json.dumps(config))
+    for args in (
+        ["classify", str(image_folder), "-o", output, "--model", str(unlabelled)],
+        ["evaluate", "--data", str(image_folder), "-o", output, "--model", str(unlabelled)],
+        ["serve", "--source", str(image_folder), "-o", output, "--model", str(unlabelled)],
+    ):
+        result = invoke(*args)
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and "none of them 'Malignant'" in text, (args, text)
+    result = invoke("train", "--data", str(image_folder), "-o", output, "--base-model", str(unlabelled))
+    assert "Malignant'" not in result.output and "invalid --base-model" not in result.output
     if not torch.cuda.is_available():
         result = invoke("serve", "--source", str(image_folder), "-o", output, "--device", "cuda")
         text = " ".join(result.output.split())

@@ -85,6 +85,7 @@ class ShardManifest:
     ok: int
     malignant: int
     errors: dict[str, int] = field(default_factory=dict)
+    archived: int = 0  # files in an object store's archive tier: no row, read again by the next run
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient, cache_policy=NONE)
@@ -153,11 +154,13 @@ def classify_shard(
     )
     storage = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
     table = classify_files(files, open_location(params.source, storage).fs, model, options, run_id, shard)
-    path = write_shard(
-        open_location(params.output, storage),
-        shard_path(model_slug(params.model, model.revision), day, shard),
-        table,
-    )
+    path = ""  # a shard of archived objects only writes no file
+    if table.num_rows:
+        path = write_shard(
+            open_location(params.output, storage),
+            shard_path(model_slug(params.model, model.revision), day, shard),
+            table,
+        )
     statuses = table.column("status").to_pylist()
     errors = Counter(e.split(":", 1)[0] for e in table.column("error").to_pylist() if e)
     return ShardManifest(
@@ -167,6 +170,7 @@ def classify_shard(
         ok=statuses.count("ok"),
         malignant=table.column("label_id").to_pylist().count(model.positive_id),
         errors=dict(errors),
+        archived=len(files) - table.num_rows,
     )
 
 
@@ -271,6 +275,7 @@ def summarize(
         "images_found": found,
         "images_new": new,
         "images_classified": classified,
+        "images_archived": sum(m.archived for m in manifests),
         "ok": ok,
         "errors": sum(errors.values()),
         "errors_by_category": dict(sorted(errors.items())),
@@ -282,7 +287,7 @@ def summarize(
         else 0.0,
         "seconds": round(seconds, 2),
         "lease_wait_seconds": round(waited, 2),
-        "output_files": [m.path for m in manifests],
+        "output_files": [m.path for m in manifests if m.path],
     }
 
 
@@ -369,6 +374,13 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
         f"classified {summary['images_classified']} of {found} images ({summary['errors']} errors, "
         f"{summary['malignant']} Malignant) at {summary['images_per_second']} img/s"
     )
+    if summary["images_archived"]:
+        get_run_logger().warning(
+            "%d new images are in an archive storage class (S3 Glacier Flexible Retrieval or Deep Archive, "
+            "or an Intelligent-Tiering archive tier) and were not read: they have no row yet. Restore them "
+            "(`aws s3api restore-object`, or move them to a readable class) and a later run classifies them",
+            summary["images_archived"],
+        )
     check_error_rate(summary, params.max_error_rate)
     return summary
 

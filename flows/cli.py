@@ -117,6 +117,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         table.add_row(key, str(summary.get(key)))
     if summary.get("lease_wait_seconds"):
         table.add_row("lease_wait_seconds", str(summary["lease_wait_seconds"]))
+    if summary.get("images_archived"):
+        table.add_row("images_archived (not read; restore them)", str(summary["images_archived"]))
     for category, count in summary.get("errors_by_category", {}).items():
         table.add_row(f"errors: {category}", str(count))
     table.add_row("output_files", str(len(summary.get("output_files", []))))

@@ -50,7 +50,7 @@ from tasks.images import (
 from tasks.model import FixedBatchForward, LoadedModel, ModelError, fixed_batch_forward
 from tasks.redaction import install_log_redaction, redact
 from tasks.sink import EXIF_SUFFIX, SCHEMA
-from tasks.storage import DiscoveredFile, read_bytes, read_file
+from tasks.storage import DiscoveredFile, read_bytes, read_file, s3_error_code
 from tasks.workers import DecodeWorkers
 
 # Each decode worker holds one whole file in memory: larger files are refused from their listed size,
@@ -177,6 +177,7 @@ class Prepared:
     width: int | None = None
     height: int | None = None
     decoder: str | None = None  # one of tasks.images.DECODERS, once the pixels are on the device
+    archived: bool = False  # an object store holds it in an archive tier: no row now, read again next run
 
 
 def prepare(
@@ -214,6 +215,11 @@ def read_for_decode(
         raise  # still failing after the storage layer's retries: fail the shard (the task retries it), never a final row
     # Any other storage error (permissions, a local EIO after retries) concerns this file only.
     except Exception as exc:
+        if s3_error_code(exc) == "InvalidObjectState":
+            # S3 Glacier Flexible Retrieval / Deep Archive, or an Intelligent-Tiering archive tier: a
+            # restore makes it readable without changing its ETag, so a row (final for this content)
+            # would keep it unclassified for good. No row: every run tries it again until it reads.
+            return Prepared(file, archived=True)
         # An error row is final for this content: say how to have the file classified again (local
         # files unreadable at listing are left out instead; this is one that became so since).
         retry = (
@@ -577,7 +583,10 @@ class RowBuilder:
     def add(
         self, item: Prepared, probabilities: np.ndarray | None = None, class_id: int | None = None
     ) -> None:
-        """One row: a prediction when probabilities and class_id are given, else an error row."""
+        """One row: a prediction when probabilities and class_id are given, else an error row; none for
+        an archived object (its shard has fewer rows than files; the next run reads it again)."""
+        if item.archived:
+            return
         values: dict[str, object] = {
             "image_uri": item.file.uri,
             "fingerprint": item.file.fingerprint,

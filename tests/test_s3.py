@@ -89,21 +89,34 @@ def test_keys_with_query_like_text_are_read_as_the_objects_they_name(
 def test_the_source_read_check_skips_archived_hidden_and_non_image_objects(
     image_folder: Path, s3: s3fs.S3FileSystem, s3_server: str, tiny_model: str
 ) -> None:
-    """The one-byte read before the model loads probes an image the run could read: an archived
-    image first in key order (a lifecycle rule's Glacier) or a hidden file does not fail the run."""
+    """The one-byte read before the model loads probes an image the run could read: archived images
+    first in key order (a lifecycle rule's Glacier) or a hidden file do not fail the run.
+
+    An archived image gets no row (a restore keeps its ETag, so a final error row would keep it
+    unclassified for good): the run counts it, and the run after its restore classifies it. A shard of
+    archived images only writes no file."""
     client = boto3.client("s3", endpoint_url=s3_server)
     client.put_object(Bucket="scans", Key="incoming/.DS_Store", Body=b"finder")
-    client.put_object(
-        Bucket="scans",
-        Key="incoming/0-2019.jpg",
-        Body=(image_folder / "a.jpg").read_bytes(),
-        StorageClass="GLACIER",
-    )
+    archived = [f"0-{year}.jpg" for year in range(2016, 2020)]  # the first shard of 4
+    for name in archived:
+        client.put_object(
+            Bucket="scans",
+            Key=f"incoming/{name}",
+            Body=(image_folder / "a.jpg").read_bytes(),
+            StorageClass=("GLACIER", "DEEP_ARCHIVE")[name.endswith("7.jpg")],
+        )
     upload_folder(s3, image_folder, "scans/incoming")
     summary = run("s3://scans/incoming", "s3://preds/out", tiny_model)
     rows = {r["image_uri"].rsplit("/", 1)[-1]: r for r in read_rows_of(summary, s3)}
-    assert len(rows) == 7 and rows["a.jpg"]["status"] == "ok"
-    assert rows["0-2019.jpg"]["error"].startswith("read_failed"), rows["0-2019.jpg"]
+    assert len(rows) == len(IMAGES) and {r["status"] for r in rows.values()} == {"ok"}
+    assert summary["images_archived"] == 4 and summary["images_classified"] == 6
+    assert len(summary["output_files"]) == 2 and sorted(s3.find("preds")) == sorted(summary["output_files"])
+    client.restore_object(Bucket="scans", Key="incoming/0-2019.jpg", RestoreRequest={"Days": 1})
+    again = run("s3://scans/incoming", "s3://preds/out", tiny_model)
+    assert again["images_new"] == 4 and again["images_archived"] == 3
+    assert [(r["image_uri"], r["status"]) for r in read_rows_of(again, s3)] == [
+        ("s3://scans/incoming/0-2019.jpg", "ok")
+    ]
 
 
 def read_rows_of(summary: dict, client: s3fs.S3FileSystem) -> list[dict]:

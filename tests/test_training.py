@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import Result
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -194,6 +195,11 @@ def test_a_base_with_a_two_class_head_gets_a_new_head_from_the_seed(tmp_path: Pa
     assert not torch.equal(first, base) and not torch.equal(first, second) and torch.equal(first, again)
 
 
+def train_on_cpu(data: Path, output: Path, base: str) -> Result:
+    args = ["--data", str(data), "-o", str(output), "--base-model", base, "--device", "cpu"]
+    return runner.invoke(app, ["train", *args])
+
+
 def test_a_base_whose_config_does_not_fit_its_weights_is_refused(tmp_path: Path, tiny_model: str) -> None:
     """Training from a base with random layers (its config.json edited, or copied from another model)
     would hand over a model that looks trained; only the head may be new."""
@@ -204,18 +210,7 @@ def test_a_base_whose_config_does_not_fit_its_weights_is_refused(tmp_path: Path,
     config = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4}))
     data = write_signal_images(tmp_path / "data", 8, seed=0)
-    args = [
-        "train",
-        "--data",
-        str(data),
-        "-o",
-        str(tmp_path / "m"),
-        "--base-model",
-        str(base),
-        "--device",
-        "cpu",
-    ]
-    result = runner.invoke(app, args)
+    result = train_on_cpu(data, tmp_path / "m", str(base))
     text = " ".join(result.output.split())
     assert result.exit_code == 1 and "do not fit its config.json" in text and "it needs" in text, text
     assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
@@ -226,20 +221,7 @@ def test_unreadable_training_images_are_all_listed_before_training(tmp_path: Pat
     truncated = data / "Malignant" / "malignant_2.png"
     truncated.write_bytes(truncated.read_bytes()[:60])
     (data / "Normal" / "notes.png").write_text("not an image")
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "--data",
-            str(data),
-            "-o",
-            str(tmp_path / "m"),
-            "--base-model",
-            tiny_model,
-            "--device",
-            "cpu",
-        ],
-    )
+    result = train_on_cpu(data, tmp_path / "m", tiny_model)
     text = "".join(result.output.split())  # the console folds long lines anywhere, even inside a path
     assert result.exit_code == 1 and "2of17trainingimagesunder" in text, result.output
     assert "Malignant/malignant_2.png(truncated" in text and "Normal/notes.png(not_an_image" in text

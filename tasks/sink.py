@@ -205,7 +205,15 @@ EXIF_SUFFIX = "+exif_orientation"  # ends a row's decoder when --exif-orientatio
 
 def _empty_index() -> pa.Table:
     columns = {name: pa.array([], pa.string()) for name in INDEX_COLUMNS}
-    return pa.table({**columns, "threshold": pa.array([], pa.float64()), "exif": pa.array([], pa.bool_())})
+    return pa.table(
+        {
+            **columns,
+            "threshold": pa.array([], pa.float64()),
+            "exif": pa.array([], pa.bool_()),
+            "processed_at": pa.array([], SCHEMA.field("processed_at").type),
+            "run_id": pa.array([], pa.string()),
+        }
+    )
 
 
 def _read_index(destination: Location, revision: str, files: list[str] | None = None) -> pa.Table:
@@ -218,6 +226,7 @@ def _read_index(destination: Location, revision: str, files: list[str] | None = 
         return empty
     columns = {name: pc.field(name) for name in [*INDEX_COLUMNS, "threshold"]}
     columns["exif"] = pc.ends_with(pc.field("decoder"), pattern=EXIF_SUFFIX)
+    columns.update(processed_at=pc.field("processed_at"), run_id=pc.field("run_id"))
     table = dataset.to_table(columns=columns, filter=pc.field("model_revision") == revision)
     return table.cast(empty.schema)
 
@@ -235,11 +244,24 @@ def earlier_thresholds(index: pa.Table, threshold: float) -> dict[float, int]:
     return {c["values"]: c["counts"] for c in counts if c["values"] != threshold}
 
 
+def newest_fingerprints(index: pa.Table) -> pa.Table:
+    """(image_uri, fingerprint) of each image's newest row in the index: latest processed_at, then
+    run_id, the order the `latest` view and evaluate read rows in."""
+    ordered = index.sort_by([("processed_at", "ascending"), ("run_id", "ascending")])
+    newest = ordered.group_by("image_uri", use_threads=False).aggregate([("fingerprint", "last")])
+    return newest.rename_columns(["image_uri", "fingerprint"])
+
+
 def select_new(files: Iterable[DiscoveredFile], index: pa.Table) -> list[DiscoveredFile]:
-    """The files whose (uri, fingerprint) pair is not in the index yet, in their original order."""
+    """The files whose fingerprint is not that of their newest row in the index, in their original order.
+
+    Not "any row": a file put back to a version classified before (a restore from backup, `cp -p`, the
+    same bytes uploaded again: same ETag) is classified again, or `latest` would keep showing the
+    prediction of the version it replaced."""
     files = list(files)
     if not files or index.num_rows == 0:
         return files
+    index = newest_fingerprints(index)
     listed = pa.table(
         {
             "image_uri": [f.uri for f in files],

@@ -58,7 +58,7 @@ def read_predictions(
             missing_bucket(location)
             or f"predictions dataset {destination!r} does not exist; check --predictions"
         )
-    columns = [*PREDICTION_COLUMNS, "status", "error", "processed_at", "model_slug"]
+    columns = [*PREDICTION_COLUMNS, "status", "error", "processed_at", "run_id", "model_slug"]
     wanted = None
     if model_revision:  # pushed down: other revisions' files are skipped, not loaded and dropped
         wanted = (pc.field("model_revision") == model_revision) | (pc.field("model_slug") == model_revision)
@@ -68,6 +68,12 @@ def read_predictions(
         return None if dataset is None else dataset.to_table(columns=columns, filter=wanted)
 
     table = retry_while_compacting(lambda: storage_call(location.fs, location.path, read))
+    found = set() if table is None else set(pc.unique(table.column("model_revision")).drop_null().to_pylist())
+    if model_revision and len(found) == 1 and model_revision not in found:
+        # A model_slug names the folder the model was loaded from: the same weights loaded from another
+        # folder wrote their rows under another slug. The revision the slug stands for takes them all.
+        wanted = pc.field("model_revision") == found.pop()
+        table = retry_while_compacting(lambda: storage_call(location.fs, location.path, read))
     if table is None:
         raise EvaluationError(
             f"predictions dataset {destination!r} holds no model_slug=*/date=*/*.parquet files; check "
@@ -89,8 +95,11 @@ def read_predictions(
     # labels match them and an image with rows in both spellings counts once.
     frame["image_uri"] = canonical_uris(frame["image_uri"])
     # An image re-classified after its content changed has several rows; the newest one counts.
-    frame = frame.sort_values("processed_at").drop_duplicates("image_uri", keep="last")
-    return frame.drop(columns=["model_slug"]).reset_index(drop=True)
+    # Ties on processed_at go to the later run_id, as in the `latest` view.
+    frame = frame.sort_values(["processed_at", "run_id"], kind="stable").drop_duplicates(
+        "image_uri", keep="last"
+    )
+    return frame.drop(columns=["model_slug", "run_id"]).reset_index(drop=True)
 
 
 @dataclass(frozen=True)

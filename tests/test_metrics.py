@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from tasks.labels import LabelError, label_id, labeled_folder, read_labels_file
@@ -393,6 +394,34 @@ def test_predictions_are_read_from_the_dataset_files_only(tmp_path: Path) -> Non
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(EvaluationError, match=r"'.*empty'.*model_slug=\*/date=\*/\*\.parquet.*--predictions"):
         read_predictions(str(tmp_path / "empty"))
+
+
+def test_evaluate_reads_the_row_latest_shows_and_a_slug_means_its_revision(tmp_path: Path) -> None:
+    """Two runs' rows of an image at the same processed_at: the later run_id counts, as in `latest`
+    (before, pandas' unstable sort picked either). A model_slug names the folder the model was loaded
+    from; the same weights loaded from another folder wrote under another slug, and count too."""
+    from tasks.analytics import connect
+    from tasks.sink import model_slug, shard_path, write_shard
+    from tasks.storage import open_location
+
+    dest = tmp_path / "dest"
+    first = rows(range(50), OLD, FIRST_DAY, seed=0, shard="a")
+    second = rows(range(50), OLD, FIRST_DAY, seed=1, shard="b")  # same processed_at, other predictions
+    second = second.set_column(second.schema.get_field_index("run_id"), "run_id", pa.array(["run-z"] * 50))
+    write(dest, first, OLD, FIRST_DAY, "a")
+    write(dest, second, OLD, FIRST_DAY, "b")
+    copy = rows(range(50, 60), OLD, FIRST_DAY, seed=2, shard="c", model="/elsewhere/vit-copy")
+    write_shard(
+        open_location(str(dest)), shard_path(model_slug("/elsewhere/vit-copy", OLD), FIRST_DAY, "c"), copy
+    )
+
+    predictions = read_predictions(str(dest), model_slug("/models/vit", OLD)).set_index("image_uri")
+    assert len(predictions) == 60
+    chosen = predictions["prob_malignant"].fillna(-1).to_dict()  # error rows: no probability
+    latest = connect(str(dest)).sql("select image_uri, coalesce(prob_malignant, -1) from latest").fetchall()
+    assert dict(latest) == chosen
+    later = second.to_pandas().set_index("image_uri")["prob_malignant"].fillna(-1).to_dict()
+    assert {uri: chosen[uri] for uri in later} == later
 
 
 def test_labels_files_typed_by_hand_or_broken(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from tasks.inference import cuda_graphs_from_env, host_decode_share_from_env
 from tasks.lease import lease_wait_from_env
 from tasks.model import DEFAULT_BASE_MODEL, DEFAULT_MODEL
 from tasks.redaction import has_credentials, redact
-from tasks.storage import file_uri_path
+from tasks.storage import file_uri_path, full_file_uri
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -56,8 +56,7 @@ def location_argument(value: str, local_only: bool = False) -> str:
     is refused, naming the ones that work. `local_only`: refuse every URI but file:// (the report
     folder of evaluate, the training data and model folders).
     """
-    if value[:5].lower() == "file:" and value[5:6] == "/" and value[5:7] != "//":
-        value = "file://" + value[5:]  # file:/abs/path
+    value = full_file_uri(value)
     if "://" not in value:
         scheme = value.split(":", 1)[0].lower() if ":" in value else ""
         if scheme in REMOTE_SCHEMES or scheme == "file":  # `s3:/bucket`, `file:relative`: a typo

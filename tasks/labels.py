@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 
 from tasks.model import POSITIVE_LABEL
-from tasks.storage import canonical_file_uri, list_images, open_location, printable_path
+from tasks.storage import canonical_file_uri, full_file_uri, list_images, open_location, printable_path
 
 NEGATIVE_LABEL = "Normal"
 CLASS_NAMES = (NEGATIVE_LABEL, POSITIVE_LABEL)  # index = label id
@@ -42,10 +42,14 @@ def to_image_uri(location: str, base_folder: str) -> str:
 
     `file://` URIs may be percent-encoded or not (`Path.as_uri()` or classify's own spelling): both
     are brought to classify's spelling (tasks.storage.canonical_file_uri)."""
+    location = full_file_uri(location)
     if location.lower().startswith("file://"):
         return canonical_file_uri(location)
     if "://" in location:
-        return location
+        scheme, rest = location.split("://", 1)
+        # S3:// and s3a:// name what classify writes as s3://; a key's text is kept as given (a key may
+        # hold a literal `%20`, so escapes are not decoded)
+        return f"s3://{rest}" if scheme.lower() in {"s3", "s3a"} else location
     path = os.path.expanduser(location)
     return "file://" + printable_path(os.path.normpath(os.path.join(base_folder, path)))
 

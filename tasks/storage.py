@@ -174,6 +174,14 @@ def printable_path(path: str) -> str:
     return path.replace("%", "%25")
 
 
+def full_file_uri(value: str) -> str:
+    """`file:/abs/path` (RFC 8089's short form; Java and Spark write it) as `file:///abs/path`; any
+    other value as given."""
+    if value[:5].lower() == "file:" and value[5:6] == "/" and value[5:7] != "//":
+        return "file://" + value[5:]
+    return value
+
+
 def file_uri_path(uri: str) -> str | None:
     """The local path a `file://` URI names (RFC 8089), its %XX escapes decoded: `file:///p` and
     `file://localhost/p` are `/p`. None for another host (`file://server/share`) or no path at all."""

@@ -159,8 +159,11 @@ def test_labels_file_paths_become_uris(tmp_path: Path, suffix: str) -> None:
                 "s3://bucket/c.png",
                 "file:///abs/d.png",
                 "scans/a.png",
+                "file:/abs/e f.png",  # RFC 8089's short form
+                "S3://bucket/g.png",
+                "s3a://bucket/h%20i.png",  # a key's text as given: keys may hold a literal %20
             ],
-            "label": ["normal", "Malignant", "1", "0", "Normal"],
+            "label": ["normal", "Malignant", "1", "0", "Normal", "1", "0", "1"],
         }
     )
     path = tmp_path / f"labels.{suffix}"
@@ -172,6 +175,9 @@ def test_labels_file_paths_become_uris(tmp_path: Path, suffix: str) -> None:
         "file:///abs/b.png": 1,
         "s3://bucket/c.png": 1,
         "file:///abs/d.png": 0,
+        "file:///abs/e f.png": 1,
+        "s3://bucket/g.png": 0,
+        "s3://bucket/h%20i.png": 1,
     }
 
 

@@ -112,6 +112,7 @@ class Joined:
     predictions_without_label: int  # the unlabelled error rows among them
     labels_without_prediction: int
     unmatched_labels: list[str] = field(default_factory=list)  # up to EXAMPLES labels without a prediction
+    labelled_error_rows_by_class: dict[str, int] = field(default_factory=dict)  # Normal, Malignant
 
 
 EXAMPLES = 5  # unmatched image_uri values quoted in messages and reports
@@ -214,6 +215,10 @@ def join_labels(predictions: pd.DataFrame, labels: pd.DataFrame) -> Joined:
         predictions_without_label=int((merged["_merge"] == "left_only").sum()),
         labels_without_prediction=int((merged["_merge"] == "right_only").sum()),
         unmatched_labels=sorted(merged.loc[merged["_merge"] == "right_only", "image_uri"])[:EXAMPLES],
+        labelled_error_rows_by_class={
+            name: int((with_both.loc[is_error, "y_true"] == class_id).sum())
+            for class_id, name in enumerate(("Normal", POSITIVE_LABEL))
+        },
     )
 
 
@@ -339,6 +344,7 @@ def compute_metrics(joined: Joined, target_sensitivity: float | None = None) -> 
             "evaluated": len(scored),
             "error_rows": joined.error_rows,
             "labelled_error_rows": joined.labelled_error_rows,
+            "labelled_error_rows_by_class": joined.labelled_error_rows_by_class,
             "predictions_without_label": joined.predictions_without_label,
             "labels_without_prediction": joined.labels_without_prediction,
             "labels_without_prediction_examples": joined.unmatched_labels,

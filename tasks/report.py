@@ -147,6 +147,14 @@ def one_class_warning(metrics: dict[str, Any]) -> str | None:
         if not counts["Malignant"]
         else ("Malignant", "Normal", "specificity, the false positive rate")
     )
+    failed = metrics["images"].get("labelled_error_rows_by_class", {}).get(missing, 0)
+    if failed:  # labelled, but their rows are errors: more labels would not help
+        return (
+            f"The evaluated images hold no {missing} image, only {counts[present]} {present}: the "
+            f"{failed} labelled {missing} images all have error rows (see their `error` column), so "
+            f"{undefined}, MCC and the ROC/PR AUCs cannot be measured and are n/a. Fix or replace those "
+            "files and classify them again."
+        )
     return (
         f"The labels hold no {missing} image, only {counts[present]} {present}: {undefined}, MCC and "
         f"the ROC/PR AUCs cannot be measured on them and are n/a. Label {missing} images too."

@@ -97,7 +97,7 @@ def test_metrics_report_and_plots_are_written(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     y_true = np.array([0] * 60 + [1] * 40)
     prob = np.clip(y_true * 0.5 + rng.uniform(0, 0.5, 100), 0, 1)
-    joined = Joined(scored_frame(y_true, prob), 2, 1, 3, 4)
+    joined = Joined(scored_frame(y_true, prob), 2, 1, 3, 4, [], {"Normal": 1, "Malignant": 0})
     metrics = compute_metrics(joined, target_sensitivity=0.9)
 
     assert metrics["counts"] == {"Normal": 60, "Malignant": 40}
@@ -108,6 +108,7 @@ def test_metrics_report_and_plots_are_written(tmp_path: Path) -> None:
         "predictions_without_label": 3,
         "labels_without_prediction": 4,
         "labels_without_prediction_examples": [],
+        "labelled_error_rows_by_class": {"Normal": 1, "Malignant": 0},
     }
     assert metrics["threshold"] == 0.5 and metrics["model_revisions"] == ["sha256:abc"]
     assert 0.0 <= metrics["ece"] <= 1.0 and 0.0 <= metrics["brier"] <= 1.0
@@ -135,6 +136,28 @@ def test_one_class_only_still_reports_what_it_can(tmp_path: Path) -> None:
     write_report(str(tmp_path), metrics, y_true, (prob >= 0.5).astype(int), prob)
     assert json.loads((tmp_path / "metrics.json").read_text())["roc_auc"] is None
     assert "n/a" in render_markdown(metrics)
+
+
+def test_one_class_left_by_error_rows_says_to_fix_the_files_not_to_label_more() -> None:
+    """Both classes labelled, but every Malignant image's row is an error row: the advice is about
+    those files, not "label Malignant images too"."""
+    uris = [f"file:///scans/{n}.png" for n in range(5)]
+    predictions = pd.DataFrame(
+        {
+            "image_uri": uris,
+            "prob_malignant": [0.1, 0.2, 0.3, None, None],
+            "label": ["Normal"] * 3 + [None, None],
+            "threshold": 0.5,
+            "model": "m",
+            "model_revision": "r",
+            "status": ["ok"] * 3 + ["error"] * 2,
+            "error": [None] * 3 + ["truncated: image file is truncated"] * 2,
+        }
+    )
+    labels = pd.DataFrame({"image_uri": uris, "y_true": [0, 0, 0, 1, 1]})
+    report = render_markdown(compute_metrics(join_labels(predictions, labels)))
+    assert "the 2 labelled Malignant images all have error rows" in " ".join(report.split())
+    assert "Label Malignant images too" not in report
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,7 @@ def classify_labeled_folder(params: EvaluateParams) -> tuple[str, pd.DataFrame, 
     truth = pd.DataFrame(
         [(image.uri, image.label) for image in labeled_folder(params.data)], columns=["image_uri", "y_true"]
     )
-    destination = os.path.join(os.path.abspath(params.output), "predictions")
+    destination = os.path.join(os.path.abspath(params.output), predictions_folder(params))
     summary = classify(
         source=params.data,
         output=destination,
@@ -60,6 +60,15 @@ def classify_labeled_folder(params: EvaluateParams) -> tuple[str, pd.DataFrame, 
         aws_credentials_block=params.aws_credentials_block,
     )
     return destination, truth, summary["model_revision"]
+
+
+def predictions_folder(params: EvaluateParams) -> str:
+    """REPORT's sub-folder for --data's predictions: `predictions`, plus the settings that change the
+    numbers when they are not the defaults (`predictions-cuda-bf16-compiled`). Classify's index is
+    keyed by model revision only, so one folder for every setting would score the first setting's rows
+    again: each setting gets its own rows, and a re-run with the same ones resumes."""
+    parts: list[str] = [part for part in (params.device, params.precision) if part != "auto"]
+    return "-".join(["predictions", *parts, *(["compiled"] if params.compile else [])])
 
 
 @task(cache_policy=NONE)

@@ -59,6 +59,7 @@ def test_evaluate_data_gives_the_numbers_computed_from_classify_output(
         "predictions_without_label": 1,
         "labels_without_prediction_examples": [],
         "labels_without_prediction": 0,
+        "labelled_error_rows_by_class": {"Normal": 1, "Malignant": 0},
     }
     assert metrics["counts"] == {"Normal": 8, "Malignant": 8}
     assert (metrics["tp"], metrics["fp"], metrics["tn"], metrics["fn"]) == (tp, fp, tn, fn)
@@ -72,7 +73,7 @@ def test_evaluate_data_gives_the_numbers_computed_from_classify_output(
 
     report = tmp_path / "report"
     assert json.loads((report / "metrics.json").read_text())["tp"] == tp
-    assert (report / "predictions").is_dir(), "the classify output is kept inside the report"
+    assert (report / "predictions-cpu").is_dir(), "the classify output is kept inside the report"
     for plot in ("roc", "precision_recall", "confusion_matrix", "reliability"):
         assert (report / f"{plot}.png").read_bytes().startswith(b"\x89PNG")
 
@@ -223,16 +224,29 @@ def test_options_of_the_other_mode_and_models_that_cannot_run_fail_before_any_wo
 def test_evaluate_data_compiled_scores_what_the_uncompiled_model_scores(
     labeled: Path, tmp_path: Path, tiny_model: str
 ) -> None:
-    """evaluate --data --compile checks the compiled path on labelled images: same counts, same AUC."""
+    """evaluate --data --compile checks the compiled path on labelled images: same counts, same AUC.
+    Into the same REPORT folder too: each setting classifies into its own predictions folder (before,
+    the second run found the first one's rows and scored them again)."""
 
-    def metrics(name: str, *options: str) -> dict:
-        arguments = ["evaluate", "-o", str(tmp_path / name), "--data", str(labeled), "--model", tiny_model]
+    def metrics(*options: str) -> dict:
+        arguments = [
+            "evaluate",
+            "-o",
+            str(tmp_path / "report"),
+            "--data",
+            str(labeled),
+            "--model",
+            tiny_model,
+        ]
         result = runner.invoke(app, [*arguments, "--device", "cpu", "--precision", "fp32", *options])
         assert result.exit_code == 0, result.output
-        return json.loads((tmp_path / name / "metrics.json").read_text())
+        return json.loads((tmp_path / "report" / "metrics.json").read_text())
 
-    plain = metrics("plain")
-    compiled = metrics("compiled", "--compile", "--batch-size", "4")
+    plain = metrics()
+    compiled = metrics("--compile", "--batch-size", "4")
+    assert plain["predictions"] == str(tmp_path / "report" / "predictions-cpu-fp32")
+    assert compiled["predictions"] == str(tmp_path / "report" / "predictions-cpu-fp32-compiled")
+    assert len(list((tmp_path / "report" / "predictions-cpu-fp32-compiled").rglob("*.parquet"))) >= 1
     assert compiled["images"]["evaluated"] == plain["images"]["evaluated"] == 16
     assert [compiled[key] for key in ("tp", "fp", "tn", "fn")] == [
         plain[key] for key in ("tp", "fp", "tn", "fn")

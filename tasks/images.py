@@ -50,6 +50,10 @@ DICOM_EXTENSIONS = (".dcm", ".dicom")
 # that went wrong (truncated), not a file that never was one (not_an_image).
 SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*", b"BM")
 HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+# The only formats Pillow may open, whatever a file is named: the listed extensions (JPEG opens a phone's
+# multi-picture JPEG). Not "any format Pillow knows": an EPS file named .png would run Ghostscript on
+# untrusted content, and ICO, PPM, TGA, JPEG 2000, ... are no scanner's output.
+PILLOW_FORMATS = ("JPEG", "PNG", "GIF", "TIFF", "BMP", "WEBP")
 
 
 class ImageError(Exception):
@@ -92,7 +96,7 @@ def _decode_with_pillow(data: bytes, max_pixels: int, exif_orientation: bool) ->
     webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
     damaged = "truncated" if data.startswith(SIGNATURES) or webp else "not_an_image"
     try:
-        image: Image.Image = Image.open(io.BytesIO(data))
+        image: Image.Image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
         width, height = image.size
         if width * height > max_pixels:
             raise ImageError("too_large", pixel_limit_message(f"{width}x{height}", max_pixels))
@@ -108,7 +112,9 @@ def _decode_with_pillow(data: bytes, max_pixels: int, exif_orientation: bool) ->
         if unknown := unsupported_tiff_compression(data):
             raise ImageError("unsupported", unknown) from exc
         message = "the header is damaged or the file ends early" if damaged == "truncated" else ""
-        raise ImageError(damaged, message or "not a recognised image format") from exc
+        raise ImageError(
+            damaged, message or "not a recognised image format (JPEG, PNG, GIF, TIFF, BMP, WebP or DICOM)"
+        ) from exc
     except MemoryError as exc:
         raise ImageError("too_large", "not enough memory to decode it; lower --max-pixels") from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as exc:
@@ -175,7 +181,7 @@ def oversized(head: bytes, max_pixels: int) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(head)) as image:
+            with Image.open(io.BytesIO(head), formats=PILLOW_FORMATS) as image:
                 width, height = image.size
     except Image.DecompressionBombError as exc:
         return f"too_large: {bomb_message(exc, max_pixels)}"

@@ -4,6 +4,7 @@ reference would, DICOM is windowed like a viewer, bombs are refused before alloc
 from __future__ import annotations
 
 import io
+import os
 import zlib
 from pathlib import Path
 
@@ -64,6 +65,25 @@ def test_a_vanished_file_is_missing(tmp_path: Path, tiny_model: str) -> None:
     rows = classify_files(files, location.fs, model, EngineOptions(batch_size=2), "r", "s").to_pylist()
     assert [r["status"] for r in rows] == ["ok", "error", "ok"]
     assert rows[1]["error"].startswith("missing: ")
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "PPM", "ICO", "TGA", "PCX", "SGI"])
+def test_formats_no_scanner_writes_are_not_images_whatever_their_name(
+    fmt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow opens dozens of formats; only the listed ones are tried. An EPS file named .png would
+    otherwise have Ghostscript render untrusted content (a `gs` on PATH records any call here)."""
+    called = tmp_path / "gs-was-run"
+    fake = tmp_path / "bin" / "gs"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\ntouch {called}\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buffer, fmt)
+    with pytest.raises(ImageError) as raised:
+        decode_image(buffer.getvalue(), name="scan0001.png")
+    assert raised.value.category == "not_an_image" and not called.exists()
 
 
 def test_bomb_is_refused_from_its_header() -> None:

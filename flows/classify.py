@@ -387,7 +387,9 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
 
 def check_error_rate(summary: dict[str, Any], max_error_rate: float | None) -> None:
     """Fail a finished run whose share of error rows exceeds the limit (its rows are already written)."""
-    if max_error_rate is not None and summary["error_share"] > max_error_rate:
+    # On the counts, not the rounded error_share: 1 error in 20,002 images is over --max-error-rate 0.
+    classified = summary["images_classified"]
+    if max_error_rate is not None and classified and summary["errors"] / classified > max_error_rate:
         raise TooManyErrors(
             f"{summary['errors']} of {summary['images_classified']} images failed "
             f"({summary['error_share']:.1%}), more than --max-error-rate {max_error_rate:g} allows; "

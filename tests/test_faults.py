@@ -198,6 +198,28 @@ def test_max_error_rate_fails_after_writing_every_row(tmp_path: Path, tiny_model
     assert "--max-error-rate" in result.output and "errors: empty" in result.output
 
 
+def test_max_error_rate_compares_the_counts_not_the_rounded_share() -> None:
+    """error_share is rounded to 4 places for reading: 1 error in 20,002 images shows as 0.0 but is
+    over --max-error-rate 0; 29 in 100 is exactly 0.29, not over it."""
+    from flows.classify import check_error_rate
+
+    def summary(errors: int, classified: int) -> dict:
+        share = round(errors / classified, 4) if classified else 0.0
+        return {
+            "errors": errors,
+            "images_classified": classified,
+            "error_share": share,
+            "errors_by_category": {},
+        }
+
+    with pytest.raises(TooManyErrors):
+        check_error_rate(summary(1, 20_002), 0.0)
+    with pytest.raises(TooManyErrors):
+        check_error_rate(summary(50_040, 1_000_000), 0.05)
+    check_error_rate(summary(29, 100), 0.29)
+    check_error_rate(summary(0, 0), 0.0)
+
+
 def test_bad_max_error_rate_is_rejected_before_any_work(tmp_path: Path, image_folder: Path) -> None:
     output = tmp_path / "out"
     result = CliRunner().invoke(

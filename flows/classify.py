@@ -85,7 +85,7 @@ class ShardManifest:
     ok: int
     malignant: int
     errors: dict[str, int] = field(default_factory=dict)
-    archived: int = 0  # files in an object store's archive tier: no row, read again by the next run
+    unrecorded: dict[str, int] = field(default_factory=dict)  # files without a row, by reason (Prepared)
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient, cache_policy=NONE)
@@ -153,8 +153,10 @@ def classify_shard(
         cuda_graphs=cuda_graphs,
     )
     storage = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
-    table = classify_files(files, open_location(params.source, storage).fs, model, options, run_id, shard)
-    path = ""  # a shard of archived objects only writes no file
+    unrecorded: Counter[str] = Counter()
+    source = open_location(params.source, storage)
+    table = classify_files(files, source.fs, model, options, run_id, shard, unrecorded)
+    path = ""  # a shard of archived or vanished files only writes no file
     if table.num_rows:
         path = write_shard(
             open_location(params.output, storage),
@@ -170,7 +172,7 @@ def classify_shard(
         ok=statuses.count("ok"),
         malignant=table.column("label_id").to_pylist().count(model.positive_id),
         errors=dict(errors),
-        archived=len(files) - table.num_rows,
+        unrecorded=dict(unrecorded),
     )
 
 
@@ -275,7 +277,8 @@ def summarize(
         "images_found": found,
         "images_new": new,
         "images_classified": classified,
-        "images_archived": sum(m.archived for m in manifests),
+        "images_archived": sum(m.unrecorded.get("archived", 0) for m in manifests),
+        "images_vanished": sum(m.unrecorded.get("vanished", 0) for m in manifests),
         "ok": ok,
         "errors": sum(errors.values()),
         "errors_by_category": dict(sorted(errors.items())),
@@ -380,6 +383,12 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
             "or an Intelligent-Tiering archive tier) and were not read: they have no row yet. Restore them "
             "(`aws s3api restore-object`, or move them to a readable class) and a later run classifies them",
             summary["images_archived"],
+        )
+    if summary["images_vanished"]:
+        get_run_logger().warning(
+            "%d images were moved or deleted between listing and reading: they have no row; any that are "
+            "back (moved back, restored) are classified by the next run",
+            summary["images_vanished"],
         )
     check_error_rate(summary, params.max_error_rate)
     return summary

@@ -119,6 +119,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         table.add_row("lease_wait_seconds", str(summary["lease_wait_seconds"]))
     if summary.get("images_archived"):
         table.add_row("images_archived (not read; restore them)", str(summary["images_archived"]))
+    if summary.get("images_vanished"):
+        table.add_row("images_vanished (moved or deleted during the run)", str(summary["images_vanished"]))
     for category, count in summary.get("errors_by_category", {}).items():
         table.add_row(f"errors: {category}", str(count))
     table.add_row("output_files", str(len(summary.get("output_files", []))))

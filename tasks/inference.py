@@ -177,7 +177,10 @@ class Prepared:
     width: int | None = None
     height: int | None = None
     decoder: str | None = None  # one of tasks.images.DECODERS, once the pixels are on the device
-    archived: bool = False  # an object store holds it in an archive tier: no row now, read again next run
+    # Why the file gets no row now, a later run reading it again: "archived" (an object store's archive
+    # tier: a restore keeps the ETag) or "vanished" (moved or deleted after listing: back with its old
+    # mtime, a final `missing` row would keep it unclassified for good).
+    unrecorded: str | None = None
 
 
 def prepare(
@@ -209,8 +212,8 @@ def read_for_decode(
         ):
             return Prepared(file, error=refusal[:MESSAGE_LIMIT])
         return read_file(file, fs)
-    except FileNotFoundError:
-        return Prepared(file, error="missing: the file vanished after listing")
+    except FileNotFoundError:  # moved away or deleted during the run: if it comes back, it is new
+        return Prepared(file, unrecorded="vanished")
     except ConnectionError:
         raise  # still failing after the storage layer's retries: fail the shard (the task retries it), never a final row
     # Any other storage error (permissions, a local EIO after retries) concerns this file only.
@@ -219,7 +222,7 @@ def read_for_decode(
             # S3 Glacier Flexible Retrieval / Deep Archive, or an Intelligent-Tiering archive tier: a
             # restore makes it readable without changing its ETag, so a row (final for this content)
             # would keep it unclassified for good. No row: every run tries it again until it reads.
-            return Prepared(file, archived=True)
+            return Prepared(file, unrecorded="archived")
         # An error row is final for this content: say how to have the file classified again (local
         # files unreadable at listing are left out instead; this is one that became so since).
         retry = (
@@ -579,13 +582,15 @@ class RowBuilder:
         # --exif-orientation changes the pixels: the decoder column says so (`pil+exif_orientation`).
         self.decoder_suffix = EXIF_SUFFIX if exif_orientation else ""
         self.columns: dict[str, list[object]] = {name: [] for name in SCHEMA.names}
+        self.unrecorded: Counter[str] = Counter()
 
     def add(
         self, item: Prepared, probabilities: np.ndarray | None = None, class_id: int | None = None
     ) -> None:
         """One row: a prediction when probabilities and class_id are given, else an error row; none for
-        an archived object (its shard has fewer rows than files; the next run reads it again)."""
-        if item.archived:
+        a file that is unrecorded (counted in `unrecorded`; the next run reads it again)."""
+        if item.unrecorded:
+            self.unrecorded[item.unrecorded] += 1
             return
         values: dict[str, object] = {
             "image_uri": item.file.uri,
@@ -879,8 +884,10 @@ def classify_files(
     options: EngineOptions,
     run_id: str,
     shard: str,
+    unrecorded: Counter[str] | None = None,
 ) -> pa.Table:
-    """Classify files in batches; one row per file, in input order.
+    """Classify files in batches; one row per file, in input order, but for files that get none this
+    run (`Prepared.unrecorded`: archived, vanished), counted by reason into `unrecorded`.
 
     On a GPU the forward pass of batch k+1 is launched before batch k's results are read back and turned
     into rows, so building rows costs no GPU time. On a CPU the forward runs at launch, so each batch's
@@ -910,6 +917,8 @@ def classify_files(
                 waiting = None
     if waiting is not None:
         add_rows(rows, model, options.threshold, waiting)
+    if unrecorded is not None:
+        unrecorded.update(rows.unrecorded)
     return rows.table()
 
 

@@ -41,7 +41,7 @@ ERROR_CATEGORIES = (
     "not_an_image",  # no image format recognised (text, HTML, random bytes, a DICOM without pixels)
     "unsupported",  # a recognised format whose variant or codec cannot be decoded here
     "too_large",  # more pixels than --max-pixels (decompression bombs), refused before decoding
-    "missing",  # listed, then gone before it was read
+    "missing",  # older rows only: a file gone between listing and reading now gets no row (vanished)
     "read_failed",  # storage kept failing after retries, or refused access
 )
 

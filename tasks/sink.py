@@ -155,7 +155,7 @@ def _read_index_file(destination: Location, revision: str, path: str) -> pa.Tabl
         return None
 
 
-PARTITION_FILE = re.compile(r"model_slug=[^/]+/date=[^/]+/[^./][^/]*\.parquet")
+PARTITION_FILE = re.compile(r"model_slug=[^/]+/date=([^/]+)/[^./][^/]*\.parquet")
 DATASET_GLOB = "model_slug=*/date=*/*.parquet"  # the same files, for DuckDB and other readers
 
 
@@ -169,7 +169,27 @@ def dataset_files(destination: Location) -> list[str]:
     if not destination.fs.exists(root):
         return []
     paths = (path for path in destination.fs.find(root) if path.startswith(root + "/"))
-    return sorted(path for path in paths if PARTITION_FILE.fullmatch(path[len(root) + 1 :]))
+    files = []
+    for path in paths:
+        if match := PARTITION_FILE.fullmatch(path[len(root) + 1 :]):
+            check_partition_date(destination, path, match.group(1))
+            files.append(path)
+    return sorted(files)
+
+
+def check_partition_date(destination: Location, path: str, value: str) -> None:
+    """DatasetFileError for a `date=` folder whose value is no YYYY-MM-DD date (a copied or renamed
+    partition, `date=2026-11-29 (copy)`): every reader would fail on it, naming neither it nor the fix."""
+    try:
+        valid = bool(re.fullmatch(r"\d{4}-\d{2}-\d{2}", value) and datetime.strptime(value, "%Y-%m-%d"))
+    except ValueError:
+        valid = False
+    if not valid:
+        folder = to_uri(destination.fs, path.rsplit("/", 1)[0])
+        raise DatasetFileError(
+            f"{folder} is not a partition oncoflow writes: date={value!r} is not a YYYY-MM-DD date (a copied "
+            "or renamed folder?); move it out of DEST (look inside first: it may hold rows), then run again"
+        )
 
 
 PARTITIONS = pa.schema([("model_slug", pa.string()), ("date", pa.date32())])

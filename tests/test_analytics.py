@@ -405,12 +405,16 @@ def test_files_saved_inside_dest_are_refused_or_ignored(
     assert result.exit_code == 0 and "wrote 6 rows" in result.output, result.output
 
 
-@pytest.mark.parametrize("content", [b"", b"not parquet at all" * 10], ids=["zero-byte", "garbage"])
+@pytest.mark.parametrize(
+    "content", [b"", b"not parquet at all" * 10, None], ids=["zero-byte", "garbage", "copy"]
+)
 def test_a_damaged_file_in_dest_is_named_with_the_fix(
-    image_folder: Path, tmp_path: Path, tiny_model: str, content: bytes
+    image_folder: Path, tmp_path: Path, tiny_model: str, content: bytes | None
 ) -> None:
     """A part file another tool truncated or put there blocks classify and compact until moved; both
-    name it and say so (exit 1, no traceback), and nothing is written or deleted."""
+    name it and say so (exit 1, no traceback), and nothing is written or deleted. So does a partition
+    folder copied beside itself (`date=2026-11-29 (copy)`), which every reader failed on with a bare
+    "error parsing '2026-11-29 (copy)' as scalar of type date32"."""
     dest = tmp_path / "preds"
     assert (
         CliRunner()
@@ -420,7 +424,12 @@ def test_a_damaged_file_in_dest_is_named_with_the_fix(
     )
     (partition,) = dest.glob("model_slug=*/date=*")
     damaged = partition / "part-00000000000000000000.parquet"
-    damaged.write_bytes(content)
+    expected = f"{damaged.name} is not a readable Parquet file"
+    if content is None:
+        damaged = Path(shutil.copytree(partition, f"{partition} (copy)"))
+        expected = f"{damaged.name} is not a partition oncoflow writes"
+    else:
+        damaged.write_bytes(content)
     files = sorted(dest.rglob("*.parquet"))
     make_image(image_folder / "later.png", seed=99)
     for command in (
@@ -432,8 +441,7 @@ def test_a_damaged_file_in_dest_is_named_with_the_fix(
         result = CliRunner().invoke(app, command)
         text = " ".join(result.output.split())
         assert result.exit_code == 1 and "Traceback" not in result.output, text
-        assert f"{damaged.name} is not a readable Parquet file" in text, text
-        assert "move it out of DEST" in text, text
+        assert expected in text and "move it out of DEST" in text, text
         assert sorted(dest.rglob("*.parquet")) == files
 
 

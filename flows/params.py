@@ -115,7 +115,13 @@ def require_folder(location: str, name: str, fix: str = "check the path") -> Non
     """Fail unless a local path or file:// URI is an existing folder (object stores are checked later)."""
     if "://" in _normalized(location):
         return
-    if not os.path.isdir(_normalized(location).rstrip("/") or "/"):
+    path = _normalized(location).rstrip("/") or "/"
+    if os.path.isfile(path):
+        raise ValueError(
+            f"{name} {location!r} is a file, not a folder; give a folder, such as the one that holds it "
+            f"({os.path.dirname(path)!r})"
+        )
+    if not os.path.isdir(path):
         raise ValueError(f"{name} {location!r} is not an existing folder; {fix}")
 
 

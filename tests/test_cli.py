@@ -168,6 +168,10 @@ def test_arguments_fail_before_any_work_with_a_message_that_reads(image_folder: 
         (["classify", "s3://bucket/x?X-Amz-Signature=abc", "-o", output], "invalid SOURCE: must not embed"),
         (["classify", str(image_folder), "-o", output, "--ray-address", "ray://h:1"], "error: --ray-address"),
         (["serve", "--source", str(image_folder), "-o", output, "--limit", "0"], "--limit"),
+        (
+            ["classify", str(image_folder / "a.jpg"), "-o", output],
+            f"is a file, not a folder; give a folder, such as the one that holds it ('{image_folder}')",
+        ),
     ]
     for args, expected in cases:
         result = invoke(*args)

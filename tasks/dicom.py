@@ -51,6 +51,8 @@ def decode_dicom(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageError("unsupported", "DICOM pixel data without valid Rows/Columns") from exc
     if rows * columns > max_pixels:
         raise ImageError("too_large", pixel_limit_message(f"{columns}x{rows}", max_pixels))
+    if rows <= 0 or columns <= 0 or not dataset.PixelData:
+        raise ImageError("not_an_image", f"a DICOM object with an empty image ({columns}x{rows} pixels)")
     syntax = _transfer_syntax(dataset)
     try:
         frame = pixel_array(dataset, index=0)

@@ -290,6 +290,16 @@ def test_a_malformed_dicom_header_value_is_an_error_row_without_the_value() -> N
     assert raised.value.category == "unsupported" and "SENTINEL" not in str(raised.value)
 
 
+def test_a_dicom_with_an_empty_image_is_not_an_image() -> None:
+    """Rows = Columns = 0 and no pixel bytes (some modalities' placeholders): before, a raw TypeError."""
+    data = edited_dicom(
+        corpus.make_dicom(corpus.dicom_ramp()), Rows=("US", 0), Columns=("US", 0), PixelData=("OW", b"")
+    )
+    with pytest.raises(ImageError) as raised:
+        decode_image(data, name="zero.dcm")
+    assert raised.value.category == "not_an_image" and "empty image (0x0 pixels)" in str(raised.value)
+
+
 def test_an_image_named_dcm_is_decoded_as_the_image_it_is() -> None:
     png = corpus.encode(corpus.random_rgb((24, 16), 3), "PNG")
     assert decode_image(png, name="export.dcm").size == (24, 16)

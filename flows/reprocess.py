@@ -8,6 +8,7 @@ the history tells nightly runs and reprocessing apart.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from prefect import flow
@@ -31,7 +32,22 @@ def within(source: str, prefix: str) -> str:
             source = location_argument(source)  # a malformed SOURCE is named as given, not joined
         except ValueError as exc:
             raise ValueError(f"invalid SOURCE: {exc}") from None
-    return f"{source.rstrip('/')}/{prefix}"
+    narrowed = f"{source.rstrip('/')}/{prefix}"
+    return narrowed if "://" in source else real_sub_folder(source, narrowed)
+
+
+def real_sub_folder(source: str, narrowed: str) -> str:
+    """`narrowed` spelled through SOURCE's real folders when links inside SOURCE lead there (`--prefix
+    latest` a link to `2026/11`): classify gives those images their real paths as URIs, so the prefix
+    must too, or its images would be classified again under new URIs. A prefix leading outside SOURCE
+    is kept: classify reaches such folders through their links as well."""
+    root = os.path.realpath(os.path.expanduser(source))
+    real = os.path.realpath(os.path.expanduser(narrowed))
+    if real == root:
+        return source
+    if not real.startswith(root.rstrip("/") + "/"):
+        return narrowed
+    return os.path.join(source.rstrip("/"), os.path.relpath(real, root))
 
 
 @flow(

@@ -465,9 +465,13 @@ def test_a_bad_model_is_not_retried(image_folder: Path, tmp_path: Path) -> None:
 def test_reprocess_adds_a_new_models_rows_and_leaves_the_old_ones(
     image_folder: Path, tmp_path: Path, tiny_model: str, tiny_model_imagenet: str
 ) -> None:
+    """--prefix through a link inside SOURCE (`latest` → `sub`) narrows to the real folder: its images
+    keep the URIs a full run gives them, so the full run after it resumes instead of doubling them."""
     output = tmp_path / "preds"
+    (image_folder / "latest").symlink_to("sub", target_is_directory=True)
     classify(str(image_folder), str(output), model=tiny_model, device="cpu")
     before = {(r["image_uri"], r["prob_malignant"], str(r["processed_at"])) for r in rows(output)}
+    assert len(before) == 6
 
     args = [
         "reprocess",
@@ -479,10 +483,11 @@ def test_reprocess_adds_a_new_models_rows_and_leaves_the_old_ones(
         "--device",
         "cpu",
     ]
-    narrowed = runner.invoke(app, [*args, "--prefix", "sub"])
+    narrowed = runner.invoke(app, [*args, "--prefix", "latest"])
     assert narrowed.exit_code == 0, narrowed.output
     new_rows = [r for r in rows(output) if r["model"] == tiny_model_imagenet]
     assert sorted(Path(r["image_uri"]).name for r in new_rows) == ["d.tif", "e.jpeg", "f.bmp"]
+    assert all(r["image_uri"].startswith(f"file://{image_folder}/sub/") for r in new_rows)
 
     full = runner.invoke(app, args)  # resumes: only the three images outside sub/ are left
     assert full.exit_code == 0, full.output

@@ -246,14 +246,14 @@ def test_a_failed_shard_keeps_the_lease_until_the_shards_in_flight_have_written(
     lease_while_writing: list[bool] = []
     real = flows.classify.classify_files
 
-    def classify_files_with_a_full_disk(files, fs, model, options, run_id, shard):  # type: ignore[no-untyped-def]
+    def classify_files_with_a_full_disk(files, fs, model, options, run_id, shard, unrecorded):  # type: ignore[no-untyped-def]
         if any(f.path.endswith("scan0.png") for f in files):
             failed.set()
             raise OSError(errno.ENOSPC, "No space left on device")
         failed.wait(timeout=30)
         time.sleep(1.5)  # the flow has long seen the failure by now
         lease_while_writing.append(lease_held(output))
-        return real(files, fs, model, options, run_id, shard)
+        return real(files, fs, model, options, run_id, shard, unrecorded)
 
     monkeypatch.setattr(flows.classify, "classify_files", classify_files_with_a_full_disk)
     with pytest.raises(OSError, match="No space left on device"):

@@ -284,7 +284,7 @@ def summarize(
         "errors_by_category": dict(sorted(errors.items())),
         "error_share": round(sum(errors.values()) / classified, 4) if classified else 0.0,
         "malignant": malignant,
-        "malignant_share": round(malignant / ok, 4) if ok else 0.0,
+        "malignant_share": round(malignant / ok, 4) if ok else None,  # n/a: no row was ok
         "images_per_second": round(classified / (seconds - waited), 2)
         if seconds > waited and classified
         else 0.0,
@@ -297,7 +297,7 @@ def summarize(
 def publish_summary(summary: dict[str, Any], params: ClassifyParams, model: str) -> None:
     """A table artifact in the Prefect UI (research use only, not a diagnosis)."""
     rows = [
-        {"metric": key, "value": str(value)}
+        {"metric": key, "value": "n/a" if value is None else str(value)}
         for key, value in summary.items()
         if key not in {"output_files", "errors_by_category"}
     ]

@@ -114,7 +114,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         "images_per_second",
         "seconds",
     ):
-        table.add_row(key, str(summary.get(key)))
+        value = summary.get(key)
+        table.add_row(key, "n/a" if value is None else str(value))
     if summary.get("lease_wait_seconds"):
         table.add_row("lease_wait_seconds", str(summary["lease_wait_seconds"]))
     if summary.get("images_archived"):

@@ -98,10 +98,12 @@ def read_labels_file(path: str) -> pd.DataFrame:
         raise LabelError(f"labels file {path!r} has two columns named alike: {list(frame.columns)}")
     base = os.path.dirname(os.path.abspath(path))
     # Spaces around a value ("a.png , Normal" typed by hand) are not part of it; label_id strips too.
+    first = 2 if extension == ".csv" else 1  # a CSV's line 1 is its header; Parquet rows count from 1
     uris = [
-        to_image_uri(image_location(u, f"{path} row {n + 2}"), base) for n, u in enumerate(frame["image_uri"])
+        to_image_uri(image_location(u, f"{path} row {n + first}"), base)
+        for n, u in enumerate(frame["image_uri"])
     ]
-    labels = [label_id(v, f"{path} row {n + 2}") for n, v in enumerate(frame["label"])]
+    labels = [label_id(v, f"{path} row {n + first}") for n, v in enumerate(frame["label"])]
     return deduplicated(pd.DataFrame({"image_uri": uris, "y_true": labels}), path)
 
 

@@ -52,6 +52,7 @@ def read_predictions(
     A dataset holding several revisions must be narrowed with `model_revision` (a revision or a
     model_slug partition value): metrics that mix two models describe neither.
     """
+    model_revision = revision_name(model_revision)
     location = open_location(destination, storage or {})
     if not storage_call(location.fs, location.path, lambda: location.fs.isdir(location.path)):
         raise FileNotFoundError(
@@ -138,6 +139,7 @@ def check_revision_choice(
     """EvaluationError when the dataset holds several model revisions and `model_revision` is None, or
     none that `model_revision` names (a revision or a model_slug). Reads the two columns alone (cheap,
     so the CLI checks before Prefect starts); read_predictions says the rest."""
+    model_revision = revision_name(model_revision)
     location = open_location(destination, storage or {})
     dataset = open_dataset(location)
     if dataset is None:
@@ -149,6 +151,11 @@ def check_revision_choice(
     names = set(revisions.to_pylist()) | set(pc.unique(table.column("model_slug")).to_pylist())
     if model_revision is not None and model_revision not in names:
         raise missing_revision(destination, model_revision, _revisions(location))
+
+
+def revision_name(model_revision: str | None) -> str | None:
+    """--model-revision as given, or the partition folder's name copied whole (`model_slug=vit-1a2b…`)."""
+    return model_revision.removeprefix("model_slug=").strip("/") if model_revision else model_revision
 
 
 def several_revisions(destination: str, count: int, present: list[str]) -> EvaluationError:

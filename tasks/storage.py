@@ -563,7 +563,7 @@ def check_source(location: Location) -> None:
         fs, location.path, lambda: fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=start)
     )
     if not listing.get("KeyCount"):
-        endpoint = getattr(fs, "endpoint_url", None) or "the default AWS endpoint"
+        endpoint = endpoint_name(fs)
         raise FileNotFoundError(
             f"nothing under {location.uri} at {endpoint}: the prefix holds no objects (object stores "
             "have no empty folders); check the bucket and prefix, and the endpoint (--s3-endpoint-url, "
@@ -684,8 +684,9 @@ def translate_error(error: Exception, fs: fsspec.AbstractFileSystem, path: str) 
 
 
 def endpoint_name(fs: fsspec.AbstractFileSystem) -> str:
-    """The object store's endpoint URL as messages name it."""
-    return getattr(fs, "endpoint_url", None) or "the default AWS endpoint"
+    """The object store's endpoint as messages name it: `the S3 endpoint URL`, or AWS's default."""
+    url = getattr(fs, "endpoint_url", None)
+    return f"the S3 endpoint {url}" if url else "the default AWS S3 endpoint"
 
 
 def missing_bucket(location: Location) -> str | None:
@@ -722,12 +723,12 @@ def _translate_error(error: Exception, fs: fsspec.AbstractFileSystem, path: str)
         )
     if isinstance(error, BotocoreSSLError | aiohttp.ClientSSLError):
         return ConnectionError(
-            f"the TLS handshake with the S3 endpoint {endpoint} failed for {uri} ({error}); check the "
+            f"the TLS handshake with {endpoint} failed for {uri} ({error}); check the "
             "endpoint's scheme (http:// for a server without TLS) and its certificate (AWS_CA_BUNDLE)"
         )
     if isinstance(error, EndpointConnectionError | ConnectTimeoutError):
         return ConnectionError(
-            f"cannot connect to the S3 endpoint {endpoint} for {uri}; check --s3-endpoint-url, "
+            f"cannot connect to {endpoint} for {uri}; check --s3-endpoint-url, "
             "AWS_ENDPOINT_URL and that the server is up and reachable"
         )
     if isinstance(error, FileNotFoundError):

@@ -90,6 +90,7 @@ def test_incremental_runs(image_folder: Path, tmp_path: Path, tiny_model: str) -
 
     again = classify(str(image_folder), str(output), model=tiny_model, device="cpu")
     assert again["images_found"] == 6 and again["images_classified"] == 0 and again["output_files"] == []
+    assert again["malignant_share"] is None  # n/a, not 0%: no row was ok
 
     for n in range(3):
         make_image(image_folder / "new" / f"n{n}.jpg", seed=100 + n)

@@ -446,6 +446,9 @@ def test_evaluate_reads_the_row_latest_shows_and_a_slug_means_its_revision(tmp_p
 
     predictions = read_predictions(str(dest), model_slug("/models/vit", OLD)).set_index("image_uri")
     assert len(predictions) == 60
+    assert (
+        len(read_predictions(str(dest), f"model_slug={model_slug('/models/vit', OLD)}/")) == 60
+    )  # as on disk
     chosen = predictions["prob_malignant"].fillna(-1).to_dict()  # error rows: no probability
     latest = connect(str(dest)).sql("select image_uri, coalesce(prob_malignant, -1) from latest").fetchall()
     assert dict(latest) == chosen
@@ -476,7 +479,7 @@ def test_labels_files_typed_by_hand_or_broken(tmp_path: Path) -> None:
         assert name in str(error.value)
     nulls = tmp_path / "nulls.parquet"
     pd.DataFrame({"image_uri": ["a.png", None], "label": ["Normal", "Normal"]}).to_parquet(nulls)
-    with pytest.raises(LabelError, match=r"row 3: image_uri is empty"):
+    with pytest.raises(LabelError, match=r"row 2: image_uri is empty"):  # Parquet has no header line
         read_labels_file(str(nulls))
 
 

@@ -318,7 +318,10 @@ def test_a_missing_bucket_is_named_by_the_commands_that_read_a_dataset(
         result = CliRunner().invoke(app, args)
         text = " ".join(result.output.split())
         assert result.exit_code == 1, (args, text)
-        assert "bucket 'no-such-bucket' (of 's3://no-such-bucket/out') was not found at http" in text, text
+        assert (
+            "bucket 'no-such-bucket' (of 's3://no-such-bucket/out') was not found at the S3 endpoint http"
+            in text
+        ), text
     result = CliRunner().invoke(app, ["latest", "s3://preds/out", "-o", str(tmp_path / "l.csv")])
     assert result.exit_code == 1 and "no Parquet files under 's3://preds/out'" in result.output
 

@@ -32,7 +32,7 @@ from sklearn.metrics import (
 from tasks.analytics import retry_while_compacting
 from tasks.labels import CLASS_NAMES
 from tasks.model import POSITIVE_LABEL
-from tasks.sink import open_dataset
+from tasks.sink import find_unreadable_file, open_dataset
 from tasks.storage import Location, missing_bucket, open_location, storage_call
 
 PREDICTION_COLUMNS = ["image_uri", "prob_malignant", "label", "threshold", "model", "model_revision"]
@@ -68,7 +68,10 @@ def read_predictions(
         dataset = open_dataset(location)  # only the partition files: a stray README or export is not data
         return None if dataset is None else dataset.to_table(columns=columns, filter=wanted)
 
-    table = retry_while_compacting(lambda: storage_call(location.fs, location.path, read))
+    try:
+        table = retry_while_compacting(lambda: storage_call(location.fs, location.path, read))
+    except pa.ArrowInvalid as exc:  # a damaged or foreign file: name it, and what to do
+        raise (find_unreadable_file(location) or exc) from exc
     found = set() if table is None else set(pc.unique(table.column("model_revision")).drop_null().to_pylist())
     if model_revision and len(found) == 1 and model_revision not in found:
         # A model_slug names the folder the model was loaded from: the same weights loaded from another

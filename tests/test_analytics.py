@@ -432,11 +432,14 @@ def test_a_damaged_file_in_dest_is_named_with_the_fix(
         damaged.write_bytes(content)
     files = sorted(dest.rglob("*.parquet"))
     make_image(image_folder / "later.png", seed=99)
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"image_uri,label\n{image_folder / 'a.jpg'},Normal\n")
     for command in (
         ["classify", str(image_folder), "-o", str(dest), "--model", tiny_model, "--device", "cpu"],
         ["compact", str(dest)],
         ["latest", str(dest), "-o", str(tmp_path / "latest.csv")],
         ["report", str(dest), "-o", str(tmp_path / "report.html")],
+        ["evaluate", "--predictions", str(dest), "--labels", str(labels), "-o", str(tmp_path / "evaluation")],
     ):
         result = CliRunner().invoke(app, command)
         text = " ".join(result.output.split())

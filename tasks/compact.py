@@ -192,6 +192,14 @@ def compact(destination: Location, target_rows: int = TARGET_ROWS, run_id: str =
         raise FileNotFoundError(
             missing_bucket(destination) or f"dataset {destination.uri!r} does not exist; check the path"
         )
+    names = storage_call(
+        fs, root, lambda: [posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)]
+    )
+    if not any(name.startswith("model_slug=") for name in names):  # before the lease, which writes into it
+        raise FileNotFoundError(
+            f"{destination.uri!r} holds no model_slug=… partition folders, so it is no classify output (the "
+            "image SOURCE given by mistake?); give the --output folder of `oncoflow classify`"
+        )
     check_output(destination)  # compaction writes merged files and deletes their inputs
     run_id = run_id or f"compact-{uuid.uuid4().hex[:8]}"
     with acquire(destination, COMPACTION_LEASE, run_id, wait_seconds=0) as lease:

@@ -64,6 +64,15 @@ def test_compaction_keeps_every_row_once_and_merges_small_files(tmp_path: Path) 
     assert again.files_written == 0 and all_rows(dest) == before
 
 
+def test_compact_refuses_a_folder_that_is_no_dataset_and_writes_nothing_into_it(image_folder: Path) -> None:
+    """The image SOURCE given by mistake: before, `merged 0 files` and a lease file left in the archive."""
+    before = sorted(image_folder.rglob("*"))
+    result = CliRunner().invoke(app, ["compact", str(image_folder)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "holds no model_slug=… partition folders" in text, text
+    assert sorted(image_folder.rglob("*")) == before
+
+
 def test_compaction_respects_the_target_size(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     make_dataset(dest)  # day 1 holds 3 files of 20 rows

@@ -367,7 +367,10 @@ def compute_metrics(joined: Joined, target_sensitivity: float | None = None) -> 
         "operating_point": None,
     }
     if target_sensitivity is not None:
-        metrics["operating_point"] = operating_point(y_true, prob, target_sensitivity)
+        if not 0.0 < target_sensitivity <= 1.0:
+            raise EvaluationError(f"target sensitivity {target_sensitivity} must be in (0, 1]")
+        if len(np.unique(y_true)) == 2:  # else null, like the other metrics one class leaves undefined
+            metrics["operating_point"] = operating_point(y_true, prob, target_sensitivity)
     return metrics
 
 

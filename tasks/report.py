@@ -152,12 +152,14 @@ def one_class_warning(metrics: dict[str, Any]) -> str | None:
         return (
             f"The evaluated images hold no {missing} image, only {counts[present]} {present}: the "
             f"{failed} labelled {missing} images all have error rows (see their `error` column), so "
-            f"{undefined}, MCC and the ROC/PR AUCs cannot be measured and are n/a. Fix or replace those "
+            f"{undefined}, MCC, the ROC/PR AUCs and an operating point cannot be measured and are n/a. "
+            "Fix or replace those "
             "files and classify them again."
         )
     return (
-        f"The labels hold no {missing} image, only {counts[present]} {present}: {undefined}, MCC and "
-        f"the ROC/PR AUCs cannot be measured on them and are n/a. Label {missing} images too."
+        f"The labels hold no {missing} image, only {counts[present]} {present}: {undefined}, MCC, the "
+        f"ROC/PR AUCs and an operating point cannot be measured on them and are n/a. Label {missing} "
+        "images too."
     )
 
 

@@ -131,8 +131,12 @@ def test_metrics_report_and_plots_are_written(tmp_path: Path) -> None:
 def test_one_class_only_still_reports_what_it_can(tmp_path: Path) -> None:
     y_true = np.zeros(5, int)
     prob = np.array([0.1, 0.2, 0.6, 0.3, 0.4])
-    metrics = compute_metrics(Joined(scored_frame(y_true, prob), 0, 0, 0, 0))
+    # --target-sensitivity too: no operating point (null, said in the warning), not a failed evaluation
+    metrics = compute_metrics(Joined(scored_frame(y_true, prob), 0, 0, 0, 0), target_sensitivity=0.9)
     assert metrics["roc_auc"] is None and metrics["fp"] == 1 and metrics["specificity"] == 0.8
+    assert metrics["operating_point"] is None and "an operating point" in " ".join(
+        render_markdown(metrics).split()
+    )
     write_report(str(tmp_path), metrics, y_true, (prob >= 0.5).astype(int), prob)
     assert json.loads((tmp_path / "metrics.json").read_text())["roc_auc"] is None
     assert "n/a" in render_markdown(metrics)

@@ -7,6 +7,7 @@ deployments for `prefect deploy` to a work pool.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prefect import serve
@@ -32,6 +33,11 @@ def build_deployments(
 ) -> list[RunnerDeployment]:
     """classify-nightly (cron, in `timezone`); reprocess-archive and evaluate run on demand (their forms ask
     for the model, or the labels and the report folder)."""
+    # Stored in the deployment and shown in the UI's forms: a relative path would name a folder relative
+    # to wherever a run happens to start (deployments/deploy.sh refuses them for that reason).
+    source, output = absolute_local(source), absolute_local(output)
+    if os.path.isdir(os.path.expanduser(model)):
+        model = absolute_local(model)
     defaults: dict[str, Any] = {"source": source, "output": output, "model": model, "device": device}
     # to_deployment is sync-or-async by context; called here from sync code it returns the deployment.
     return [
@@ -55,6 +61,11 @@ def build_deployments(
             tags=TAGS,
         ),
     ]
+
+
+def absolute_local(location: str) -> str:
+    """A local path made absolute (`~` expanded); URIs as given."""
+    return location if "://" in location else os.path.abspath(os.path.expanduser(location))
 
 
 def serve_deployments(deployments: list[RunnerDeployment], limit: int | None = None) -> None:

@@ -116,7 +116,8 @@ def render_png(data: ReportData, title: str) -> bytes:
     share_ax.set_title("Malignant share per day (ok rows), by model revision")
     share_ax.set_ylabel("% Malignant")
     share_ax.set_ylim(0, 100)
-    share_ax.legend(fontsize=8)
+    if data.share:  # no ok row: nothing plotted, and an empty legend only warns
+        share_ax.legend(fontsize=8)
     share_ax.tick_params(axis="x", rotation=30)
 
     colors = {"Normal": "#4c72b0", "Malignant": "#c44e52"}

@@ -279,14 +279,19 @@ def read_deployment(name: str):
         return client.read_deployment_by_name(name)
 
 
-def test_served_deployments_register_with_schedule_and_parameters(tmp_path: Path) -> None:
-    for deployment in build_deployments("/data/scans", str(tmp_path / "out"), "m", timezone="Europe/Berlin"):
+def test_served_deployments_register_with_schedule_and_parameters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relative local paths are stored absolute: a run may start anywhere, and the UI's form shows them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "vit").mkdir(parents=True)
+    for deployment in build_deployments("/data/scans", "out", "models/vit", timezone="Europe/Berlin"):
         deployment.apply()
     nightly = read_deployment("classify/classify-nightly")
     assert nightly.parameters == {
         "source": "/data/scans",
         "output": str(tmp_path / "out"),
-        "model": "m",
+        "model": str(tmp_path / "models" / "vit"),
         "device": "auto",
     }
     [schedule] = nightly.schedules

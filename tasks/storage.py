@@ -564,6 +564,21 @@ def check_source(location: Location) -> None:
     )
     if not listing.get("KeyCount"):
         endpoint = endpoint_name(fs)
+        if (
+            prefix
+            and storage_call(  # SOURCE names one object: say so, not "no objects"
+                fs,
+                location.path,
+                lambda: fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1),
+            )
+            .get("Contents", [{}])[0]
+            .get("Key")
+            == prefix
+        ):
+            parent = location.uri.rsplit("/", 1)[0]
+            raise FileNotFoundError(
+                f"{location.uri} is one object, not a prefix; give the prefix that holds it ({parent})"
+            )
         raise FileNotFoundError(
             f"nothing under {location.uri} at {endpoint}: the prefix holds no objects (object stores "
             "have no empty folders); check the bucket and prefix, and the endpoint (--s3-endpoint-url, "

@@ -295,6 +295,18 @@ def test_missing_bucket_or_prefix_fails_before_the_model_loads(
     assert s3.find("preds") == []
 
 
+def test_a_source_naming_one_object_says_so(image_folder: Path, s3: s3fs.S3FileSystem) -> None:
+    """Not "the prefix holds no objects": the object exists, and its prefix is what to give."""
+    upload_folder(s3, image_folder, "scans/incoming")
+    with pytest.raises(FileNotFoundError) as raised:
+        classify("s3://scans/incoming/a.jpg", "s3://preds/out", model="/no/such/model", device="cpu")
+    assert str(raised.value) == (
+        "s3://scans/incoming/a.jpg is one object, not a prefix; give the prefix that holds it "
+        "(s3://scans/incoming)"
+    )
+    assert s3.find("preds") == []
+
+
 def test_a_missing_bucket_is_named_by_the_commands_that_read_a_dataset(
     s3: s3fs.S3FileSystem, tmp_path: Path
 ) -> None:

@@ -564,17 +564,7 @@ def check_source(location: Location) -> None:
     )
     if not listing.get("KeyCount"):
         endpoint = endpoint_name(fs)
-        if (
-            prefix
-            and storage_call(  # SOURCE names one object: say so, not "no objects"
-                fs,
-                location.path,
-                lambda: fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1),
-            )
-            .get("Contents", [{}])[0]
-            .get("Key")
-            == prefix
-        ):
+        if prefix and is_one_object(fs, location.path, bucket, prefix):  # not "no objects"
             parent = location.uri.rsplit("/", 1)[0]
             raise FileNotFoundError(
                 f"{location.uri} is one object, not a prefix; give the prefix that holds it ({parent})"
@@ -599,6 +589,14 @@ def check_source(location: Location) -> None:
 
 
 ARCHIVED_STORAGE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
+
+
+def is_one_object(fs: S3FileSystem, path: str, bucket: str, key: str) -> bool:
+    """True when `key` is an object's whole key (a SOURCE naming one image instead of its prefix)."""
+    listing = storage_call(
+        fs, path, lambda: fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=key, MaxKeys=1)
+    )
+    return bool(listing.get("Contents")) and listing["Contents"][0].get("Key") == key
 
 
 def probe_candidate(item: dict[str, Any], start: str) -> bool:

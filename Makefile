@@ -23,8 +23,12 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	HF_HUB_OFFLINE=1 $(PY) -m flows.demo --workdir demo-output
 
+# Two test processes by default: most slow tests wait on subprocesses and servers, so two halve the run
+# even on two cores (each process starts its own Prefect test server). TEST_WORKERS=0 runs them in one.
+TEST_WORKERS ?= 2
+
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 lint: install
 	$(VENV)/bin/ruff check .

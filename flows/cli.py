@@ -63,7 +63,7 @@ TOO_MANY_ERRORS_EXIT = 3  # the run completed and wrote its rows, but --max-erro
 
 
 def fail(message: str, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {escape(redact(message))}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(redact(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -495,7 +495,7 @@ def compact_command(
         line += f"; {report['leftovers_deleted']} inputs of an interrupted compaction deleted"
     if report["temporaries_deleted"]:
         line += f"; {report['temporaries_deleted']} stale temporary files deleted"
-    Console().print(line)
+    Console().print(line, soft_wrap=True)
 
 
 def read_dataset(
@@ -563,7 +563,7 @@ def latest_command(
     rows = read_dataset(
         export_latest, dest, output, (".parquet", ".csv"), s3_endpoint_url, aws_credentials_block
     )
-    Console().print(f"wrote {rows} rows (one per image) to {output}")
+    Console().print(f"wrote {rows} rows (one per image) to {output}", soft_wrap=True)
 
 
 @app.command("report")
@@ -582,6 +582,7 @@ def report_command(
         f"wrote {output}: {totals['images (latest row each)']} images, "
         f"{totals['error rows (latest row each)']} error rows ({totals['error share']})",
         highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -611,7 +612,7 @@ def print_metrics(metrics: dict[str, Any], written: str) -> None:
     table.add_row("not evaluated: predictions without label", str(images["predictions_without_label"]))
     table.add_row("not evaluated: labels without prediction", str(images["labels_without_prediction"]))
     Console().print(table)
-    Console().print(f"report: {written}", highlight=False)
+    Console().print(f"report: {written}", highlight=False, soft_wrap=True)
 
 
 def evaluate_command(
@@ -736,6 +737,7 @@ def train_command(
         f"{100 * validation['accuracy']:.2f}%, recall {100 * validation['recall']:.2f}%, specificity "
         f"{100 * validation['specificity']:.2f}% — see {summary['output']}/README.md. Research use only.",
         highlight=False,
+        soft_wrap=True,
     )
 
 

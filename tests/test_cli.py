@@ -181,6 +181,17 @@ def test_arguments_fail_before_any_work_with_a_message_that_reads(image_folder: 
         assert not (tmp_path / "out").exists()
 
 
+def test_an_error_naming_a_long_path_prints_it_whole(tmp_path: Path) -> None:
+    """A path longer than the terminal is one unbroken line to copy, not folded at column 80 with a
+    newline inside it (the terminal wraps it for display)."""
+    deep = tmp_path / ("a-folder-with-a-long-name-" * 4) / "scans"
+    deep.parent.mkdir(parents=True)
+    result = invoke("classify", str(deep), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 2 and len(str(deep)) > 80
+    assert str(deep) in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
 def test_python_m_flows_cli_runs_the_cli() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, timeout=60

@@ -5,7 +5,6 @@ Research use only: oncoflow's labels are model outputs, not diagnoses.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import signal
@@ -418,7 +417,9 @@ def detach_temporary_server() -> None:
     which then spent over a minute failing to report to it (hundreds of tracebacks), exited 1 and
     stayed Running in the history. In its own session only oncoflow gets the signal: the run is marked
     Crashed, the command exits 130, and the server is stopped on the way out (Prefect's atexit hook).
-    Done by giving Prefect's server module a `subprocess` whose Popen starts a new session."""
+    Done by giving Prefect's server module a `subprocess` whose Popen starts a new session, and runs
+    uvicorn under flows.server_guard, which stops the server if this process dies without that hook
+    (SIGKILL, the out-of-memory killer)."""
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
@@ -429,8 +430,16 @@ def detach_temporary_server() -> None:
         return
     detached = types.ModuleType("subprocess")
     detached.__dict__.update(vars(subprocess))
-    detached.Popen = functools.partial(subprocess.Popen, start_new_session=True)  # type: ignore[attr-defined]
+    detached.Popen = detached_popen  # type: ignore[attr-defined]
     server.subprocess = detached  # type: ignore[attr-defined]
+
+
+def detached_popen(args: list[str], **kwargs: Any) -> subprocess.Popen:
+    """Popen for Prefect's server module: a session of its own; `python -m uvicorn ...` (the temporary
+    server) runs under flows.server_guard, watching this process."""
+    if list(args[1:3]) == ["-m", "uvicorn"]:
+        args = [args[0], "-m", "flows.server_guard", str(os.getpid()), *args[3:]]
+    return subprocess.Popen(args, start_new_session=True, **kwargs)
 
 
 def run_and_report(flow: Any, placement: RunnerParams, **parameters: Any) -> None:

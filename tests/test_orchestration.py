@@ -648,6 +648,55 @@ def test_ctrl_c_in_a_terminal_stops_a_run_on_the_temporary_server_cleanly(
         assert len(uris) == len(set(uris)) == 150
 
 
+def process_alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a parent that does not reap (PID 1 in a container may not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_command_killed_with_sigkill_leaves_no_temporary_server(tmp_path: Path, tiny_model: str) -> None:
+    """kill -9 (or the out-of-memory killer) skips Prefect's exit hook that stops its temporary server:
+    the server used to live on, one more after each such night. It now stops within seconds."""
+    from tests.conftest import make_image
+
+    for number in range(60):
+        make_image(tmp_path / "src" / f"i{number:03d}.png", size=(600, 600), seed=number)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    command = [sys.executable, "-m", "flows.classify", str(tmp_path / "src"), "-o", str(tmp_path / "dest")]
+    command += ["--model", tiny_model, "--shard-size", "10", "--batch-size", "1", "--device", "cpu"]
+    run = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    servers: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while not list((tmp_path / "dest").rglob("*.parquet")) and time.monotonic() < deadline:
+            assert run.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.2)
+        children = subprocess.run(
+            ["pgrep", "-P", str(run.pid)], capture_output=True, text=True
+        ).stdout.split()
+        servers = [
+            int(child)
+            for child in children
+            if b"server:create_app" in Path(f"/proc/{child}/cmdline").read_bytes()  # the temporary server
+        ]
+        assert len(servers) == 1, children
+        run.kill()
+        run.wait()
+        deadline = time.monotonic() + 30
+        while process_alive(servers[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not process_alive(servers[0]), "the temporary server outlived the killed command"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            run.kill()
+        for server in servers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server, signal.SIGKILL)
+
+
 def test_a_compaction_killed_holding_its_lease_is_marked_crashed_by_the_next(tmp_path: Path) -> None:
     """Like classify's output lease: the next compaction takes over and records the dead run as Crashed
     instead of leaving it Running in the history for good."""

@@ -20,7 +20,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from tasks.images import ImageError, pixel_limit_message, scale_to_8bit
+from tasks.images import ImageError, pixel_limit_message, row_blocks, scale_to_8bit
 
 # pydicom logs an ERROR per undecodable file, naming no file: the file's error row says it, with its name.
 logging.getLogger("pydicom").setLevel(logging.CRITICAL)
@@ -86,6 +86,7 @@ def decode_dicom(data: bytes, max_pixels: int) -> Image.Image:
             "unsupported",
             f"DICOM pixel data cannot be decoded (transfer syntax {name}, {type(exc).__name__})",
         ) from exc
+    del dataset.PixelData  # decoded: its bytes (as many as the frame's) are not needed any more
     try:
         return _displayed(frame, dataset)
     except Exception as exc:  # a malformed header value (a window, a slope): its text may be an identifier
@@ -127,7 +128,7 @@ def _decoder(syntax: UID) -> Any:
 
 def _displayed(frame: np.ndarray, dataset: Dataset) -> Image.Image:
     """A decoded first frame as the RGB image a viewer shows."""
-    from pydicom.pixels import apply_color_lut, apply_modality_lut
+    from pydicom.pixels import apply_color_lut
 
     if frame.ndim == 3:  # colour (RGB, or YBR already converted to RGB by pydicom)
         return Image.fromarray(_colour_to_8bit(frame), "RGB")
@@ -135,28 +136,35 @@ def _displayed(frame: np.ndarray, dataset: Dataset) -> Image.Image:
         colours = apply_color_lut(frame, dataset)  # 8- or 16-bit entries: 16-bit ones keep their top byte
         colours = colours if colours.dtype == np.uint8 else (colours >> 8).astype(np.uint8)
         return Image.fromarray(np.ascontiguousarray(colours), "RGB")
-    grey = display_values(apply_modality_lut(frame, dataset).astype(np.float64), dataset)
-    return Image.fromarray(grey, "L").convert("RGB")
+    return Image.fromarray(display_values(frame, dataset), "L").convert("RGB")
 
 
-def display_values(values: np.ndarray, dataset: Dataset) -> np.ndarray:
-    """Modality values → 8-bit display grey: VOI window or LUT, else value range; MONOCHROME1 inverted."""
-    from pydicom.pixels import apply_voi_lut
+def display_values(frame: np.ndarray, dataset: Dataset) -> np.ndarray:
+    """Stored values → modality values → 8-bit display grey: VOI window or LUT, else value range;
+    MONOCHROME1 inverted. A block of rows at a time (tasks.images.row_blocks): the float64 modality
+    and window values of a whole mammogram took ~36 bytes per pixel."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    def modality(block: np.ndarray) -> np.ndarray:
+        return apply_modality_lut(block, dataset).astype(np.float64)
+
+    inverted = getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1"
     center, width = (
         _first(getattr(dataset, "WindowCenter", None)),
         _first(getattr(dataset, "WindowWidth", None)),
     )
     if center is not None and width is not None and width > 0:
         function = str(getattr(dataset, "VOILUTFunction", "LINEAR") or "LINEAR").upper()
-        shown = window(values, center, width, function)
-    elif "VOILUTSequence" in dataset:
-        shown = scale_to_8bit(apply_voi_lut(values, dataset, prefer_lut=True)).astype(np.float64) / 255
+        grey = np.empty(frame.shape, np.uint8)
+        for rows in row_blocks(frame):
+            shown = window(modality(frame[rows]), center, width, function)
+            grey[rows] = np.round((1.0 - shown if inverted else shown) * 255)
+        return grey
+    if "VOILUTSequence" in dataset:
+        grey = scale_to_8bit(frame, lambda block: apply_voi_lut(modality(block), dataset, prefer_lut=True))
     else:
-        shown = scale_to_8bit(values).astype(np.float64) / 255
-    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
-        shown = 1.0 - shown
-    return np.round(shown * 255).astype(np.uint8)
+        grey = scale_to_8bit(frame, modality)
+    return np.subtract(255, grey, out=grey) if inverted else grey
 
 
 def window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:

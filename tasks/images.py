@@ -199,13 +199,52 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def scale_to_8bit(values: np.ndarray) -> np.ndarray:
-    """Map the array's own [min, max] linearly onto [0, 255] (a constant image becomes black)."""
-    values = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    low, high = float(values.min()), float(values.max())
+# High-bit-depth images are mapped to 8 bits a block of rows at a time, so that their float temporaries
+# take a few MB whatever the image's size: converting a whole 16-bit mammogram at once held ~15 bytes
+# per pixel (Pillow) and ~36 (DICOM) in float copies, in every decoding thread (bench/decode_memory.py).
+BLOCK_PIXELS = 1 << 20
+
+
+def row_blocks(values: np.ndarray) -> Iterator[slice]:
+    """Slices of whole rows of `values`, about BLOCK_PIXELS pixels each."""
+    per_row = max(1, int(np.prod(values.shape[1:])))
+    step = max(1, BLOCK_PIXELS // per_row)
+    for start in range(0, values.shape[0], step):
+        yield slice(start, start + step)
+
+
+def finite_float32(values: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def scale_to_8bit(
+    values: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None = None
+) -> np.ndarray:
+    """Map the array's own [min, max] linearly onto [0, 255] (a constant image becomes black).
+
+    `transform`, applied to each block of rows first, maps stored values to the values to scale (DICOM's
+    lookup tables), so that the whole transformed image never exists at once."""
+
+    def cleaned(rows: slice) -> np.ndarray:
+        block = values[rows]
+        return finite_float32(transform(block) if transform is not None else block)
+
+    grey = np.zeros(values.shape, np.uint8)
+    if values.size == 0:
+        return grey
+    low, high = np.inf, -np.inf
+    for rows in row_blocks(values):
+        block = cleaned(rows)
+        low, high = min(low, float(block.min())), max(high, float(block.max()))
     if high <= low:
-        return np.zeros(values.shape, np.uint8)
-    return np.round((values - low) * np.float32(255.0 / (high - low))).astype(np.uint8)
+        return grey
+    scale = np.float32(255.0 / (high - low))
+    for rows in row_blocks(values):
+        block = cleaned(rows)
+        block -= np.float32(low)
+        block *= scale
+        grey[rows] = np.round(block, out=block)
+    return grey
 
 
 @dataclass(frozen=True)

@@ -305,6 +305,87 @@ def test_an_image_named_dcm_is_decoded_as_the_image_it_is() -> None:
     assert decode_image(png, name="export.dcm").size == (24, 16)
 
 
+def old_scale_to_8bit(values: np.ndarray) -> np.ndarray:
+    """scale_to_8bit as it was before it worked in blocks of rows: the whole image at once."""
+    values = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, np.uint8)
+    return np.round((values - low) * np.float32(255.0 / (high - low))).astype(np.uint8)
+
+
+def dicom_with_voi_lut(pixels: np.ndarray) -> bytes:
+    """A DICOM file whose display goes through a VOI LUT sequence (a square-root curve, 16-bit entries)."""
+    from pydicom.dataset import Dataset
+
+    table = (np.sqrt(np.arange(4096) / 4095) * 60000).astype("<u2")
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.add_new("LUTData", "OW", table.tobytes())
+    return edited_dicom(corpus.make_dicom(pixels, bits_stored=12), VOILUTSequence=("SQ", [item]))
+
+
+def test_high_depth_images_map_to_8_bits_block_by_block_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The mapping to 8 bits runs a block of rows at a time (bounded float temporaries); every block
+    size gives the pixels of the whole-image mapping, for each kind of high-depth image."""
+    import tasks.images
+
+    rng = np.random.default_rng(5)
+    values = rng.normal(0, 1000, size=(37, 29)).astype(np.float32)
+    values[3, 4], values[10, 0], values[36, 28] = np.nan, np.inf, -np.inf
+    pixels = rng.integers(0, 4096, size=(37, 29), dtype=np.uint16)
+    files = {
+        "png-16bit": corpus.encode(Image.fromarray(pixels), "PNG"),
+        "tiff-float": corpus.encode(Image.fromarray(values), "TIFF"),
+        "dicom-window": corpus.make_dicom(pixels, window=(2048, 1024)),
+        "dicom-range": corpus.make_dicom(pixels),
+        "dicom-rescale-window-mono1": corpus.make_dicom(
+            pixels, photometric="MONOCHROME1", window=(0, 2000), rescale=(1.5, -1024.0)
+        ),
+        "dicom-range-mono1": corpus.make_dicom(pixels, photometric="MONOCHROME1"),
+        "dicom-voi-lut": dicom_with_voi_lut(pixels),
+    }
+    whole = {name: display(data) for name, data in files.items()}  # each fits in one block
+    assert np.array_equal(whole["png-16bit"], old_scale_to_8bit(pixels))
+    assert np.array_equal(whole["dicom-range"], old_scale_to_8bit(pixels))
+    assert np.array_equal(whole["dicom-range-mono1"], 255 - whole["dicom-range"])
+    assert whole["dicom-voi-lut"].min() == 0 and whole["dicom-voi-lut"].max() == 255
+    assert whole["dicom-voi-lut"].mean() > whole["dicom-range"].mean() + 20  # the square-root curve
+    for block_pixels in (1, 29 * 5, 29 * 36):  # one row, several, all but the last
+        monkeypatch.setattr(tasks.images, "BLOCK_PIXELS", block_pixels)
+        assert np.array_equal(tasks.images.scale_to_8bit(values), old_scale_to_8bit(values))
+        for name, data in files.items():
+            assert np.array_equal(display(data), whole[name]), (name, block_pixels)
+
+
+def test_decoding_a_large_high_depth_image_holds_a_few_bytes_per_pixel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Traced allocations (numpy, Python bytes) while decoding 16-bit images: ~4-5 bytes per pixel, not
+    the 15 (PNG) and 36 (DICOM) of whole-image float copies. bench/decode_memory.py has the figures at a
+    mammogram's size; blocks are made small here so that a 512x512 image has many."""
+    import tracemalloc
+
+    import tasks.images
+
+    monkeypatch.setattr(tasks.images, "BLOCK_PIXELS", 1 << 14)
+    pixels = np.random.default_rng(6).integers(0, 4096, size=(512, 512), dtype=np.uint16)
+    for name, data in {
+        "scan.png": corpus.encode(Image.fromarray(pixels), "PNG"),
+        "scan.dcm": corpus.make_dicom(pixels, window=(2048, 1024), rescale=(1.0, -1024.0)),
+    }.items():
+        decode_image(data, name=name)
+        tracemalloc.start()
+        try:
+            decode_image(data, name=name)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak / pixels.size < 7, (name, peak / pixels.size)
+
+
 def test_window_functions() -> None:
     values = np.array([0.0, 99.5, 100.0, 200.0])
     assert window(values, 100, 1).tolist() == [0.0, 0.0, 1.0, 1.0]

@@ -122,6 +122,14 @@ def test_analytics_read_bench_runs(tmp_path: Path) -> None:
     assert 0 < requests <= 16
 
 
+def test_decode_memory_bench_runs(tmp_path: Path) -> None:
+    """bench/decode_memory.py on small images: a traced peak and a time for every kind of image."""
+    run_bench(tmp_path, "decode_memory.py", "--width", "96", "--height", "64", timeout=300)
+    records = [json.loads(line) for line in (tmp_path / "decode_memory.json").read_text().splitlines()]
+    assert [record["case"] for record in records][:2] == ["png-16bit", "tiff-16bit"] and len(records) == 7
+    assert all(record["traced_mb"] > 0 and record["seconds"] > 0 for record in records)
+
+
 @pytest.mark.slow
 def test_gpu_overlap_probe_runs(tmp_path: Path) -> None:
     """bench/gpu_overlap.py's CPU mode: every stage alone and in pairs gives a rate."""

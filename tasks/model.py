@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -320,6 +322,22 @@ def inspect_model(name: str, revision: str | None = None) -> ModelFiles:
     )
 
 
+@contextmanager
+def no_loading_bar() -> Iterator[None]:
+    """transformers draws a "Loading weights" progress bar per load: two lines of carriage returns in
+    every nightly log, for a load that takes well under a second from disk. Off while loading (a hub
+    download keeps huggingface_hub's own bar); left as it was afterwards."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def _load(name: str, revision: str | None, device: Device, precision: Precision) -> LoadedModel:
     from transformers import AutoModelForImageClassification
 
@@ -327,13 +345,14 @@ def _load(name: str, revision: str | None, device: Device, precision: Precision)
     chosen_precision = resolve_precision(precision, torch_device)
     files = inspect_model(name, revision)
     try:
-        network, loading = AutoModelForImageClassification.from_pretrained(
-            files.directory,
-            use_safetensors=True,
-            trust_remote_code=False,
-            ignore_mismatched_sizes=True,  # reported by check_weights, as one line instead of a traceback
-            output_loading_info=True,
-        )
+        with no_loading_bar():
+            network, loading = AutoModelForImageClassification.from_pretrained(
+                files.directory,
+                use_safetensors=True,
+                trust_remote_code=False,
+                ignore_mismatched_sizes=True,  # reported by check_weights: one line, not a traceback
+                output_loading_info=True,
+            )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {name!r} from {files.directory!r}: {exc}") from exc
     check_weights(loading, name, files.directory)

@@ -34,6 +34,7 @@ from tasks.model import (
     ModelError,
     check_weights,
     fetch_model,
+    no_loading_bar,
     resolve_device,
     share_model_files,
 )
@@ -192,16 +193,17 @@ def load_base(base_model: str) -> tuple[torch.nn.Module, str, dict[str, Any]]:
         )
     with open(processor_path) as handle:
         processor_config = json.load(handle)
-    network, loading = AutoModelForImageClassification.from_pretrained(
-        directory,
-        num_labels=len(CLASS_NAMES),
-        id2label=dict(enumerate(CLASS_NAMES)),
-        label2id={name: i for i, name in enumerate(CLASS_NAMES)},
-        ignore_mismatched_sizes=True,  # a base with another head (or none) gets a new 2-class head
-        use_safetensors=True,
-        trust_remote_code=False,
-        output_loading_info=True,
-    )
+    with no_loading_bar():
+        network, loading = AutoModelForImageClassification.from_pretrained(
+            directory,
+            num_labels=len(CLASS_NAMES),
+            id2label=dict(enumerate(CLASS_NAMES)),
+            label2id={name: i for i, name in enumerate(CLASS_NAMES)},
+            ignore_mismatched_sizes=True,  # a base with another head (or none) gets a new 2-class head
+            use_safetensors=True,
+            trust_remote_code=False,
+            output_loading_info=True,
+        )
     check_weights(loading, base_model, directory, new_head=True, what="base model")
     # A base that already has a 2-class head (another fine-tuned model; its classes maybe in the other
     # order) keeps it through from_pretrained: start every run from a new head, under the caller's seed.

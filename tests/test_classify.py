@@ -301,3 +301,20 @@ def test_a_file_replaced_after_listing_gets_the_fingerprint_of_what_was_read(
     )
     assert rows.column("image_width")[0].as_py() == 80
     assert select_new(list_images(location), rows) == []
+
+
+def test_loading_a_model_draws_no_progress_bar(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """transformers' "Loading weights" bar put two lines of carriage returns in every nightly log; it is
+    off while oncoflow loads a model, and left as it was for the rest of the process."""
+    from transformers.utils import logging as transformers_logging
+
+    from flows.demo import build_tiny_model
+    from tasks.model import load_model
+
+    folder = build_tiny_model(str(tmp_path / "model"), seed=3)  # not in load_model's cache yet
+    capfd.readouterr()
+    assert transformers_logging.is_progress_bar_enabled()
+    load_model(folder, device="cpu", precision="fp32")
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out, captured.err
+    assert transformers_logging.is_progress_bar_enabled()

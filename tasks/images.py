@@ -119,7 +119,16 @@ def _decode_with_pillow(data: bytes, max_pixels: int, exif_orientation: bool) ->
         raise ImageError("too_large", "not enough memory to decode it; lower --max-pixels") from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as exc:
         message = str(exc) or type(exc).__name__
-        damaged_data = any(sign in message for sign in ("runcated", "decoder object", "broken data stream"))
+        damaged_data = any(
+            sign in message
+            for sign in ("runcated", "decoder object", "broken data stream", "broken PNG file")
+        )
+        # PNG and WebP have no variants Pillow lacks: a stream their decoders cannot parse (a PNG row
+        # filter that does not exist, a WebP frame that does not decode) is damaged data, not a format
+        # to convert. Found by flipping bytes in valid files (tests/test_bad_input.py).
+        damaged_data |= (data.startswith(b"\x89PNG") and "unrecognized data stream" in message) or (
+            webp and "failed to read next frame" in message
+        )
         raise ImageError(
             "truncated" if isinstance(exc, EOFError) or damaged_data else "unsupported", message
         ) from exc

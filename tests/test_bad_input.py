@@ -305,6 +305,35 @@ def test_an_image_named_dcm_is_decoded_as_the_image_it_is() -> None:
     assert decode_image(png, name="export.dcm").size == (24, 16)
 
 
+def test_a_png_or_webp_with_a_damaged_byte_is_truncated_never_unsupported() -> None:
+    """Every byte of small PNG and WebP files flipped in turn: the file decodes, or is `truncated`
+    (damaged: copy it again) or `not_an_image` (its signature is gone), never `unsupported` (convert
+    it), which sent users to convert files that were only damaged ("broken PNG file", a row filter that
+    does not exist, a WebP frame that does not decode)."""
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    stored = io.BytesIO()
+    Image.fromarray(pixels).save(stored, "PNG", compress_level=0)
+    files = {
+        "png": corpus.encode(Image.fromarray(pixels), "PNG"),
+        "png-stored": stored.getvalue(),
+        "webp": corpus.encode(Image.fromarray(pixels), "WEBP"),
+    }
+    found: Counter[str] = Counter()
+    for kind, data in files.items():
+        for position in range(len(data)):
+            for mask in (0x01, 0x10, 0xFF):
+                damaged = bytearray(data)
+                damaged[position] ^= mask
+                try:
+                    decode_image(bytes(damaged))
+                    found["ok"] += 1
+                except ImageError as error:
+                    found[error.category] += 1
+                    assert error.category in {"truncated", "not_an_image"}, (kind, position, mask, error)
+    assert found["truncated"] > 1000
+
+
 def old_scale_to_8bit(values: np.ndarray) -> np.ndarray:
     """scale_to_8bit as it was before it worked in blocks of rows: the whole image at once."""
     values = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)

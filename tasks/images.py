@@ -81,11 +81,17 @@ def decode_image(
         warnings.simplefilter("ignore")
         named_dicom = os.path.splitext(name)[1].lower() in DICOM_EXTENSIONS
         # A `.dcm` name on a JPEG/PNG/... (an export renamed) is decoded as the image it is.
-        if data[128:132] == b"DICM" or (named_dicom and not data.startswith(SIGNATURES)):
+        if data[128:132] == b"DICM" or (
+            named_dicom and not data.startswith(SIGNATURES) and not is_webp(data)
+        ):
             from tasks.dicom import decode_dicom
 
             return decode_dicom(data, max_pixels)
         return _decode_with_pillow(data, max_pixels, exif_orientation)
+
+
+def is_webp(data: bytes) -> bool:
+    return data[:4] == b"RIFF" and data[8:12] == b"WEBP"
 
 
 def _decode_with_pillow(data: bytes, max_pixels: int, exif_orientation: bool) -> Image.Image:
@@ -93,7 +99,7 @@ def _decode_with_pillow(data: bytes, max_pixels: int, exif_orientation: bool) ->
     # above that asked for them, and our own header check below still applies.
     if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
         Image.MAX_IMAGE_PIXELS = max_pixels
-    webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    webp = is_webp(data)
     damaged = "truncated" if data.startswith(SIGNATURES) or webp else "not_an_image"
     try:
         image: Image.Image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)

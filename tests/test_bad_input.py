@@ -301,8 +301,9 @@ def test_a_dicom_with_an_empty_image_is_not_an_image() -> None:
 
 
 def test_an_image_named_dcm_is_decoded_as_the_image_it_is() -> None:
-    png = corpus.encode(corpus.random_rgb((24, 16), 3), "PNG")
-    assert decode_image(png, name="export.dcm").size == (24, 16)
+    for fmt in ("PNG", "WEBP", "JPEG"):
+        data = corpus.encode(corpus.random_rgb((24, 16), 3), fmt)
+        assert decode_image(data, name="export.dcm").size == (24, 16), fmt
 
 
 def test_a_png_or_webp_with_a_damaged_byte_is_truncated_never_unsupported() -> None:

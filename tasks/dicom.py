@@ -22,6 +22,8 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 
 from tasks.images import ImageError, pixel_limit_message, row_blocks, scale_to_8bit
 
+DICOM_EXTRA = "`pip install 'oncoflow[dicom]'`"
+
 # pydicom logs an ERROR per undecodable file, naming no file: the file's error row says it, with its name.
 logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 
@@ -67,15 +69,19 @@ def decode_dicom(data: bytes, max_pixels: int) -> Image.Image:
                 needs = "; ".join(decoder.missing_dependencies) if decoder is not None else "none known"
                 raise ImageError(
                     "unsupported",
-                    f"no decoder for DICOM transfer syntax {name} is installed here (options: {needs})",
+                    f"no decoder for DICOM transfer syntax {name} is installed here (options: {needs}); "
+                    f"{DICOM_EXTRA} installs them",
                 ) from exc
             installed = ", ".join(sorted(decoder.available_plugins))
-            if decoder.missing_dependencies:  # the installed plugin may lack the variant (12-bit JPEG)
+            # The installed plugin may lack the variant (Pillow: no 12-bit or lossless JPEG); GDCM
+            # decodes every variant of the syntaxes it knows, so with it a failure is damaged data.
+            if decoder.missing_dependencies and "gdcm" not in decoder.available_plugins:
                 raise ImageError(
                     "unsupported",
                     f"the installed decoder ({installed}) could not decode this DICOM {name} frame "
                     f"({type(exc).__name__}): a variant it lacks, or damaged data; other decoders: "
-                    f"{'; '.join(decoder.missing_dependencies)}",
+                    f"{'; '.join(decoder.missing_dependencies)} ({DICOM_EXTRA} installs GDCM, which "
+                    "decodes every variant)",
                 ) from exc
             raise ImageError(  # every decoder pydicom knows for it is installed, and it failed
                 "truncated",

@@ -516,23 +516,100 @@ def compressed_dicom(syntax: object, stream: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def test_compressed_dicom_damaged_is_truncated_and_without_decoder_unsupported() -> None:
-    """A codec that is installed but fails means damaged data; one that is missing says what to install."""
+WITHOUT_DICOM_EXTRA = """
+import json, sys
+# oncoflow installed without its `dicom` extra: the decoders' packages cannot be imported.
+sys.modules.update(gdcm=None, jpeg_ls=None, pylibjpeg=None, openjpeg=None, libjpeg=None, rle=None)
+from tasks.images import ImageError, decode_image
+for path in sys.argv[1:]:
+    try:
+        decode_image(open(path, "rb").read())
+        print(json.dumps(["ok", ""]))
+    except ImageError as error:
+        print(json.dumps([error.category, str(error)]))
+"""
+
+
+def test_compressed_dicom_without_its_decoders_is_unsupported_and_names_the_extra(tmp_path: Path) -> None:
+    """Installed without the `dicom` extra: a damaged frame that only Pillow could try, or a syntax with
+    no decoder at all, is `unsupported`, naming what to install."""
+    import json
+    import subprocess
+    import sys
+
     from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless
 
     grey = Image.fromarray((corpus.dicom_ramp() // 16).astype(np.uint8), "L")
     jpeg = corpus.encode(grey, "JPEG")
-    assert decode_image(compressed_dicom(JPEGBaseline8Bit, jpeg)).size == (64, 32)
+    files = {
+        "fine.dcm": compressed_dicom(JPEGBaseline8Bit, jpeg),
+        "damaged.dcm": compressed_dicom(JPEGBaseline8Bit, jpeg[: len(jpeg) // 2]),
+        "jpeg-ls.dcm": compressed_dicom(JPEGLSLossless, b"\xff\xd8 not decodable here \xff\xd9"),
+    }
+    corpus.write_files(tmp_path, files)
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_DICOM_EXTRA, *(str(tmp_path / name) for name in files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (fine, _), (damaged, damaged_text), (missing, missing_text) = map(json.loads, done.stdout.splitlines())
+    assert fine == "ok"
+    # Only Pillow decodes it there: a damaged frame or a variant Pillow lacks (12-bit) look alike.
+    assert damaged == "unsupported" and "JPEG Baseline" in damaged_text
+    assert "installed decoder (pillow)" in damaged_text and "oncoflow[dicom]" in damaged_text
+    assert missing == "unsupported" and "no decoder for DICOM transfer syntax JPEG-LS" in missing_text
+    assert "pyjpegls" in missing_text and "oncoflow[dicom]" in missing_text
+
+
+def gdcm_transcoded(data: bytes, syntax: str, folder: Path) -> bytes:
+    """`data` (an uncompressed DICOM file) re-encoded by GDCM into `syntax` (a gdcm.TransferSyntax name):
+    pydicom has no encoder for JPEG Lossless, the syntax mammography archives use most."""
+    import gdcm
+
+    source, target = folder / "source.dcm", folder / "target.dcm"
+    source.write_bytes(data)
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(source))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(target))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+    return target.read_bytes()
+
+
+def test_compressed_dicom_decodes_to_the_pixels_of_the_uncompressed_file(tmp_path: Path) -> None:
+    """With the `dicom` extra (in the dev install): the lossless syntaxes PACS exports use give exactly
+    the pixels of the same image stored uncompressed, and a damaged frame is `truncated`."""
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
+
+    pixels = np.random.default_rng(7).integers(0, 4096, size=(40, 56), dtype=np.uint16)
+    plain = corpus.make_dicom(pixels, window=(2048, 1024), bits_stored=12)
+    expected = display(plain)
+    encoded = {"JPEG Lossless SV1": gdcm_transcoded(plain, "JPEGLosslessProcess14_1", tmp_path)}
+    for syntax in (JPEG2000Lossless, JPEGLSLossless, RLELossless):
+        dataset = pydicom.dcmread(io.BytesIO(plain))
+        dataset.compress(syntax)
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        encoded[syntax.name] = buffer.getvalue()
+    for name, data in encoded.items():
+        assert pydicom.dcmread(io.BytesIO(data)).file_meta.TransferSyntaxUID.is_compressed, name
+        assert np.array_equal(display(data), expected), name
+    grey = Image.fromarray((corpus.dicom_ramp() // 16).astype(np.uint8), "L")
+    jpeg = corpus.encode(grey, "JPEG")
     with pytest.raises(ImageError) as damaged:
         decode_image(compressed_dicom(JPEGBaseline8Bit, jpeg[: len(jpeg) // 2]))
-    # Only Pillow decodes it here: a damaged frame or a variant Pillow lacks (12-bit) look alike.
-    assert damaged.value.category == "unsupported" and "JPEG Baseline" in str(damaged.value)
-    assert "installed decoder (pillow)" in str(damaged.value) and "pylibjpeg" in str(damaged.value)
-    with pytest.raises(ImageError) as missing:
-        decode_image(compressed_dicom(JPEGLSLossless, b"\xff\xd8 not decodable here \xff\xd9"))
-    assert missing.value.category == "unsupported"
-    assert "no decoder for DICOM transfer syntax JPEG-LS" in str(missing.value)
-    assert "pyjpegls" in str(missing.value)
+    assert damaged.value.category == "truncated" and "is damaged" in str(damaged.value)
 
 
 def test_dicom_without_file_meta_is_decoded_by_the_encoding_it_was_read_with() -> None:

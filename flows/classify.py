@@ -116,7 +116,15 @@ def discover_new_images(params: ClassifyParams, revision: str) -> tuple[int, lis
             "without" if params.exif_orientation else "with",
             "with" if params.exif_orientation else "without",
         )
-    return len(listed), select_new(listed, index)
+    new = select_new(listed, index, params.retry_errors)
+    if params.retry_errors:
+        retried = len(new) - len(select_new(listed, index))
+        get_run_logger().info(
+            "--retry-errors %s: %d image(s) whose newest row is such an error are classified again",
+            ",".join(params.retry_errors),
+            retried,
+        )
+    return len(listed), new
 
 
 @task(
@@ -336,6 +344,7 @@ def classify(
     max_error_rate: float | None = None,
     exif_orientation: bool = False,
     compile: bool = False,
+    retry_errors: list[str] | None = None,
 ) -> dict[str, Any]:
     """Classify every new or changed image under SOURCE into the Parquet dataset at OUTPUT."""
     return classify_images(flow_params(ClassifyParams, **locals()))

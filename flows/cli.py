@@ -209,6 +209,15 @@ MaxErrorRateOption = Annotated[
         help="Exit with code 3 (after writing every row) when the share of error rows exceeds this."
     ),
 ]
+RetryErrorsOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="CATEGORIES",
+        help="Classify again the images whose newest row for this model is an error of these categories "
+        "(comma-separated, or all), e.g. unsupported after installing a decoder, read_failed after "
+        "access was granted. Error rows are final otherwise. Each retry adds a row; `latest` shows the newest.",
+    ),
+]
 ExifOption = Annotated[
     bool, typer.Option(help="Rotate images per their EXIF orientation tag (the reference snippet does not).")
 ]
@@ -242,6 +251,7 @@ def classify_command(
     max_error_rate: MaxErrorRateOption = None,
     exif_orientation: ExifOption = False,
     compile: CompileOption = False,
+    retry_errors: RetryErrorsOption = None,
 ) -> None:
     """Classify new or changed images under SOURCE; append one Parquet row per image to OUTPUT."""
     params = validated(
@@ -783,6 +793,7 @@ def reprocess_command(
     max_error_rate: MaxErrorRateOption = None,
     exif_orientation: ExifOption = False,
     compile: CompileOption = False,
+    retry_errors: RetryErrorsOption = None,
     runner: RunnerOption = "local",
     dask_address: DaskAddressOption = None,
     dask_workers: DaskWorkersOption = None,
@@ -804,8 +815,11 @@ def reprocess_command(
             code=2,
         )
     placement = validated(RunnerParams, **{k: v for k, v in values.items() if k in RunnerParams.model_fields})
-    prepare_local_run(validated(ClassifyParams, **{**flow_values, "source": narrowed}), placement)
-    run_and_report(reprocess, placement, **flow_values, prefix=prefix)
+    params = validated(ClassifyParams, **{**flow_values, "source": narrowed})
+    prepare_local_run(params, placement)
+    run_and_report(
+        reprocess, placement, **{**flow_values, "retry_errors": params.retry_errors}, prefix=prefix
+    )
 
 
 @contextmanager

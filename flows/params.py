@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from tasks.compact import TARGET_ROWS
-from tasks.images import DEFAULT_MAX_PIXELS
+from tasks.images import DEFAULT_MAX_PIXELS, ERROR_CATEGORIES
 from tasks.inference import cuda_graphs_from_env, host_decode_share_from_env
 from tasks.lease import lease_wait_from_env
 from tasks.model import DEFAULT_BASE_MODEL, DEFAULT_MODEL
@@ -240,6 +240,29 @@ class ClassifyParams(StorageParams):
         description="Run the model through torch.compile: faster batches after a one-time compile "
         "(seconds to a minute per process); for large runs",
     )
+    retry_errors: list[str] = Field(
+        default_factory=list,
+        description="Classify again the images whose newest row for this model is an error of these "
+        "categories (or 'all'), e.g. ['unsupported'] after installing a decoder; error rows are final otherwise",
+    )
+
+    @field_validator("retry_errors", mode="before")
+    @classmethod
+    def _error_categories(cls, value: object) -> list[str]:
+        """None, a list, or one comma-separated string ("unsupported,read_failed", "all")."""
+        if value is None:
+            return []
+        names = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+        names = [str(name).strip() for name in names if str(name).strip()]
+        if "all" in names:
+            return list(ERROR_CATEGORIES)
+        unknown = sorted(set(names) - set(ERROR_CATEGORIES))
+        if unknown:
+            raise ValueError(
+                f"unknown error categories {', '.join(unknown)}; give some of {', '.join(ERROR_CATEGORIES)}, "
+                "comma-separated, or all"
+            )
+        return sorted(set(names))
 
     @field_validator("source", "output")
     @classmethod

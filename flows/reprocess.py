@@ -73,6 +73,7 @@ def reprocess(
     max_error_rate: float | None = None,
     exif_orientation: bool = False,
     compile: bool = False,
+    retry_errors: list[str] | None = None,
 ) -> dict[str, Any]:
     """Classify every image under SOURCE (or SOURCE/PREFIX) with MODEL, resuming an interrupted run."""
     values = {k: v for k, v in locals().items() if k != "prefix"}

@@ -70,7 +70,7 @@ def decode_dicom(data: bytes, max_pixels: int) -> Image.Image:
                 raise ImageError(
                     "unsupported",
                     f"no decoder for DICOM transfer syntax {name} is installed here (options: {needs}); "
-                    f"{DICOM_EXTRA} installs them",
+                    f"{DICOM_EXTRA} installs them (then classify with --retry-errors unsupported)",
                 ) from exc
             installed = ", ".join(sorted(decoder.available_plugins))
             # The installed plugin may lack the variant (Pillow: no 12-bit or lossless JPEG); GDCM

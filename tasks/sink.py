@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
@@ -232,6 +232,7 @@ def _empty_index() -> pa.Table:
             "exif": pa.array([], pa.bool_()),
             "processed_at": pa.array([], SCHEMA.field("processed_at").type),
             "run_id": pa.array([], pa.string()),
+            "error_category": pa.array([], pa.string()),
         }
     )
 
@@ -246,8 +247,11 @@ def _read_index(destination: Location, revision: str, files: list[str] | None = 
         return empty
     columns = {name: pc.field(name) for name in [*INDEX_COLUMNS, "threshold"]}
     columns["exif"] = pc.ends_with(pc.field("decoder"), pattern=EXIF_SUFFIX)
-    columns.update(processed_at=pc.field("processed_at"), run_id=pc.field("run_id"))
+    columns.update(processed_at=pc.field("processed_at"), run_id=pc.field("run_id"), error=pc.field("error"))
     table = dataset.to_table(columns=columns, filter=pc.field("model_revision") == revision)
+    # "category: message" → category (null for ok rows): all that --retry-errors needs of the text
+    category = pc.struct_field(pc.extract_regex(table.column("error"), pattern=r"^(?P<c>[a-z_]+):"), [0])
+    table = table.drop_columns(["error"]).append_column("error_category", category)
     return table.cast(empty.schema)
 
 
@@ -264,24 +268,34 @@ def earlier_thresholds(index: pa.Table, threshold: float) -> dict[float, int]:
     return {c["values"]: c["counts"] for c in counts if c["values"] != threshold}
 
 
-def newest_fingerprints(index: pa.Table) -> pa.Table:
+def newest_fingerprints(index: pa.Table, retry_errors: Collection[str] = ()) -> pa.Table:
     """(image_uri, fingerprint) of each image's newest row in the index: latest processed_at, then
-    run_id, the order the `latest` view and evaluate read rows in."""
+    run_id, the order the `latest` view and evaluate read rows in. Images whose newest row is an error
+    of a category in `retry_errors` are left out, so that they count as new."""
     ordered = index.sort_by([("processed_at", "ascending"), ("run_id", "ascending")])
-    newest = ordered.group_by("image_uri", use_threads=False).aggregate([("fingerprint", "last")])
-    return newest.rename_columns(["image_uri", "fingerprint"])
+    aggregations: list[tuple] = [("fingerprint", "last")]
+    if retry_errors:  # the newest row's category, null for an ok row (by default "last" skips nulls)
+        aggregations.append(("error_category", "last", pc.ScalarAggregateOptions(skip_nulls=False)))
+    newest = ordered.group_by("image_uri", use_threads=False).aggregate(aggregations)
+    if retry_errors:
+        retried = pc.is_in(newest.column("error_category_last"), pa.array(sorted(retry_errors), pa.string()))
+        newest = newest.filter(pc.invert(pc.fill_null(retried, False)))
+    return newest.select(["image_uri", "fingerprint_last"]).rename_columns(["image_uri", "fingerprint"])
 
 
-def select_new(files: Iterable[DiscoveredFile], index: pa.Table) -> list[DiscoveredFile]:
+def select_new(
+    files: Iterable[DiscoveredFile], index: pa.Table, retry_errors: Collection[str] = ()
+) -> list[DiscoveredFile]:
     """The files whose fingerprint is not that of their newest row in the index, in their original order.
 
     Not "any row": a file put back to a version classified before (a restore from backup, `cp -p`, the
     same bytes uploaded again: same ETag) is classified again, or `latest` would keep showing the
-    prediction of the version it replaced."""
+    prediction of the version it replaced. With `retry_errors` (error categories), a file whose newest
+    row is an error of one of them is classified again too (a decoder installed, access granted)."""
     files = list(files)
     if not files or index.num_rows == 0:
         return files
-    index = newest_fingerprints(index)
+    index = newest_fingerprints(index, retry_errors)
     listed = pa.table(
         {
             "image_uri": [f.uri for f in files],

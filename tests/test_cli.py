@@ -530,3 +530,50 @@ def test_an_output_folder_that_cannot_be_made_fails_before_any_work(
             assert result.exit_code == 2 and "invalid --output: cannot create or write" in text, (args, text)
     probe_local_folder(str(tmp_path / "new" / "deeper" / "preds"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "scans"]
+
+
+def test_retry_errors_classifies_again_the_error_rows_of_the_given_categories(
+    tmp_path: Path, tiny_model: str
+) -> None:
+    """Error rows are final, so a fix that does not change the file (a higher --max-pixels, a decoder
+    installed, access granted) needs --retry-errors: only the images whose newest row is an error of
+    those categories run again, and their new row is the one `latest` shows."""
+    source, output = tmp_path / "scans", tmp_path / "preds"
+    for number in range(3):
+        make_image(source / f"small-{number}.png", size=(40, 40), seed=number)
+    make_image(source / "large.png", size=(120, 100), seed=9)
+    (source / "empty.png").write_bytes(b"")
+    common = ["-o", str(output), "--model", tiny_model, "--device", "cpu"]
+
+    def run(*args: str) -> str:
+        result = invoke("classify", str(source), *common, *args)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    def rows() -> list[tuple]:
+        query = f"select image_uri, status, error from read_parquet('{output}/**/*.parquet') order by processed_at"
+        return [(Path(uri).name, status, error) for uri, status, error in duckdb.sql(query).fetchall()]
+
+    run("--max-pixels", "5000")
+    assert sorted((name, status) for name, status, _ in rows())[:2] == [
+        ("empty.png", "error"),
+        ("large.png", "error"),
+    ]
+    run("--max-pixels", "20000")  # a new limit alone applies to new images only
+    run("--max-pixels", "20000", "--retry-errors", "unsupported,read_failed")  # not these categories
+    assert len(rows()) == 5
+    run("--max-pixels", "20000", "--retry-errors", "too_large")
+    assert len(rows()) == 6 and rows()[-1][:2] == ("large.png", "ok")
+    run("--retry-errors", "all")  # empty.png is tried again (and fails again); large.png's newest is ok
+    assert len(rows()) == 7 and rows()[-1] == ("empty.png", "error", "empty: the file has zero bytes"), str(
+        rows()[-3:]
+    )
+    latest = invoke("latest", str(output), "-o", str(tmp_path / "latest.csv"))
+    assert latest.exit_code == 0, latest.output
+    newest = duckdb.sql(f"select status from '{tmp_path / 'latest.csv'}' where image_uri like '%large.png'")
+    assert newest.fetchall() == [("ok",)]
+
+    refused = invoke("classify", str(source), *common, "--retry-errors", "too-large")
+    text = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "unknown error categories too-large" in text and "too_large" in text
+    assert len(rows()) == 7

@@ -89,8 +89,9 @@ class ShardManifest:
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient, cache_policy=NONE)
-def discover_new_images(params: ClassifyParams, revision: str) -> tuple[int, list[DiscoveredFile]]:
-    """List the source and drop what the output already holds for this revision."""
+def discover_new_images(params: ClassifyParams, revision: str) -> tuple[int, list[DiscoveredFile], int]:
+    """List the source and drop what the output already holds for this revision: (files found, files to
+    classify, how many of those are retried error rows)."""
     options = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
     listed = list(list_images(open_location(params.source, options)))
     index = read_index(open_location(params.output, options), revision)
@@ -117,14 +118,14 @@ def discover_new_images(params: ClassifyParams, revision: str) -> tuple[int, lis
             "with" if params.exif_orientation else "without",
         )
     new = select_new(listed, index, params.retry_errors)
+    retried = len(new) - len(select_new(listed, index)) if params.retry_errors else 0
     if params.retry_errors:
-        retried = len(new) - len(select_new(listed, index))
         get_run_logger().info(
             "--retry-errors %s: %d image(s) whose newest row is such an error are classified again",
             ",".join(params.retry_errors),
             retried,
         )
-    return len(listed), new
+    return len(listed), new, retried
 
 
 @task(
@@ -372,7 +373,7 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
     asked = time.perf_counter()
     with exclusive_output(params, run_id, revision) as lease:
         waited = time.perf_counter() - asked
-        found, new_files = discover_new_images(params, revision)
+        found, new_files, retried = discover_new_images(params, revision)
         for listener in progress_listeners:
             listener("total", len(new_files))
         with gpu_slot(device_type):
@@ -380,6 +381,7 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
             shards = cut_shards(new_files, shard_size)
             manifests = run_shards(shards, params, run_id, shard_slots(), lease, day)
     summary = summarize(found, len(new_files), manifests, time.perf_counter() - started, waited)
+    summary["images_retried"] = retried  # of images_new: error rows classified again (--retry-errors)
     summary.update(run_id=run_id, model=params.model, model_revision=revision)
     publish_summary(summary, params, f"{params.model} @ {revision} ({placement})")
     print(

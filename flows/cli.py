@@ -115,6 +115,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     ):
         value = summary.get(key)
         table.add_row(key, "n/a" if value is None else str(value))
+    if summary.get("images_retried"):
+        table.add_row("images_retried (error rows classified again)", str(summary["images_retried"]))
     if summary.get("lease_wait_seconds"):
         table.add_row("lease_wait_seconds", str(summary["lease_wait_seconds"]))
     if summary.get("images_archived"):

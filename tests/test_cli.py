@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -562,8 +563,9 @@ def test_retry_errors_classifies_again_the_error_rows_of_the_given_categories(
     run("--max-pixels", "20000")  # a new limit alone applies to new images only
     run("--max-pixels", "20000", "--retry-errors", "unsupported,read_failed")  # not these categories
     assert len(rows()) == 5
-    run("--max-pixels", "20000", "--retry-errors", "too_large")
+    retried = run("--max-pixels", "20000", "--retry-errors", "too_large")
     assert len(rows()) == 6 and rows()[-1][:2] == ("large.png", "ok")
+    assert re.search(r"images_retried [^\n]*│ +1 │", retried), retried
     run("--retry-errors", "all")  # empty.png is tried again (and fails again); large.png's newest is ok
     assert len(rows()) == 7 and rows()[-1] == ("empty.png", "error", "empty: the file has zero bytes"), str(
         rows()[-3:]

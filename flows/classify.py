@@ -46,7 +46,7 @@ from tasks.sink import (
     model_slug,
     read_index,
     rows_with_other_exif,
-    select_new,
+    select_files,
     shard_id,
     shard_path,
     write_shard,
@@ -117,8 +117,7 @@ def discover_new_images(params: ClassifyParams, revision: str) -> tuple[int, lis
             "without" if params.exif_orientation else "with",
             "with" if params.exif_orientation else "without",
         )
-    new = select_new(listed, index, params.retry_errors)
-    retried = len(new) - len(select_new(listed, index)) if params.retry_errors else 0
+    new, retried = select_files(listed, index, params.retry_errors)
     if params.retry_errors:
         get_run_logger().info(
             "--retry-errors %s: %d image(s) whose newest row is such an error are classified again",

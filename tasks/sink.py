@@ -269,18 +269,26 @@ def earlier_thresholds(index: pa.Table, threshold: float) -> dict[float, int]:
 
 
 def newest_fingerprints(index: pa.Table, retry_errors: Collection[str] = ()) -> pa.Table:
-    """(image_uri, fingerprint) of each image's newest row in the index: latest processed_at, then
-    run_id, the order the `latest` view and evaluate read rows in. Images whose newest row is an error
-    of a category in `retry_errors` are left out, so that they count as new."""
+    """(image_uri, fingerprint, retry) of each image's newest row in the index: latest processed_at, then
+    run_id, the order the `latest` view and evaluate read rows in. `retry`: that row is an error of a
+    category in `retry_errors`."""
     ordered = index.sort_by([("processed_at", "ascending"), ("run_id", "ascending")])
     aggregations: list[tuple] = [("fingerprint", "last")]
     if retry_errors:  # the newest row's category, null for an ok row (by default "last" skips nulls)
         aggregations.append(("error_category", "last", pc.ScalarAggregateOptions(skip_nulls=False)))
     newest = ordered.group_by("image_uri", use_threads=False).aggregate(aggregations)
     if retry_errors:
-        retried = pc.is_in(newest.column("error_category_last"), pa.array(sorted(retry_errors), pa.string()))
-        newest = newest.filter(pc.invert(pc.fill_null(retried, False)))
-    return newest.select(["image_uri", "fingerprint_last"]).rename_columns(["image_uri", "fingerprint"])
+        categories = pa.array(sorted(retry_errors), pa.string())
+        retry = pc.fill_null(pc.is_in(newest.column("error_category_last"), categories), False)
+    else:
+        retry = pa.array([False] * newest.num_rows, pa.bool_())
+    return pa.table(
+        {
+            "image_uri": newest.column("image_uri"),
+            "fingerprint": newest.column("fingerprint_last"),
+            "retry": retry,
+        }
+    )
 
 
 def select_new(
@@ -292,10 +300,16 @@ def select_new(
     same bytes uploaded again: same ETag) is classified again, or `latest` would keep showing the
     prediction of the version it replaced. With `retry_errors` (error categories), a file whose newest
     row is an error of one of them is classified again too (a decoder installed, access granted)."""
+    return select_files(files, index, retry_errors)[0]
+
+
+def select_files(
+    files: Iterable[DiscoveredFile], index: pa.Table, retry_errors: Collection[str] = ()
+) -> tuple[list[DiscoveredFile], int]:
+    """select_new's files, and how many of them are there only through `retry_errors`: one diff."""
     files = list(files)
     if not files or index.num_rows == 0:
-        return files
-    index = newest_fingerprints(index, retry_errors)
+        return files, 0
     listed = pa.table(
         {
             "image_uri": [f.uri for f in files],
@@ -303,6 +317,8 @@ def select_new(
             "position": pa.array(range(len(files)), pa.int64()),
         }
     )
-    fresh = listed.join(index, keys=INDEX_COLUMNS, join_type="left anti")
-    positions = sorted(fresh.column("position").to_pylist())
-    return [files[i] for i in positions]
+    unchanged = listed.join(newest_fingerprints(index, retry_errors), keys=INDEX_COLUMNS, join_type="inner")
+    kept = unchanged.filter(pc.invert(unchanged.column("retry")))  # classified already, and no retry
+    skipped = pc.is_in(listed.column("position"), value_set=kept.column("position").combine_chunks())
+    positions = pc.indices_nonzero(pc.invert(skipped)).to_pylist()
+    return [files[i] for i in positions], unchanged.num_rows - kept.num_rows

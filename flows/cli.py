@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -34,6 +33,7 @@ from flows.params import (
     require_apart,
     require_folder,
 )
+from flows.server_guard import detach_temporary_server
 from tasks.compact import TARGET_ROWS
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import progress_listeners
@@ -420,38 +420,6 @@ def prepare_prefect_api() -> None:
         error = client.api_healthcheck()
         if isinstance(error, httpx.TransportError):
             raise error
-
-
-def detach_temporary_server() -> None:
-    """Start Prefect's temporary server (used while PREFECT_API_URL is unset) in a session of its own.
-
-    Ctrl-C in a terminal signals the whole foreground process group: the server died with the run,
-    which then spent over a minute failing to report to it (hundreds of tracebacks), exited 1 and
-    stayed Running in the history. In its own session only oncoflow gets the signal: the run is marked
-    Crashed, the command exits 130, and the server is stopped on the way out (Prefect's atexit hook).
-    Done by giving Prefect's server module a `subprocess` whose Popen starts a new session, and runs
-    uvicorn under flows.server_guard, which stops the server if this process dies without that hook
-    (SIGKILL, the out-of-memory killer)."""
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return
-    from prefect.server.api import server
-
-    if server.subprocess is not subprocess:  # done already
-        return
-    detached = types.ModuleType("subprocess")
-    detached.__dict__.update(vars(subprocess))
-    detached.Popen = detached_popen  # type: ignore[attr-defined]
-    server.subprocess = detached  # type: ignore[attr-defined]
-
-
-def detached_popen(args: list[str], **kwargs: Any) -> subprocess.Popen:
-    """Popen for Prefect's server module: a session of its own; `python -m uvicorn ...` (the temporary
-    server) runs under flows.server_guard, watching this process."""
-    if list(args[1:3]) == ["-m", "uvicorn"]:
-        args = [args[0], "-m", "flows.server_guard", str(os.getpid()), *args[3:]]
-    return subprocess.Popen(args, start_new_session=True, **kwargs)
 
 
 def run_and_report(flow: Any, placement: RunnerParams, **parameters: Any) -> None:
@@ -864,6 +832,7 @@ def history_command(
     table = Table(title="oncoflow runs (newest first)")
     for column in ("flow", "run", "state", "start (UTC)", "duration", "images", "errors", "run id"):
         table.add_column(column, justify="right" if column in {"duration", "images", "errors"} else "left")
+    detach_temporary_server()
     with prefect_api():
         runs = recent_runs(limit)
     for run in runs:
@@ -894,6 +863,7 @@ def prune_command(
         age = parse_age(older_than)
     except ValueError as exc:
         fail(str(exc), code=2)
+    detach_temporary_server()
     with prefect_api():
         count = prune_runs(age, dry_run=dry_run)
     console.print(

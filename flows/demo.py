@@ -123,9 +123,11 @@ def main() -> None:
 
     from flows.classify import classify
     from flows.evaluate import evaluate
+    from flows.server_guard import detach_temporary_server
     from flows.train import train
     from tasks.report import interpretation, seed_table
 
+    detach_temporary_server()  # Ctrl-C or kill -9 of the demo does not leave Prefect's server running
     print("\n1. train (a Prefect flow; the seed recipe with a larger learning rate for a model from scratch)")
     trained = train(
         folders["train"],

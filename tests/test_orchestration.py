@@ -656,33 +656,50 @@ def process_alive(pid: int) -> bool:
         return False
 
 
-def test_a_command_killed_with_sigkill_leaves_no_temporary_server(tmp_path: Path, tiny_model: str) -> None:
+def temporary_servers(pid: int) -> list[int]:
+    """The Prefect temporary servers (uvicorn running the server app) among `pid`'s children."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    servers = []
+    for child in children:
+        with contextlib.suppress(FileNotFoundError):
+            if b"server:create_app" in Path(f"/proc/{child}/cmdline").read_bytes():
+                servers.append(int(child))
+    return servers
+
+
+@pytest.mark.parametrize("command", ["classify", "history", "demo"])
+def test_a_command_killed_with_sigkill_leaves_no_temporary_server(
+    tmp_path: Path, tiny_model: str, command: str
+) -> None:
     """kill -9 (or the out-of-memory killer) skips Prefect's exit hook that stops its temporary server:
-    the server used to live on, one more after each such night. It now stops within seconds."""
+    the server used to live on, one more after each such night. It now stops within seconds, whichever
+    command started it: a classify run mid-way, `oncoflow history` (and prune), `make demo`."""
     from tests.conftest import make_image
 
-    for number in range(60):
-        make_image(tmp_path / "src" / f"i{number:03d}.png", size=(600, 600), seed=number)
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("PREFECT_API_URL", None)
-    command = [sys.executable, "-m", "flows.classify", str(tmp_path / "src"), "-o", str(tmp_path / "dest")]
-    command += ["--model", tiny_model, "--shard-size", "10", "--batch-size", "1", "--device", "cpu"]
-    run = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if command == "classify":
+        for number in range(60):
+            make_image(tmp_path / "src" / f"i{number:03d}.png", size=(600, 600), seed=number)
+        argv = ["-m", "flows.classify", str(tmp_path / "src"), "-o", str(tmp_path / "dest")]
+        argv += ["--model", tiny_model, "--shard-size", "10", "--batch-size", "1", "--device", "cpu"]
+    elif command == "history":
+        argv = ["-m", "flows.cli", "history"]
+    else:
+        argv = ["-m", "flows.demo", "--workdir", str(tmp_path / "demo"), "--images", "8"]
+    run = subprocess.Popen(
+        [sys.executable, *argv], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     servers: list[int] = []
     try:
         deadline = time.monotonic() + 180
-        while not list((tmp_path / "dest").rglob("*.parquet")) and time.monotonic() < deadline:
-            assert run.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.2)
-        children = subprocess.run(
-            ["pgrep", "-P", str(run.pid)], capture_output=True, text=True
-        ).stdout.split()
-        servers = [
-            int(child)
-            for child in children
-            if b"server:create_app" in Path(f"/proc/{child}/cmdline").read_bytes()  # the temporary server
-        ]
-        assert len(servers) == 1, children
+        while time.monotonic() < deadline:  # classify: a shard written; the others: the server started
+            assert run.poll() is None, "the command ended before it could be killed"
+            servers = temporary_servers(run.pid)
+            if servers and (command != "classify" or list((tmp_path / "dest").rglob("*.parquet"))):
+                break
+            time.sleep(0.1)
+        assert len(servers) == 1, servers
         run.kill()
         run.wait()
         deadline = time.monotonic() + 30

@@ -338,23 +338,39 @@ def no_loading_bar() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
+@contextmanager
+def loading_weights(name: str, directory: str, what: str = "model") -> Iterator[None]:
+    """Around from_pretrained: its failures become a ModelError naming the model and the fix (a damaged
+    or cut-short safetensors file raised safetensors' own error, a traceback instead of an `error:`
+    line); transformers' loading bar is off meanwhile."""
+    from safetensors import SafetensorError
+
+    try:
+        with no_loading_bar():
+            yield
+    except SafetensorError as exc:
+        raise ModelError(
+            f"cannot load {what} {name!r}: its weights file in {directory!r} is damaged or incomplete "
+            f"({exc}); save it again (`save_pretrained`) or download it again"
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load {what} {name!r} from {directory!r}: {exc}") from exc
+
+
 def _load(name: str, revision: str | None, device: Device, precision: Precision) -> LoadedModel:
     from transformers import AutoModelForImageClassification
 
     torch_device = resolve_device(device)
     chosen_precision = resolve_precision(precision, torch_device)
     files = inspect_model(name, revision)
-    try:
-        with no_loading_bar():
-            network, loading = AutoModelForImageClassification.from_pretrained(
-                files.directory,
-                use_safetensors=True,
-                trust_remote_code=False,
-                ignore_mismatched_sizes=True,  # reported by check_weights: one line, not a traceback
-                output_loading_info=True,
-            )
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load model {name!r} from {files.directory!r}: {exc}") from exc
+    with loading_weights(name, files.directory):
+        network, loading = AutoModelForImageClassification.from_pretrained(
+            files.directory,
+            use_safetensors=True,
+            trust_remote_code=False,
+            ignore_mismatched_sizes=True,  # reported by check_weights: one line, not a traceback
+            output_loading_info=True,
+        )
     check_weights(loading, name, files.directory)
     network = network.to(device=torch_device, dtype=DTYPES[chosen_precision]).eval()
     return LoadedModel(

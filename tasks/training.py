@@ -34,7 +34,7 @@ from tasks.model import (
     ModelError,
     check_weights,
     fetch_model,
-    no_loading_bar,
+    loading_weights,
     resolve_device,
     share_model_files,
 )
@@ -193,7 +193,7 @@ def load_base(base_model: str) -> tuple[torch.nn.Module, str, dict[str, Any]]:
         )
     with open(processor_path) as handle:
         processor_config = json.load(handle)
-    with no_loading_bar():
+    with loading_weights(base_model, directory, what="base model"):
         network, loading = AutoModelForImageClassification.from_pretrained(
             directory,
             num_labels=len(CLASS_NAMES),

@@ -216,6 +216,24 @@ def test_a_base_whose_config_does_not_fit_its_weights_is_refused(tmp_path: Path,
     assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
 
 
+def test_a_base_whose_weights_file_is_cut_short_is_refused_in_one_line(
+    tmp_path: Path, tiny_model: str
+) -> None:
+    """A download that stopped half-way: an `error:` naming the base model and the fix (was safetensors'
+    own error under a traceback)."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    weights = (base / "model.safetensors").read_bytes()
+    (base / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    data = write_signal_images(tmp_path / "data", 8, seed=0)
+    result = train_on_cpu(data, tmp_path / "m", str(base))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and f"cannot load base model {str(base)!r}" in text, text
+    assert "damaged or incomplete" in text and "download it again" in text, text
+
+
 def test_unreadable_training_images_are_all_listed_before_training(tmp_path: Path, tiny_model: str) -> None:
     data = write_signal_images(tmp_path / "data", 8, seed=0)
     truncated = data / "Malignant" / "malignant_2.png"

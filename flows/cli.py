@@ -33,7 +33,7 @@ from flows.params import (
     require_apart,
     require_folder,
 )
-from flows.server_guard import detach_temporary_server
+from flows.server_guard import detach_temporary_server, start_temporary_server
 from tasks.compact import TARGET_ROWS
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import progress_listeners
@@ -266,19 +266,21 @@ def classify_command(
         dask_workers=dask_workers,
         ray_address=ray_address,
     )
+    prepare_local_run(params, placement)
     from flows.classify import classify
 
-    prepare_local_run(params, placement)
     run_and_report(classify, placement, **params.model_dump())
 
 
 def prepare_local_run(params: ClassifyParams, placement: RunnerParams) -> None:
     """Check --model (exit 2 before any work); with the local runner this process runs the model: check
     --device, --precision and --compile against this machine too, and start loading the model while
-    Prefect starts. On a cluster the workers check and load it (this machine may have no GPU)."""
+    Prefect starts (its temporary server is spawned first, to boot meanwhile). On a cluster the workers
+    check and load it (this machine may have no GPU)."""
     local = placement.runner == "local"
     check_model_arguments(params.model, params.device if local else None, params.precision, params.compile)
     check_writable(params.output)
+    start_temporary_server()
     if local:
         from flows.classify import start_loading_model
 
@@ -467,6 +469,7 @@ def compact_command(
 ) -> None:
     """Merge each partition's small Parquet files into larger ones; no row is lost or doubled."""
     params = validated(DatasetParams, **locals())
+    start_temporary_server()
     from flows.analytics import compact_dataset
 
     prepare_prefect_api()
@@ -656,6 +659,7 @@ def evaluate_command(
             fail(str(exc), code=2)
     if params.predictions and not params.aws_credentials_block:
         check_revision_choice(params.predictions, params.model_revision, params.s3_endpoint_url)
+    start_temporary_server()
     from flows.evaluate import evaluate
 
     quiet_expected_tracebacks(EXPECTED_ERRORS)
@@ -711,6 +715,7 @@ def train_command(
         split(labeled_folder(params.data), params.val_split, params.seed)
     except (LabelError, ValueError, OSError) as exc:  # TrainingError is a ValueError
         fail(str(exc), code=2)
+    start_temporary_server()
     from flows.train import train
 
     quiet_expected_tracebacks(EXPECTED_ERRORS)

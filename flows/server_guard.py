@@ -16,9 +16,11 @@ Prefect starts its temporary server, so that the server starts in a session of i
 
 from __future__ import annotations
 
+import atexit
 import os
 import runpy
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +29,9 @@ import types
 from typing import Any
 
 POLL_SECONDS = 1.0
+HEALTH_POLL_SECONDS = 0.1
+
+_early: dict[str, Any] = {}  # the server start_temporary_server() spawned: "process", "port"
 
 
 def watch_parent(parent: int) -> None:
@@ -47,6 +52,51 @@ def main() -> None:
     runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
 
 
+def start_temporary_server() -> None:
+    """Spawn Prefect's temporary server now, before this process loads the model and imports Prefect's
+    server module, so that it boots on another core meanwhile: a command's flow began ~17 s after launch
+    on a 2-core machine, half of it waiting for the server, which Prefect starts only at the flow's first
+    API call (bench/cli_startup.py). `detach_temporary_server()` later hands it to Prefect, which then
+    uses and stops it as its own. Nothing happens with PREFECT_API_URL set or the temporary server
+    disabled. The command line and environment are Prefect's own (SubprocessASGIServer), under the guard."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
+        get_current_settings,
+    )
+
+    if _early or PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
+        return
+    import prefect
+
+    with socket.socket() as probe:  # a free port, as the server's (Prefect retries if it is taken)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent)]
+    args += ["--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port)]
+    args += ["--log-level", "error", "--lifespan", "on"]
+    env = {
+        **os.environ,
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+    }
+    env.update(get_current_settings().to_environment_variables(exclude_unset=True))
+    _early.update(process=detached_popen(args, env=env), port=port)
+    atexit.register(stop_unclaimed_server)
+
+
+def stop_unclaimed_server() -> None:
+    """At exit: stop an early server that Prefect never took over (the command failed before its flow)."""
+    process = _early.pop("process", None)
+    if process is not None and not _early.get("claimed"):
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def detach_temporary_server() -> None:
     """Start Prefect's temporary server (used while PREFECT_API_URL is unset) in a session of its own.
 
@@ -56,19 +106,49 @@ def detach_temporary_server() -> None:
     Crashed, the command exits 130, and the server is stopped on the way out (Prefect's atexit hook).
     Done by giving Prefect's server module a `subprocess` whose Popen starts a new session, and runs
     uvicorn under flows.server_guard, which stops the server if this process dies without that hook
-    (SIGKILL, the out-of-memory killer)."""
+    (SIGKILL, the out-of-memory killer). A server spawned early (start_temporary_server) is waited for
+    here and becomes Prefect's; if it failed to start, Prefect starts one itself as before."""
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
         return
     from prefect.server.api import server
 
-    if server.subprocess is not subprocess:  # done already
+    if server.subprocess is subprocess:  # not done yet
+        detached = types.ModuleType("subprocess")
+        detached.__dict__.update(vars(subprocess))
+        detached.Popen = detached_popen  # type: ignore[attr-defined]
+        server.subprocess = detached  # type: ignore[attr-defined]
+    if _early.get("process") is not None and not _early.get("claimed"):
+        claim_early_server(server)
+
+
+def claim_early_server(server: types.ModuleType) -> None:
+    """Wait for the early server to answer, then register it as the SubprocessASGIServer Prefect would
+    have started (the one for no particular port), so Prefect's clients use it and its exit hook stops it."""
+    import httpx
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    process, port = _early["process"], _early["port"]
+    instance = server.SubprocessASGIServer()
+    if instance.running:  # Prefect started one already
         return
-    detached = types.ModuleType("subprocess")
-    detached.__dict__.update(vars(subprocess))
-    detached.Popen = detached_popen  # type: ignore[attr-defined]
-    server.subprocess = detached  # type: ignore[attr-defined]
+    deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    with httpx.Client() as client:
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                if client.get(f"http://127.0.0.1:{port}/api/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(HEALTH_POLL_SECONDS)
+        else:  # exited (the port was taken meanwhile) or too slow: Prefect starts its own when asked
+            stop_unclaimed_server()
+            return
+    server.subprocess_server_logger.info(f"Starting temporary server on http://127.0.0.1:{port}")
+    instance.port, instance.server_process, instance.running = port, process, True
+    atexit.register(instance.stop)
+    _early["claimed"] = True
 
 
 def detached_popen(args: list[str], **kwargs: Any) -> subprocess.Popen:

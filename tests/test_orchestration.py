@@ -714,6 +714,86 @@ def test_a_command_killed_with_sigkill_leaves_no_temporary_server(
                 os.kill(server, signal.SIGKILL)
 
 
+def servers_of(prefect_home: Path) -> list[int]:
+    """Live Prefect server processes (any parent) whose PREFECT_HOME is `prefect_home`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if not proc.name.isdigit() or b"server:create_app" not in (proc / "cmdline").read_bytes():
+                continue
+            environment = (proc / "environ").read_bytes().split(b"\0")
+            if f"PREFECT_HOME={prefect_home}".encode() in environment and process_alive(int(proc.name)):
+                found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.parametrize("weights", ["good", "damaged"])
+def test_the_temporary_server_starts_early_and_is_stopped_however_the_run_ends(
+    tmp_path: Path, tiny_model: str, weights: str
+) -> None:
+    """The temporary server is spawned before the model loads (it boots on another core meanwhile) and
+    Prefect takes it over as its own: one server, named once in the log, stopped at the end, whether
+    the run succeeds or fails on a model whose weights do not load."""
+    from tests.conftest import make_image
+
+    for number in range(3):
+        make_image(tmp_path / "src" / f"i{number}.png", seed=number)
+    model = tiny_model
+    if weights == "damaged":
+        model = str(tmp_path / "damaged-model")
+        shutil.copytree(tiny_model, model)
+        (Path(model) / "model.safetensors").write_bytes(b"not safetensors")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_LOGGING_LEVEL": "INFO"}
+    env.pop("PREFECT_API_URL", None)
+    command = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "classify",
+        str(tmp_path / "src"),
+        "-o",
+        str(tmp_path / "dest"),
+    ]
+    result = subprocess.run(
+        [*command, "--model", model, "--device", "cpu"], env=env, cwd=REPO, capture_output=True, text=True
+    )
+    output = result.stdout + result.stderr
+    if weights == "good":
+        assert result.returncode == 0, output[-3000:]
+        assert len(pq_rows(tmp_path / "dest")) == 3
+    else:
+        assert result.returncode == 1 and "error:" in output, output[-3000:]
+    assert output.count("Starting temporary server") == 1, output[-3000:]
+    assert "Stopping temporary server" in output, output[-3000:]
+    deadline = time.monotonic() + 10
+    while servers_of(tmp_path / "prefect-home") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not servers_of(tmp_path / "prefect-home")
+
+
+def test_an_early_server_that_did_not_start_is_replaced_by_prefects_own(tmp_path: Path) -> None:
+    """If the server spawned early exits (its port was taken meanwhile), Prefect starts one itself, as
+    before: the command still runs."""
+    code = (
+        "import subprocess, sys; from flows import server_guard as g; "
+        "g._early.update(process=subprocess.Popen([sys.executable, '-c', 'pass']), port=1); "
+        "g.detach_temporary_server(); "
+        "from prefect.client.orchestration import get_client; "
+        "c = get_client(sync_client=True); print('health', c.api_healthcheck(), c.api_url)"
+    )
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "health None http://127.0.0.1:" in result.stdout and ":1/" not in result.stdout, result.stdout
+
+
+def pq_rows(folder: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(folder).to_pylist()
+
+
 def test_a_compaction_killed_holding_its_lease_is_marked_crashed_by_the_next(tmp_path: Path) -> None:
     """Like classify's output lease: the next compaction takes over and records the dead run as Crashed
     instead of leaving it Running in the history for good."""

@@ -6,7 +6,8 @@ its flow begins and its first shard is written, and the whole of a small nightly
 bench/throughput.py measures start-up inside one Python process (call → work known), which leaves out
 the interpreter, the imports (torch, transformers, Prefect: seconds on a small CPU) and the temporary
 Prefect server's own boot. Here each run is `python -m flows.cli classify SRC -o OUT --model M --device
-cpu`, timed from launch by the lines it prints: `--help` alone; the first run in a brand-new
+cpu` (with --api-url, against a running server instead of the temporary one), timed from launch by
+the lines it prints: `--help` alone; the first run in a brand-new
 PREFECT_HOME (database set-up), then warm runs, each finding one new image (a quiet night). Marks:
 `server` = "Starting temporary server" logged, `flow` = "Beginning flow run" (the server answers and the
 flow started), `shard` = the first shard finished (the model ran), `exit` = the process ended.
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--model-size", choices=["base", "tiny"], default="base")
     parser.add_argument("--runs", type=int, default=3, help="warm runs after the first")
     parser.add_argument("--json", type=Path, help="append one JSON line per run to this file")
+    parser.add_argument("--api-url", help="a running Prefect server's API (default: the temporary server)")
     args = parser.parse_args()
 
     from bench.throughput import machine, make_model
@@ -87,7 +89,10 @@ def main() -> None:
         env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         for name in ("PYTHONDONTWRITEBYTECODE", "PREFECT_API_URL"):
             env.pop(name, None)
+        if args.api_url:
+            env["PREFECT_API_URL"] = args.api_url
         common = {"machine": machine(), "date": datetime.now(UTC).date().isoformat(), "model": args.model_size}
+        common["prefect"] = args.api_url and "persistent server" or "temporary server"
         records = [{"run": "--help", **timed_command(["-m", "flows.cli", "--help"], env)}]
         classify = ["-m", "flows.cli", "classify", str(work / "src"), "-o", str(work / "out")]
         classify += ["--model", model, "--device", "cpu"]

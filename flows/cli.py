@@ -33,7 +33,12 @@ from flows.params import (
     require_apart,
     require_folder,
 )
-from flows.server_guard import detach_temporary_server, start_temporary_server
+from flows.server_guard import (
+    detach_temporary_server,
+    is_temporary_server,
+    start_temporary_server,
+    use_temporary_server,
+)
 from tasks.compact import TARGET_ROWS
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import progress_listeners
@@ -409,12 +414,13 @@ def prepare_prefect_api() -> None:
     """Before a command's flow starts. With PREFECT_API_URL set (the environment or the Prefect profile),
     a server that does not answer fails now, naming the URL and the fix, not as a traceback from
     Prefect's engine after the model has loaded; only a connection failure counts (a server that
-    answers is Prefect's to judge). Without it, Prefect's temporary server is detached (below)."""
+    answers is Prefect's to judge). Without it, the flow runs on the command's temporary server
+    (flows/server_guard.py: spawned early, waited for here)."""
     import httpx
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
-        detach_temporary_server()
+        use_temporary_server()
         return
     from prefect.client.orchestration import get_client
 
@@ -814,7 +820,9 @@ def prefect_api(
     try:
         yield
     except httpx.TransportError as exc:
-        url = PREFECT_API_URL.value() or "the temporary server"
+        url = PREFECT_API_URL.value()
+        if not url or is_temporary_server(url):
+            url = "the temporary server"
         message = f"cannot reach the Prefect API at {url} ({type(exc).__name__}: {exc}); start it "
         if not mid_run:
             fail(f"{message}(`prefect server start`), {fix}")

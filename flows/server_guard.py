@@ -10,8 +10,9 @@ whether PARENT_PID is still this process's parent; when it is not, it sends this
 uvicorn handles as a normal shutdown. Linux and macOS alike re-parent an orphan, so polling getppid()
 needs no platform-specific call (prctl's parent-death signal would also follow the starting *thread*).
 
-`detach_temporary_server()` is the other half: every oncoflow command and `make demo` call it before
-Prefect starts its temporary server, so that the server starts in a session of its own under this guard.
+The other half is below: commands that run flows spawn the server themselves, early
+(`start_temporary_server`, `use_temporary_server`); `history`, `prune` and `make demo` let Prefect start
+it, with its `subprocess` swapped so that it starts the same way (`detach_temporary_server`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 POLL_SECONDS = 1.0
 HEALTH_POLL_SECONDS = 0.1
 
-_early: dict[str, Any] = {}  # the server start_temporary_server() spawned: "process", "port"
+_early: dict[str, Any] = {}  # start_temporary_server()'s server: "process", "address"; "settings" once in use
 
 
 def watch_parent(parent: int) -> None:
@@ -53,12 +54,13 @@ def main() -> None:
 
 
 def start_temporary_server() -> None:
-    """Spawn Prefect's temporary server now, before this process loads the model and imports Prefect's
-    server module, so that it boots on another core meanwhile: a command's flow began ~17 s after launch
-    on a 2-core machine, half of it waiting for the server, which Prefect starts only at the flow's first
-    API call (bench/cli_startup.py). `detach_temporary_server()` later hands it to Prefect, which then
-    uses and stops it as its own. Nothing happens with PREFECT_API_URL set or the temporary server
-    disabled. The command line and environment are Prefect's own (SubprocessASGIServer), under the guard."""
+    """Spawn the command's temporary Prefect server now, so that it boots on another core while this
+    process loads the model. Prefect itself starts it only at the flow's first API call, after importing
+    its whole server module in this process (~4 s of CPU on a 2-core machine) just to do so: a warm
+    classify's flow began 17-20 s after launch, half of it spent waiting for the server
+    (bench/cli_startup.py). The command line and environment are Prefect's own (SubprocessASGIServer),
+    under this guard, in a session of its own; `use_temporary_server()` points the flow at it. Nothing
+    happens with PREFECT_API_URL set or Prefect's temporary server disabled."""
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
@@ -69,7 +71,7 @@ def start_temporary_server() -> None:
         return
     import prefect
 
-    with socket.socket() as probe:  # a free port, as the server's (Prefect retries if it is taken)
+    with socket.socket() as probe:  # a free port (if it is taken meanwhile, Prefect starts its own)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     args = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent)]
@@ -82,19 +84,70 @@ def start_temporary_server() -> None:
         "PREFECT__SERVER_FINAL": "1",
     }
     env.update(get_current_settings().to_environment_variables(exclude_unset=True))
-    _early.update(process=detached_popen(args, env=env), port=port)
-    atexit.register(stop_unclaimed_server)
+    _early.update(process=detached_popen(args, env=env), address=f"http://127.0.0.1:{port}")
+    # Registered before any of Prefect's own exit hooks: it runs after them (last in, first out), once
+    # their background services have sent the run's last logs and events to this server.
+    atexit.register(stop_temporary_server)
 
 
-def stop_unclaimed_server() -> None:
-    """At exit: stop an early server that Prefect never took over (the command failed before its flow)."""
+def use_temporary_server() -> None:
+    """For the rest of this command, Prefect's API is the early server, once it answers; its URL is set
+    in Prefect's settings (as Prefect's own test harness does), so Prefect never imports its server
+    module here. If it did not start (it exited, or did not answer in
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS), Prefect starts its temporary server itself, as
+    before, detached and guarded."""
+    import httpx
+    from prefect.logging import get_logger
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    process = _early.get("process")
+    if process is None or _early.get("settings") is not None:
+        detach_temporary_server()
+        return
+    address = _early["address"]
+    deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    with httpx.Client() as client:
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                if client.get(f"{address}/api/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(HEALTH_POLL_SECONDS)
+        else:
+            stop_temporary_server()
+            detach_temporary_server()
+            return
+    get_logger().info(f"Starting temporary server on {address}")  # Prefect's own words for its server
+    settings = temporary_settings(updates={PREFECT_API_URL: f"{address}/api"})
+    settings.__enter__()  # left open until the command ends (stop_temporary_server)
+    _early["settings"] = settings
+
+
+def is_temporary_server(api_url: str | None) -> bool:
+    """Whether `api_url` is this command's early temporary server (not a server the user named)."""
+    return bool(api_url) and "address" in _early and api_url == f"{_early['address']}/api"
+
+
+def stop_temporary_server() -> None:
+    """At exit: stop the early server (terminate, then kill after 5 s, as Prefect stops its own)."""
     process = _early.pop("process", None)
-    if process is not None and not _early.get("claimed"):
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    if process is None:
+        return
+    if _early.get("settings") is not None:
+        from prefect.logging import get_logger
+
+        get_logger().info(f"Stopping temporary server on {_early['address']}")
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def detach_temporary_server() -> None:
@@ -106,49 +159,20 @@ def detach_temporary_server() -> None:
     Crashed, the command exits 130, and the server is stopped on the way out (Prefect's atexit hook).
     Done by giving Prefect's server module a `subprocess` whose Popen starts a new session, and runs
     uvicorn under flows.server_guard, which stops the server if this process dies without that hook
-    (SIGKILL, the out-of-memory killer). A server spawned early (start_temporary_server) is waited for
-    here and becomes Prefect's; if it failed to start, Prefect starts one itself as before."""
+    (SIGKILL, the out-of-memory killer). Commands that run flows start their server early instead
+    (start_temporary_server, the same way); this is for the others (history, prune) and a fallback."""
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
         return
     from prefect.server.api import server
 
-    if server.subprocess is subprocess:  # not done yet
-        detached = types.ModuleType("subprocess")
-        detached.__dict__.update(vars(subprocess))
-        detached.Popen = detached_popen  # type: ignore[attr-defined]
-        server.subprocess = detached  # type: ignore[attr-defined]
-    if _early.get("process") is not None and not _early.get("claimed"):
-        claim_early_server(server)
-
-
-def claim_early_server(server: types.ModuleType) -> None:
-    """Wait for the early server to answer, then register it as the SubprocessASGIServer Prefect would
-    have started (the one for no particular port), so Prefect's clients use it and its exit hook stops it."""
-    import httpx
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
-
-    process, port = _early["process"], _early["port"]
-    instance = server.SubprocessASGIServer()
-    if instance.running:  # Prefect started one already
+    if server.subprocess is not subprocess:  # done already
         return
-    deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
-    with httpx.Client() as client:
-        while process.poll() is None and time.monotonic() < deadline:
-            try:
-                if client.get(f"http://127.0.0.1:{port}/api/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(HEALTH_POLL_SECONDS)
-        else:  # exited (the port was taken meanwhile) or too slow: Prefect starts its own when asked
-            stop_unclaimed_server()
-            return
-    server.subprocess_server_logger.info(f"Starting temporary server on http://127.0.0.1:{port}")
-    instance.port, instance.server_process, instance.running = port, process, True
-    atexit.register(instance.stop)
-    _early["claimed"] = True
+    detached = types.ModuleType("subprocess")
+    detached.__dict__.update(vars(subprocess))
+    detached.Popen = detached_popen  # type: ignore[attr-defined]
+    server.subprocess = detached  # type: ignore[attr-defined]
 
 
 def detached_popen(args: list[str], **kwargs: Any) -> subprocess.Popen:

@@ -776,8 +776,8 @@ def test_an_early_server_that_did_not_start_is_replaced_by_prefects_own(tmp_path
     before: the command still runs."""
     code = (
         "import subprocess, sys; from flows import server_guard as g; "
-        "g._early.update(process=subprocess.Popen([sys.executable, '-c', 'pass']), port=1); "
-        "g.detach_temporary_server(); "
+        "g._early.update(process=subprocess.Popen([sys.executable, '-c', 'pass']), address='http://127.0.0.1:1'); "
+        "g.use_temporary_server(); "
         "from prefect.client.orchestration import get_client; "
         "c = get_client(sync_client=True); print('health', c.api_healthcheck(), c.api_url)"
     )

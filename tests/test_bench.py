@@ -204,3 +204,13 @@ def test_decide_names_the_default_each_gpu_figure_earns(tmp_path: Path) -> None:
     assert "not measured (flow_steady_img_s_adaptive_split missing)" in done.stdout
     assert "1.03x" in done.stdout and "labels 99.00%" in done.stdout and "fell back to eager" in done.stdout
     assert done.stdout.count("WINS") == 1
+
+
+@pytest.mark.slow
+def test_cli_startup_bench_runs(tmp_path: Path) -> None:
+    """bench/cli_startup.py on a tiny model: the real command's marks, in order, for a first run."""
+    run_bench(tmp_path, "cli_startup.py", "--model-size", "tiny", "--runs", "0", timeout=600)
+    records = [json.loads(line) for line in (tmp_path / "cli_startup.json").read_text().splitlines()]
+    assert [record["run"] for record in records] == ["--help", "first (new PREFECT_HOME)"]
+    first = records[1]
+    assert 0 < first["server"] <= first["flow"] <= first["shard"] <= first["exit"], first

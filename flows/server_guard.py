@@ -101,6 +101,7 @@ def use_temporary_server() -> None:
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        PREFECT_UI_URL,
         temporary_settings,
     )
 
@@ -123,7 +124,8 @@ def use_temporary_server() -> None:
             detach_temporary_server()
             return
     get_logger().info(f"Starting temporary server on {address}")  # Prefect's own words for its server
-    settings = temporary_settings(updates={PREFECT_API_URL: f"{address}/api"})
+    # No UI link ("View at ...") in the log: the temporary server serves no UI and is gone after the run.
+    settings = temporary_settings(updates={PREFECT_API_URL: f"{address}/api", PREFECT_UI_URL: ""})
     settings.__enter__()  # left open until the command ends (stop_temporary_server)
     _early["settings"] = settings
 

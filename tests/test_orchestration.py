@@ -765,6 +765,7 @@ def test_the_temporary_server_starts_early_and_is_stopped_however_the_run_ends(
         assert result.returncode == 1 and "error:" in output, output[-3000:]
     assert output.count("Starting temporary server") == 1, output[-3000:]
     assert "Stopping temporary server" in output, output[-3000:]
+    assert "View at" not in output, output[-3000:]  # a link to a UI that the server does not serve
     deadline = time.monotonic() + 10
     while servers_of(tmp_path / "prefect-home") and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -43,7 +43,12 @@ def timed_command(argv: list[str], env: dict[str, str], timeout: float = 600) ->
     """Run `python argv...` and return seconds from launch to each mark's first line and to the exit."""
     started = time.monotonic()
     process = subprocess.Popen(
-        [sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [sys.executable, *argv],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     seen: dict[str, float] = {}
     lines: list[str] = []
@@ -85,14 +90,23 @@ def main() -> None:
         model = make_model(work / "model", args.model_size)
         for number in range(4):
             make_image(work / "src" / f"start{number}.jpg", seed=number)
-        env = {**os.environ, "PREFECT_LOGGING_LEVEL": "INFO", "PREFECT_HOME": str(work / "prefect-home"), "HF_HUB_OFFLINE": "1"}
+        env = {
+            **os.environ,
+            "PREFECT_LOGGING_LEVEL": "INFO",
+            "PREFECT_HOME": str(work / "prefect-home"),
+            "HF_HUB_OFFLINE": "1",
+        }
         env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         for name in ("PYTHONDONTWRITEBYTECODE", "PREFECT_API_URL"):
             env.pop(name, None)
         if args.api_url:
             env["PREFECT_API_URL"] = args.api_url
-        common = {"machine": machine(), "date": datetime.now(UTC).date().isoformat(), "model": args.model_size}
-        common["prefect"] = args.api_url and "persistent server" or "temporary server"
+        common = {
+            "machine": machine(),
+            "date": datetime.now(UTC).date().isoformat(),
+            "model": args.model_size,
+        }
+        common["prefect"] = "persistent server" if args.api_url else "temporary server"
         records = [{"run": "--help", **timed_command(["-m", "flows.cli", "--help"], env)}]
         classify = ["-m", "flows.cli", "classify", str(work / "src"), "-o", str(work / "out")]
         classify += ["--model", model, "--device", "cpu"]

@@ -106,6 +106,9 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = os.path.abspath(args.workdir)
+    from flows.server_guard import start_temporary_server, use_temporary_server
+
+    start_temporary_server()  # boots while the sample images and the model are made (guarded, as the CLI's)
     shutil.rmtree(workdir, ignore_errors=True)
     folders = {
         name: os.path.join(workdir, name)
@@ -123,11 +126,10 @@ def main() -> None:
 
     from flows.classify import classify
     from flows.evaluate import evaluate
-    from flows.server_guard import detach_temporary_server
     from flows.train import train
     from tasks.report import interpretation, seed_table
 
-    detach_temporary_server()  # Ctrl-C or kill -9 of the demo does not leave Prefect's server running
+    use_temporary_server()  # Ctrl-C or kill -9 of the demo does not leave Prefect's server running
     print("\n1. train (a Prefect flow; the seed recipe with a larger learning rate for a model from scratch)")
     trained = train(
         folders["train"],

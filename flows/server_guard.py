@@ -10,9 +10,9 @@ whether PARENT_PID is still this process's parent; when it is not, it sends this
 uvicorn handles as a normal shutdown. Linux and macOS alike re-parent an orphan, so polling getppid()
 needs no platform-specific call (prctl's parent-death signal would also follow the starting *thread*).
 
-The other half is below: commands that run flows spawn the server themselves, early
-(`start_temporary_server`, `use_temporary_server`); `history`, `prune` and `make demo` let Prefect start
-it, with its `subprocess` swapped so that it starts the same way (`detach_temporary_server`).
+The other half is below: commands that run flows and `make demo` spawn the server themselves, early
+(`start_temporary_server`, `use_temporary_server`); `history` and `prune` let Prefect start it, with its
+`subprocess` swapped so that it starts the same way (`detach_temporary_server`).
 """
 
 from __future__ import annotations

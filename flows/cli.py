@@ -34,7 +34,6 @@ from flows.params import (
     require_folder,
 )
 from flows.server_guard import (
-    detach_temporary_server,
     is_temporary_server,
     start_temporary_server,
     use_temporary_server,
@@ -845,7 +844,8 @@ def history_command(
     table = Table(title="oncoflow runs (newest first)")
     for column in ("flow", "run", "state", "start (UTC)", "duration", "images", "errors", "run id"):
         table.add_column(column, justify="right" if column in {"duration", "images", "errors"} else "left")
-    detach_temporary_server()
+    start_temporary_server()
+    use_temporary_server()
     with prefect_api():
         runs = recent_runs(limit)
     for run in runs:
@@ -876,7 +876,8 @@ def prune_command(
         age = parse_age(older_than)
     except ValueError as exc:
         fail(str(exc), code=2)
-    detach_temporary_server()
+    start_temporary_server()
+    use_temporary_server()
     with prefect_api():
         count = prune_runs(age, dry_run=dry_run)
     console.print(

@@ -10,9 +10,10 @@ whether PARENT_PID is still this process's parent; when it is not, it sends this
 uvicorn handles as a normal shutdown. Linux and macOS alike re-parent an orphan, so polling getppid()
 needs no platform-specific call (prctl's parent-death signal would also follow the starting *thread*).
 
-The other half is below: commands that run flows and `make demo` spawn the server themselves, early
-(`start_temporary_server`, `use_temporary_server`); `history` and `prune` let Prefect start it, with its
-`subprocess` swapped so that it starts the same way (`detach_temporary_server`).
+The other half is below: every oncoflow command that talks to Prefect, and `make demo`, spawns the
+server itself, early (`start_temporary_server`, `use_temporary_server`); should that server not come
+up, Prefect starts its own, with its `subprocess` swapped so that it starts the same way
+(`detach_temporary_server`).
 """
 
 from __future__ import annotations
@@ -161,8 +162,8 @@ def detach_temporary_server() -> None:
     Crashed, the command exits 130, and the server is stopped on the way out (Prefect's atexit hook).
     Done by giving Prefect's server module a `subprocess` whose Popen starts a new session, and runs
     uvicorn under flows.server_guard, which stops the server if this process dies without that hook
-    (SIGKILL, the out-of-memory killer). Commands that run flows start their server early instead
-    (start_temporary_server, the same way); this is for the others (history, prune) and a fallback."""
+    (SIGKILL, the out-of-memory killer). The commands start their server early instead
+    (start_temporary_server, the same way); this is the fallback when that server does not come up."""
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():

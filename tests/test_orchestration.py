@@ -656,15 +656,17 @@ def process_alive(pid: int) -> bool:
         return False
 
 
-def temporary_servers(pid: int) -> list[int]:
-    """The Prefect temporary servers (uvicorn running the server app) among `pid`'s children."""
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    servers = []
-    for child in children:
-        with contextlib.suppress(FileNotFoundError):
-            if b"server:create_app" in Path(f"/proc/{child}/cmdline").read_bytes():
-                servers.append(int(child))
-    return servers
+def servers_of(prefect_home: Path) -> list[int]:
+    """Live Prefect server processes (any parent) whose PREFECT_HOME is `prefect_home`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if not proc.name.isdigit() or b"server:create_app" not in (proc / "cmdline").read_bytes():
+                continue
+            environment = (proc / "environ").read_bytes().split(b"\0")
+            if f"PREFECT_HOME={prefect_home}".encode() in environment and process_alive(int(proc.name)):
+                found.append(int(proc.name))
+    return found
 
 
 @pytest.mark.parametrize("command", ["classify", "history", "demo"])
@@ -695,7 +697,7 @@ def test_a_command_killed_with_sigkill_leaves_no_temporary_server(
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:  # classify: a shard written; the others: the server started
             assert run.poll() is None, "the command ended before it could be killed"
-            servers = temporary_servers(run.pid)
+            servers = servers_of(tmp_path / "prefect-home")
             if servers and (command != "classify" or list((tmp_path / "dest").rglob("*.parquet"))):
                 break
             time.sleep(0.1)
@@ -714,26 +716,13 @@ def test_a_command_killed_with_sigkill_leaves_no_temporary_server(
                 os.kill(server, signal.SIGKILL)
 
 
-def servers_of(prefect_home: Path) -> list[int]:
-    """Live Prefect server processes (any parent) whose PREFECT_HOME is `prefect_home`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            if not proc.name.isdigit() or b"server:create_app" not in (proc / "cmdline").read_bytes():
-                continue
-            environment = (proc / "environ").read_bytes().split(b"\0")
-            if f"PREFECT_HOME={prefect_home}".encode() in environment and process_alive(int(proc.name)):
-                found.append(int(proc.name))
-    return found
-
-
 @pytest.mark.parametrize("weights", ["good", "damaged"])
 def test_the_temporary_server_starts_early_and_is_stopped_however_the_run_ends(
     tmp_path: Path, tiny_model: str, weights: str
 ) -> None:
     """The temporary server is spawned before the model loads (it boots on another core meanwhile) and
-    Prefect takes it over as its own: one server, named once in the log, stopped at the end, whether
-    the run succeeds or fails on a model whose weights do not load."""
+    the flow runs on it: one server, named once in the log, stopped at the end, whether the run
+    succeeds or fails on a model whose weights do not load."""
     from tests.conftest import make_image
 
     for number in range(3):

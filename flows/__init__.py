@@ -1,6 +1,12 @@
 """oncoflow's Prefect flows and the `oncoflow` CLI."""
 
+import atexit
 import os
+
+from flows.quick_exit import skip_teardown
+
+# First of all exit hooks, so it runs last: a CLI command ends right after them (flows/quick_exit.py).
+atexit.register(skip_teardown)
 
 # Without PREFECT_API_URL, Prefect starts a temporary local server and gives it 20 s by default; on a
 # busy two-core machine that is too little, and the run dies before it starts. Users can still override.

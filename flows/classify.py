@@ -419,5 +419,6 @@ def check_error_rate(summary: dict[str, Any], max_error_rate: float | None) -> N
 
 if __name__ == "__main__":
     from flows.cli import classify_command_app
+    from flows.quick_exit import run_command
 
-    classify_command_app()
+    run_command(classify_command_app)

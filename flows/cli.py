@@ -33,6 +33,7 @@ from flows.params import (
     require_apart,
     require_folder,
 )
+from flows.quick_exit import run_command
 from flows.server_guard import (
     is_temporary_server,
     start_temporary_server,
@@ -928,5 +929,10 @@ def serve_command(
         )
 
 
+def run() -> None:
+    """The `oncoflow` console script: the CLI, ending as soon as its work is done (flows/quick_exit.py)."""
+    run_command(app)
+
+
 if __name__ == "__main__":
-    app()
+    run()

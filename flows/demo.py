@@ -15,6 +15,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+from flows.quick_exit import run_command
 from tasks.model import POSITIVE_LABEL, share_model_files
 
 CLASSES = ("Normal", POSITIVE_LABEL)
@@ -166,4 +167,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -165,5 +165,6 @@ def evaluate(
 
 if __name__ == "__main__":
     from flows.cli import evaluate_command_app
+    from flows.quick_exit import run_command
 
-    evaluate_command_app()
+    run_command(evaluate_command_app)

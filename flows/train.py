@@ -74,5 +74,6 @@ def train(
 
 if __name__ == "__main__":
     from flows.cli import train_command_app
+    from flows.quick_exit import run_command
 
-    train_command_app()
+    run_command(train_command_app)

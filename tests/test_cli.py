@@ -200,6 +200,62 @@ def test_python_m_flows_cli_runs_the_cli() -> None:
     assert done.returncode == 0 and "classify" in done.stdout
 
 
+QUICK_EXIT_SCRIPT = """
+import atexit, sys
+from pathlib import Path
+import flows  # registers the last exit hook
+from flows.quick_exit import run_command
+
+marks = Path(sys.argv[1])
+
+class Module:
+    def __del__(self):  # runs while Python tears the interpreter down
+        (marks / "teardown").write_text("ran")
+
+kept = Module()
+atexit.register(lambda: (marks / "exit-hook").write_text("ran"))
+
+def main():
+    print("row " * 50_000)  # more than a pipe's buffer: must all arrive
+    sys.stderr.write("the last line\\n")
+    if sys.argv[2] == "raise":
+        raise RuntimeError("a bug")
+    sys.exit(int(sys.argv[2]))
+
+if sys.argv[3] == "cli":
+    run_command(main)
+else:
+    main()
+"""
+
+
+@pytest.mark.parametrize(
+    ("code", "entry", "returncode", "teardown"),
+    [
+        ("3", "cli", 3, False),  # a CLI command: same exit code, output and exit hooks; no teardown
+        ("0", "cli", 0, False),
+        ("3", "plain", 3, True),  # imported elsewhere (a worker, the tests): Python's normal exit
+        ("raise", "cli", 1, True),  # a bug: Python's own traceback and exit
+    ],
+)
+def test_a_command_ends_after_its_exit_hooks_without_the_teardown(
+    tmp_path: Path, code: str, entry: str, returncode: int, teardown: bool
+) -> None:
+    """The CLI skips the interpreter's teardown (1.5 s after a run on 2 cores), losing nothing."""
+    done = subprocess.run(
+        [sys.executable, "-c", QUICK_EXIT_SCRIPT, str(tmp_path), code, entry],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == returncode, done.stderr
+    assert done.stdout == "row " * 50_000 + "\n"
+    assert done.stderr.startswith("the last line\n")
+    assert ("RuntimeError: a bug" in done.stderr) == (code == "raise")
+    assert (tmp_path / "exit-hook").read_text() == "ran"
+    assert (tmp_path / "teardown").exists() == teardown
+
+
 def test_classify_command_prints_a_summary(image_folder: Path, tmp_path: Path, tiny_model: str) -> None:
     result = invoke(
         "classify", str(image_folder), "-o", str(tmp_path / "out"), "--model", tiny_model, "--device", "cpu"

@@ -13,6 +13,8 @@ atexit.register(skip_teardown)
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # Hospitals run this offline and do not expect telemetry; opt back in with the variable set to true.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Prefect's client prints a telemetry notice ("To opt out: ...") on a terminal unless this is set too.
+os.environ.setdefault("DO_NOT_TRACK", "1")
 
 # Redact every log record of any process that loads the flows (a worker or `serve` subprocess too, not
 # only the CLI): storage libraries log signed URLs and keys. tasks.redaction imports only the stdlib.

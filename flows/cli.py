@@ -488,6 +488,8 @@ def compact_command(
     line = (
         f"merged {report['files_merged']} files into {report['files_written']} "
         f"({report['rows_merged']} rows, {report['partitions']} partitions)"
+        if report["files_merged"]
+        else f"nothing to merge: every partition ({report['partitions']}) is already compact"
     )
     if report["leftovers_deleted"]:
         line += f"; {report['leftovers_deleted']} inputs of an interrupted compaction deleted"
@@ -860,6 +862,12 @@ def history_command(
             "-" if run.errors is None else str(run.errors),
             run.run_id,
         )
+    if not runs:
+        console.print(
+            "no oncoflow runs recorded yet in this Prefect backend (PREFECT_API_URL, or PREFECT_HOME's "
+            "database when the temporary server is used); each classify, reprocess or evaluate run adds one"
+        )
+        return
     Console(width=200).print(table)
 
 

@@ -153,6 +153,10 @@ def parse_age(text: str) -> timedelta:
     `m` is minutes (as in `sleep 90m`), never months: the CLI says the age in words before it deletes."""
     units = {"d": "days", "h": "hours", "m": "minutes"}
     number, unit = text[:-1], text[-1:]  # lower case only: `1M` could mean a month
+    if unit in units and number.isdigit() and int(number) == 0:
+        raise ValueError(
+            f"--older-than {text!r} would delete every run, the running ones too; give at least 1m"
+        )
     if unit not in units or not number.isdigit() or not 0 < int(number) <= 36500 * 24 * 60:
         raise ValueError(
             f"--older-than {text!r} is not an age; write e.g. 30d, 12h or 90m (lower case; at most 100 years)"

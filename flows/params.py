@@ -131,11 +131,18 @@ def require_apart(
     """Fail when the output lies inside the inputs or the other way round (a run would read its own
     output); `kind`: what the output is (a folder, or a file)."""
     a, b = _normalized(inputs), _normalized(output)
-    if a.startswith(b) or b.startswith(a):
-        raise ValueError(
-            f"{output_name} {output!r} and {inputs_name} {inputs!r} overlap; "
-            f"choose an {output_name} {kind} outside the {inputs_name}"
-        )
+    if a == b:
+        where = f"is the {inputs_name} itself"
+    elif b.startswith(a):
+        where = f"lies inside the {inputs_name} {inputs!r}"
+    elif a.startswith(b):
+        where = f"contains the {inputs_name} {inputs!r}"
+    else:
+        return
+    raise ValueError(
+        f"{output_name} {output!r} {where}: a run would read its own output; choose an {output_name} {kind} "
+        f"that neither lies inside the {inputs_name} nor contains it"
+    )
 
 
 class StorageParams(BaseModel):

@@ -187,6 +187,11 @@ def check_model_name(name: str, classifier: bool = False) -> str | None:
             if classifier and file_name == "config.json":
                 positive_class(model_labels(content, name), name)
         return directory
+    if os.path.isfile(os.path.expanduser(name)):
+        raise ModelError(
+            f"model {name!r} is a file; give the folder that holds the model's config.json and weights "
+            f"(`save_pretrained` writes one), such as {os.path.dirname(name) or '.'!r}"
+        )
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelError(
             f"model {name!r} is neither an existing folder nor a hub id of the form 'org/name'; check the path"

@@ -73,6 +73,23 @@ def test_compact_refuses_a_folder_that_is_no_dataset_and_writes_nothing_into_it(
     assert sorted(image_folder.rglob("*")) == before
 
 
+@pytest.mark.parametrize("command", ["latest", "report"])
+def test_latest_and_report_name_an_image_folder_given_for_the_dataset(
+    image_folder: Path, tmp_path: Path, command: str
+) -> None:
+    """Not "run classify --output IMAGES first", which would write the rows into the image archive."""
+    target = tmp_path / ("out.parquet" if command == "latest" else "out.html")
+    result = CliRunner().invoke(app, [command, str(image_folder), "-o", str(target)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "the image SOURCE given by mistake?" in text, text
+    assert "--output folder of `oncoflow classify`" in text and "first" not in text
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(app, [command, str(empty), "-o", str(target)])
+    assert "run `oncoflow classify SOURCE --output" in " ".join(result.output.split())
+    assert not target.exists()
+
+
 def test_compaction_respects_the_target_size(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     make_dataset(dest)  # day 1 holds 3 files of 20 rows
@@ -403,7 +420,7 @@ def test_files_saved_inside_dest_are_refused_or_ignored(
         app,
         ["evaluate", "--predictions", str(dest), "--labels", str(tmp_path / "l.csv"), "-o", str(dest / "e")],
     )
-    assert result.exit_code == 2 and "overlap" in result.output
+    assert result.exit_code == 2 and "read its own output" in result.output
 
     (dest / "notes.txt").write_text("checked by Dr. X")
     duckdb.sql(f"copy (select 1 as n) to '{dest / 'old-export.parquet'}' (format parquet)")

@@ -131,7 +131,17 @@ def test_missing_source(tmp_path: Path) -> None:
 def test_output_inside_source(image_folder: Path) -> None:
     result = invoke("classify", str(image_folder), "--output", str(image_folder / "preds"))
     assert result.exit_code == 2
-    assert "overlap" in result.output and not (image_folder / "preds").exists()
+    text = " ".join(result.output.split())
+    assert "lies inside the source" in text and not (image_folder / "preds").exists()
+
+
+def test_output_containing_the_source_is_named_as_such(image_folder: Path) -> None:
+    """Not "choose an output outside the source": it already is; it holds the source."""
+    result = invoke("classify", str(image_folder), "--output", str(image_folder.parent))
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert f"contains the source {str(image_folder)!r}" in text, text
+    assert "neither lies inside the source nor contains it" in text
 
 
 def test_offline_hub_id_says_how_to_use_a_local_folder(image_folder: Path, tmp_path: Path) -> None:
@@ -143,6 +153,16 @@ def test_offline_hub_id_says_how_to_use_a_local_folder(image_folder: Path, tmp_p
     assert "someorg/some-vit" in text and "Hugging Face Hub" in text and "local folder" in text
     assert f"no folder '{os.path.abspath('someorg/some-vit')}'" in text  # a mistyped path shows as such
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_file_instead_of_its_folder_names_the_folder(image_folder: Path, tmp_path: Path) -> None:
+    weights = tmp_path / "vit" / "model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"\0" * 16)
+    result = invoke("classify", str(image_folder), "--output", str(tmp_path / "out"), "--model", str(weights))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"model {str(weights)!r} is a file" in text, text
+    assert f"such as {str(weights.parent)!r}" in text and not (tmp_path / "out").exists()
 
 
 def test_model_folder_without_safetensors_is_refused(image_folder: Path, tmp_path: Path) -> None:

@@ -581,8 +581,21 @@ def test_prune_deletes_only_finished_runs_older_than_the_cutoff(
     with get_client(sync_client=True) as client:
         left = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[old, recent])))
     assert {str(run.id) for run in left} == {recent}
-    for age in ("soon", "1M", "99999999d"):
+    for age in ("soon", "1M", "99999999d", "0m"):
         assert runner.invoke(app, ["prune", "--older-than", age]).exit_code == 2, age
+    assert "give at least 1m" in runner.invoke(app, ["prune", "--older-than", "0d"]).output
+
+
+@pytest.mark.slow
+def test_history_in_a_new_prefect_home_says_there_are_no_runs_yet(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "history"], env=env, capture_output=True, text=True, timeout=180
+    )
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 0 and "no oncoflow runs recorded yet" in output, output
+    assert "oncoflow runs (newest first)" not in output  # no empty table
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])

@@ -21,7 +21,10 @@ from tasks.redaction import has_credentials
 
 
 def within(source: str, prefix: str) -> str:
-    """SOURCE narrowed to the sub-folder `prefix` (relative to SOURCE); SOURCE itself when empty."""
+    """SOURCE narrowed to the sub-folder `prefix` (relative to SOURCE); SOURCE itself when empty. A full
+    path or URI inside SOURCE is taken as the part below SOURCE."""
+    if prefix.startswith(("/", "~")) or "://" in prefix:
+        prefix = below(source, prefix)
     prefix = prefix.strip("/")
     if ".." in prefix.split("/"):
         raise ValueError(f"--prefix {prefix!r} must stay inside SOURCE: give a sub-folder path without '..'")
@@ -34,6 +37,23 @@ def within(source: str, prefix: str) -> str:
             raise ValueError(f"invalid SOURCE: {exc}") from None
     narrowed = f"{source.rstrip('/')}/{prefix}"
     return narrowed if "://" in source else real_sub_folder(source, narrowed)
+
+
+def below(source: str, path: str) -> str:
+    """`path` (a full path or URI) relative to SOURCE; a ValueError when it is not inside SOURCE."""
+    if "://" in source or "://" in path:
+        base, full = source.rstrip("/"), path.rstrip("/")
+    else:
+        base = os.path.abspath(os.path.expanduser(source)).rstrip("/")
+        full = os.path.abspath(os.path.expanduser(path)).rstrip("/")
+    if full == base:
+        return ""
+    if not full.startswith(base + "/"):
+        raise ValueError(
+            f"--prefix {path!r} is not inside SOURCE {source!r}; give a sub-folder of SOURCE, relative to "
+            "it (e.g. 2023/ward-4) or as a full path inside it"
+        )
+    return full[len(base) + 1 :]
 
 
 def real_sub_folder(source: str, narrowed: str) -> str:

@@ -527,6 +527,24 @@ def test_reprocess_requires_a_model_and_an_existing_prefix(image_folder: Path, t
     assert result.exit_code == 2 and "inside SOURCE" in " ".join(result.output.split()), result.output
 
 
+def test_reprocess_prefix_may_be_a_full_path_inside_source(image_folder: Path, tmp_path: Path) -> None:
+    """`--prefix /archive/2023` for SOURCE /archive: the part below SOURCE (was '/archive/archive/2023')."""
+    from flows.reprocess import within
+
+    sub = image_folder / "sub"
+    sub.mkdir(exist_ok=True)
+    assert within(str(image_folder), str(sub)) == within(str(image_folder), "sub") == str(sub)
+    assert within(str(image_folder), str(image_folder) + "/") == str(image_folder)
+    assert within("s3://scans/in", "s3://scans/in/2023/") == "s3://scans/in/2023"
+    for outside in (str(tmp_path), "s3://scans/incoming/2023", "/in/2023"):
+        source = "s3://scans/in" if outside.startswith("s3") else str(image_folder)
+        result = runner.invoke(
+            app, ["reprocess", source, "-o", str(tmp_path / "o"), "--model", "m", "--prefix", outside]
+        )
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and f"--prefix {outside!r} is not inside SOURCE" in text, text
+
+
 def test_history_lists_runs_with_their_image_counts(
     image_folder: Path, tmp_path: Path, tiny_model: str
 ) -> None:

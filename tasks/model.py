@@ -140,6 +140,31 @@ def unreadable_model_files(directory: str) -> list[str]:
     ]
 
 
+def safetensors_damage(path: str) -> str | None:
+    """Why a .safetensors file cannot be whole (cut short, or its header unreadable), from its header and
+    size alone (a few kB read, not the weights); None when they agree. A file of the right size with
+    damaged bytes inside is found only by the load (loading_weights)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        start = handle.read(8)
+        if len(start) < 8:
+            return f"{size} bytes, shorter than a header"
+        header_size = int.from_bytes(start, "little")
+        if header_size > size - 8:
+            return f"its header claims {header_size} bytes, the file holds {size}"
+        try:
+            header = json.loads(handle.read(header_size))
+            end = max(
+                (int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
+                default=0,
+            )
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            return f"unreadable header: {exc}"
+    if 8 + header_size + end > size:
+        return f"cut short: {size} of {8 + header_size + end} bytes"
+    return None
+
+
 def check_model_name(name: str, classifier: bool = False) -> str | None:
     """The local folder `name` names (None for a hub id), or ModelError when it cannot load: a folder
     without .safetensors weights, without config.json or preprocessor_config.json (or with one that is
@@ -186,6 +211,12 @@ def check_model_name(name: str, classifier: bool = False) -> str | None:
                 ) from exc
             if classifier and file_name == "config.json":
                 positive_class(model_labels(content, name), name)
+        for file_name in sorted(n for n in names if n.endswith(".safetensors")):
+            if damage := safetensors_damage(os.path.join(directory, file_name)):
+                raise ModelError(
+                    f"model {name!r}: its weights file {file_name} is damaged or incomplete ({damage}); save it "
+                    "again (`save_pretrained`) or download it again"
+                )
         return directory
     if os.path.isfile(os.path.expanduser(name)):
         raise ModelError(
@@ -343,15 +374,34 @@ def no_loading_bar() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextmanager
+def no_load_report() -> Iterator[None]:
+    """transformers logs a table of every tensor missing from the weights or of another shape (30 lines
+    or more; "Consider training on your downstream task"). check_weights says the same in one line with
+    the fix, or accepts it (a new head when training): the table is dropped while loading."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    report_filter = _DropLoadReport()
+    logger.addFilter(report_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(report_filter)
+
+
 @contextmanager
 def loading_weights(name: str, directory: str, what: str = "model") -> Iterator[None]:
     """Around from_pretrained: its failures become a ModelError naming the model and the fix (a damaged
     or cut-short safetensors file raised safetensors' own error, a traceback instead of an `error:`
-    line); transformers' loading bar is off meanwhile."""
+    line); transformers' loading bar and its LOAD REPORT table are off meanwhile."""
     from safetensors import SafetensorError
 
     try:
-        with no_loading_bar():
+        with no_loading_bar(), no_load_report():
             yield
     except SafetensorError as exc:
         raise ModelError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -323,26 +324,23 @@ def test_help_explains_every_option() -> None:
 @pytest.mark.parametrize(
     ("damage", "explained"),
     [
-        ("config", "do not fit its config.json"),
-        ("weights", "is damaged or incomplete"),  # was safetensors' own error, with a traceback
+        ("config", "tensor(s) it needs"),
+        ("shape", "another shape"),
     ],
 )
 def test_an_explained_error_is_not_buried_under_a_traceback(
     image_folder: Path, tmp_path: Path, prefect_server: str, tiny_model: str, damage: str, explained: str
 ) -> None:
     """Prefect reports the failed run in one line; the CLI's `error:` line says why and what to do.
-    The model's problems show only when the weights load: a config.json that does not fit them, a
-    weights file cut short."""
+    Some of a model's problems show only when the weights load: a config.json that does not fit them
+    (more layers, or wider ones, than the weights hold)."""
     import json
     import shutil
 
     folder = Path(shutil.copytree(tiny_model, tmp_path / "deeper"))
-    if damage == "config":
-        config = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4}))
-    else:
-        weights = (folder / "model.safetensors").read_bytes()
-        (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    config = json.loads((folder / "config.json").read_text())
+    change = {"num_hidden_layers": 4} if damage == "config" else {"hidden_size": 64}
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     oncoflow = str(Path(sys.executable).parent / "oncoflow")  # the installed console script
     command = [oncoflow, "classify", str(image_folder), "-o", str(tmp_path / "out")]
@@ -534,7 +532,12 @@ def test_a_config_that_does_not_fit_the_weights_fails_instead_of_using_random_la
 ) -> None:
     """transformers fills tensors missing from the weights (or of another shape) with random values and
     goes on: a config.json edited or copied from another model would write plausible rows from random
-    layers. The run fails naming the model, and writes nothing (training: tests/test_training.py)."""
+    layers. The run fails naming the model, and writes nothing (training: tests/test_training.py), in one
+    line: transformers' own table of the tensors (30 lines and more, twice) is not shown."""
+    logged: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = logged.append  # type: ignore[method-assign]
+    logging.getLogger("transformers.modeling_utils").addHandler(handler)
     deeper, wider = tmp_path / "deeper", tmp_path / "wider"
     for folder, change in ((deeper, {"num_hidden_layers": 4}), (wider, {"hidden_size": 64})):
         shutil.copytree(tiny_model, folder)
@@ -549,6 +552,8 @@ def test_a_config_that_does_not_fit_the_weights_fails_instead_of_using_random_la
         text = " ".join(result.output.split())
         assert result.exit_code == 1 and "do not fit its config.json" in text and expected in text, text
         assert not output.exists() or not list(output.rglob("*.parquet"))
+    logging.getLogger("transformers.modeling_utils").removeHandler(handler)
+    assert not [record for record in logged if "LOAD REPORT" in str(record.msg)]
 
 
 def test_a_model_folder_that_cannot_load_fails_before_any_work(
@@ -558,15 +563,20 @@ def test_a_model_folder_that_cannot_load_fails_before_any_work(
     command that takes a model, `serve` included, not by the run at 02:00."""
     import torch
 
-    missing, broken = tmp_path / "missing", tmp_path / "broken"
-    shutil.copytree(tiny_model, missing)
+    missing, broken, cut, garbage = (tmp_path / name for name in ("missing", "broken", "cut", "garbage"))
+    for folder in (missing, broken, cut, garbage):
+        shutil.copytree(tiny_model, folder)
     (missing / "preprocessor_config.json").unlink()
-    shutil.copytree(tiny_model, broken)
     (broken / "config.json").write_text('{"id2label": ')
+    weights = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # a download that stopped
+    (garbage / "model.safetensors").write_bytes(b"<html>proxy error</html>")
     output = str(tmp_path / "out")
     for model, expected in (
         (missing, "has no preprocessor_config.json"),
         (broken, "config.json is not a valid configuration"),
+        (cut, f"{str(cut)!r}: its weights file model.safetensors is damaged or incomplete (cut short: "),
+        (garbage, "model.safetensors is damaged or incomplete (its header claims"),
     ):
         for args in (
             ["classify", str(image_folder), "-o", output, "--model", str(model)],

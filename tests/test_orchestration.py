@@ -747,7 +747,7 @@ def test_a_command_killed_with_sigkill_leaves_no_temporary_server(
                 os.kill(server, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("weights", ["good", "damaged"])
+@pytest.mark.parametrize("weights", ["good", "misfit"])
 def test_the_temporary_server_starts_early_and_is_stopped_however_the_run_ends(
     tmp_path: Path, tiny_model: str, weights: str
 ) -> None:
@@ -759,10 +759,11 @@ def test_the_temporary_server_starts_early_and_is_stopped_however_the_run_ends(
     for number in range(3):
         make_image(tmp_path / "src" / f"i{number}.png", seed=number)
     model = tiny_model
-    if weights == "damaged":
-        model = str(tmp_path / "damaged-model")
+    if weights == "misfit":  # found only as the weights load (a damaged file is refused before the server)
+        model = str(tmp_path / "misfit-model")
         shutil.copytree(tiny_model, model)
-        (Path(model) / "model.safetensors").write_bytes(b"not safetensors")
+        config = json.loads((Path(model) / "config.json").read_text())
+        (Path(model) / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4}))
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_LOGGING_LEVEL": "INFO"}
     env.pop("PREFECT_API_URL", None)
     command = [

@@ -219,8 +219,8 @@ def test_a_base_whose_config_does_not_fit_its_weights_is_refused(tmp_path: Path,
 def test_a_base_whose_weights_file_is_cut_short_is_refused_in_one_line(
     tmp_path: Path, tiny_model: str
 ) -> None:
-    """A download that stopped half-way: an `error:` naming the base model and the fix (was safetensors'
-    own error under a traceback)."""
+    """A download that stopped half-way: an `error:` naming the base model and the fix, before any work
+    (was safetensors' own error under a traceback, once the training had started)."""
     import shutil
 
     base = tmp_path / "base"
@@ -230,7 +230,7 @@ def test_a_base_whose_weights_file_is_cut_short_is_refused_in_one_line(
     data = write_signal_images(tmp_path / "data", 8, seed=0)
     result = train_on_cpu(data, tmp_path / "m", str(base))
     text = " ".join(result.output.split())
-    assert result.exit_code == 1 and f"cannot load base model {str(base)!r}" in text, text
+    assert result.exit_code == 2 and f"invalid --base-model: model {str(base)!r}" in text, text
     assert "damaged or incomplete" in text and "download it again" in text, text
 
 

@@ -910,12 +910,6 @@ def serve_command(
 
     from prefect.settings import PREFECT_API_URL
 
-    if not PREFECT_API_URL.value():  # the environment, or the active Prefect profile
-        fail(
-            "serve needs a running Prefect server: start one with `prefect server start`, then "
-            "export PREFECT_API_URL=http://127.0.0.1:4200/api",
-            code=2,
-        )
     if timezone not in available_timezones():
         fail(f"invalid --timezone: {timezone!r} is not an IANA time zone (e.g. UTC, Europe/Berlin)", code=2)
     try:
@@ -929,6 +923,12 @@ def serve_command(
     # otherwise fail only at 02:00.
     check_model_arguments(params.model, params.device)
     check_writable(params.output)
+    if not PREFECT_API_URL.value():  # the environment, or the active Prefect profile; after the arguments,
+        fail(  # which would be refused only once a server is running
+            "serve needs a running Prefect server: start one with `prefect server start`, then "
+            "export PREFECT_API_URL=http://127.0.0.1:4200/api",
+            code=2,
+        )
     from flows.serve import build_deployments, serve_deployments
 
     with prefect_api("and run serve again once it answers (it takes a few seconds to start)"):

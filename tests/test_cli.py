@@ -455,6 +455,11 @@ def test_serve_names_a_bad_cron_and_an_unreachable_api(
         result = invoke(*common[:-1], str(tmp_path / "no-such-model"))  # before anything is served
         text = " ".join(result.output.split())
         assert result.exit_code == 2 and "invalid --model" in text and "no-such-model" in text
+    with temporary_settings({PREFECT_API_URL: None}):  # no server: the arguments are still checked first
+        result = invoke(*common, "--cron", "bad cron")
+        assert result.exit_code == 2 and "invalid --cron 'bad cron'" in " ".join(result.output.split())
+        result = invoke(*common)
+        assert result.exit_code == 2 and "serve needs a running Prefect server" in result.output
 
 
 def test_locations_fail_before_any_work_unless_they_name_somewhere_oncoflow_can_go(

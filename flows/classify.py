@@ -51,7 +51,16 @@ from tasks.sink import (
     shard_path,
     write_shard,
 )
-from tasks.storage import DiscoveredFile, check_output, check_source, is_transient, list_images, open_location
+from tasks.storage import (
+    IMAGE_EXTENSIONS,
+    DiscoveredFile,
+    check_output,
+    check_source,
+    describe_skipped,
+    is_transient,
+    list_images,
+    open_location,
+)
 
 send_logs_to_prefect()  # warnings (a lease wait, a skipped file) reach the run logs in the UI
 
@@ -93,7 +102,9 @@ def discover_new_images(params: ClassifyParams, revision: str) -> tuple[int, lis
     """List the source and drop what the output already holds for this revision: (files found, files to
     classify, how many of those are retried error rows)."""
     options = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
-    listed = list(list_images(open_location(params.source, options)))
+    skipped: Counter[str] = Counter()
+    listed = list(list_images(open_location(params.source, options), skipped))
+    report_skipped(params.source, len(listed), skipped)
     index = read_index(open_location(params.output, options), revision)
     earlier = earlier_thresholds(index, params.threshold)
     if earlier:
@@ -181,6 +192,28 @@ def classify_shard(
         malignant=table.column("label_id").to_pylist().count(model.positive_id),
         errors=dict(errors),
         unrecorded=dict(unrecorded),
+    )
+
+
+def report_skipped(source: str, images: int, skipped: Counter[str]) -> None:
+    """Files SOURCE holds that are not listed as images (by extension): a warning when nothing else was
+    found (slides saved as .svs, DICOM files without an extension: a run of 0 images said nothing about
+    them), one info line otherwise (sidecar .xml or .txt files are common)."""
+    if not skipped:
+        return
+    kinds = describe_skipped(skipped)
+    if images:
+        get_run_logger().info(
+            "skipped %d file(s) that are not images by their extension (%s)", skipped.total(), kinds
+        )
+        return
+    get_run_logger().warning(
+        "%s holds no images by their extension, only %d other file(s) (%s); oncoflow lists %s in any "
+        "case. Convert other formats to one of these; name DICOM files .dcm",
+        redact(source),
+        skipped.total(),
+        kinds,
+        ", ".join(sorted(IMAGE_EXTENSIONS)),
     )
 
 

@@ -20,6 +20,7 @@ import stat as stat_module
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -219,15 +220,29 @@ def is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def list_images(location: Location) -> Iterator[DiscoveredFile]:
-    """Every image under `location`, recursively, in sorted URI order, skipping hidden files and folders."""
+def list_images(location: Location, skipped: Counter[str] | None = None) -> Iterator[DiscoveredFile]:
+    """Every image under `location`, recursively, in sorted URI order, skipping hidden files and folders.
+    `skipped` counts the other (not hidden) files by extension (`name_extension`)."""
     if location.is_local:
-        yield from sorted(_list_local(location.path), key=lambda f: f.uri)
+        yield from sorted(_list_local(location.path, skipped), key=lambda f: f.uri)
     else:
-        yield from sorted(_list_remote(location), key=lambda f: f.uri)
+        yield from sorted(_list_remote(location, skipped), key=lambda f: f.uri)
 
 
-def _list_local(root: str) -> Iterator[DiscoveredFile]:
+def name_extension(name: str) -> str:
+    """`.svs` for `slide.SVS`; "no extension" for `IM000001` (how many DICOM exports name their files)."""
+    return os.path.splitext(name)[1].lower() or "no extension"
+
+
+def describe_skipped(skipped: Counter[str], shown: int = 5) -> str:
+    """`.xml 120, .txt 3, no extension 1`: the most frequent first."""
+    parts = [f"{extension} {count}" for extension, count in skipped.most_common(shown)]
+    if len(skipped) > shown:
+        parts.append(f"{len(skipped) - shown} more kinds")
+    return ", ".join(parts)
+
+
+def _list_local(root: str, skipped: Counter[str] | None = None) -> Iterator[DiscoveredFile]:
     """Walk the tree, following folder links but entering each real folder once: a link loop (`a/up -> ..`)
     or a second link to a folder already scanned neither hangs discovery nor lists an image twice.
 
@@ -269,6 +284,8 @@ def _list_local(root: str) -> Iterator[DiscoveredFile]:
                 continue
             st = _followed_stat(entry)
             if st is None:
+                if skipped is not None and not is_image_name(entry.name):
+                    skipped[name_extension(entry.name)] += 1
                 continue
             if stat_module.S_ISDIR(st.st_mode):
                 if entry.is_symlink():
@@ -399,15 +416,17 @@ def _warn_left_out(path: str, error: OSError) -> None:
     logger.warning("left %s out of the listing (%s): %s", printable_path(path), error.strerror or error, fix)
 
 
-def _list_remote(location: Location) -> Iterator[DiscoveredFile]:
+def _list_remote(location: Location, skipped: Counter[str] | None = None) -> Iterator[DiscoveredFile]:
     root = location.path.rstrip("/")
     # s3fs pages through the listing (1,000 keys a request), without a delimiter: one request a page.
     listing = storage_call(location.fs, root, lambda: location.fs.find(root, detail=True))
     for path, info in listing.items():
         relative = path[len(root) :].lstrip("/")
-        if any(part.startswith(".") for part in relative.split("/")) or not is_image_name(
-            relative.rsplit("/", 1)[-1]
-        ):
+        if any(part.startswith(".") for part in relative.split("/")):
+            continue
+        if not is_image_name(name := relative.rsplit("/", 1)[-1]):
+            if skipped is not None and name and info.get("type") != "directory":  # not a folder marker
+                skipped[name_extension(name)] += 1
             continue
         size = int(info.get("size") or 0)
         etag = str(info.get("ETag") or info.get("etag") or "").strip('"')

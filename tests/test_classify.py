@@ -240,6 +240,32 @@ def test_lowercase_model_labels_are_written_as_the_contract_spells_them(
     assert summary["malignant"] == len(rows) == 6
 
 
+def test_files_that_are_not_images_by_their_extension_are_counted_in_the_log(
+    tmp_path: Path, tiny_model: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run of 0 images over slides (.svs) or DICOM files without an extension said nothing about them:
+    a warning names what SOURCE holds and what oncoflow lists; beside images, one info line."""
+    source = tmp_path / "slides"
+    for name in ("a.svs", "b.SVS", "sub/IM000001", "notes.txt", ".DS_Store"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes(b"x")
+    with caplog.at_level("INFO"):
+        summary = classify(str(source), str(tmp_path / "out"), model=tiny_model, device="cpu")
+    assert summary["images_found"] == 0
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert f"{source} holds no images by their extension, only 4 other file(s) (.svs 2," in warning, warning
+    assert "no extension 1" in warning and ".txt 1" in warning and ".DS_Store" not in warning
+    assert ".dcm, .dicom, .gif, .jpeg, .jpg" in warning and "name DICOM files .dcm" in warning
+    make_image(source / "scan.png", seed=1)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="prefect.task_runs"):
+        summary = classify(str(source), str(tmp_path / "out"), model=tiny_model, device="cpu")
+    assert summary["images_found"] == 1
+    logged = {r.levelname: r.getMessage() for r in caplog.records if "by their extension" in r.getMessage()}
+    assert list(logged) == ["INFO"], logged
+    assert "skipped 4 file(s) that are not images by their extension (.svs 2" in logged["INFO"]
+
+
 def test_a_new_threshold_on_an_existing_output_says_what_it_applies_to(
     image_folder: Path, tmp_path: Path, tiny_model: str, caplog: pytest.LogCaptureFixture
 ) -> None:

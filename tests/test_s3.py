@@ -119,6 +119,20 @@ def test_the_source_read_check_skips_archived_hidden_and_non_image_objects(
     ]
 
 
+def test_an_s3_listing_counts_the_objects_that_are_not_images_by_extension(s3: s3fs.S3FileSystem) -> None:
+    from collections import Counter
+
+    from tasks.storage import list_images
+
+    for key in ("a.jpg", "slide.svs", "exports/IM000001", "exports/notes.TXT", ".hidden/x.svs", "b.JPEG"):
+        s3.pipe_file(f"scans/in/{key}", b"x")
+    s3.pipe_file("scans/in/empty-folder/", b"")  # a folder marker, as consoles create them
+    skipped: Counter[str] = Counter()
+    listed = [f.uri for f in list_images(open_location("s3://scans/in"), skipped)]
+    assert listed == ["s3://scans/in/a.jpg", "s3://scans/in/b.JPEG"]
+    assert skipped == Counter({".svs": 1, "no extension": 1, ".txt": 1})
+
+
 def read_rows_of(summary: dict, client: s3fs.S3FileSystem) -> list[dict]:
     return [
         row for path in summary["output_files"] for row in pq.read_table(path, filesystem=client).to_pylist()

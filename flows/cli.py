@@ -351,8 +351,9 @@ class OneLineExpectedErrors(logging.Filter):
     """On the terminal, Prefect's report of a failed run keeps one line when the error is one this CLI
     explains itself (its `error:` line follows): the first record of it without its traceback; the
     task's and the flow's later records repeating the same error ("Finished in state Failed(...)")
-    are dropped. The run's logs in the Prefect API, written by another handler before this one, keep
-    every record and the whole traceback."""
+    are dropped, and so is Prefect's "EventsWorker - Still processing items: 1 items remaining..."
+    while it sends the failed run's last events at exit (it means nothing to do). The run's logs in the
+    Prefect API, written by another handler before this one, keep every record and the whole traceback."""
 
     def __init__(self, expected: tuple[type[BaseException], ...]) -> None:
         super().__init__()
@@ -369,6 +370,8 @@ class OneLineExpectedErrors(logging.Filter):
                 self.seen.add(text)
             return True
         message = record.getMessage() if self.seen else ""
+        if self.seen and message.startswith("Still processing items"):
+            return False
         return not any(text in message for text in self.seen)
 
 

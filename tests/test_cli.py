@@ -376,6 +376,25 @@ def test_an_explained_error_is_said_once_by_prefect_then_by_the_cli(
     assert output.count("0 in common") == 2, output  # Prefect's one line, then the CLI's `error:`
 
 
+def test_after_an_explained_error_prefects_exit_progress_note_is_not_shown() -> None:
+    """ "EventsWorker - Still processing items: 1 items remaining..." followed the `error:` of a failed
+    run (Prefect sending its last events at exit): dropped once an explained error was shown, kept before."""
+    from flows.cli import OneLineExpectedErrors
+
+    def record(message: str, error: BaseException | None = None) -> logging.LogRecord:
+        exc_info = (type(error), error, None) if error else None
+        return logging.LogRecord(
+            "prefect.EventsWorker", logging.WARNING, __file__, 1, message, None, exc_info
+        )
+
+    terminal = OneLineExpectedErrors((ValueError,))
+    note = "Still processing items: 1 items remaining..."
+    assert terminal.filter(record(note))  # no explained error yet: Prefect's own business
+    assert terminal.filter(record("Encountered exception", ValueError("source folder is empty")))
+    assert not terminal.filter(record(note))
+    assert terminal.filter(record("Stopping temporary server on http://127.0.0.1:1"))
+
+
 def test_history_names_an_unreachable_prefect_api() -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

@@ -105,7 +105,7 @@ def render_png(data: ReportData, title: str) -> bytes:
     failed = [row[2] for row in data.volumes]
     volume_ax.bar(days, ok, color="#4c72b0", label="ok")
     volume_ax.bar(days, failed, bottom=ok, color="#dd8452", label="error")
-    volume_ax.set_title("Images processed per day")
+    volume_ax.set_title("Rows written per day (an image classified again adds a row)")
     volume_ax.set_ylabel("rows")
     volume_ax.legend()
     volume_ax.tick_params(axis="x", rotation=30)

@@ -196,9 +196,10 @@ def classify_shard(
 
 
 def report_skipped(source: str, images: int, skipped: Counter[str]) -> None:
-    """Files SOURCE holds that are not listed as images (by extension): a warning when nothing else was
-    found (slides saved as .svs, DICOM files without an extension: a run of 0 images said nothing about
-    them), one info line otherwise (sidecar .xml or .txt files are common)."""
+    """Files SOURCE holds that are not listed as images (by extension, or in a local folder a DICOM file
+    without one): a warning when nothing else was found (slides saved as .svs, DICOM objects without an
+    extension on S3: a run of 0 images said nothing about them), one info line otherwise (sidecar .xml
+    or .txt files are common)."""
     if not skipped:
         return
     kinds = describe_skipped(skipped)
@@ -207,13 +208,16 @@ def report_skipped(source: str, images: int, skipped: Counter[str]) -> None:
             "skipped %d file(s) that are not images by their extension (%s)", skipped.total(), kinds
         )
         return
+    remote = "://" in source and not source.startswith("file://")
     get_run_logger().warning(
-        "%s holds no images by their extension, only %d other file(s) (%s); oncoflow lists %s in any "
-        "case. Convert other formats to one of these; name DICOM files .dcm",
+        "%s holds no images, only %d other file(s) (%s); oncoflow lists %s in any case%s. Convert other "
+        "formats to one of these%s",
         redact(source),
         skipped.total(),
         kinds,
         ", ".join(sorted(IMAGE_EXTENSIONS)),
+        "" if remote else ", and DICOM files without an extension (found by their DICM marker)",
+        "; name DICOM objects .dcm (on object stores they are not opened to be recognised)" if remote else "",
     )
 
 

@@ -230,8 +230,30 @@ def list_images(location: Location, skipped: Counter[str] | None = None) -> Iter
 
 
 def name_extension(name: str) -> str:
-    """`.svs` for `slide.SVS`; "no extension" for `IM000001` (how many DICOM exports name their files)."""
-    return os.path.splitext(name)[1].lower() or "no extension"
+    """`.svs` for `slide.SVS`; "no extension" for `IM000001` and `1.2.840.113619.2.55.3.17` (how DICOM
+    exports often name their files: no extension, or the SOP instance UID, whose last part is a number)."""
+    extension = os.path.splitext(name)[1].lower()
+    return extension if extension and not extension[1:].isdigit() else "no extension"
+
+
+def is_dicom_without_extension(entry: os.DirEntry[str]) -> bool:
+    """A regular file named without an image extension (`IM000001`, a UID) holding DICOM's `DICM` marker
+    at byte 128: read by content, as DICOM CD exports and PACS dumps name their files. DICOMDIR (the
+    index of such an export) is not an image. One 4-byte read, only for such names (local sources)."""
+    if (
+        entry.name.startswith(".")
+        or entry.name.upper() == "DICOMDIR"
+        or name_extension(entry.name) != "no extension"
+    ):
+        return False
+    try:
+        if not entry.is_file(follow_symlinks=True):  # a FIFO could block the read
+            return False
+        with open(entry.path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:  # unreadable or gone: not listed, as any file that is no image
+        return False
 
 
 def describe_skipped(skipped: Counter[str], shown: int = 5) -> str:
@@ -284,7 +306,7 @@ def _list_local(root: str, skipped: Counter[str] | None = None) -> Iterator[Disc
                 continue
             st = _followed_stat(entry)
             if st is None:
-                if skipped is not None and not is_image_name(entry.name):
+                if skipped is not None and not is_image_name(entry.name) and not entry.is_dir():
                     skipped[name_extension(entry.name)] += 1
                 continue
             if stat_module.S_ISDIR(st.st_mode):
@@ -399,7 +421,7 @@ def _followed_stat(entry: os.DirEntry[str]) -> os.stat_result | None:
     try:
         if entry.is_dir(follow_symlinks=True):
             return os.stat(entry.path)
-        if is_image_name(entry.name):
+        if is_image_name(entry.name) or is_dicom_without_extension(entry):
             return entry.stat()
     except OSError as exc:
         _warn_left_out(entry.path, exc)

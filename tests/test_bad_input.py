@@ -246,11 +246,37 @@ def test_dicom_first_frame_only_and_sniffed_by_content(tmp_path: Path, tiny_mode
     frames = np.stack([ramp, ramp[:, ::-1]])
     data = corpus.make_dicom(frames)
     assert np.array_equal(display(data), display(corpus.make_dicom(ramp)))
-    corpus.write_files(tmp_path / "d", {"a.dcm": data, "b.DICOM": data, "c.png": data, "noext": data})
+    corpus.write_files(tmp_path / "d", {"a.dcm": data, "b.DICOM": data, "c.png": data, "d.txt": data})
     rows = classify_folder(tmp_path / "d", tiny_model)
     assert sorted(rows) == ["a.dcm", "b.DICOM", "c.png"]  # discovery is by extension; decoding sniffs DICM
     assert {r["status"] for r in rows.values()} == {"ok"}
     assert (rows["a.dcm"]["image_width"], rows["a.dcm"]["image_height"]) == (64, 32)
+
+
+def test_dicom_files_without_an_extension_are_found_by_their_marker(tmp_path: Path, tiny_model: str) -> None:
+    """A DICOM CD export or PACS dump: IM000001-style names and SOP instance UIDs, no extension. Those
+    with DICOM's DICM marker are listed and classified; DICOMDIR (the export's index), other files and a
+    named pipe (a read would block) are not."""
+    from collections import Counter
+
+    data = corpus.make_dicom(corpus.dicom_ramp())
+    uid = "1.2.840.113619.2.55.3.604688119.971.1"
+    files = {f"DICOM/PA0/ST0/SE0/IM{n:06d}": data for n in range(3)}
+    files |= {uid: data, "DICOMDIR": data, "README": b"CD export " * 20, "LOG.42": b"x" * 200}
+    for name, content in files.items():
+        (tmp_path / "cd" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cd" / name).write_bytes(content)
+    os.mkfifo(tmp_path / "cd" / "PIPE")
+    skipped: Counter[str] = Counter()
+    listed = [
+        file.path.rsplit("/", 1)[-1] for file in list_images(open_location(str(tmp_path / "cd")), skipped)
+    ]
+    assert listed == [uid, "IM000000", "IM000001", "IM000002"]
+    assert skipped == Counter(
+        {"no extension": 4}
+    )  # DICOMDIR, README, LOG.42 (a number is no extension), PIPE
+    rows = classify_folder(tmp_path / "cd", tiny_model)
+    assert {r["status"] for r in rows.values()} == {"ok"} and len(rows) == 4
 
 
 def edited_dicom(data: bytes, **elements: object) -> bytes:

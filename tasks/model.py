@@ -140,6 +140,9 @@ def unreadable_model_files(directory: str) -> list[str]:
     ]
 
 
+SAFETENSORS_MAX_HEADER = 100_000_000  # safetensors' own limit: a larger claim is not read into memory
+
+
 def safetensors_damage(path: str) -> str | None:
     """Why a .safetensors file cannot be whole (cut short, or its header unreadable), from its header and
     size alone (a few kB read, not the weights); None when they agree. A file of the right size with
@@ -150,6 +153,8 @@ def safetensors_damage(path: str) -> str | None:
         if len(start) < 8:
             return f"{size} bytes, shorter than a header"
         header_size = int.from_bytes(start, "little")
+        if header_size > SAFETENSORS_MAX_HEADER:
+            return f"its header claims {header_size} bytes; safetensors allows {SAFETENSORS_MAX_HEADER}"
         if header_size > size - 8:
             return f"its header claims {header_size} bytes, the file holds {size}"
         try:

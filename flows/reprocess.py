@@ -18,6 +18,7 @@ from flows.params import ClassifyParams, flow_params, location_argument
 from flows.runners import local_task_runner
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.redaction import has_credentials
+from tasks.storage import file_uri_path
 
 
 def within(source: str, prefix: str) -> str:
@@ -40,12 +41,14 @@ def within(source: str, prefix: str) -> str:
 
 
 def below(source: str, path: str) -> str:
-    """`path` (a full path or URI) relative to SOURCE; a ValueError when it is not inside SOURCE."""
-    if "://" in source or "://" in path:
-        base, full = source.rstrip("/"), path.rstrip("/")
+    """`path` (a full path or URI) relative to SOURCE; a ValueError when it is not inside SOURCE. A local
+    `file://` URI and a path compare as the same place."""
+    base, full = (file_uri_path(p) or p if p.startswith("file://") else p for p in (source, path))
+    if "://" in base or "://" in full:
+        base, full = base.rstrip("/"), full.rstrip("/")
     else:
-        base = os.path.abspath(os.path.expanduser(source)).rstrip("/")
-        full = os.path.abspath(os.path.expanduser(path)).rstrip("/")
+        base = os.path.abspath(os.path.expanduser(base)).rstrip("/")
+        full = os.path.abspath(os.path.expanduser(full)).rstrip("/")
     if full == base:
         return ""
     if not full.startswith(base + "/"):

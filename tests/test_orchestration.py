@@ -536,6 +536,7 @@ def test_reprocess_prefix_may_be_a_full_path_inside_source(image_folder: Path, t
     assert within(str(image_folder), str(sub)) == within(str(image_folder), "sub") == str(sub)
     assert within(str(image_folder), str(image_folder) + "/") == str(image_folder)
     assert within("s3://scans/in", "s3://scans/in/2023/") == "s3://scans/in/2023"
+    assert within(image_folder.as_uri(), str(sub)) == within(str(image_folder), sub.as_uri()) == str(sub)
     for outside in (str(tmp_path), "s3://scans/incoming/2023", "/in/2023"):
         source = "s3://scans/in" if outside.startswith("s3") else str(image_folder)
         result = runner.invoke(

@@ -210,7 +210,7 @@ def report_skipped(source: str, images: int, skipped: Counter[str]) -> None:
         return
     remote = "://" in source and not source.startswith("file://")
     get_run_logger().warning(
-        "%s holds no images, only %d other file(s) (%s); oncoflow lists %s in any case%s. Convert other "
+        "%s holds no images, only %d other file(s) (%s); oncoflow lists %s (any letter case)%s. Convert other "
         "formats to one of these%s",
         redact(source),
         skipped.total(),

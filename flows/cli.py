@@ -492,7 +492,7 @@ def compact_command(
         f"merged {report['files_merged']} files into {report['files_written']} "
         f"({report['rows_merged']} rows, {report['partitions']} partitions)"
         if report["files_merged"]
-        else f"nothing to merge: every partition ({report['partitions']}) is already compact"
+        else f"nothing to merge: {report['partitions']} partition(s), none with files to merge"
     )
     if report["leftovers_deleted"]:
         line += f"; {report['leftovers_deleted']} inputs of an interrupted compaction deleted"

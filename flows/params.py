@@ -139,9 +139,13 @@ def require_apart(
         where = f"contains the {inputs_name} {inputs!r}"
     else:
         return
+    apart = (
+        f"outside the {inputs_name}"
+        if kind == "file"
+        else f"that neither lies inside the {inputs_name} nor contains it"
+    )
     raise ValueError(
-        f"{output_name} {output!r} {where}: a run would read its own output; choose an {output_name} {kind} "
-        f"that neither lies inside the {inputs_name} nor contains it"
+        f"{output_name} {output!r} {where}: a run would read its own output; choose an {output_name} {kind} {apart}"
     )
 
 

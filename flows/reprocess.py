@@ -18,13 +18,12 @@ from flows.params import ClassifyParams, flow_params, location_argument
 from flows.runners import local_task_runner
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.redaction import has_credentials
-from tasks.storage import file_uri_path
 
 
 def within(source: str, prefix: str) -> str:
     """SOURCE narrowed to the sub-folder `prefix` (relative to SOURCE); SOURCE itself when empty. A full
     path or URI inside SOURCE is taken as the part below SOURCE."""
-    if prefix.startswith(("/", "~")) or "://" in prefix:
+    if is_full_location(source, prefix):
         prefix = below(source, prefix)
     prefix = prefix.strip("/")
     if ".." in prefix.split("/"):
@@ -40,23 +39,38 @@ def within(source: str, prefix: str) -> str:
     return narrowed if "://" in source else real_sub_folder(source, narrowed)
 
 
+def is_full_location(source: str, prefix: str) -> bool:
+    """A URI (`s3://…`, `file:…`), or for a local SOURCE an absolute path (`/…`, `~/…`); `/2023` on an
+    S3 SOURCE and a folder named `~backup` stay relative to SOURCE."""
+    if "://" in prefix or prefix.startswith("file:"):
+        return True
+    local = "://" not in source or source.startswith("file:")
+    return local and (prefix.startswith("/") or prefix == "~" or prefix.startswith("~/"))
+
+
 def below(source: str, path: str) -> str:
-    """`path` (a full path or URI) relative to SOURCE; a ValueError when it is not inside SOURCE. A local
-    `file://` URI and a path compare as the same place."""
-    base, full = (file_uri_path(p) or p if p.startswith("file://") else p for p in (source, path))
+    """`path` (a full path or URI) relative to SOURCE; a ValueError when it is not inside SOURCE. Both are
+    spelled as the CLI reads locations first (`file:` URIs as paths, `s3a://` and `S3://` as `s3://`);
+    local paths compare as written, then with links resolved."""
+    try:
+        base, full = (location_argument(location) for location in (source, path))
+    except ValueError as exc:
+        raise ValueError(f"invalid --prefix {path!r}: {exc}") from None
     if "://" in base or "://" in full:
-        base, full = base.rstrip("/"), full.rstrip("/")
+        pairs = [(base.rstrip("/"), full.rstrip("/"))]
     else:
-        base = os.path.abspath(os.path.expanduser(base)).rstrip("/")
-        full = os.path.abspath(os.path.expanduser(full)).rstrip("/")
-    if full == base:
-        return ""
-    if not full.startswith(base + "/"):
-        raise ValueError(
-            f"--prefix {path!r} is not inside SOURCE {source!r}; give a sub-folder of SOURCE, relative to "
-            "it (e.g. 2023/ward-4) or as a full path inside it"
-        )
-    return full[len(base) + 1 :]
+        base, full = (os.path.abspath(os.path.expanduser(location)) for location in (base, full))
+        pairs = [(base, full), (os.path.realpath(base), os.path.realpath(full))]
+    for root, inside in pairs:
+        root, inside = root.rstrip("/"), inside.rstrip("/")
+        if inside == root:
+            return ""
+        if inside.startswith(root + "/"):
+            return inside[len(root) + 1 :]
+    raise ValueError(
+        f"--prefix {path!r} is not inside SOURCE {source!r}; give a sub-folder of SOURCE, relative to "
+        "it (e.g. 2023/ward-4) or as a full path inside it"
+    )
 
 
 def real_sub_folder(source: str, narrowed: str) -> str:

@@ -147,6 +147,8 @@ def safetensors_damage(path: str) -> str | None:
     """Why a .safetensors file cannot be whole (cut short, or its header unreadable), from its header and
     size alone (a few kB read, not the weights); None when they agree. A file of the right size with
     damaged bytes inside is found only by the load (loading_weights)."""
+    if not os.path.isfile(path):
+        return "not a file"
     size = os.path.getsize(path)
     with open(path, "rb") as handle:
         start = handle.read(8)
@@ -163,8 +165,16 @@ def safetensors_damage(path: str) -> str | None:
                 (int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
                 default=0,
             )
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-            return f"unreadable header: {exc}"
+        except (
+            ValueError,
+            TypeError,
+            KeyError,
+            IndexError,
+            AttributeError,
+            ArithmeticError,
+            RecursionError,
+        ) as exc:
+            return f"unreadable header: {str(exc)[:120] or type(exc).__name__}"
     if 8 + header_size + end > size:
         return f"cut short: {size} of {8 + header_size + end} bytes"
     return None
@@ -380,20 +390,33 @@ def no_loading_bar() -> Iterator[None]:
 
 
 class _DropLoadReport(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped: list[logging.LogRecord] = []
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in str(record.msg)
+        if "LOAD REPORT" in str(record.msg):
+            self.dropped.append(record)
+            return False
+        return True
 
 
 @contextmanager
 def no_load_report() -> Iterator[None]:
     """transformers logs a table of every tensor missing from the weights or of another shape (30 lines
     or more; "Consider training on your downstream task"). check_weights says the same in one line with
-    the fix, or accepts it (a new head when training): the table is dropped while loading."""
+    the fix, or accepts it (a new head when training): the table is dropped while loading, unless the
+    load itself fails (transformers' error then points at "the above report": it is shown)."""
     logger = logging.getLogger("transformers.modeling_utils")
     report_filter = _DropLoadReport()
     logger.addFilter(report_filter)
     try:
         yield
+    except BaseException:
+        logger.removeFilter(report_filter)
+        for record in report_filter.dropped:
+            logger.handle(record)
+        raise
     finally:
         logger.removeFilter(report_filter)
 

@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import stat as stat_module
+import struct
 import tempfile
 import time
 import uuid
@@ -236,24 +237,67 @@ def name_extension(name: str) -> str:
     return extension if extension and not extension[1:].isdigit() else "no extension"
 
 
+# DICOM files named otherwise than .dcm: no extension (CD exports: IM000001; PACS dumps: the SOP instance
+# UID, whose last part is a number), Siemens .IMA, .dc3. Read by content (local sources only).
+PROBED_EXTENSIONS = frozenset({"no extension", ".ima", ".dc3"})
+DICOM_HEAD_BYTES = 1024  # preamble, DICM, and the file meta group up to its Media Storage SOP Class UID
+# DICOM objects that are not images to classify: structured reports and key object selections, presentation
+# states, encapsulated documents (PDF, CDA, 3D models), waveforms, raw data/registrations/segmentations,
+# RT dose, structure sets, plans and records (481.1, RT Image, is an image), ophthalmic measurements and
+# visual fields, protocols. A study dump holds them beside its images; listed, each was an error row.
+NON_IMAGE_SOP_CLASSES = tuple(
+    f"1.2.840.10008.5.1.4.1.1.{suffix}"
+    for suffix in ("88.", "11.", "104.", "9.", "66", "78.", "79.", "80.", "200.")
+) + tuple(f"1.2.840.10008.5.1.4.1.1.481.{n}" for n in range(2, 10))
+
+
 def is_dicom_without_extension(entry: os.DirEntry[str]) -> bool:
-    """A regular file named without an image extension (`IM000001`, a UID) holding DICOM's `DICM` marker
-    at byte 128: read by content, as DICOM CD exports and PACS dumps name their files. DICOMDIR (the
-    index of such an export) is not an image. One 4-byte read, only for such names (local sources)."""
-    if (
-        entry.name.startswith(".")
-        or entry.name.upper() == "DICOMDIR"
-        or name_extension(entry.name) != "no extension"
-    ):
+    """A regular file without an image extension (`IM000001`, a UID, `.IMA`) that is a DICOM image: the
+    `DICM` marker at byte 128 and a Media Storage SOP Class that holds images (DICOMDIR, reports,
+    presentation states, ... are not). One read of the first kB, unbuffered (a network file system's
+    buffer is MBs), only for such names; a file this account may not read raises PermissionError (the
+    listing warns about it)."""
+    if entry.name.startswith(".") or name_extension(entry.name) not in PROBED_EXTENSIONS:
         return False
     try:
-        if not entry.is_file(follow_symlinks=True):  # a FIFO could block the read
+        if entry.name.upper() == "DICOMDIR" or not entry.is_file(follow_symlinks=True):  # a FIFO would block
             return False
-        with open(entry.path, "rb") as handle:
-            handle.seek(128)
-            return handle.read(4) == b"DICM"
-    except OSError:  # unreadable or gone: not listed, as any file that is no image
+        descriptor = os.open(entry.path, os.O_RDONLY | os.O_NONBLOCK)
+    except PermissionError:
+        raise
+    except OSError:  # gone meanwhile
         return False
+    try:
+        head = os.pread(descriptor, DICOM_HEAD_BYTES, 0)
+    except OSError:  # replaced by something that cannot be read at an offset
+        return False
+    finally:
+        os.close(descriptor)
+    if head[128:132] != b"DICM":
+        return False
+    sop_class = media_storage_sop_class(head)
+    return sop_class is None or not sop_class.startswith(NON_IMAGE_SOP_CLASSES)
+
+
+def media_storage_sop_class(head: bytes) -> str | None:
+    """(0002,0002) from a DICOM file's meta group (explicit VR little endian, right after `DICM`); None
+    when it is not within `head`."""
+    position = 132
+    while position + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, position)
+        if group != 2:
+            return None
+        if head[position + 4 : position + 6] in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            if position + 12 > len(head):
+                return None
+            length, start = struct.unpack_from("<I", head, position + 8)[0], position + 12
+        else:
+            length, start = struct.unpack_from("<H", head, position + 6)[0], position + 8
+        if element == 2:
+            value = head[start : start + length]
+            return value.rstrip(b"\0 ").decode("ascii", "replace") if start + length <= len(head) else None
+        position = start + length
+    return None
 
 
 def describe_skipped(skipped: Counter[str], shown: int = 5) -> str:

@@ -254,15 +254,22 @@ def test_dicom_first_frame_only_and_sniffed_by_content(tmp_path: Path, tiny_mode
 
 
 def test_dicom_files_without_an_extension_are_found_by_their_marker(tmp_path: Path, tiny_model: str) -> None:
-    """A DICOM CD export or PACS dump: IM000001-style names and SOP instance UIDs, no extension. Those
-    with DICOM's DICM marker are listed and classified; DICOMDIR (the export's index), other files and a
-    named pipe (a read would block) are not."""
+    """A DICOM CD export or PACS dump: IM000001-style names, SOP instance UIDs, Siemens .IMA. Those with
+    DICOM's DICM marker and an image SOP class are listed and classified; DICOMDIR (the export's index), a
+    structured report beside the images, other files and a named pipe (a read would block) are not."""
     from collections import Counter
 
+    import pydicom
+
     data = corpus.make_dicom(corpus.dicom_ramp())
+    report = pydicom.dcmread(io.BytesIO(data))
+    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # an SR
+    buffer = io.BytesIO()
+    report.save_as(buffer, enforce_file_format=True)
     uid = "1.2.840.113619.2.55.3.604688119.971.1"
     files = {f"DICOM/PA0/ST0/SE0/IM{n:06d}": data for n in range(3)}
     files |= {uid: data, "DICOMDIR": data, "README": b"CD export " * 20, "LOG.42": b"x" * 200}
+    files |= {"scan.IMA": data, "DICOM/PA0/ST0/SE1/IM000000": buffer.getvalue()}
     for name, content in files.items():
         (tmp_path / "cd" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "cd" / name).write_bytes(content)
@@ -271,12 +278,11 @@ def test_dicom_files_without_an_extension_are_found_by_their_marker(tmp_path: Pa
     listed = [
         file.path.rsplit("/", 1)[-1] for file in list_images(open_location(str(tmp_path / "cd")), skipped)
     ]
-    assert listed == [uid, "IM000000", "IM000001", "IM000002"]
-    assert skipped == Counter(
-        {"no extension": 4}
-    )  # DICOMDIR, README, LOG.42 (a number is no extension), PIPE
+    assert listed == [uid, "IM000000", "IM000001", "IM000002", "scan.IMA"]
+    # not listed: DICOMDIR, README, LOG.42 (a number is no extension), PIPE, the report
+    assert skipped == Counter({"no extension": 5})
     rows = classify_folder(tmp_path / "cd", tiny_model)
-    assert {r["status"] for r in rows.values()} == {"ok"} and len(rows) == 4
+    assert {r["status"] for r in rows.values()} == {"ok"} and len(rows) == 5
 
 
 def edited_dicom(data: bytes, **elements: object) -> bytes:

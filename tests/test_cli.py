@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -558,26 +560,50 @@ def test_a_config_that_does_not_fit_the_weights_fails_instead_of_using_random_la
     goes on: a config.json edited or copied from another model would write plausible rows from random
     layers. The run fails naming the model, and writes nothing (training: tests/test_training.py), in one
     line: transformers' own table of the tensors (30 lines and more, twice) is not shown."""
-    logged: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = logged.append  # type: ignore[method-assign]
-    logging.getLogger("transformers.modeling_utils").addHandler(handler)
     deeper, wider = tmp_path / "deeper", tmp_path / "wider"
     for folder, change in ((deeper, {"num_hidden_layers": 4}), (wider, {"hidden_size": 64})):
         shutil.copytree(tiny_model, folder)
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, **change}))
     output = tmp_path / "out"
-    for args, expected in (
-        (["classify", str(image_folder), "-o", str(output), "--model", str(deeper)], "tensor(s) it needs"),
-        (["classify", str(image_folder), "-o", str(output), "--model", str(wider)], "another shape"),
-    ):
-        result = invoke(*args, "--device", "cpu")
-        text = " ".join(result.output.split())
-        assert result.exit_code == 1 and "do not fit its config.json" in text and expected in text, text
-        assert not output.exists() or not list(output.rglob("*.parquet"))
-    logging.getLogger("transformers.modeling_utils").removeHandler(handler)
+    with records_of(logging.getLogger("transformers.modeling_utils")) as logged:
+        for args, expected in (
+            (
+                ["classify", str(image_folder), "-o", str(output), "--model", str(deeper)],
+                "tensor(s) it needs",
+            ),
+            (["classify", str(image_folder), "-o", str(output), "--model", str(wider)], "another shape"),
+        ):
+            result = invoke(*args, "--device", "cpu")
+            text = " ".join(result.output.split())
+            assert result.exit_code == 1 and "do not fit its config.json" in text and expected in text, text
+            assert not output.exists() or not list(output.rglob("*.parquet"))
     assert not [record for record in logged if "LOAD REPORT" in str(record.msg)]
+
+
+@contextlib.contextmanager
+def records_of(logger: logging.Logger) -> Iterator[list[logging.LogRecord]]:
+    """The records that reach `logger`'s handlers meanwhile (after its filters)."""
+    logged: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = logged.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        yield logged
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_transformers_load_report_is_shown_when_the_load_itself_fails() -> None:
+    """Its error then says "look at the above report": the table dropped meanwhile is logged after all."""
+    from tasks.model import no_load_report
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    with records_of(logger) as logged, pytest.raises(RuntimeError), no_load_report():
+        logger.warning("ViT LOAD REPORT from: /m\nkey | CONVERSION | ...")
+        assert logged == []
+        raise RuntimeError("For details look at the `CONVERSION` entries of the above report!")
+    assert [record.getMessage().split(" from")[0] for record in logged] == ["ViT LOAD REPORT"]
 
 
 def test_a_model_folder_that_cannot_load_fails_before_any_work(

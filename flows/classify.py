@@ -204,9 +204,7 @@ def report_skipped(source: str, images: int, skipped: Counter[str]) -> None:
         return
     kinds = describe_skipped(skipped)
     if images:
-        get_run_logger().info(
-            "skipped %d file(s) that are not images by their extension (%s)", skipped.total(), kinds
-        )
+        get_run_logger().info("skipped %d file(s) that are not images (%s)", skipped.total(), kinds)
         return
     remote = "://" in source and not source.startswith("file://")
     get_run_logger().warning(
@@ -216,7 +214,9 @@ def report_skipped(source: str, images: int, skipped: Counter[str]) -> None:
         skipped.total(),
         kinds,
         ", ".join(sorted(IMAGE_EXTENSIONS)),
-        "" if remote else ", and DICOM files without an extension (found by their DICM marker)",
+        ""
+        if remote
+        else ", and DICOM images named otherwise (no extension, .IMA, .dc3: by their DICM marker)",
         "; name DICOM objects .dcm (on object stores they are not opened to be recognised)" if remote else "",
     )
 

@@ -796,8 +796,8 @@ def reprocess_command(
         fail(str(exc), code=2)
     if narrowed != source and missing_folder(narrowed) and not missing_folder(source):
         fail(
-            f"invalid --prefix {prefix!r}: SOURCE has no such sub-folder ({narrowed!r}); give a path "
-            "relative to SOURCE, e.g. 2023/ward-4",
+            f"invalid --prefix {prefix!r}: SOURCE has no such sub-folder ({narrowed!r}); give a sub-folder "
+            "of SOURCE, relative to it (e.g. 2023/ward-4) or as a full path inside it",
             code=2,
         )
     placement = validated(RunnerParams, **{k: v for k, v in values.items() if k in RunnerParams.model_fields})

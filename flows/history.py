@@ -155,7 +155,7 @@ def parse_age(text: str) -> timedelta:
     number, unit = text[:-1], text[-1:]  # lower case only: `1M` could mean a month
     if unit in units and number.isdigit() and int(number) == 0:
         raise ValueError(
-            f"--older-than {text!r} would delete every run, the running ones too; give at least 1m"
+            f"--older-than {text!r} would delete every finished run, the one that just ended too; give at least 1m"
         )
     if unit not in units or not number.isdigit() or not 0 < int(number) <= 36500 * 24 * 60:
         raise ValueError(

@@ -23,11 +23,12 @@ from tasks.redaction import has_credentials
 def within(source: str, prefix: str) -> str:
     """SOURCE narrowed to the sub-folder `prefix` (relative to SOURCE); SOURCE itself when empty. A full
     path or URI inside SOURCE is taken as the part below SOURCE."""
+    given = prefix
     if is_full_location(source, prefix):
         prefix = below(source, prefix)
     prefix = prefix.strip("/")
     if ".." in prefix.split("/"):
-        raise ValueError(f"--prefix {prefix!r} must stay inside SOURCE: give a sub-folder path without '..'")
+        raise ValueError(f"--prefix {given!r} must stay inside SOURCE: give a sub-folder path without '..'")
     if not prefix:
         return source
     if not has_credentials(source):  # refused by ClassifyParams, without echoing them

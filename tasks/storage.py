@@ -241,42 +241,49 @@ def name_extension(name: str) -> str:
 # UID, whose last part is a number), Siemens .IMA, .dc3. Read by content (local sources only).
 PROBED_EXTENSIONS = frozenset({"no extension", ".ima", ".dc3"})
 DICOM_HEAD_BYTES = 1024  # preamble, DICM, and the file meta group up to its Media Storage SOP Class UID
-# DICOM objects that are not images to classify: structured reports and key object selections, presentation
-# states, encapsulated documents (PDF, CDA, 3D models), waveforms, raw data/registrations/segmentations,
-# RT dose, structure sets, plans and records (481.1, RT Image, is an image), ophthalmic measurements and
-# visual fields, protocols. A study dump holds them beside its images; listed, each was an error row.
-NON_IMAGE_SOP_CLASSES = tuple(
+# DICOM objects that are not images to classify: DICOMDIR's class, structured reports and key object
+# selections, presentation states, encapsulated documents (PDF, CDA, 3D models), waveforms, raw data,
+# registrations and segmentations, real world value maps, ophthalmic measurements and visual fields,
+# protocols, and the RT objects other than RT Image (dose, structure sets, plans, records, ...). A study
+# dump holds them beside its images; listed, each was an error row.
+NON_IMAGE_SOP_CLASSES = ("1.2.840.10008.1.3.10",) + tuple(
     f"1.2.840.10008.5.1.4.1.1.{suffix}"
-    for suffix in ("88.", "11.", "104.", "9.", "66", "78.", "79.", "80.", "200.")
-) + tuple(f"1.2.840.10008.5.1.4.1.1.481.{n}" for n in range(2, 10))
+    for suffix in ("88.", "11.", "104.", "9.", "66", "67", "78.", "79.", "80.", "200.", "481.")
+)
+RT_IMAGE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.1"
+DICOM_WITHOUT_IMAGES = "DICOM without images"  # how the skipped files of those classes are counted
 
 
-def is_dicom_without_extension(entry: os.DirEntry[str]) -> bool:
-    """A regular file without an image extension (`IM000001`, a UID, `.IMA`) that is a DICOM image: the
-    `DICM` marker at byte 128 and a Media Storage SOP Class that holds images (DICOMDIR, reports,
-    presentation states, ... are not). One read of the first kB, unbuffered (a network file system's
-    buffer is MBs), only for such names; a file this account may not read raises PermissionError (the
-    listing warns about it)."""
-    if entry.name.startswith(".") or name_extension(entry.name) not in PROBED_EXTENSIONS:
-        return False
+def dicom_kind(entry: os.DirEntry[str]) -> str | None:
+    """For a regular file without an image extension (`IM000001`, a UID, `.IMA`): "image" when it is a
+    DICOM image (the `DICM` marker at byte 128 and an image SOP class), "no image" for DICOMDIR and
+    the other DICOM objects (NON_IMAGE_SOP_CLASSES), None otherwise. One read of the first kB,
+    unbuffered (a network file system's buffer is MBs), only for such names; PermissionError when this
+    account may not open it."""
+    if name_extension(entry.name) not in PROBED_EXTENSIONS:
+        return None
     try:
-        if entry.name.upper() == "DICOMDIR" or not entry.is_file(follow_symlinks=True):  # a FIFO would block
-            return False
+        if not entry.is_file(follow_symlinks=True):  # a FIFO would block the read
+            return None
+        if entry.name.upper() == "DICOMDIR":
+            return "no image"
         descriptor = os.open(entry.path, os.O_RDONLY | os.O_NONBLOCK)
     except PermissionError:
         raise
     except OSError:  # gone meanwhile
-        return False
+        return None
     try:
         head = os.pread(descriptor, DICOM_HEAD_BYTES, 0)
     except OSError:  # replaced by something that cannot be read at an offset
-        return False
+        return None
     finally:
         os.close(descriptor)
     if head[128:132] != b"DICM":
-        return False
+        return None
     sop_class = media_storage_sop_class(head)
-    return sop_class is None or not sop_class.startswith(NON_IMAGE_SOP_CLASSES)
+    if sop_class and sop_class != RT_IMAGE_SOP_CLASS and sop_class.startswith(NON_IMAGE_SOP_CLASSES):
+        return "no image"
+    return "image"
 
 
 def media_storage_sop_class(head: bytes) -> str | None:
@@ -329,6 +336,7 @@ def _list_local(root: str, skipped: Counter[str] | None = None) -> Iterator[Disc
     # (or to one above it) is added later, which would otherwise re-classify it under a new URI.
     links: list[tuple[str, tuple[int, int]]] = []
     unreadable: list[str] = []
+    unopened: list[str] = []  # named without an image extension; may not be opened to look for DICOM
     while stack or links:
         if not stack:
             link, identity = heapq.heappop(links)
@@ -348,10 +356,8 @@ def _list_local(root: str, skipped: Counter[str] | None = None) -> Iterator[Disc
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            st = _followed_stat(entry)
+            st = _followed_stat(entry, skipped, unopened)
             if st is None:
-                if skipped is not None and not is_image_name(entry.name) and not entry.is_dir():
-                    skipped[name_extension(entry.name)] += 1
                 continue
             if stat_module.S_ISDIR(st.st_mode):
                 if entry.is_symlink():
@@ -377,6 +383,8 @@ def _list_local(root: str, skipped: Counter[str] | None = None) -> Iterator[Disc
                 )
     if unreadable:
         _warn_unreadable(unreadable)
+    if unopened:
+        _warn_unopened(unopened)
 
 
 def _warn_unreadable(paths: list[str]) -> None:
@@ -395,6 +403,20 @@ def _warn_unreadable(paths: list[str]) -> None:
 
 
 UNREADABLE_EXAMPLES = 5
+
+
+def _warn_unopened(paths: list[str]) -> None:
+    """One warning for the files named without an image extension that this process may not open to see
+    whether they are DICOM images (most are not images at all: no promise that they will be listed)."""
+    shown = ", ".join(printable_path(path) for path in sorted(paths)[:UNREADABLE_EXAMPLES])
+    more = f" and {len(paths) - UNREADABLE_EXAMPLES} more" if len(paths) > UNREADABLE_EXAMPLES else ""
+    logger.warning(
+        "could not open %d file(s) without an image extension to see whether they are DICOM images "
+        "(Permission denied): %s%s; if they are, make them readable by this user",
+        len(paths),
+        shown,
+        more,
+    )
 
 
 SPECIAL_FILE_KINDS = {
@@ -458,17 +480,35 @@ async def _s3_get(fs: S3FileSystem, path: str, size: int | None) -> tuple[bytes,
     return await s3_error_wrapper(get_and_read, retries=fs.retries)
 
 
-def _followed_stat(entry: os.DirEntry[str]) -> os.stat_result | None:
-    """The stat of a folder or image `entry` points to, links followed; None for other names and failures.
+def _followed_stat(
+    entry: os.DirEntry[str], skipped: Counter[str] | None, unopened: list[str]
+) -> os.stat_result | None:
+    """The stat of a folder or image `entry` points to, links followed; None for failures (warned about)
+    and other names (counted in `skipped`: by extension, DICOM objects without images apart; those this
+    account may not open to see whether they are DICOM go to `unopened`).
 
     A broken link with no image extension is not an image and is skipped quietly (is_dir says False)."""
     try:
         if entry.is_dir(follow_symlinks=True):
             return os.stat(entry.path)
-        if is_image_name(entry.name) or is_dicom_without_extension(entry):
+        if is_image_name(entry.name):
             return entry.stat()
     except OSError as exc:
         _warn_left_out(entry.path, exc)
+        return None
+    try:
+        kind = dicom_kind(entry)
+    except PermissionError:
+        unopened.append(entry.path)
+        kind = None
+    if kind == "image":
+        try:
+            return entry.stat()
+        except OSError as exc:
+            _warn_left_out(entry.path, exc)
+            return None
+    if skipped is not None:
+        skipped[DICOM_WITHOUT_IMAGES if kind == "no image" else name_extension(entry.name)] += 1
     return None
 
 

@@ -279,10 +279,36 @@ def test_dicom_files_without_an_extension_are_found_by_their_marker(tmp_path: Pa
         file.path.rsplit("/", 1)[-1] for file in list_images(open_location(str(tmp_path / "cd")), skipped)
     ]
     assert listed == [uid, "IM000000", "IM000001", "IM000002", "scan.IMA"]
-    # not listed: DICOMDIR, README, LOG.42 (a number is no extension), PIPE, the report
-    assert skipped == Counter({"no extension": 5})
+    # not listed: README, LOG.42 (a number is no extension), PIPE; DICOMDIR and the report apart
+    assert skipped == Counter({"no extension": 3, "DICOM without images": 2})
     rows = classify_folder(tmp_path / "cd", tiny_model)
     assert {r["status"] for r in rows.values()} == {"ok"} and len(rows) == 5
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "kind"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.7", "image"),  # secondary capture
+        ("1.2.840.10008.5.1.4.1.1.481.1", "image"),  # RT Image
+        ("1.2.840.10008.5.1.4.1.1.481.10", "no image"),  # RT Physician Intent
+        ("1.2.840.10008.5.1.4.1.1.481.2", "no image"),  # RT Dose
+        ("1.2.840.10008.5.1.4.1.1.67", "no image"),  # real world value mapping
+        ("1.2.840.10008.5.1.4.1.1.104.1", "no image"),  # encapsulated PDF
+        ("1.2.840.10008.1.3.10", "no image"),  # a DICOMDIR under another name
+    ],
+)
+def test_dicom_found_by_content_is_listed_only_for_image_sop_classes(
+    tmp_path: Path, sop_class: str, kind: str
+) -> None:
+    import pydicom
+
+    from tasks.storage import dicom_kind
+
+    dataset = pydicom.dcmread(io.BytesIO(corpus.make_dicom(corpus.dicom_ramp())))
+    dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = sop_class
+    dataset.save_as(tmp_path / "IM000001", enforce_file_format=True)
+    with os.scandir(tmp_path) as entries:
+        assert [dicom_kind(entry) for entry in entries] == [kind]
 
 
 def edited_dicom(data: bytes, **elements: object) -> bytes:

@@ -177,6 +177,40 @@ def test_an_unreadable_image_is_left_out_and_listed_once_readable(tmp_path: Path
     assert after.stderr.strip() == ""
 
 
+def test_files_without_an_extension_that_cannot_be_opened_get_one_neutral_warning(tmp_path: Path) -> None:
+    """Found by content, a DICOM file named IM000001 must be opened to be known: when it may not be, the
+    listing says so once, without promising a README that it will be listed."""
+    import subprocess
+    import sys
+
+    from tests import corpus
+
+    folder = tmp_path / "cd"
+    folder.mkdir()
+    (folder / "IM000001").write_bytes(corpus.make_dicom(corpus.dicom_ramp()))
+    (folder / "README").write_text("CD export")
+    for name in ("IM000001", "README"):
+        (folder / name).chmod(0o000)
+    script = (
+        "import logging, sys; logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
+        "from tasks.storage import list_images, open_location\n"
+        "print([f.path for f in list_images(open_location(sys.argv[1]))])"
+    )
+    command = as_an_ordinary_user([sys.executable, "-c", script, str(folder)])
+    if command is None:
+        pytest.skip("running as root without setpriv: every file is readable")
+    root = Path(__file__).resolve().parents[1]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=root, check=True)
+    finally:
+        for name in ("IM000001", "README"):
+            (folder / name).chmod(0o644)
+    warning = " ".join(done.stderr.split())
+    assert done.stdout.strip() == "[]"
+    assert "could not open 2 file(s) without an image extension to see whether they are DICOM" in warning
+    assert "if they are, make them readable" in warning and "next run" not in warning, warning
+
+
 def test_a_model_this_account_cannot_read_fails_before_any_work(tmp_path: Path) -> None:
     """A model saved by another account with owner-only weights: exit 2 naming the file and the fix,
     before the source is listed or anything is written."""

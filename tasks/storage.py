@@ -391,31 +391,33 @@ def _warn_unreadable(paths: list[str]) -> None:
     """One warning for the images this process may not read (an exporter's umask 077, a cron job that
     fixes permissions later). Left out, not recorded: an error row would be final (chmod keeps the
     mtime, so the fingerprint), and the image would never be classified once readable."""
-    shown = ", ".join(printable_path(path) for path in sorted(paths)[:UNREADABLE_EXAMPLES])
-    more = f" and {len(paths) - UNREADABLE_EXAMPLES} more" if len(paths) > UNREADABLE_EXAMPLES else ""
     logger.warning(
-        "left %d unreadable image file(s) out of the listing (Permission denied): %s%s; make them readable "
+        "left %d unreadable image file(s) out of the listing (Permission denied): %s; make them readable "
         "by this user, and the next run lists and classifies them",
         len(paths),
-        shown,
-        more,
+        examples(paths),
     )
 
 
 UNREADABLE_EXAMPLES = 5
 
 
+def examples(paths: list[str]) -> str:
+    """The first UNREADABLE_EXAMPLES paths in order, `and N more` for the rest."""
+    shown = ", ".join(printable_path(path) for path in sorted(paths)[:UNREADABLE_EXAMPLES])
+    return shown + (
+        f" and {len(paths) - UNREADABLE_EXAMPLES} more" if len(paths) > UNREADABLE_EXAMPLES else ""
+    )
+
+
 def _warn_unopened(paths: list[str]) -> None:
     """One warning for the files named without an image extension that this process may not open to see
     whether they are DICOM images (most are not images at all: no promise that they will be listed)."""
-    shown = ", ".join(printable_path(path) for path in sorted(paths)[:UNREADABLE_EXAMPLES])
-    more = f" and {len(paths) - UNREADABLE_EXAMPLES} more" if len(paths) > UNREADABLE_EXAMPLES else ""
     logger.warning(
         "could not open %d file(s) without an image extension to see whether they are DICOM images "
-        "(Permission denied): %s%s; if they are, make them readable by this user",
+        "(Permission denied): %s; if they are, make them readable by this user",
         len(paths),
-        shown,
-        more,
+        examples(paths),
     )
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,18 +145,9 @@ def as_an_ordinary_user(command: list[str]) -> list[str] | None:
     return [setpriv, "--bounding-set=-dac_override,-dac_read_search", *command] if setpriv else None
 
 
-def test_an_unreadable_image_is_left_out_and_listed_once_readable(tmp_path: Path) -> None:
-    """An exporter writing with umask 077, a cron job fixing permissions later: the unreadable images
-    are left out with one warning (not recorded as final error rows, since chmod keeps the mtime and so
-    the fingerprint), and the next listing after the fix has them."""
-    import subprocess
-    import sys
-
-    folder = tmp_path / "scans"
-    make_image(folder / "a.jpg", seed=1)
-    for name in ("b.jpg", "c.png"):
-        make_image(folder / "late" / name, seed=2)
-        (folder / "late" / name).chmod(0o000)
+def listed_as_an_ordinary_user(folder: Path, locked: list[Path]) -> subprocess.CompletedProcess[str]:
+    """list_images(folder) in a process that cannot read the `locked` files (mode 000 meanwhile): its
+    stdout is the listed paths relative to `folder`, its stderr the warnings. Skips where impossible."""
     script = (
         "import logging, os, sys; logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
         "from tasks.storage import list_images, open_location\n"
@@ -163,13 +156,27 @@ def test_an_unreadable_image_is_left_out_and_listed_once_readable(tmp_path: Path
     command = as_an_ordinary_user([sys.executable, "-c", script, str(folder)])
     if command is None:
         pytest.skip("running as root without setpriv: every file is readable")
-    root = Path(__file__).resolve().parents[1]
+    for path in locked:
+        path.chmod(0o000)
     try:
-        before = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=root, check=True)
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=root, check=True)
     finally:
-        for name in ("b.jpg", "c.png"):
-            (folder / "late" / name).chmod(0o644)
-    after = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=root, check=True)
+        for path in locked:
+            path.chmod(0o644)
+
+
+def test_an_unreadable_image_is_left_out_and_listed_once_readable(tmp_path: Path) -> None:
+    """An exporter writing with umask 077, a cron job fixing permissions later: the unreadable images
+    are left out with one warning (not recorded as final error rows, since chmod keeps the mtime and so
+    the fingerprint), and the next listing after the fix has them."""
+    folder = tmp_path / "scans"
+    make_image(folder / "a.jpg", seed=1)
+    for name in ("b.jpg", "c.png"):
+        make_image(folder / "late" / name, seed=2)
+    locked = [folder / "late" / name for name in ("b.jpg", "c.png")]
+    before = listed_as_an_ordinary_user(folder, locked)
+    after = listed_as_an_ordinary_user(folder, [])
     assert before.stdout.strip() == "['a.jpg']" and "'late/b.jpg'" in after.stdout
     warning = " ".join(before.stderr.split())
     assert "left 2 unreadable image file(s) out of the listing (Permission denied)" in warning, warning
@@ -180,31 +187,13 @@ def test_an_unreadable_image_is_left_out_and_listed_once_readable(tmp_path: Path
 def test_files_without_an_extension_that_cannot_be_opened_get_one_neutral_warning(tmp_path: Path) -> None:
     """Found by content, a DICOM file named IM000001 must be opened to be known: when it may not be, the
     listing says so once, without promising a README that it will be listed."""
-    import subprocess
-    import sys
-
     from tests import corpus
 
     folder = tmp_path / "cd"
     folder.mkdir()
     (folder / "IM000001").write_bytes(corpus.make_dicom(corpus.dicom_ramp()))
     (folder / "README").write_text("CD export")
-    for name in ("IM000001", "README"):
-        (folder / name).chmod(0o000)
-    script = (
-        "import logging, sys; logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
-        "from tasks.storage import list_images, open_location\n"
-        "print([f.path for f in list_images(open_location(sys.argv[1]))])"
-    )
-    command = as_an_ordinary_user([sys.executable, "-c", script, str(folder)])
-    if command is None:
-        pytest.skip("running as root without setpriv: every file is readable")
-    root = Path(__file__).resolve().parents[1]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=root, check=True)
-    finally:
-        for name in ("IM000001", "README"):
-            (folder / name).chmod(0o644)
+    done = listed_as_an_ordinary_user(folder, [folder / "IM000001", folder / "README"])
     warning = " ".join(done.stderr.split())
     assert done.stdout.strip() == "[]"
     assert "could not open 2 file(s) without an image extension to see whether they are DICOM" in warning
@@ -214,9 +203,6 @@ def test_files_without_an_extension_that_cannot_be_opened_get_one_neutral_warnin
 def test_a_model_this_account_cannot_read_fails_before_any_work(tmp_path: Path) -> None:
     """A model saved by another account with owner-only weights: exit 2 naming the file and the fix,
     before the source is listed or anything is written."""
-    import subprocess
-    import sys
-
     from flows.demo import build_tiny_model
 
     model = Path(build_tiny_model(str(tmp_path / "model"), seed=1))

@@ -103,8 +103,9 @@ def discover_new_images(params: ClassifyParams, revision: str) -> tuple[int, lis
     classify, how many of those are retried error rows)."""
     options = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
     skipped: Counter[str] = Counter()
-    listed = list(list_images(open_location(params.source, options), skipped))
-    report_skipped(params.source, len(listed), skipped)
+    source = open_location(params.source, options)
+    listed = list(list_images(source, skipped))
+    report_skipped(params.source, source.is_local, len(listed), skipped)
     index = read_index(open_location(params.output, options), revision)
     earlier = earlier_thresholds(index, params.threshold)
     if earlier:
@@ -195,7 +196,7 @@ def classify_shard(
     )
 
 
-def report_skipped(source: str, images: int, skipped: Counter[str]) -> None:
+def report_skipped(source: str, local: bool, images: int, skipped: Counter[str]) -> None:
     """Files SOURCE holds that are not listed as images (by extension, or in a local folder a DICOM file
     without one): a warning when nothing else was found (slides saved as .svs, DICOM objects without an
     extension on S3: a run of 0 images said nothing about them), one info line otherwise (sidecar .xml
@@ -206,7 +207,6 @@ def report_skipped(source: str, images: int, skipped: Counter[str]) -> None:
     if images:
         get_run_logger().info("skipped %d file(s) that are not images (%s)", skipped.total(), kinds)
         return
-    remote = "://" in source and not source.startswith("file://")
     get_run_logger().warning(
         "%s holds no images, only %d other file(s) (%s); oncoflow lists %s (any letter case)%s. Convert other "
         "formats to one of these%s",
@@ -214,10 +214,10 @@ def report_skipped(source: str, images: int, skipped: Counter[str]) -> None:
         skipped.total(),
         kinds,
         ", ".join(sorted(IMAGE_EXTENSIONS)),
-        ""
-        if remote
-        else ", and DICOM images named otherwise (no extension, .IMA, .dc3: by their DICM marker)",
-        "; name DICOM objects .dcm (on object stores they are not opened to be recognised)" if remote else "",
+        ", and DICOM images named otherwise (no extension, .IMA, .dc3: by their DICM marker)"
+        if local
+        else "",
+        "" if local else "; name DICOM objects .dcm (on object stores they are not opened to be recognised)",
     )
 
 

@@ -42,6 +42,7 @@ from tasks.lease import Lease, LeaseLost
 from tasks.model import DEFAULT_MODEL, LoadedModel, inspect_model, load_model
 from tasks.redaction import redact
 from tasks.sink import (
+    Selection,
     earlier_thresholds,
     model_slug,
     read_index,
@@ -68,6 +69,7 @@ send_logs_to_prefect()  # warnings (a lease wait, a skipped file) reach the run 
 # second, and the per-task overhead (task run states, pipeline fill and drain, one file write) showed:
 # the H100 benchmark ran 1,610 img/s steady with 1000-image shards and 2,220 with 4000 (bench/README.md).
 CPU_SHARD_SIZE, GPU_SHARD_SIZE = 1000, 4000
+PLAN_EXAMPLES = 5  # image URIs a dry run names, of those it would classify
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -98,9 +100,9 @@ class ShardManifest:
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient, cache_policy=NONE)
-def discover_new_images(params: ClassifyParams, revision: str) -> tuple[int, list[DiscoveredFile], int]:
-    """List the source and drop what the output already holds for this revision: (files found, files to
-    classify, how many of those are retried error rows)."""
+def discover_new_images(params: ClassifyParams, revision: str) -> tuple[int, Selection]:
+    """List the source and drop what the output already holds for this revision: (files found, the files
+    to classify with how many of them are retried error rows and changed images)."""
     options = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
     skipped: Counter[str] = Counter()
     source = open_location(params.source, options)
@@ -129,14 +131,15 @@ def discover_new_images(params: ClassifyParams, revision: str) -> tuple[int, lis
             "without" if params.exif_orientation else "with",
             "with" if params.exif_orientation else "without",
         )
-    new, retried = select_files(listed, index, params.retry_errors)
+    selection = select_files(listed, index, params.retry_errors)
     if params.retry_errors:
         get_run_logger().info(
-            "--retry-errors %s: %d image(s) whose newest row is such an error are classified again",
+            "--retry-errors %s: %d image(s) whose newest row is such an error %s classified again",
             ",".join(params.retry_errors),
-            retried,
+            selection.retried,
+            "would be" if params.dry_run else "are",
         )
-    return len(listed), new, retried
+    return len(listed), selection
 
 
 @task(
@@ -382,6 +385,7 @@ def classify(
     exif_orientation: bool = False,
     compile: bool = False,
     retry_errors: list[str] | None = None,
+    dry_run: bool = False,
 ) -> dict[str, Any]:
     """Classify every new or changed image under SOURCE into the Parquet dataset at OUTPUT."""
     return classify_images(flow_params(ClassifyParams, **locals()))
@@ -393,6 +397,8 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
     started, day = time.perf_counter(), datetime.now(UTC)
     check_storage(params)
     run_id = str(flow_run.get_id() or uuid.uuid4())
+    if params.dry_run:
+        return plan_run(params, run_id, started)
     # Before the lease, so a model that cannot load leaves OUTPUT untouched. With the local runner the
     # shards reuse this very load; on a cluster only the workers build the network (the flow process
     # may have no GPU), and the flow just checks the files and learns the revision.
@@ -409,7 +415,8 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
     asked = time.perf_counter()
     with exclusive_output(params, run_id, revision) as lease:
         waited = time.perf_counter() - asked
-        found, new_files, retried = discover_new_images(params, revision)
+        found, selection = discover_new_images(params, revision)
+        new_files = selection.files
         for listener in progress_listeners:
             listener("total", len(new_files))
         with gpu_slot(device_type):
@@ -417,7 +424,10 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
             shards = cut_shards(new_files, shard_size)
             manifests = run_shards(shards, params, run_id, shard_slots(), lease, day)
     summary = summarize(found, len(new_files), manifests, time.perf_counter() - started, waited)
-    summary["images_retried"] = retried  # of images_new: error rows classified again (--retry-errors)
+    summary["images_retried"] = (
+        selection.retried
+    )  # of images_new: error rows classified again (--retry-errors)
+    summary["images_changed"] = selection.changed  # of images_new: classified before, modified since
     summary.update(run_id=run_id, model=params.model, model_revision=revision)
     publish_summary(summary, params, f"{params.model} @ {revision} ({placement})")
     print(
@@ -438,6 +448,42 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
             summary["images_vanished"],
         )
     check_error_rate(summary, params.max_error_rate)
+    return summary
+
+
+def plan_run(params: ClassifyParams, run_id: str, started: float) -> dict[str, Any]:
+    """--dry-run: what a run would classify now, from SOURCE's listing and OUTPUT's index. The model's
+    files are checked and its revision resolved (a hub model is downloaded), but no weights are loaded,
+    no lease is taken and nothing is written; a run going on meanwhile may classify some of these."""
+    revision = inspect_model(params.model, params.revision).revision
+    found, selection = discover_new_images(params, revision)
+    new = len(selection.files)
+    summary: dict[str, Any] = {
+        "dry_run": True,
+        "images_found": found,
+        "images_new": new,
+        "images_changed": selection.changed,
+        "images_retried": selection.retried,
+        "images_unchanged": found - new,
+        "images_classified": 0,
+        "examples": [redact(file.uri) for file in selection.files[:PLAN_EXAMPLES]],
+        "seconds": round(time.perf_counter() - started, 2),
+        "run_id": run_id,
+        "model": params.model,
+        "model_revision": revision,
+    }
+    rows = [{"metric": key, "value": str(value)} for key, value in summary.items() if key != "examples"]
+    rows += [{"metric": "example", "value": uri} for uri in summary["examples"]]
+    create_table_artifact(
+        rows,
+        key="classify-dry-run",
+        description="oncoflow dry run: what a classify run would do; nothing was classified or written.",
+    )
+    retried = f", {selection.retried} error rows retried" if params.retry_errors else ""
+    print(
+        f"dry run: {new} of {found} images would be classified ({selection.changed} of them modified since "
+        f"classified{retried}); nothing was classified or written"
+    )
     return summary
 
 

@@ -5,6 +5,7 @@ Research use only: oncoflow's labels are model outputs, not diagnoses.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -103,7 +104,30 @@ def progress_bar() -> Iterator[None]:
             progress_listeners.remove(listen)
 
 
+def print_plan(summary: dict[str, Any]) -> None:
+    table = Table(title="oncoflow dry run: nothing was classified or written")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, meaning in (
+        ("images_found", ""),
+        ("images_new", " (would be classified)"),
+        ("images_changed", " (of those: modified since classified)"),
+        ("images_retried", " (of those: error rows again)"),
+        ("images_unchanged", " (classified already)"),
+        ("model_revision", ""),
+    ):
+        table.add_row(key + meaning, str(summary.get(key)))
+    Console().print(table)
+    for uri in summary["examples"]:
+        Console().print(f"  would classify {escape(uri)}", highlight=False, soft_wrap=True)
+    if summary["images_new"] > len(summary["examples"]):
+        Console().print(f"  ... and {summary['images_new'] - len(summary['examples'])} more", highlight=False)
+
+
 def print_summary(summary: dict[str, Any]) -> None:
+    if summary.get("dry_run"):
+        print_plan(summary)
+        return
     table = Table(title="oncoflow run summary (research use only, not a diagnosis)")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -120,6 +144,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     ):
         value = summary.get(key)
         table.add_row(key, "n/a" if value is None else str(value))
+    if summary.get("images_changed"):
+        table.add_row("images_changed (classified before, modified since)", str(summary["images_changed"]))
     if summary.get("images_retried"):
         table.add_row("images_retried (error rows classified again)", str(summary["images_retried"]))
     if summary.get("lease_wait_seconds"):
@@ -228,6 +254,14 @@ RetryErrorsOption = Annotated[
 ExifOption = Annotated[
     bool, typer.Option(help="Rotate images per their EXIF orientation tag (the reference snippet does not).")
 ]
+DryRunOption = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Only count what the run would classify (new, changed, retried images) and name a few: lists "
+        "SOURCE and reads OUTPUT's index; loads no model weights, writes nothing.",
+    ),
+]
 CompileOption = Annotated[
     bool,
     typer.Option(
@@ -259,6 +293,7 @@ def classify_command(
     exif_orientation: ExifOption = False,
     compile: CompileOption = False,
     retry_errors: RetryErrorsOption = None,
+    dry_run: DryRunOption = False,
 ) -> None:
     """Classify new or changed images under SOURCE; append one Parquet row per image to OUTPUT."""
     params = validated(
@@ -280,13 +315,13 @@ def classify_command(
 def prepare_local_run(params: ClassifyParams, placement: RunnerParams) -> None:
     """Check --model (exit 2 before any work); with the local runner this process runs the model: check
     --device, --precision and --compile against this machine too, and start loading the model while
-    Prefect starts (its temporary server is spawned first, to boot meanwhile). On a cluster the workers
-    check and load it (this machine may have no GPU)."""
+    Prefect starts (its temporary server is spawned first, to boot meanwhile; not for a dry run, which
+    loads no weights). On a cluster the workers check and load it (this machine may have no GPU)."""
     local = placement.runner == "local"
     check_model_arguments(params.model, params.device if local else None, params.precision, params.compile)
     check_writable(params.output)
     start_temporary_server()
-    if local:
+    if local and not params.dry_run:
         from flows.classify import start_loading_model
 
         start_loading_model(params)
@@ -444,7 +479,7 @@ def run_and_report(flow: Any, placement: RunnerParams, **parameters: Any) -> Non
     prepare_prefect_api()
     try:
         with (
-            progress_bar(),
+            contextlib.nullcontext() if parameters.get("dry_run") else progress_bar(),
             sigterm_as_ctrl_c(),
             api_for_local_workers(placement),
             prefect_api(fix=RERUN_FIX, mid_run=True),
@@ -780,6 +815,7 @@ def reprocess_command(
     exif_orientation: ExifOption = False,
     compile: CompileOption = False,
     retry_errors: RetryErrorsOption = None,
+    dry_run: DryRunOption = False,
     runner: RunnerOption = "local",
     dask_address: DaskAddressOption = None,
     dask_workers: DaskWorkersOption = None,

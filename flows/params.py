@@ -251,6 +251,11 @@ class ClassifyParams(StorageParams):
         description="Run the model through torch.compile: faster batches after a one-time compile "
         "(seconds to a minute per process); for large runs",
     )
+    dry_run: bool = Field(
+        False,
+        description="Only count what a run would classify (new, changed, retried images) from the listing and "
+        "the output's index: no model weights are loaded and nothing is written",
+    )
     retry_errors: list[str] = Field(
         default_factory=list,
         description="Classify again the images whose newest row for this model is an error of these "

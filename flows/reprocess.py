@@ -112,6 +112,7 @@ def reprocess(
     exif_orientation: bool = False,
     compile: bool = False,
     retry_errors: list[str] | None = None,
+    dry_run: bool = False,
 ) -> dict[str, Any]:
     """Classify every image under SOURCE (or SOURCE/PREFIX) with MODEL, resuming an interrupted run."""
     values = {k: v for k, v in locals().items() if k != "prefix"}

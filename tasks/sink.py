@@ -14,6 +14,7 @@ import re
 from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -300,16 +301,25 @@ def select_new(
     same bytes uploaded again: same ETag) is classified again, or `latest` would keep showing the
     prediction of the version it replaced. With `retry_errors` (error categories), a file whose newest
     row is an error of one of them is classified again too (a decoder installed, access granted)."""
-    return select_files(files, index, retry_errors)[0]
+    return select_files(files, index, retry_errors).files
+
+
+class Selection(NamedTuple):
+    """What a run classifies: `files` (select_new's), of which `retried` are there only through
+    `retry_errors` and `changed` have rows of an earlier version (another size, mtime or ETag)."""
+
+    files: list[DiscoveredFile]
+    retried: int
+    changed: int
 
 
 def select_files(
     files: Iterable[DiscoveredFile], index: pa.Table, retry_errors: Collection[str] = ()
-) -> tuple[list[DiscoveredFile], int]:
-    """select_new's files, and how many of them are there only through `retry_errors`: one diff."""
+) -> Selection:
+    """select_new's files, and how many of them are retried or changed: one diff."""
     files = list(files)
     if not files or index.num_rows == 0:
-        return files, 0
+        return Selection(files, 0, 0)
     listed = pa.table(
         {
             "image_uri": [f.uri for f in files],
@@ -317,8 +327,12 @@ def select_files(
             "position": pa.array(range(len(files)), pa.int64()),
         }
     )
-    unchanged = listed.join(newest_fingerprints(index, retry_errors), keys=INDEX_COLUMNS, join_type="inner")
+    newest = newest_fingerprints(index, retry_errors)
+    unchanged = listed.join(newest, keys=INDEX_COLUMNS, join_type="inner")
     kept = unchanged.filter(pc.invert(unchanged.column("retry")))  # classified already, and no retry
     skipped = pc.is_in(listed.column("position"), value_set=kept.column("position").combine_chunks())
     positions = pc.indices_nonzero(pc.invert(skipped)).to_pylist()
-    return [files[i] for i in positions], unchanged.num_rows - kept.num_rows
+    known = pc.sum(pc.is_in(listed.column("image_uri"), value_set=newest.column("image_uri"))).as_py() or 0
+    return Selection(
+        [files[i] for i in positions], unchanged.num_rows - kept.num_rows, known - unchanged.num_rows
+    )

@@ -729,3 +729,48 @@ def test_retry_errors_classifies_again_the_error_rows_of_the_given_categories(
     text = " ".join(refused.output.split())
     assert refused.exit_code == 2 and "unknown error categories too-large" in text and "too_large" in text
     assert len(rows()) == 7
+
+
+def test_dry_run_counts_what_a_run_would_classify_and_writes_nothing(
+    tmp_path: Path, tiny_model: str, tiny_model_imagenet: str
+) -> None:
+    """Before a nightly run or a reprocess of an archive: how many images are new, changed since their
+    rows, or retried, named by a few examples; the output is neither created nor written."""
+    source, output = tmp_path / "scans", tmp_path / "preds"
+    for number in range(4):
+        make_image(source / f"scan-{number}.png", seed=number)
+    (source / "empty.png").write_bytes(b"")
+    common = ["-o", str(output), "--model", tiny_model, "--device", "cpu"]
+
+    def table(result) -> dict[str, str]:
+        assert result.exit_code == 0, result.output
+        return dict(re.findall(r"│ (\w+)[^│\n]*│ +(\S+) │", result.output))
+
+    first = invoke("classify", str(source), *common, "--dry-run")
+    assert table(first)["images_new"] == "5" and table(first)["images_found"] == "5", first.output
+    assert "nothing was classified or written" in first.output
+    assert f"would classify file://{source}/scan-0.png" in first.output  # as the image_uri column
+    assert not output.exists()
+
+    assert invoke("classify", str(source), *common).exit_code == 0
+    make_image(source / "scan-1.png", size=(80, 60), seed=7)  # replaced by another version
+    make_image(source / "scan-9.png", seed=9)  # new
+    plan = table(invoke("classify", str(source), *common, "--dry-run", "--retry-errors", "empty"))
+    assert {key: plan[key] for key in ("images_found", "images_new", "images_changed", "images_retried")} == {
+        "images_found": "6",
+        "images_new": "3",
+        "images_changed": "1",
+        "images_retried": "1",
+    }
+    assert plan["images_unchanged"] == "3"
+    count = f"select count(*) from read_parquet('{output}/**/*.parquet')"
+    assert duckdb.sql(count).fetchall() == [(5,)]
+
+    nightly = invoke("classify", str(source), *common)
+    assert table(nightly)["images_changed"] == "1" and table(nightly)["images_new"] == "2"
+    assert duckdb.sql(count).fetchall() == [(7,)]
+
+    other_model = ["-o", str(output), "--model", tiny_model_imagenet, "--device", "cpu", "--dry-run"]
+    reprocess = table(invoke("reprocess", str(source), *other_model))
+    assert reprocess["images_new"] == "6" and reprocess["images_changed"] == "0"
+    assert duckdb.sql(count).fetchall() == [(7,)]

@@ -558,6 +558,28 @@ def test_history_lists_runs_with_their_image_counts(
     assert summary["run_id"] in result.output  # to find the run's rows: WHERE run_id = '...'
 
 
+def test_a_dry_run_of_the_flow_writes_nothing_and_history_tells_it_apart(
+    image_folder: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    """A deployment's run started with dry_run=True (the UI's form) counts and writes nothing."""
+    output = tmp_path / "preds"
+    plan = classify(str(image_folder), str(output), model=tiny_model, device="cpu", dry_run=True)
+    assert (plan["dry_run"], plan["images_found"], plan["images_new"], plan["images_classified"]) == (
+        True,
+        6,
+        6,
+        0,
+    )
+    assert not output.exists()
+    latest = recent_runs(limit=1)[0]
+    assert (latest.flow, latest.state, latest.images, latest.run_id) == (
+        "classify (dry run)",
+        "Completed",
+        0,
+        plan["run_id"],
+    )
+
+
 def test_history_reads_more_runs_than_one_api_page() -> None:
     """The server returns at most 200 runs per call (a larger limit was a 422 traceback)."""
     from prefect import flow

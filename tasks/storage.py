@@ -265,9 +265,17 @@ def dicom_kind(entry: os.DirEntry[str]) -> str | None:
     try:
         if not entry.is_file(follow_symlinks=True):  # a FIFO would block the read
             return None
-        if entry.name.upper() == "DICOMDIR":
-            return "no image"
-        descriptor = os.open(entry.path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:  # gone meanwhile
+        return None
+    return probed_dicom_kind(entry.path, entry.name)
+
+
+def probed_dicom_kind(path: str, name: str) -> str | None:
+    """dicom_kind of the regular file `path` named `name`, from its first kB."""
+    if name.upper() == "DICOMDIR":
+        return "no image"
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except PermissionError:
         raise
     except OSError:  # gone meanwhile
@@ -317,7 +325,8 @@ def describe_skipped(skipped: Counter[str], shown: int = 5) -> str:
 
 def _list_local(root: str, skipped: Counter[str] | None = None) -> Iterator[DiscoveredFile]:
     """Walk the tree, following folder links but entering each real folder once: a link loop (`a/up -> ..`)
-    or a second link to a folder already scanned neither hangs discovery nor lists an image twice.
+    or a second link to a folder already scanned neither hangs discovery nor lists an image twice; nor
+    does a file link to an image SOURCE holds itself (`listed_at_its_own_path`).
 
     An image name that cannot be stat-ed (a broken link, a file deleted during the listing) and a
     sub-folder that cannot be opened, and an image this process may not read, are left out with a
@@ -328,7 +337,7 @@ def _list_local(root: str, skipped: Counter[str] | None = None) -> Iterator[Disc
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"source folder {root!r} does not exist or is not a folder; check the path")
-    root_stat = os.stat(root)
+    root_stat, real_root = os.stat(root), os.path.realpath(root)
     visited = {(root_stat.st_dev, root_stat.st_ino)}
     stack = [root]
     # Links to folders wait until every folder reachable without them is walked, then go in path order:
@@ -366,6 +375,8 @@ def _list_local(root: str, skipped: Counter[str] | None = None) -> Iterator[Disc
                     visited.add((st.st_dev, st.st_ino))
                     stack.append(entry.path)
             elif stat_module.S_ISREG(st.st_mode):
+                if entry.is_symlink() and listed_at_its_own_path(entry.path, real_root):
+                    continue
                 if not os.access(entry.path, os.R_OK, effective_ids=True):
                     unreadable.append(entry.path)
                     continue
@@ -385,6 +396,25 @@ def _list_local(root: str, skipped: Counter[str] | None = None) -> Iterator[Disc
         _warn_unreadable(unreadable)
     if unopened:
         _warn_unopened(unopened)
+
+
+def listed_at_its_own_path(link: str, real_root: str) -> bool:
+    """Whether the image a file link inside SOURCE points to is listed anyway, under its own path: it lies
+    in SOURCE's real folders (none hidden) and is named as an image or is a DICOM image found by its
+    content. Such a link is left out, or the image would have two rows (a `by-patient/` tree of links
+    into `by-date/`); a link to an image outside SOURCE is listed under the link's path."""
+    real = os.path.realpath(link)
+    below = os.path.relpath(real, real_root).split(os.sep)
+    if below[0] in (os.curdir, os.pardir) or any(part.startswith(".") for part in below):
+        return False
+    if is_image_name(below[-1]):
+        return True
+    if name_extension(below[-1]) not in PROBED_EXTENSIONS:
+        return False
+    try:
+        return probed_dicom_kind(real, below[-1]) == "image"
+    except PermissionError:  # the walk cannot look into it either: it lists the link, which it could
+        return False
 
 
 def _warn_unreadable(paths: list[str]) -> None:

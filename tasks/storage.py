@@ -21,7 +21,8 @@ import struct
 import tempfile
 import time
 import uuid
-from collections import Counter
+from array import array
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -265,17 +266,9 @@ def dicom_kind(entry: os.DirEntry[str]) -> str | None:
     try:
         if not entry.is_file(follow_symlinks=True):  # a FIFO would block the read
             return None
-    except OSError:  # gone meanwhile
-        return None
-    return probed_dicom_kind(entry.path, entry.name)
-
-
-def probed_dicom_kind(path: str, name: str) -> str | None:
-    """dicom_kind of the regular file `path` named `name`, from its first kB."""
-    if name.upper() == "DICOMDIR":
-        return "no image"
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        if entry.name.upper() == "DICOMDIR":
+            return "no image"
+        descriptor = os.open(entry.path, os.O_RDONLY | os.O_NONBLOCK)
     except PermissionError:
         raise
     except OSError:  # gone meanwhile
@@ -325,8 +318,10 @@ def describe_skipped(skipped: Counter[str], shown: int = 5) -> str:
 
 def _list_local(root: str, skipped: Counter[str] | None = None) -> Iterator[DiscoveredFile]:
     """Walk the tree, following folder links but entering each real folder once: a link loop (`a/up -> ..`)
-    or a second link to a folder already scanned neither hangs discovery nor lists an image twice; nor
-    does a file link to an image SOURCE holds itself (`listed_at_its_own_path`).
+    or a second link to a folder already scanned neither hangs discovery nor lists an image twice. File
+    links are listed last, each image once: a link to an image listed at its own path (a `by-patient/`
+    tree of links into `by-date/`) is left out, and of several links to one image outside SOURCE the
+    first in path order is listed (as with folder links). Hard links are separate names, each listed.
 
     An image name that cannot be stat-ed (a broken link, a file deleted during the listing) and a
     sub-folder that cannot be opened, and an image this process may not read, are left out with a
@@ -337,13 +332,15 @@ def _list_local(root: str, skipped: Counter[str] | None = None) -> Iterator[Disc
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"source folder {root!r} does not exist or is not a folder; check the path")
-    root_stat, real_root = os.stat(root), os.path.realpath(root)
+    root_stat = os.stat(root)
     visited = {(root_stat.st_dev, root_stat.st_ino)}
     stack = [root]
     # Links to folders wait until every folder reachable without them is walked, then go in path order:
     # an image under a real folder always keeps its real path as URI, also when a link to its folder
     # (or to one above it) is added later, which would otherwise re-classify it under a new URI.
     links: list[tuple[str, tuple[int, int]]] = []
+    file_links: list[tuple[str, tuple[int, int], DiscoveredFile]] = []
+    listed: defaultdict[int, array[int]] = defaultdict(lambda: array("Q"))  # device → inodes yielded
     unreadable: list[str] = []
     unopened: list[str] = []  # named without an image extension; may not be opened to look for DICOM
     while stack or links:
@@ -375,46 +372,47 @@ def _list_local(root: str, skipped: Counter[str] | None = None) -> Iterator[Disc
                     visited.add((st.st_dev, st.st_ino))
                     stack.append(entry.path)
             elif stat_module.S_ISREG(st.st_mode):
-                if entry.is_symlink() and listed_at_its_own_path(entry.path, real_root):
-                    continue
                 if not os.access(entry.path, os.R_OK, effective_ids=True):
                     unreadable.append(entry.path)
                     continue
-                yield DiscoveredFile(
-                    "file://" + printable_path(entry.path),
-                    entry.path,
-                    local_fingerprint(st),
-                    st.st_size,
+                found = DiscoveredFile(
+                    "file://" + printable_path(entry.path), entry.path, local_fingerprint(st), st.st_size
                 )
+                if entry.is_symlink():
+                    file_links.append((entry.path, (st.st_dev, st.st_ino), found))
+                    continue
+                listed[st.st_dev].append(st.st_ino)
+                yield found
             else:  # a FIFO, socket or device named like an image: reading it could block or never end
                 logger.warning(
                     "left %s out of the listing: it is a %s, not a regular file",
                     printable_path(entry.path),
                     SPECIAL_FILE_KINDS.get(stat_module.S_IFMT(st.st_mode), "special file"),
                 )
+    yield from _unlisted_targets(file_links, listed)
     if unreadable:
         _warn_unreadable(unreadable)
     if unopened:
         _warn_unopened(unopened)
 
 
-def listed_at_its_own_path(link: str, real_root: str) -> bool:
-    """Whether the image a file link inside SOURCE points to is listed anyway, under its own path: it lies
-    in SOURCE's real folders (none hidden) and is named as an image or is a DICOM image found by its
-    content. Such a link is left out, or the image would have two rows (a `by-patient/` tree of links
-    into `by-date/`); a link to an image outside SOURCE is listed under the link's path."""
-    real = os.path.realpath(link)
-    below = os.path.relpath(real, real_root).split(os.sep)
-    if below[0] in (os.curdir, os.pardir) or any(part.startswith(".") for part in below):
-        return False
-    if is_image_name(below[-1]):
-        return True
-    if name_extension(below[-1]) not in PROBED_EXTENSIONS:
-        return False
-    try:
-        return probed_dicom_kind(real, below[-1]) == "image"
-    except PermissionError:  # the walk cannot look into it either: it lists the link, which it could
-        return False
+def _unlisted_targets(
+    file_links: list[tuple[str, tuple[int, int], DiscoveredFile]], listed: dict[int, array[int]]
+) -> Iterator[DiscoveredFile]:
+    """The file links whose image was not listed yet, first in path order; the inodes of every listed
+    file are kept as 8-byte integers (a million files: 8 MB), looked at only when there are file links."""
+    targets: defaultdict[int, set[int]] = defaultdict(set)
+    for _, (device, inode), _ in file_links:
+        targets[device].add(inode)
+    seen = {
+        (device, inode)
+        for device, inodes in targets.items()
+        for inode in inodes.intersection(listed.get(device, ()))
+    }
+    for _, identity, found in sorted(file_links, key=lambda link: link[0]):
+        if identity not in seen:
+            seen.add(identity)
+            yield found
 
 
 def _warn_unreadable(paths: list[str]) -> None:

@@ -222,30 +222,34 @@ def test_a_link_added_above_a_folder_does_not_change_its_images_uris(tmp_path: P
 
 def test_a_file_link_to_an_image_source_holds_itself_is_not_listed_twice(tmp_path: Path) -> None:
     """A `by-patient/` tree of links into `by-date/` (a PACS export, a curation): each image once, at its
-    real path; links to images outside SOURCE, or to files not listed themselves, stay listed."""
+    own path (or its folder link's); a link to a file not listed itself, or to an image outside SOURCE,
+    stays listed, once for several links."""
     import numpy as np
 
     from tasks.storage import list_images, open_location
     from tests.corpus import make_dicom
 
-    root = tmp_path / "scans"
-    make_image(root / "by-date" / "2026-11-01" / "x.png")
-    (root / "by-date" / "2026-11-01" / "IM000001").write_bytes(make_dicom(np.zeros((8, 8), np.uint16)))
-    (root / "by-date" / "2026-11-01" / "blob").write_bytes(
-        (tmp_path / "scans/by-date/2026-11-01/x.png").read_bytes()
-    )
+    root, day = tmp_path / "scans", tmp_path / "scans" / "by-date" / "2026-11-01"
+    make_image(day / "x.png")
+    (day / "IM000001").write_bytes(make_dicom(np.zeros((8, 8), np.uint16)))
+    (day / "blob").write_bytes((day / "x.png").read_bytes())
     make_image(root / ".trash" / "old.png")
     make_image(tmp_path / "elsewhere" / "y.png")
+    make_image(tmp_path / "other-disk" / "z.png")
+    (root / "archive").symlink_to(tmp_path / "other-disk")  # a folder of SOURCE kept on another disk
     links = root / "by-patient" / "p-17"
     links.mkdir(parents=True)
-    (links / "x.png").symlink_to(root / "by-date" / "2026-11-01" / "x.png")
-    (links / "scan.dcm").symlink_to(root / "by-date" / "2026-11-01" / "IM000001")  # found by content there
-    (links / "blob.png").symlink_to(root / "by-date" / "2026-11-01" / "blob")  # no image name there
+    (links / "x.png").symlink_to(day / "x.png")
+    (links / "scan.dcm").symlink_to(day / "IM000001")  # found by its content there
+    (links / "blob.png").symlink_to(day / "blob")  # not an image name there
     (links / "old.png").symlink_to(root / ".trash" / "old.png")  # hidden folders are not listed
     (links / "y.png").symlink_to(tmp_path / "elsewhere" / "y.png")  # outside SOURCE
+    (links / "y2.png").symlink_to(tmp_path / "elsewhere" / "y.png")  # ... a second time
     (links / "relative.png").symlink_to("../../by-date/2026-11-01/x.png")
+    (links / "z.png").symlink_to("../../archive/z.png")
     listed = sorted(str(Path(f.path).relative_to(root)) for f in list_images(open_location(str(root))))
     assert listed == [
+        "archive/z.png",
         "by-date/2026-11-01/IM000001",
         "by-date/2026-11-01/x.png",
         "by-patient/p-17/blob.png",

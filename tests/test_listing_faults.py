@@ -184,6 +184,21 @@ def test_an_unreadable_image_is_left_out_and_listed_once_readable(tmp_path: Path
     assert after.stderr.strip() == ""
 
 
+def test_a_link_into_a_folder_that_cannot_be_listed_keeps_its_image(tmp_path: Path) -> None:
+    """A drop folder that may be entered but not listed (mode 111) and a link to an image in it: the
+    walk cannot list the image at its own path, so the link is listed (not left out as a duplicate)."""
+    folder = tmp_path / "scans"
+    make_image(folder / "drop" / "x.png", seed=1)
+    (folder / "x-link.png").symlink_to(folder / "drop" / "x.png")
+    (folder / "drop").chmod(0o111)
+    try:
+        done = listed_as_an_ordinary_user(folder, [])
+    finally:
+        (folder / "drop").chmod(0o755)
+    assert done.stdout.strip() == "['x-link.png']", done.stdout + done.stderr
+    assert "left " in done.stderr and "drop" in done.stderr
+
+
 def test_files_without_an_extension_that_cannot_be_opened_get_one_neutral_warning(tmp_path: Path) -> None:
     """Found by content, a DICOM file named IM000001 must be opened to be known: when it may not be, the
     listing says so once, without promising a README that it will be listed."""

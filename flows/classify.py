@@ -228,7 +228,7 @@ def check_storage(params: ClassifyParams) -> None:
     """Missing buckets, denied access and wrong endpoints fail here, before the model loads."""
     options = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
     check_source(open_location(params.source, options))
-    check_output(open_location(params.output, options))
+    check_output(open_location(params.output, options), write=not params.dry_run)
 
 
 def load_classifier(params: ClassifyParams) -> LoadedModel:
@@ -424,10 +424,8 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
             shards = cut_shards(new_files, shard_size)
             manifests = run_shards(shards, params, run_id, shard_slots(), lease, day)
     summary = summarize(found, len(new_files), manifests, time.perf_counter() - started, waited)
-    summary["images_retried"] = (
-        selection.retried
-    )  # of images_new: error rows classified again (--retry-errors)
-    summary["images_changed"] = selection.changed  # of images_new: classified before, modified since
+    # Both part of images_new: error rows classified again (--retry-errors); classified, modified since.
+    summary.update(images_retried=selection.retried, images_changed=selection.changed)
     summary.update(run_id=run_id, model=params.model, model_revision=revision)
     publish_summary(summary, params, f"{params.model} @ {revision} ({placement})")
     print(
@@ -453,9 +451,10 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
 
 def plan_run(params: ClassifyParams, run_id: str, started: float) -> dict[str, Any]:
     """--dry-run: what a run would classify now, from SOURCE's listing and OUTPUT's index. The model's
-    files are checked and its revision resolved (a hub model is downloaded), but no weights are loaded,
-    no lease is taken and nothing is written; a run going on meanwhile may classify some of these."""
-    revision = inspect_model(params.model, params.revision).revision
+    configuration is read and its revision resolved (a hub model's weights are not downloaded), but no
+    weights are loaded, no lease is taken and nothing is written; a run going on meanwhile may classify
+    some of these. Archived S3 objects count as new: the run itself finds them unreadable."""
+    revision = inspect_model(params.model, params.revision, weights=False).revision
     found, selection = discover_new_images(params, revision)
     new = len(selection.files)
     summary: dict[str, Any] = {
@@ -465,7 +464,6 @@ def plan_run(params: ClassifyParams, run_id: str, started: float) -> dict[str, A
         "images_changed": selection.changed,
         "images_retried": selection.retried,
         "images_unchanged": found - new,
-        "images_classified": 0,
         "examples": [redact(file.uri) for file in selection.files[:PLAN_EXAMPLES]],
         "seconds": round(time.perf_counter() - started, 2),
         "run_id": run_id,

@@ -315,11 +315,12 @@ def classify_command(
 def prepare_local_run(params: ClassifyParams, placement: RunnerParams) -> None:
     """Check --model (exit 2 before any work); with the local runner this process runs the model: check
     --device, --precision and --compile against this machine too, and start loading the model while
-    Prefect starts (its temporary server is spawned first, to boot meanwhile; not for a dry run, which
-    loads no weights). On a cluster the workers check and load it (this machine may have no GPU)."""
+    Prefect starts (its temporary server is spawned first, to boot meanwhile; a dry run loads no model
+    and writes nothing). On a cluster the workers check and load it (this machine may have no GPU)."""
     local = placement.runner == "local"
     check_model_arguments(params.model, params.device if local else None, params.precision, params.compile)
-    check_writable(params.output)
+    if not params.dry_run:  # a dry run needs read access only
+        check_writable(params.output)
     start_temporary_server()
     if local and not params.dry_run:
         from flows.classify import start_loading_model
@@ -476,6 +477,8 @@ def run_and_report(flow: Any, placement: RunnerParams, **parameters: Any) -> Non
     from flows.runners import api_for_local_workers, with_runner
 
     quiet_expected_tracebacks((*EXPECTED_ERRORS, TooManyErrors, httpx.TransportError))
+    if parameters.get("dry_run"):  # one listing task: no cluster to start for it
+        placement = RunnerParams(runner="local", dask_address=None, dask_workers=None, ray_address=None)
     prepare_prefect_api()
     try:
         with (

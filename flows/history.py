@@ -27,7 +27,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Crashed
 
-SUMMARY_KEYS = ("classify-summary", "classify-dry-run")
+SUMMARY_KEYS = ("classify-summary",)
 FINAL_STATES = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
 
 
@@ -68,7 +68,7 @@ def recent_runs(limit: int = 20) -> list[RunRow]:
         flows = {flow_id: client.read_flow(flow_id).name for flow_id in {run.flow_id for run in runs}}
     return [
         RunRow(
-            flow=flows[run.flow_id] + (" (dry run)" if summaries.get(str(run.id), {}).get("dry_run") else ""),
+            flow=flows[run.flow_id] + (" (dry run)" if run.parameters.get("dry_run") else ""),
             name=run.name,
             state=run.state_name or "unknown",
             start=run.start_time,
@@ -104,7 +104,7 @@ def read_summaries(client: Any, run_ids: list[Any]) -> dict[str, dict[str, int]]
         metrics = {row["metric"]: row["value"] for row in table or [] if isinstance(row, dict)}
         summaries[str(artifact.flow_run_id)] = {
             key: int(value) for key, value in metrics.items() if str(value).isdigit()
-        } | {"dry_run": int(metrics.get("dry_run") == "True")}
+        }
     return summaries
 
 

@@ -245,8 +245,9 @@ def check_model_name(name: str, classifier: bool = False) -> str | None:
     return None
 
 
-def fetch_model(name: str, revision: str | None) -> tuple[str, str]:
-    """Return (local directory, revision) for a local folder or a Hugging Face Hub id."""
+def fetch_model(name: str, revision: str | None, weights: bool = True) -> tuple[str, str]:
+    """Return (local directory, revision) for a local folder or a Hugging Face Hub id; `weights=False`
+    fetches a hub model's configuration only (its revision is the commit all the same)."""
     directory = check_model_name(name)
     if directory is not None:
         if revision:
@@ -258,7 +259,7 @@ def fetch_model(name: str, revision: str | None) -> tuple[str, str]:
         directory = snapshot_download(
             name,
             revision=revision,
-            allow_patterns=["*.json", "*.safetensors", "*.md"],
+            allow_patterns=["*.json", "*.safetensors", "*.md"] if weights else ["*.json", "*.md"],
         )
     except Exception as exc:
         raise ModelError(
@@ -351,9 +352,9 @@ class ModelFiles:
     positive_id: int
 
 
-def inspect_model(name: str, revision: str | None = None) -> ModelFiles:
+def inspect_model(name: str, revision: str | None = None, weights: bool = True) -> ModelFiles:
     """Fetch (hub) or find (folder) a model and check its files: processor config, labels, safetensors."""
-    directory, resolved_revision = fetch_model(name, revision)
+    directory, resolved_revision = fetch_model(name, revision, weights)
     processor_path = os.path.join(directory, "preprocessor_config.json")
     if not os.path.exists(processor_path):
         raise ModelError(

@@ -780,10 +780,11 @@ def s3_error_code(error: BaseException) -> str | None:
     return None
 
 
-def check_output(location: Location) -> None:
+def check_output(location: Location, write: bool = True) -> None:
     """Fail fast, before any work, when an S3 output's bucket is missing or not writable.
 
-    Writes and deletes one small hidden object, the only reliable test of write permission.
+    Writes and deletes one small hidden object, the only reliable test of write permission; with
+    `write=False` (a dry run, which only reads the output) checks the bucket only.
     """
     if not isinstance(location.fs, S3FileSystem):
         return
@@ -795,6 +796,8 @@ def check_output(location: Location) -> None:
         storage_call(fs, location.path, lambda: fs.call_s3("head_bucket", Bucket=bucket))
     except FileNotFoundError as exc:
         raise FileNotFoundError(bucket_not_found(location)) from exc
+    if not write:
+        return
     storage_call(fs, location.path, lambda: fs.pipe_file(probe, WRITE_CHECK_BODY))
     # A store may allow writing but not deleting; the probe has a fixed name, so at most one remains.
     with suppress(PermissionError):

@@ -343,6 +343,55 @@ def test_exif_orientation_on_an_existing_output_says_what_it_applies_to(
     assert "holds 1 rows of this model revision classified with --exif-orientation" in warnings()
 
 
+def test_select_files_counts_the_changed_and_the_retried_among_the_files_to_classify() -> None:
+    """What a run (and its dry run) counts: new files, files whose newest row is of another version
+    (changed, also after an error row, also back to an older version), and error rows retried."""
+    from datetime import UTC, datetime
+
+    import pyarrow as pa
+
+    from tasks.sink import select_files
+    from tasks.storage import DiscoveredFile
+
+    rows = [  # image, fingerprint, hour, error category of the row
+        ("kept", "v1", 1, None),
+        ("edited", "v1", 1, None),
+        ("failed", "v1", 1, "read_failed"),
+        ("failed-then-edited", "v1", 1, "read_failed"),
+        ("restored", "v1", 1, None),
+        ("restored", "v2", 2, None),
+    ]
+    index = pa.table(
+        {
+            "image_uri": [f"file:///s/{name}.png" for name, *_ in rows],
+            "fingerprint": [fingerprint for _, fingerprint, _, _ in rows],
+            "processed_at": [datetime(2026, 11, 1, hour, tzinfo=UTC) for *_, hour, _ in rows],
+            "run_id": ["run"] * len(rows),
+            "error_category": [category for *_, category in rows],
+        }
+    )
+    listed = {
+        "kept": "v1",
+        "edited": "v2",
+        "failed": "v1",
+        "failed-then-edited": "v2",
+        "restored": "v1",
+        "new": "v1",
+    }
+    files = [DiscoveredFile(f"file:///s/{name}.png", f"/s/{name}.png", fp, 1) for name, fp in listed.items()]
+
+    def names(selected: list[DiscoveredFile]) -> list[str]:
+        return [file.uri.removeprefix("file:///s/").removesuffix(".png") for file in selected]
+
+    plain = select_files(files, index)
+    assert names(plain.files) == ["edited", "failed-then-edited", "restored", "new"]
+    assert (plain.changed, plain.retried) == (3, 0)
+    retrying = select_files(files, index, ["read_failed"])
+    assert names(retrying.files) == ["edited", "failed", "failed-then-edited", "restored", "new"]
+    assert (retrying.changed, retrying.retried) == (3, 1)
+    assert select_files(files, index.slice(0, 0)) == (files, 0, 0)
+
+
 def test_a_file_replaced_after_listing_gets_the_fingerprint_of_what_was_read(
     image_folder: Path, tiny_model: str
 ) -> None:

@@ -564,20 +564,21 @@ def test_a_dry_run_of_the_flow_writes_nothing_and_history_tells_it_apart(
     """A deployment's run started with dry_run=True (the UI's form) counts and writes nothing."""
     output = tmp_path / "preds"
     plan = classify(str(image_folder), str(output), model=tiny_model, device="cpu", dry_run=True)
-    assert (plan["dry_run"], plan["images_found"], plan["images_new"], plan["images_classified"]) == (
-        True,
-        6,
-        6,
-        0,
-    )
+    assert (plan["dry_run"], plan["images_found"], plan["images_new"]) == (True, 6, 6)
     assert not output.exists()
     latest = recent_runs(limit=1)[0]
     assert (latest.flow, latest.state, latest.images, latest.run_id) == (
         "classify (dry run)",
         "Completed",
-        0,
+        None,
         plan["run_id"],
     )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError):
+        classify(str(empty), str(output), model=tiny_model, device="cpu", dry_run=True)
+    failed = recent_runs(limit=1)[0]
+    assert (failed.flow, failed.state) == ("classify (dry run)", "Failed")
 
 
 def test_history_reads_more_runs_than_one_api_page() -> None:

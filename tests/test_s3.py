@@ -226,6 +226,22 @@ def test_incremental_on_s3(
     assert sum(r["image_uri"] == "s3://scans/incoming/a.jpg" for r in rows) == 2
 
 
+def test_a_dry_run_on_s3_writes_no_object_and_needs_no_write_access(
+    image_folder: Path, s3: s3fs.S3FileSystem, tiny_model: str
+) -> None:
+    """Not even the output's write check: a versioned bucket keeps every object version ever written."""
+    upload_folder(s3, image_folder, "scans/incoming")
+    s3.call_s3("put_bucket_versioning", Bucket="preds", VersioningConfiguration={"Status": "Enabled"})
+    plan = run("s3://scans/incoming", "s3://preds/out", tiny_model, dry_run=True)
+    assert (plan["images_found"], plan["images_new"], plan["images_changed"]) == (6, 6, 0)
+    versions = s3.call_s3("list_object_versions", Bucket="preds")
+    assert not versions.get("Versions") and not versions.get("DeleteMarkers"), versions
+    run("s3://scans/incoming", "s3://preds/out", tiny_model)
+    s3.pipe_file("scans/incoming/a.jpg", b"another version")
+    again = run("s3://scans/incoming", "s3://preds/out", tiny_model, dry_run=True)
+    assert (again["images_new"], again["images_changed"], again["images_unchanged"]) == (1, 1, 5)
+
+
 @pytest.mark.slow
 def test_a_network_failing_one_request_in_four_gives_the_clean_output(
     image_folder: Path,

@@ -39,7 +39,7 @@ from tasks.inference import (
     stopping_runs,
 )
 from tasks.lease import Lease, LeaseLost
-from tasks.model import DEFAULT_MODEL, LoadedModel, inspect_model, load_model
+from tasks.model import DEFAULT_MODEL, LoadedModel, ModelError, inspect_model, load_model
 from tasks.redaction import redact
 from tasks.sink import (
     Selection,
@@ -157,13 +157,25 @@ def classify_shard(
     day: datetime,
     host_decode_share: float | None = 0.0,
     cuda_graphs: bool = False,
+    revision: str | None = None,
 ) -> ShardManifest:
     """Classify one shard and write its rows as one Parquet file, atomically.
+
+    `revision` is the model revision the run started with (its lease and its index are that revision's):
+    a model folder saved again during the run fails the shard before it writes, instead of adding rows
+    of another revision under this run's lease.
 
     `host_decode_share` is ONCOFLOW_HOST_DECODE_SHARE as the flow process read it (workers on a
     cluster may not have that environment); 0 (nvjpeg decodes every JPEG) like the engine's default.
     `cuda_graphs` is ONCOFLOW_CUDA_GRAPHS, read the same way."""
     model = load_classifier(params)
+    if revision is not None and model.revision != revision:
+        raise ModelError(
+            f"model {params.model!r} changed during the run (revision {revision} when it started, "
+            f"{model.revision} now): the shards written before are kept with the first revision's rows. "
+            "Replace a model folder between runs, or give the new one a folder of its own; run the "
+            "command again to classify with the new weights"
+        )
     shard = shard_id(files, model.revision)
     options = EngineOptions(
         batch_size=params.batch_size,
@@ -261,6 +273,7 @@ def run_shards(
     slots: int = SHARDS_IN_FLIGHT,
     lease: Lease | None = None,
     day: datetime | None = None,
+    revision: str | None = None,
 ) -> list[ShardManifest]:
     """Submit shards with a bounded window (2 per slot), so pending work never grows with the archive.
 
@@ -282,7 +295,7 @@ def run_shards(
         for number, files in enumerate(shards):
             if lease is not None and lease.lost:
                 raise LeaseLost(lease.lost)
-            pending.append(classify_shard.submit(number, files, params, run_id, day, share, graphs))
+            pending.append(classify_shard.submit(number, files, params, run_id, day, share, graphs, revision))
             if len(pending) >= slots * 2:
                 manifests.append(pending.popleft().result())
         while pending:
@@ -422,7 +435,7 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
         with gpu_slot(device_type):
             shard_size = params.shard_size or (GPU_SHARD_SIZE if device_type == "cuda" else CPU_SHARD_SIZE)
             shards = cut_shards(new_files, shard_size)
-            manifests = run_shards(shards, params, run_id, shard_slots(), lease, day)
+            manifests = run_shards(shards, params, run_id, shard_slots(), lease, day, revision)
     summary = summarize(found, len(new_files), manifests, time.perf_counter() - started, waited)
     # Both part of images_new: error rows classified again (--retry-errors); classified, modified since.
     summary.update(images_retried=selection.retried, images_changed=selection.changed)

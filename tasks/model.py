@@ -337,7 +337,13 @@ def load_model(
     signature = folder_signature(name)
     with _cache_lock:
         if key not in _cache or _cache[key][0] != signature:
-            _cache[key] = (signature, _load(name, revision, device, precision))
+            loaded = _load(name, revision, device, precision)
+            if folder_signature(name) != signature:  # the revision hashed may not be the weights read
+                raise ModelError(
+                    f"model folder {name!r} changed while it was being loaded (a save or copy in progress?); "
+                    "run again once it is complete"
+                )
+            _cache[key] = (signature, loaded)
         return _cache[key][1]
 
 

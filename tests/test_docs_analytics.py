@@ -24,6 +24,7 @@ def dest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("docs") / "dest"
     make_dataset(path)
     add_edits(path)  # where a snippet that dedups naively gives other rows than the views
+    (path / "notes.txt").write_text("kept beside the dataset: not data")  # README: never read as data
     return path
 
 

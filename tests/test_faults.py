@@ -302,3 +302,35 @@ def test_shards_go_to_the_date_partition_of_the_day_the_run_started(tmp_path: Pa
 
     shards_after_midnight()
     assert {path.parent.name for path in (tmp_path / "preds").rglob("*.parquet")} == {"date=2026-11-27"}
+
+
+def test_a_model_folder_saved_again_during_a_run_fails_its_later_shards_before_they_write(
+    tmp_path: Path, tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New weights copied over the folder mid-run: the run's lease and index are its first revision's,
+    so shards that would load the new weights fail instead of writing another revision's rows."""
+    import shutil
+
+    import flows.classify
+    from flows.demo import build_tiny_model
+    from tasks.model import ModelError
+
+    folder, output, model = scans(tmp_path / "scans", 6), tmp_path / "preds", tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    replacement = build_tiny_model(str(tmp_path / "replacement"), seed=5)
+    swapped = threading.Lock()
+    real = flows.classify.classify_files
+
+    def classify_files_then_save_the_model_again(*args):  # type: ignore[no-untyped-def]
+        rows = real(*args)
+        if swapped.acquire(blocking=False):
+            for name in ("model.safetensors", "config.json"):
+                shutil.copy(Path(replacement) / name, model / name)
+        return rows
+
+    monkeypatch.setattr(flows.classify, "classify_files", classify_files_then_save_the_model_again)
+    with pytest.raises(ModelError, match="changed during the run"):
+        classify(str(folder), str(output), model=str(model), device="cpu", shard_size=2)
+    written = read_rows(output)
+    assert 2 <= len(written) <= 4 and len({row["model_revision"] for row in written}) == 1
+    assert len({path.parent.parent.name for path in output.rglob("*.parquet")}) == 1  # one model_slug

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import types
@@ -65,9 +66,11 @@ def main() -> None:
 # OSError covers storage failures (full disk, lost output location), whose messages say what to do.
 EXPECTED_ERRORS = (ModelError, OSError, ValueError, LeaseBusy, LeaseLost)
 TOO_MANY_ERRORS_EXIT = 3  # the run completed and wrote its rows, but --max-error-rate was exceeded
+ERRNO_PREFIX = re.compile(r"^\[Errno \d+\] ")  # of str(OSError): its message says what the number means
 
 
 def fail(message: str, code: int = 1) -> None:
+    message = ERRNO_PREFIX.sub("", message, count=1)
     console.print(f"[bold red]error:[/] {escape(redact(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
@@ -423,24 +426,33 @@ def quiet_expected_tracebacks(expected: tuple[type[BaseException], ...]) -> None
 
 @contextmanager
 def sigterm_as_ctrl_c() -> Iterator[None]:
-    """SIGTERM (`kill`, `timeout` in a cron line, a service manager stopping) ends a run as Ctrl-C does:
-    the run is marked Crashed, the command exits 130 and the temporary server is stopped. Prefect's own
-    handler marks the run Crashed, then signals the process again with the handler it found: without
-    this one, the default, which ends the process at once (exit 143) and leaves the temporary server
-    running. Not in a thread other than the main one, where signals cannot be handled."""
+    """SIGTERM (`kill`, `timeout` in a cron line, a service manager stopping) and SIGHUP (the terminal
+    or ssh session closed) end a run as Ctrl-C does: the run is marked Crashed, the command exits 130
+    and the temporary server is stopped. Prefect's own handler marks the run Crashed, then signals the
+    process again with the handler it found: without this one, the default, which ends the process at
+    once (exit 143 or 129), leaving the run Running in the history and the temporary server to stop
+    itself. Not in a thread other than the main one, where signals cannot be handled."""
 
     def interrupt(signum: int, frame: types.FrameType | None) -> None:
         raise KeyboardInterrupt
 
     try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
+        previous = {number: signal.signal(number, interrupt) for number in STOP_SIGNALS}
     except ValueError:
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+STOPPED = (
+    "stopped: the shard files written so far are kept; run the same command again and it classifies "
+    "only the images that have no row yet"
+)
 
 
 RUN_FIX = "or unset PREFECT_API_URL to run on a temporary server of this command's own"
@@ -493,6 +505,9 @@ def run_and_report(flow: Any, placement: RunnerParams, **parameters: Any) -> Non
         fail(str(exc), code=TOO_MANY_ERRORS_EXIT)
     except EXPECTED_ERRORS as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        console.print(STOPPED, highlight=False, soft_wrap=True)
+        raise
     print_summary(summary)
 
 
@@ -946,8 +961,22 @@ def serve_command(
     timezone: Annotated[str, typer.Option(help="IANA time zone of --cron, e.g. Europe/Berlin.")] = "UTC",
     device: DeviceOption = "auto",
     limit: Annotated[int | None, typer.Option(min=1, help="At most this many runs at once.")] = None,
+    precision: PrecisionOption = "auto",
+    batch_size: BatchOption = None,
+    threshold: ThresholdOption = 0.5,
+    shard_size: ShardOption = None,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    decode: DecodeOption = "auto",
+    s3_endpoint_url: S3EndpointOption = None,
+    aws_credentials_block: AwsBlockOption = None,
+    max_error_rate: MaxErrorRateOption = None,
+    exif_orientation: ExifOption = False,
+    compile: CompileOption = False,
 ) -> None:
-    """Serve classify-nightly, reprocess-archive and evaluate from this machine until interrupted (Ctrl-C)."""
+    """Serve classify-nightly, reprocess-archive and evaluate from this machine until interrupted (Ctrl-C).
+
+    The classify options given here become the parameters of classify-nightly and reprocess-archive
+    (the storage options evaluate's too), as `oncoflow classify` takes them."""
     from zoneinfo import available_timezones
 
     from prefect.settings import PREFECT_API_URL
@@ -959,11 +988,17 @@ def serve_command(
 
         CronSchedule(cron=cron, timezone=timezone)
     except (ValueError, ValidationError):
-        fail(f"invalid --cron {cron!r}: give five fields, e.g. '0 2 * * *' for 02:00 every day", code=2)
-    params = validated(ClassifyParams, source=source, output=output, model=model, device=device)
-    # The runs execute in this process: a model folder or --device that cannot work here would
-    # otherwise fail only at 02:00.
-    check_model_arguments(params.model, params.device)
+        fail(
+            f"invalid --cron {cron!r}: give five fields in range (minute 0-59, hour 0-23, day of month "
+            "1-31, month 1-12, day of week 0-6), e.g. '0 2 * * *' for 02:00 every day",
+            code=2,
+        )
+    options = {k: v for k, v in locals().items() if k in ClassifyParams.model_fields}
+    params = validated(ClassifyParams, **options)
+    # The runs execute in this process: a model folder, a hub model out of reach, or --device,
+    # --precision or --compile that cannot work here would otherwise fail only at 02:00.
+    check_model_arguments(params.model, params.device, params.precision, params.compile)
+    check_hub_model(params.model)
     check_writable(params.output)
     if not PREFECT_API_URL.value():  # the environment, or the active Prefect profile; after the arguments,
         fail(  # which would be refused only once a server is running
@@ -974,9 +1009,24 @@ def serve_command(
     from flows.serve import build_deployments, serve_deployments
 
     with prefect_api("and run serve again once it answers (it takes a few seconds to start)"):
+        chosen = params.model_dump(exclude_defaults=True, exclude={"source", "output", "model", "device"})
         serve_deployments(
-            build_deployments(params.source, params.output, model, cron, timezone, device), limit=limit
+            build_deployments(params.source, params.output, model, cron, timezone, device, chosen),
+            limit=limit,
         )
+
+
+def check_hub_model(model: str) -> None:
+    """A hub id: its configuration must be reachable now (the network, or the local Hugging Face cache
+    with HF_HUB_OFFLINE=1); its weights are fetched by the first run."""
+    if os.path.isdir(os.path.expanduser(model)):
+        return
+    from tasks.model import inspect_model
+
+    try:
+        inspect_model(model, weights=False)
+    except ModelError as exc:
+        fail(f"invalid --model: {exc}", code=2)
 
 
 def run() -> None:

@@ -21,6 +21,7 @@ from tasks.model import DEFAULT_MODEL
 
 NIGHTLY_CRON = "0 2 * * *"  # 02:00 every day, in `timezone`
 TAGS = ["oncoflow", "research-only"]
+STORAGE_PARAMETERS = ("s3_endpoint_url", "aws_credentials_block")  # evaluate reads DEST with them too
 
 
 def build_deployments(
@@ -30,15 +31,25 @@ def build_deployments(
     cron: str = NIGHTLY_CRON,
     timezone: str = "UTC",
     device: str = "auto",
+    options: dict[str, Any] | None = None,
 ) -> list[RunnerDeployment]:
     """classify-nightly (cron, in `timezone`); reprocess-archive and evaluate run on demand (their forms ask
-    for the model, or the labels and the report folder)."""
+    for the model, or the labels and the report folder). `options`: other classify parameters (threshold,
+    max_error_rate, ...) for classify-nightly and reprocess-archive; its storage ones for evaluate too."""
+    options = options or {}
     # Stored in the deployment and shown in the UI's forms: a relative path would name a folder relative
     # to wherever a run happens to start (deployments/deploy.sh refuses them for that reason).
     source, output = absolute_local(source), absolute_local(output)
     if os.path.isdir(os.path.expanduser(model)):
         model = absolute_local(model)
-    defaults: dict[str, Any] = {"source": source, "output": output, "model": model, "device": device}
+    defaults: dict[str, Any] = {
+        "source": source,
+        "output": output,
+        "model": model,
+        "device": device,
+        **options,
+    }
+    storage = {k: v for k, v in options.items() if k in STORAGE_PARAMETERS}
     # to_deployment is sync-or-async by context; called here from sync code it returns the deployment.
     return [
         classify.to_deployment(  # type: ignore[list-item]
@@ -50,13 +61,13 @@ def build_deployments(
         ),
         reprocess.to_deployment(  # type: ignore[list-item]
             name="reprocess-archive",
-            parameters={"source": source, "output": output, "device": device},
+            parameters={"source": source, "output": output, "device": device, **options},
             description="Re-classify a whole archive (or one sub-folder) with a new model; resumable.",
             tags=TAGS,
         ),
         evaluate.to_deployment(  # type: ignore[list-item]
             name="evaluate",
-            parameters={"predictions": output},
+            parameters={"predictions": output, **storage},
             description="Score DEST's predictions against a labels file; report with metrics and plots.",
             tags=TAGS,
         ),

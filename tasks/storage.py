@@ -657,21 +657,30 @@ def _write_local(target: str, data: bytes) -> None:
 
 
 def output_error(error: OSError, destination: str) -> OSError:
-    """The same kind of OSError (so retry decisions still work), with a message that says what to do."""
-    if error.errno == errno.ENOSPC:
-        advice = "the output device is full; free space or choose another --output"
-    elif isinstance(error, FileNotFoundError | NotADirectoryError | FileExistsError):
-        advice = (
-            "the output location is gone or blocked by a file; check that --output exists and is a folder"
-        )
+    """The same kind of OSError (so retry decisions still work), with a message that says what to do and,
+    when a path inside the output is in the way, which."""
+    where = ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = "the output device is full (or this account's disk quota is); free space or choose another --output"
+    elif isinstance(error, NotADirectoryError | FileExistsError):
+        advice = "a file stands where a folder of the output must be; move it away"
+        where = error.filename
+    elif isinstance(error, FileNotFoundError):
+        advice = "the output location is gone; check that --output exists (a network share not mounted?)"
     elif isinstance(error, PermissionError):
         advice = "no permission to write there; fix the permissions of --output"
+        where = error.filename
     else:
         advice = "check that --output is reachable and writable"
     reason = error.strerror or str(error) or type(error).__name__
+    at = (
+        f" ({printable_path(str(where))})"
+        if where and str(where).rstrip("/") != destination.rstrip("/")
+        else ""
+    )
     message = (
-        f"cannot write to output {destination}: {reason}. {advice}, then re-run: files already written "
-        "are kept (classify skips their images, compact finishes its merge), nothing is written twice"
+        f"cannot write to output {destination}: {reason}{at}; {advice}, then run again: the files already "
+        "written are kept, and nothing is written twice"
     )
     return OSError(error.errno, message) if error.errno else type(error)(message)
 

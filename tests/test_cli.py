@@ -468,14 +468,22 @@ def test_serve_names_a_bad_cron_and_an_unreachable_api(
         tiny_model,
     ]
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # as if from a Prefect profile
-        result = invoke(*common, "--cron", "0 2 * *")
-        assert result.exit_code == 2 and "invalid --cron '0 2 * *'" in " ".join(result.output.split())
+        for cron in ("0 2 * *", "61 2 * * *"):
+            result = invoke(*common, "--cron", cron)
+            text = " ".join(result.output.split())
+            assert result.exit_code == 2 and f"invalid --cron '{cron}'" in text and "minute 0-59" in text
         result = invoke(*common)
         text = " ".join(result.output.split())
         assert result.exit_code == 1 and "cannot reach the Prefect API at http://127.0.0.1:9/api" in text
         result = invoke(*common[:-1], str(tmp_path / "no-such-model"))  # before anything is served
         text = " ".join(result.output.split())
         assert result.exit_code == 2 and "invalid --model" in text and "no-such-model" in text
+        result = invoke(*common[:-1], "example-org/not-cached-vit")  # a hub id out of reach (offline)
+        text = " ".join(result.output.split())
+        assert (
+            result.exit_code == 2
+            and "invalid --model: cannot fetch model 'example-org/not-cached-vit'" in text
+        )
     with temporary_settings({PREFECT_API_URL: None}):  # no server: the arguments are still checked first
         result = invoke(*common, "--cron", "bad cron")
         assert result.exit_code == 2 and "invalid --cron 'bad cron'" in " ".join(result.output.split())
@@ -774,3 +782,19 @@ def test_dry_run_counts_what_a_run_would_classify_and_writes_nothing(
     reprocess = table(invoke("reprocess", str(source), *other_model))
     assert reprocess["images_new"] == "6" and reprocess["images_changed"] == "0"
     assert duckdb.sql(count).fetchall() == [(7,)]
+
+
+def test_a_file_in_the_way_inside_the_output_is_named(
+    image_folder: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    """A file where the output needs a folder (`DEST/_leases`, a partition): the message names it, not
+    just --output, and says what to do."""
+    output = tmp_path / "preds"
+    output.mkdir()
+    (output / "_leases").write_text("in the way")
+    result = invoke(
+        "classify", str(image_folder), "-o", str(output), "--model", tiny_model, "--device", "cpu"
+    )
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and f"({output}/_leases)" in text, text
+    assert "a file stands where a folder of the output must be; move it away" in text and "[Errno" not in text

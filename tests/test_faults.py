@@ -137,7 +137,7 @@ def test_full_disk_fails_cleanly_and_a_rerun_completes_once(
     )
     assert result.exit_code == 1, result.output
     text = " ".join(result.output.split())
-    assert "output device is full" in text and str(output) in text and "re-run" in text
+    assert "output device is full" in text and str(output) in text and "run again" in text
     assert not leftovers(output)
     kept = len(read_rows(output)) if list(output.rglob("*.parquet")) else 0  # whole shards written before
 

@@ -303,6 +303,47 @@ def test_served_deployments_register_with_schedule_and_parameters(
     assert scoring.schedules == [] and scoring.parameters == {"predictions": str(tmp_path / "out")}
 
 
+def test_serve_options_become_the_parameters_of_the_deployments(
+    image_folder: Path, tmp_path: Path, tiny_model: str, monkeypatch: pytest.MonkeyPatch, prefect_server: str
+) -> None:
+    """`oncoflow serve --threshold ... --max-error-rate ...`: the nightly runs (and reprocess-archive) get
+    them, evaluate the storage ones; options left at their defaults are not stored."""
+    import flows.serve
+
+    served: list = []
+    monkeypatch.setattr(
+        flows.serve, "serve_deployments", lambda deployments, limit=None: served.extend(deployments)
+    )
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server)
+    output = str(tmp_path / "preds")
+    common = ["serve", "--source", str(image_folder), "-o", output, "--model", tiny_model, "--device", "cpu"]
+    options = ["--threshold", "0.3", "--max-error-rate", "0.05", "--max-pixels", "200000000"]
+    result = runner.invoke(
+        app, [*common, *options, "--exif-orientation", "--s3-endpoint-url", "http://s3.lan:9000"]
+    )
+    assert result.exit_code == 0, result.output
+    for deployment in served:
+        deployment.apply()
+    chosen = {
+        "threshold": 0.3,
+        "max_error_rate": 0.05,
+        "max_pixels": 200_000_000,
+        "exif_orientation": True,
+        "s3_endpoint_url": "http://s3.lan:9000",
+    }
+    nightly = read_deployment("classify/classify-nightly")
+    assert (
+        nightly.parameters
+        == {"source": str(image_folder), "output": output, "model": tiny_model, "device": "cpu"} | chosen
+    )
+    archive = read_deployment("reprocess/reprocess-archive")
+    assert archive.parameters == {"source": str(image_folder), "output": output, "device": "cpu"} | chosen
+    scoring = read_deployment("evaluate/evaluate")
+    assert scoring.parameters == {"predictions": output, "s3_endpoint_url": "http://s3.lan:9000"}
+    refused = runner.invoke(app, [*common, "--threshold", "2"])
+    assert refused.exit_code == 2 and "--threshold" in refused.output
+
+
 @pytest.mark.slow
 def test_deploy_script_deploys_to_the_files_pool_or_the_one_given(prefect_server: str) -> None:
     """deployments/deploy.sh, as docs/operations.md runs it: the file's process pool by default; with
@@ -640,14 +681,15 @@ def test_history_in_a_new_prefect_home_says_there_are_no_runs_yet(tmp_path: Path
     assert "oncoflow runs (newest first)" not in output  # no empty table
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sighup"])
 def test_ctrl_c_in_a_terminal_stops_a_run_on_the_temporary_server_cleanly(
     tmp_path: Path, tiny_model: str, how: str
 ) -> None:
     """A terminal's Ctrl-C signals the whole process group. Prefect's temporary server (no
     PREFECT_API_URL) runs in a session of its own, so it survives to record the run as Crashed: the
     command exits 130 at once, without a minute of connection tracebacks, and stops the server.
-    SIGTERM to the command alone (`kill`, `timeout` in a cron line) ends it the same way.
+    SIGTERM to the command alone (`kill`, `timeout` in a cron line) ends it the same way, and so does
+    SIGHUP (an ssh session closed: to the process group).
 
     The stop does not wait for the shards in the run's window (up to 4 x --shard-size images): those not
     started are cancelled and the running ones end at their next batch, writing nothing. Here the signal
@@ -684,6 +726,8 @@ def test_ctrl_c_in_a_terminal_stops_a_run_on_the_temporary_server_cleanly(
         ).stdout.split()
         if how == "ctrl-c":
             os.killpg(run.pid, signal.SIGINT)  # what the terminal does
+        elif how == "sighup":
+            os.killpg(run.pid, signal.SIGHUP)
         else:
             run.send_signal(signal.SIGTERM)
         output = run.communicate(timeout=120)[0].decode()
@@ -692,6 +736,7 @@ def test_ctrl_c_in_a_terminal_stops_a_run_on_the_temporary_server_cleanly(
             os.killpg(run.pid, signal.SIGKILL)
     assert run.returncode == 130, output[-3000:]
     assert "ConnectError" not in output and "Crash detected" in output
+    assert "stopped: the shard files written so far are kept" in output, output[-3000:]
     assert children and not [child for child in children if Path(f"/proc/{child}").exists()]
     written = list((tmp_path / "dest").rglob("*.parquet"))
     assert 1 <= len(written) <= 2, output[-3000:]  # the first shard, and maybe the one beside it

@@ -436,8 +436,12 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
     def interrupt(signum: int, frame: types.FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    try:
-        previous = {number: signal.signal(number, interrupt) for number in STOP_SIGNALS}
+    try:  # a signal ignored stays ignored: `nohup oncoflow ...` must survive the logout it was run for
+        previous = {
+            number: signal.signal(number, interrupt)
+            for number in STOP_SIGNALS
+            if signal.getsignal(number) is not signal.SIG_IGN
+        }
     except ValueError:
         yield
         return

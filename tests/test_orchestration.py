@@ -748,6 +748,39 @@ def test_ctrl_c_in_a_terminal_stops_a_run_on_the_temporary_server_cleanly(
         assert len(uris) == len(set(uris)) == 150
 
 
+def test_a_run_under_nohup_survives_the_hangup(tmp_path: Path, tiny_model: str) -> None:
+    """`nohup oncoflow classify ...` ignores SIGHUP so that a run outlives its ssh session: oncoflow's
+    handler for the hangup must not undo that."""
+    from tests.conftest import make_image
+
+    for number in range(40):
+        make_image(tmp_path / "src" / f"i{number:03d}.png", seed=number)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    command = [sys.executable, "-m", "flows.classify", str(tmp_path / "src"), "-o", str(tmp_path / "dest")]
+    command += ["--model", tiny_model, "--shard-size", "5", "--batch-size", "1", "--device", "cpu"]
+    run = subprocess.Popen(
+        command,
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # what nohup does
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not list((tmp_path / "dest").rglob("*.parquet")) and time.monotonic() < deadline:
+            assert run.poll() is None, run.communicate()[0].decode()[-3000:]
+            time.sleep(0.1)
+        run.send_signal(signal.SIGHUP)
+        output = run.communicate(timeout=300)[0].decode()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            run.kill()
+    assert run.returncode == 0, output[-3000:]
+    assert ds.dataset(tmp_path / "dest", format="parquet").count_rows() == 40
+
+
 def process_alive(pid: int) -> bool:
     """Running, not a zombie waiting for a parent that does not reap (PID 1 in a container may not)."""
     try:

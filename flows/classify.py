@@ -44,6 +44,7 @@ from tasks.redaction import redact
 from tasks.sink import (
     Selection,
     earlier_thresholds,
+    known_uris,
     model_slug,
     read_index,
     rows_with_other_exif,
@@ -106,9 +107,9 @@ def discover_new_images(params: ClassifyParams, revision: str) -> tuple[int, Sel
     options = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
     skipped: Counter[str] = Counter()
     source = open_location(params.source, options)
-    listed = list(list_images(source, skipped))
-    report_skipped(params.source, source.is_local, len(listed), skipped)
     index = read_index(open_location(params.output, options), revision)
+    listed = list(list_images(source, skipped, known_uris(index)))  # files with rows: not opened again
+    report_skipped(params.source, source.is_local, len(listed), skipped)
     earlier = earlier_thresholds(index, params.threshold)
     if earlier:
         decided = ", ".join(f"{rows} at {threshold:g}" for threshold, rows in sorted(earlier.items()))

@@ -11,17 +11,18 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from tasks.storage import DiscoveredFile, Location, storage_call, to_uri, write_atomic
+from tasks.storage import IMAGE_EXTENSIONS, DiscoveredFile, Location, storage_call, to_uri, write_atomic
 
 # 1: the contract columns + shard_id, precision, image_width/height; 2: + decoder.
 SCHEMA_VERSION = "2"
@@ -302,6 +303,28 @@ def select_new(
     prediction of the version it replaced. With `retry_errors` (error categories), a file whose newest
     row is an error of one of them is classified again too (a decoder installed, access granted)."""
     return select_files(files, index, retry_errors).files
+
+
+IMAGE_NAME = "(" + "|".join(re.escape(extension) for extension in sorted(IMAGE_EXTENSIONS)) + ")$"
+
+
+def known_uris(index: pa.Table) -> Callable[[str], bool]:
+    """Whether the index has a row for a URI named without an image extension (those the listing would
+    open to look for DICOM). Built on the first question (a listing without such files asks none): the
+    hashes of such URIs, sorted, 8 bytes each; two URIs of one hash (odds of 1 in 10^7 for a million of
+    each) would list a file that is no image as one, giving an error row, never a lost image."""
+    hashes: np.ndarray | None = None
+
+    def known(uri: str) -> bool:
+        nonlocal hashes
+        if hashes is None:
+            named = pc.match_substring_regex(index.column("image_uri"), IMAGE_NAME, ignore_case=True)
+            uris = index.column("image_uri").filter(pc.invert(named)).to_pylist()
+            hashes = np.unique(np.fromiter(map(hash, uris), np.int64, len(uris)))
+        position = int(np.searchsorted(hashes, hash(uri)))
+        return position < len(hashes) and int(hashes[position]) == hash(uri)
+
+    return known
 
 
 class Selection(NamedTuple):

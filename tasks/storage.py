@@ -222,11 +222,16 @@ def is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def list_images(location: Location, skipped: Counter[str] | None = None) -> Iterator[DiscoveredFile]:
+def list_images(
+    location: Location, skipped: Counter[str] | None = None, known: Callable[[str], bool] | None = None
+) -> Iterator[DiscoveredFile]:
     """Every image under `location`, recursively, in sorted URI order, skipping hidden files and folders.
-    `skipped` counts the other (not hidden) files by extension (`name_extension`)."""
+    `skipped` counts the other (not hidden) files by extension (`name_extension`). `known(uri)`: the
+    output already has rows for it, so a local file without an image extension is an image without
+    being opened to look for DICOM (a nightly run over an NFS archive of `IM000001` files would open
+    every one of them each night)."""
     if location.is_local:
-        yield from sorted(_list_local(location.path, skipped), key=lambda f: f.uri)
+        yield from sorted(_list_local(location.path, skipped, known), key=lambda f: f.uri)
     else:
         yield from sorted(_list_remote(location, skipped), key=lambda f: f.uri)
 
@@ -316,7 +321,9 @@ def describe_skipped(skipped: Counter[str], shown: int = 5) -> str:
     return ", ".join(parts)
 
 
-def _list_local(root: str, skipped: Counter[str] | None = None) -> Iterator[DiscoveredFile]:
+def _list_local(
+    root: str, skipped: Counter[str] | None = None, known: Callable[[str], bool] | None = None
+) -> Iterator[DiscoveredFile]:
     """Walk the tree, following folder links but entering each real folder once: a link loop (`a/up -> ..`)
     or a second link to a folder already scanned neither hangs discovery nor lists an image twice. File
     links are listed last, each image once: a link to an image listed at its own path (a `by-patient/`
@@ -362,7 +369,7 @@ def _list_local(root: str, skipped: Counter[str] | None = None) -> Iterator[Disc
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            st = _followed_stat(entry, skipped, unopened)
+            st = _followed_stat(entry, skipped, unopened, known)
             if st is None:
                 continue
             if stat_module.S_ISDIR(st.st_mode):
@@ -511,7 +518,10 @@ async def _s3_get(fs: S3FileSystem, path: str, size: int | None) -> tuple[bytes,
 
 
 def _followed_stat(
-    entry: os.DirEntry[str], skipped: Counter[str] | None, unopened: list[str]
+    entry: os.DirEntry[str],
+    skipped: Counter[str] | None,
+    unopened: list[str],
+    known: Callable[[str], bool] | None = None,
 ) -> os.stat_result | None:
     """The stat of a folder or image `entry` points to, links followed; None for failures (warned about)
     and other names (counted in `skipped`: by extension, DICOM objects without images apart; those this
@@ -526,8 +536,13 @@ def _followed_stat(
     except OSError as exc:
         _warn_left_out(entry.path, exc)
         return None
+    kind: str | None
     try:
-        kind = dicom_kind(entry)
+        probed = name_extension(entry.name) in PROBED_EXTENSIONS
+        if probed and known is not None and known("file://" + printable_path(entry.path)):
+            kind = "image"  # classified before: no need to open it again
+        else:
+            kind = dicom_kind(entry)
     except PermissionError:
         unopened.append(entry.path)
         kind = None

@@ -285,6 +285,26 @@ def test_dicom_files_without_an_extension_are_found_by_their_marker(tmp_path: Pa
     assert {r["status"] for r in rows.values()} == {"ok"} and len(rows) == 5
 
 
+def test_files_without_an_extension_that_have_rows_are_not_opened_again(tmp_path: Path) -> None:
+    """Each night the listing would open every `IM000001` again to find its DICM marker (an NFS archive
+    of a million: three round trips each); a file the output has rows for is taken as the image it was.
+    Shown with a file that is no DICOM: listed only because the index knows it."""
+    import pyarrow as pa
+
+    from tasks.sink import known_uris
+
+    (tmp_path / "cd").mkdir()
+    (tmp_path / "cd" / "IM000001").write_bytes(corpus.make_dicom(corpus.dicom_ramp()))
+    (tmp_path / "cd" / "IM000002").write_bytes(b"not DICOM (any more)")
+    (tmp_path / "cd" / "README").write_bytes(b"CD export")
+    location = open_location(str(tmp_path / "cd"))
+    index = pa.table({"image_uri": [f"file://{tmp_path}/cd/IM000002", f"file://{tmp_path}/cd/other"]})
+    looked = [file.path.rsplit("/", 1)[-1] for file in list_images(location)]
+    knowing = [file.path.rsplit("/", 1)[-1] for file in list_images(location, known=known_uris(index))]
+    assert looked == ["IM000001"] and knowing == ["IM000001", "IM000002"]
+    assert not known_uris(index.slice(0, 0))(f"file://{tmp_path}/cd/IM000002")
+
+
 @pytest.mark.parametrize(
     ("sop_class", "kind"),
     [

@@ -39,7 +39,7 @@ from tasks.inference import (
     stopping_runs,
 )
 from tasks.lease import Lease, LeaseLost
-from tasks.model import DEFAULT_MODEL, LoadedModel, ModelError, inspect_model, load_model
+from tasks.model import DEFAULT_MODEL, LoadedModel, ModelError, check_model_name, inspect_model, load_model
 from tasks.redaction import redact
 from tasks.sink import (
     Selection,
@@ -163,19 +163,20 @@ def classify_shard(
     """Classify one shard and write its rows as one Parquet file, atomically.
 
     `revision` is the model revision the run started with (its lease and its index are that revision's):
-    a model folder saved again during the run fails the shard before it writes, instead of adding rows
-    of another revision under this run's lease.
+    a process that holds it keeps classifying with it, whatever is saved over the model's folder
+    meanwhile; one that must load the model (a Dask or Ray worker) and finds other weights fails the
+    shard before it writes, instead of adding rows of another revision under this run's lease.
 
     `host_decode_share` is ONCOFLOW_HOST_DECODE_SHARE as the flow process read it (workers on a
     cluster may not have that environment); 0 (nvjpeg decodes every JPEG) like the engine's default.
     `cuda_graphs` is ONCOFLOW_CUDA_GRAPHS, read the same way."""
-    model = load_classifier(params)
+    model = load_classifier(params, expect_revision=revision)
     if revision is not None and model.revision != revision:
         raise ModelError(
             f"model {params.model!r} changed during the run (revision {revision} when it started, "
-            f"{model.revision} now): the shards written before are kept with the first revision's rows. "
-            "Replace a model folder between runs, or give the new one a folder of its own; run the "
-            "command again to classify with the new weights"
+            f"{model.revision} where this shard runs): the shards written before keep the first "
+            "revision's rows. Replace a model between runs, giving each version a folder of its own, "
+            "and run the command again to classify with the new weights"
         )
     shard = shard_id(files, model.revision)
     options = EngineOptions(
@@ -244,8 +245,8 @@ def check_storage(params: ClassifyParams) -> None:
     check_output(open_location(params.output, options), write=not params.dry_run)
 
 
-def load_classifier(params: ClassifyParams) -> LoadedModel:
-    return load_model(params.model, params.revision, params.device, params.precision)
+def load_classifier(params: ClassifyParams, expect_revision: str | None = None) -> LoadedModel:
+    return load_model(params.model, params.revision, params.device, params.precision, expect_revision)
 
 
 def start_loading_model(params: ClassifyParams) -> None:
@@ -425,6 +426,8 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
     else:
         revision, device_type = inspect_model(params.model, params.revision).revision, "workers"
         placement = f"{params.precision} precision, {params.device} device, on the runner's workers"
+        if check_model_name(params.model) is None:  # a hub id: the workers fetch this very commit
+            params = params.model_copy(update={"revision": revision})
     # The lease makes overlapping runs take turns: listing happens only once it is held (exactly once).
     asked = time.perf_counter()
     with exclusive_output(params, run_id, revision) as lease:

@@ -424,6 +424,13 @@ def quiet_expected_tracebacks(expected: tuple[type[BaseException], ...]) -> None
             handler.addFilter(OneLineExpectedErrors(expected))
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+STOPPED = (
+    "stopped: the shard files written so far are kept; run the same command again and it classifies "
+    "only the images that have no row yet"
+)
+
+
 @contextmanager
 def sigterm_as_ctrl_c() -> Iterator[None]:
     """SIGTERM (`kill`, `timeout` in a cron line, a service manager stopping) and SIGHUP (the terminal
@@ -450,13 +457,6 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-STOPPED = (
-    "stopped: the shard files written so far are kept; run the same command again and it classifies "
-    "only the images that have no row yet"
-)
 
 
 RUN_FIX = "or unset PREFECT_API_URL to run on a temporary server of this command's own"
@@ -510,7 +510,10 @@ def run_and_report(flow: Any, placement: RunnerParams, **parameters: Any) -> Non
     except EXPECTED_ERRORS as exc:
         fail(str(exc))
     except KeyboardInterrupt:
-        console.print(STOPPED, highlight=False, soft_wrap=True)
+        with contextlib.suppress(OSError):  # the terminal may be gone (a hangup)
+            console.print(
+                "stopped" if parameters.get("dry_run") else STOPPED, highlight=False, soft_wrap=True
+            )
         raise
     print_summary(summary)
 
@@ -1021,16 +1024,27 @@ def serve_command(
 
 
 def check_hub_model(model: str) -> None:
-    """A hub id: its configuration must be reachable now (the network, or the local Hugging Face cache
-    with HF_HUB_OFFLINE=1); its weights are fetched by the first run."""
+    """A hub id: fetch its configuration now (the network, or the local Hugging Face cache with
+    HF_HUB_OFFLINE=1). One the hub says it has not (a wrong id or revision, a gated model without
+    access) exits 2; one out of reach (no network yet at boot, a hub outage) is a warning, as the runs
+    fetch it when they start."""
     if os.path.isdir(os.path.expanduser(model)):
         return
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
     from tasks.model import inspect_model
 
     try:
         inspect_model(model, weights=False)
     except ModelError as exc:
-        fail(f"invalid --model: {exc}", code=2)
+        if isinstance(exc.__cause__, RepositoryNotFoundError | RevisionNotFoundError):
+            fail(f"invalid --model: {exc}", code=2)
+        console.print(
+            f"[yellow]warning:[/] {escape(redact(str(exc)))}. Serving anyway: each run fetches the model "
+            "when it starts, and fails if it is still out of reach then",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def run() -> None:

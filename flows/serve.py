@@ -50,6 +50,7 @@ def build_deployments(
         **options,
     }
     storage = {k: v for k, v in options.items() if k in STORAGE_PARAMETERS}
+    reprocessing = {k: v for k, v in options.items() if k != "threshold"}
     # to_deployment is sync-or-async by context; called here from sync code it returns the deployment.
     return [
         classify.to_deployment(  # type: ignore[list-item]
@@ -61,7 +62,9 @@ def build_deployments(
         ),
         reprocess.to_deployment(  # type: ignore[list-item]
             name="reprocess-archive",
-            parameters={"source": source, "output": output, "device": device, **options},
+            # Not the nightly model's --threshold: an operating point belongs to one model, and a
+            # reprocess runs another (the run form asks for it, 0.5 by default).
+            parameters={"source": source, "output": output, "device": device, **reprocessing},
             description="Re-classify a whole archive (or one sub-folder) with a new model; resumable.",
             tags=TAGS,
         ),

@@ -310,13 +310,14 @@ _cache_lock = threading.Lock()
 
 
 def folder_signature(name: str) -> tuple[tuple[str, int, int], ...]:
-    """(file, size, mtime) of a local model folder's files; empty for hub ids (their revision says it)."""
+    """(file, size, mtime) of the files a local model's revision hashes (model_files: a note or a log
+    written beside them changes nothing); empty for hub ids (their revision says it). A link to the
+    folder counts as its target's files, so a link moved to another version changes it too."""
     path = os.path.expanduser(name)
     if not os.path.isdir(path):
         return ()
-    with os.scandir(path) as entries:
-        files = [(e.name, e.stat()) for e in entries if e.is_file()]
-    return tuple(sorted((n, st.st_size, st.st_mtime_ns) for n, st in files))
+    files = [(n, os.stat(os.path.join(path, n))) for n in model_files(path)]
+    return tuple((n, st.st_size, st.st_mtime_ns) for n, st in files)
 
 
 def clear_model_cache() -> None:
@@ -327,15 +328,23 @@ def clear_model_cache() -> None:
 
 
 def load_model(
-    name: str, revision: str | None = None, device: Device = "auto", precision: Precision = "auto"
+    name: str,
+    revision: str | None = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    expect_revision: str | None = None,
 ) -> LoadedModel:
     """Load (once per process) an image classifier ready for inference.
 
     A local folder saved again in place (new weights) is loaded again: a long-lived worker must not
-    write rows under the revision of weights that are gone."""
+    write rows under the revision of weights that are gone. Unless this process already holds
+    `expect_revision` (a run's shards ask for the revision the run started with): a run keeps the
+    weights it began with, whatever is saved over its folder or wherever its link is moved meanwhile."""
     key = (name, revision, device, precision)
-    signature = folder_signature(name)
     with _cache_lock:
+        if expect_revision is not None and key in _cache and _cache[key][1].revision == expect_revision:
+            return _cache[key][1]
+        signature = folder_signature(name)
         if key not in _cache or _cache[key][0] != signature:
             loaded = _load(name, revision, device, precision)
             if folder_signature(name) != signature:  # the revision hashed may not be the weights read

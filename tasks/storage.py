@@ -674,30 +674,35 @@ def _write_local(target: str, data: bytes) -> None:
 def output_error(error: OSError, destination: str) -> OSError:
     """The same kind of OSError (so retry decisions still work), with a message that says what to do and,
     when a path inside the output is in the way, which."""
-    where = ""
+    where = None
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         advice = "the output device is full (or this account's disk quota is); free space or choose another --output"
     elif isinstance(error, NotADirectoryError | FileExistsError):
         advice = "a file stands where a folder of the output must be; move it away"
-        where = error.filename
+        where = existing_part(str(error.filename)) if error.filename else None
     elif isinstance(error, FileNotFoundError):
         advice = "the output location is gone; check that --output exists (a network share not mounted?)"
     elif isinstance(error, PermissionError):
         advice = "no permission to write there; fix the permissions of --output"
-        where = error.filename
+        where = str(error.filename) if error.filename else None
+        if where and os.path.basename(where).startswith("."):  # a temporary file: its folder
+            where = os.path.dirname(where)
     else:
         advice = "check that --output is reachable and writable"
     reason = error.strerror or str(error) or type(error).__name__
-    at = (
-        f" ({printable_path(str(where))})"
-        if where and str(where).rstrip("/") != destination.rstrip("/")
-        else ""
-    )
+    at = f" ({printable_path(where)})" if where else ""
     message = (
         f"cannot write to output {destination}: {reason}{at}; {advice}, then run again: the files already "
         "written are kept, and nothing is written twice"
     )
     return OSError(error.errno, message) if error.errno else type(error)(message)
+
+
+def existing_part(path: str) -> str:
+    """The longest leading part of `path` that exists: the file that stands where a folder must be."""
+    while not os.path.lexists(path) and path != os.path.dirname(path):
+        path = os.path.dirname(path)
+    return path
 
 
 def probe_local_folder(path: str) -> None:

@@ -478,12 +478,10 @@ def test_serve_names_a_bad_cron_and_an_unreachable_api(
         result = invoke(*common[:-1], str(tmp_path / "no-such-model"))  # before anything is served
         text = " ".join(result.output.split())
         assert result.exit_code == 2 and "invalid --model" in text and "no-such-model" in text
-        result = invoke(*common[:-1], "example-org/not-cached-vit")  # a hub id out of reach (offline)
+        result = invoke(*common[:-1], "example-org/not-cached-vit")  # out of reach (offline): a warning
         text = " ".join(result.output.split())
-        assert (
-            result.exit_code == 2
-            and "invalid --model: cannot fetch model 'example-org/not-cached-vit'" in text
-        )
+        assert "warning: cannot fetch model 'example-org/not-cached-vit'" in text and "Serving anyway" in text
+        assert result.exit_code == 1 and "cannot reach the Prefect API" in text  # went on to serve
     with temporary_settings({PREFECT_API_URL: None}):  # no server: the arguments are still checked first
         result = invoke(*common, "--cron", "bad cron")
         assert result.exit_code == 2 and "invalid --cron 'bad cron'" in " ".join(result.output.split())
@@ -798,3 +796,16 @@ def test_a_file_in_the_way_inside_the_output_is_named(
     text = " ".join(result.output.split())
     assert result.exit_code == 1 and f"({output}/_leases)" in text, text
     assert "a file stands where a folder of the output must be; move it away" in text and "[Errno" not in text
+
+
+def test_the_message_names_the_file_in_the_way_deep_inside_the_output(tmp_path: Path) -> None:
+    """A partition folder that is a file: the error of the write below it names that file."""
+    from tasks.storage import output_error
+
+    (tmp_path / "preds").mkdir()
+    (tmp_path / "preds" / "model_slug=m").write_text("not a folder")
+    error = NotADirectoryError(
+        20, "Not a directory", str(tmp_path / "preds" / "model_slug=m" / "date=2026-11-29")
+    )
+    message = str(output_error(error, f"file://{tmp_path}/preds"))
+    assert f"({tmp_path}/preds/model_slug=m); a file stands where a folder" in message, message

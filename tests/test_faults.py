@@ -9,6 +9,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -304,20 +305,23 @@ def test_shards_go_to_the_date_partition_of_the_day_the_run_started(tmp_path: Pa
     assert {path.parent.name for path in (tmp_path / "preds").rglob("*.parquet")} == {"date=2026-11-27"}
 
 
-def test_a_model_folder_saved_again_during_a_run_fails_its_later_shards_before_they_write(
+def test_a_model_folder_saved_again_during_a_run_does_not_change_the_runs_rows(
     tmp_path: Path, tiny_model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """New weights copied over the folder mid-run: the run's lease and index are its first revision's,
-    so shards that would load the new weights fail instead of writing another revision's rows."""
+    and so are all its rows (it keeps the weights it loaded). A worker that must load the model itself
+    and finds other weights fails the shard before it writes."""
     import shutil
 
     import flows.classify
     from flows.demo import build_tiny_model
-    from tasks.model import ModelError
+    from flows.params import ClassifyParams
+    from tasks.model import ModelError, clear_model_cache, load_model
 
     folder, output, model = scans(tmp_path / "scans", 6), tmp_path / "preds", tmp_path / "model"
     shutil.copytree(tiny_model, model)
     replacement = build_tiny_model(str(tmp_path / "replacement"), seed=5)
+    started = load_model(str(model), device="cpu").revision
     swapped = threading.Lock()
     real = flows.classify.classify_files
 
@@ -329,8 +333,17 @@ def test_a_model_folder_saved_again_during_a_run_fails_its_later_shards_before_t
         return rows
 
     monkeypatch.setattr(flows.classify, "classify_files", classify_files_then_save_the_model_again)
-    with pytest.raises(ModelError, match="changed during the run"):
-        classify(str(folder), str(output), model=str(model), device="cpu", shard_size=2)
+    summary = classify(str(folder), str(output), model=str(model), device="cpu", shard_size=2)
     written = read_rows(output)
-    assert 2 <= len(written) <= 4 and len({row["model_revision"] for row in written}) == 1
-    assert len({path.parent.parent.name for path in output.rglob("*.parquet")}) == 1  # one model_slug
+    assert summary["model_revision"] == started and summary["images_classified"] == 6
+    assert len(written) == 6 and {row["model_revision"] for row in written} == {started}
+
+    monkeypatch.setattr(flows.classify, "classify_files", real)
+    params = ClassifyParams(
+        source=str(folder), output=str(tmp_path / "other"), model=str(model), device="cpu"
+    )
+    files = list(list_images(open_location(str(folder))))
+    clear_model_cache()  # as on a worker, which has not loaded the run's weights: they are gone
+    with pytest.raises(ModelError, match="changed during the run"):
+        flows.classify.classify_shard.fn(0, files[:2], params, "run", datetime.now(UTC), revision=started)
+    assert not (tmp_path / "other").exists()

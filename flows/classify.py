@@ -109,7 +109,7 @@ def discover_new_images(params: ClassifyParams, revision: str) -> tuple[int, Sel
     source = open_location(params.source, options)
     index = read_index(open_location(params.output, options), revision)
     listed = list(list_images(source, skipped, known_uris(index)))  # files with rows: not opened again
-    report_skipped(params.source, source.is_local, len(listed), skipped)
+    report_skipped(params.source, len(listed), skipped)
     earlier = earlier_thresholds(index, params.threshold)
     if earlier:
         decided = ", ".join(f"{rows} at {threshold:g}" for threshold, rows in sorted(earlier.items()))
@@ -213,11 +213,10 @@ def classify_shard(
     )
 
 
-def report_skipped(source: str, local: bool, images: int, skipped: Counter[str]) -> None:
-    """Files SOURCE holds that are not listed as images (by extension, or in a local folder a DICOM file
-    without one): a warning when nothing else was found (slides saved as .svs, DICOM objects without an
-    extension on S3: a run of 0 images said nothing about them), one info line otherwise (sidecar .xml
-    or .txt files are common)."""
+def report_skipped(source: str, images: int, skipped: Counter[str]) -> None:
+    """Files SOURCE holds that are not listed as images (by extension, or for a name without one its
+    content): a warning when nothing else was found (slides saved as .svs: a run of 0 images said
+    nothing about them), one info line otherwise (sidecar .xml or .txt files are common)."""
     if not skipped:
         return
     kinds = describe_skipped(skipped)
@@ -225,16 +224,13 @@ def report_skipped(source: str, local: bool, images: int, skipped: Counter[str])
         get_run_logger().info("skipped %d file(s) that are not images (%s)", skipped.total(), kinds)
         return
     get_run_logger().warning(
-        "%s holds no images, only %d other file(s) (%s); oncoflow lists %s (any letter case)%s. Convert other "
-        "formats to one of these%s",
+        "%s holds no images, only %d other file(s) (%s); oncoflow lists %s (any letter case), and DICOM "
+        "images named otherwise (no extension, .IMA, .dc3: by their DICM marker). Convert other formats "
+        "to one of these",
         redact(source),
         skipped.total(),
         kinds,
         ", ".join(sorted(IMAGE_EXTENSIONS)),
-        ", and DICOM images named otherwise (no extension, .IMA, .dc3: by their DICM marker)"
-        if local
-        else "",
-        "" if local else "; name DICOM objects .dcm (on object stores they are not opened to be recognised)",
     )
 
 

@@ -24,6 +24,7 @@ import uuid
 from array import array
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from http.client import IncompleteRead as HttpIncompleteRead
@@ -233,7 +234,7 @@ def list_images(
     if location.is_local:
         yield from sorted(_list_local(location.path, skipped, known), key=lambda f: f.uri)
     else:
-        yield from sorted(_list_remote(location, skipped), key=lambda f: f.uri)
+        yield from sorted(_list_remote(location, skipped, known), key=lambda f: f.uri)
 
 
 def name_extension(name: str) -> str:
@@ -284,6 +285,11 @@ def dicom_kind(entry: os.DirEntry[str]) -> str | None:
         return None
     finally:
         os.close(descriptor)
+    return head_kind(head)
+
+
+def head_kind(head: bytes) -> str | None:
+    """dicom_kind from a file's first kB: "image", "no image" or None (not DICOM)."""
     if head[128:132] != b"DICM":
         return None
     sop_class = media_storage_sop_class(head)
@@ -567,22 +573,73 @@ def _warn_left_out(path: str, error: OSError) -> None:
     logger.warning("left %s out of the listing (%s): %s", printable_path(path), error.strerror or error, fix)
 
 
-def _list_remote(location: Location, skipped: Counter[str] | None = None) -> Iterator[DiscoveredFile]:
+def _list_remote(
+    location: Location, skipped: Counter[str] | None = None, known: Callable[[str], bool] | None = None
+) -> Iterator[DiscoveredFile]:
     root = location.path.rstrip("/")
     # s3fs pages through the listing (1,000 keys a request), without a delimiter: one request a page.
     listing = storage_call(location.fs, root, lambda: location.fs.find(root, detail=True))
+    unnamed: list[DiscoveredFile] = []  # objects without an image extension that may be DICOM
     for path, info in listing.items():
         relative = path[len(root) :].lstrip("/")
         if any(part.startswith(".") for part in relative.split("/")):
             continue
-        if not is_image_name(name := relative.rsplit("/", 1)[-1]):
-            if skipped is not None and name and info.get("type") != "directory":  # not a folder marker
-                skipped[name_extension(name)] += 1
+        name = relative.rsplit("/", 1)[-1]
+        if not name or info.get("type") == "directory":  # a folder marker
             continue
         size = int(info.get("size") or 0)
         etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
         fingerprint = f"{etag}:{size}" if etag else f"{size}:{info.get('mtime') or info.get('LastModified')}"
-        yield DiscoveredFile(to_uri(location.fs, path), path, fingerprint, size, etag_listed=bool(etag))
+        found = DiscoveredFile(to_uri(location.fs, path), path, fingerprint, size, etag_listed=bool(etag))
+        if is_image_name(name):
+            yield found
+        elif name_extension(name) in PROBED_EXTENSIONS and name.upper() != "DICOMDIR" and size > 132:
+            unnamed.append(found)
+        elif skipped is not None:
+            skipped[DICOM_WITHOUT_IMAGES if name.upper() == "DICOMDIR" else name_extension(name)] += 1
+    yield from _dicom_objects(location, unnamed, skipped, known)
+
+
+OBJECT_PROBES = 16  # ranged GETs of object heads at once
+
+
+def _dicom_objects(
+    location: Location,
+    unnamed: list[DiscoveredFile],
+    skipped: Counter[str] | None,
+    known: Callable[[str], bool] | None,
+) -> Iterator[DiscoveredFile]:
+    """The objects named without an image extension that are DICOM images: those DEST has rows for as
+    they are, the others by their first kB (one ranged GET each, OBJECT_PROBES at once; a PACS's
+    object store names them by UID, without extension). Objects that cannot be read (access denied, an
+    archive storage class) are left out with one warning; their next listing looks again."""
+    fresh = []
+    for file in unnamed:
+        if known is not None and known(file.uri):
+            yield file
+        else:
+            fresh.append(file)
+
+    def kind(file: DiscoveredFile) -> str | None:
+        try:
+            return head_kind(read_bytes(location.fs, file.path, DICOM_HEAD_BYTES))
+        except PermissionError:
+            return "unopened"
+        except FileNotFoundError:  # deleted since the listing
+            return None
+
+    unopened = []
+    with ThreadPoolExecutor(max_workers=OBJECT_PROBES) as pool:
+        for file, found in zip(fresh, pool.map(kind, fresh), strict=True):
+            if found == "image":
+                yield file
+            elif found == "unopened":
+                unopened.append(file.uri)
+            elif skipped is not None:
+                name = file.path.rsplit("/", 1)[-1]
+                skipped[DICOM_WITHOUT_IMAGES if found == "no image" else name_extension(name)] += 1
+    if unopened:
+        _warn_unopened(unopened)
 
 
 def fetch_whole(fs: fsspec.AbstractFileSystem, path: str) -> bytes:

@@ -639,7 +639,13 @@ def _dicom_objects(
                 name = file.path.rsplit("/", 1)[-1]
                 skipped[DICOM_WITHOUT_IMAGES if found == "no image" else name_extension(name)] += 1
     if unopened:
-        _warn_unopened(unopened)
+        logger.warning(
+            "could not read %d object(s) without an image extension to see whether they are DICOM images "
+            "(access denied, or an archive storage class): %s; if they are, make them readable (or restore "
+            "them), and the next run looks again",
+            len(unopened),
+            examples(unopened),
+        )
 
 
 def fetch_whole(fs: fsspec.AbstractFileSystem, path: str) -> bytes:

@@ -135,7 +135,7 @@ def test_an_s3_listing_counts_the_objects_that_are_not_images_by_extension(s3: s
 
 
 def test_dicom_objects_without_an_extension_are_found_by_their_marker_once(
-    s3: s3fs.S3FileSystem, tmp_path: Path, tiny_model: str
+    s3: s3fs.S3FileSystem, tmp_path: Path, tiny_model: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A PACS's object store names DICOM objects by UID, without extension: they are read by their
     first kB (a ranged GET) until DEST has rows for them; DICOMDIR, reports and other objects are not
@@ -157,10 +157,16 @@ def test_dicom_objects_without_an_extension_are_found_by_their_marker_once(
     objects |= {"2026/11/29/SR000001": buffer.getvalue(), "tiny": b"DICM"}
     for key, content in objects.items():
         s3.pipe_file(f"scans/pacs/{key}", content)
+    s3.call_s3("put_object", Bucket="scans", Key="pacs/2025/IM000001", Body=data, StorageClass="GLACIER")
     skipped: Counter[str] = Counter()
-    listed = [f.uri for f in list_images(open_location("s3://scans/pacs"), skipped)]
+    with caplog.at_level(logging.WARNING, logger="tasks.storage"):
+        listed = [f.uri for f in list_images(open_location("s3://scans/pacs"), skipped)]
     assert listed == ["s3://scans/pacs/2026/11/29/" + name for name in (uid, "IM000002")]
     assert skipped == Counter({"no extension": 2, "DICOM without images": 2})
+    warning = " ".join(caplog.text.split())
+    assert "could not read 1 object(s) without an image extension" in warning
+    assert "s3://scans/pacs/2025/IM000001" in warning and "archive storage class" in warning
+    s3.rm_file("scans/pacs/2025/IM000001")
 
     summary = run("s3://scans/pacs", "s3://preds/pacs", tiny_model)
     assert summary["images_classified"] == 2 and summary["ok"] == 2

@@ -903,10 +903,22 @@ def prefect_api(
 @app.command("history")
 def history_command(
     limit: Annotated[int, typer.Option(min=1, help="How many runs to show, newest first.")] = 20,
+    mark_crashed: Annotated[
+        str | None,
+        typer.Option(
+            metavar="RUN_ID",
+            help="Mark this run Crashed: one still Running although its process is gone (it lost its Prefect "
+            "server, or its machine died). Its rows stay; run it again to classify the rest.",
+        ),
+    ] = None,
 ) -> None:
     """Recent runs from the Prefect backend: flow, state, start, duration, images, errors, and the run id
     (the `run_id` column of the rows it wrote; `prefect flow-run inspect ID` shows the rest)."""
     from flows.history import recent_runs
+
+    if mark_crashed is not None:
+        mark_run_crashed(mark_crashed)
+        return
 
     table = Table(title="oncoflow runs (newest first)")
     for column in ("flow", "run", "state", "start (UTC)", "duration", "images", "errors", "run id"):
@@ -933,6 +945,29 @@ def history_command(
         )
         return
     Console(width=200).print(table)
+
+
+def mark_run_crashed(run_id: str) -> None:
+    from flows.history import mark_crashed
+    from tasks.lease import is_flow_run_id
+
+    if not is_flow_run_id(run_id):
+        fail(
+            f"invalid --mark-crashed {run_id!r}: give a run id as `oncoflow history` lists it (a UUID)",
+            code=2,
+        )
+    start_temporary_server()
+    use_temporary_server()
+    with prefect_api():
+        changed = mark_crashed(
+            run_id, "marked Crashed with `oncoflow history --mark-crashed`: its process was gone"
+        )
+    if not changed:
+        fail(
+            f"run {run_id} is not Running or Pending in this Prefect backend (it has finished, or is not "
+            "here): nothing changed"
+        )
+    console.print(f"run {run_id} marked Crashed; its rows stay, and the next run classifies what it left")
 
 
 @app.command("prune")

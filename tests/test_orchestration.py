@@ -648,6 +648,26 @@ def test_history_reads_more_runs_than_one_api_page() -> None:
     assert result.exit_code == 0 and result.output.count("history-page") == PAGE + 1, result.output[-500:]
 
 
+def test_history_marks_a_run_left_running_as_crashed() -> None:
+    """A run that lost its server stays Running for ever; its operator marks it, once."""
+    from prefect import flow
+    from prefect.states import Running
+
+    @flow(name="lost-its-server")
+    def lost() -> None:
+        """Never run: the flow the run below belongs to."""
+
+    with get_client(sync_client=True) as client:
+        run_id = str(client.create_flow_run(lost, state=Running()).id)
+    marked = runner.invoke(app, ["history", "--mark-crashed", run_id])
+    assert marked.exit_code == 0 and f"run {run_id} marked Crashed" in marked.output, marked.output
+    assert next(run for run in recent_runs(limit=5) if run.run_id == run_id).state == "Crashed"
+    again = runner.invoke(app, ["history", "--mark-crashed", run_id])
+    assert again.exit_code == 1 and "is not Running or Pending" in " ".join(again.output.split())
+    refused = runner.invoke(app, ["history", "--mark-crashed", "yesterday"])
+    assert refused.exit_code == 2 and "invalid --mark-crashed 'yesterday'" in refused.output
+
+
 def test_prune_deletes_only_finished_runs_older_than_the_cutoff(
     image_folder: Path, tmp_path: Path, tiny_model: str
 ) -> None:

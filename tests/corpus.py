@@ -123,6 +123,20 @@ def dicom_ramp() -> np.ndarray:
     return np.tile(np.linspace(0, 4095, 64).round().astype(np.uint16), (32, 1))
 
 
+DICOM_UID_NAME = "1.2.840.113619.2.55.3.604688119.971.1"  # a SOP instance UID as a file name
+
+
+def dicom_report(data: bytes) -> bytes:
+    """The DICOM file `data` relabelled a structured report (an SOP class without images)."""
+    import pydicom
+
+    report = pydicom.dcmread(io.BytesIO(data))
+    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    buffer = io.BytesIO()
+    report.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 # name → (bytes, expected error category or None for a decodable image)
 def bad_files() -> dict[str, tuple[bytes, str | None]]:
     jpeg = encode(random_rgb((64, 48), 1), "JPEG")

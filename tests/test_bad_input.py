@@ -259,17 +259,10 @@ def test_dicom_files_without_an_extension_are_found_by_their_marker(tmp_path: Pa
     structured report beside the images, other files and a named pipe (a read would block) are not."""
     from collections import Counter
 
-    import pydicom
-
-    data = corpus.make_dicom(corpus.dicom_ramp())
-    report = pydicom.dcmread(io.BytesIO(data))
-    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # an SR
-    buffer = io.BytesIO()
-    report.save_as(buffer, enforce_file_format=True)
-    uid = "1.2.840.113619.2.55.3.604688119.971.1"
+    data, uid = corpus.make_dicom(corpus.dicom_ramp()), corpus.DICOM_UID_NAME
     files = {f"DICOM/PA0/ST0/SE0/IM{n:06d}": data for n in range(3)}
     files |= {uid: data, "DICOMDIR": data, "README": b"CD export " * 20, "LOG.42": b"x" * 200}
-    files |= {"scan.IMA": data, "DICOM/PA0/ST0/SE1/IM000000": buffer.getvalue()}
+    files |= {"scan.IMA": data, "DICOM/PA0/ST0/SE1/IM000000": corpus.dicom_report(data)}
     for name, content in files.items():
         (tmp_path / "cd" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "cd" / name).write_bytes(content)

@@ -3,7 +3,6 @@ incremental runs, a network that fails one request in four, fail-fast errors and
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import uuid
@@ -142,19 +141,12 @@ def test_dicom_objects_without_an_extension_are_found_by_their_marker_once(
     listed. Shown on the second night with an object that is no DICOM any more: listed because known."""
     from collections import Counter
 
-    import pydicom
-
     from tasks.storage import list_images
     from tests import corpus
 
-    data = corpus.make_dicom(corpus.dicom_ramp())
-    report = pydicom.dcmread(io.BytesIO(data))
-    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # an SR
-    buffer = io.BytesIO()
-    report.save_as(buffer, enforce_file_format=True)
-    uid = "1.2.840.113619.2.55.3.604688119.971.1"
+    data, uid = corpus.make_dicom(corpus.dicom_ramp()), corpus.DICOM_UID_NAME
     objects = {f"2026/11/29/{uid}": data, "2026/11/29/IM000002": data, "DICOMDIR": data, "README": b"x" * 300}
-    objects |= {"2026/11/29/SR000001": buffer.getvalue(), "tiny": b"DICM"}
+    objects |= {"2026/11/29/SR000001": corpus.dicom_report(data), "tiny": b"DICM"}
     for key, content in objects.items():
         s3.pipe_file(f"scans/pacs/{key}", content)
     s3.call_s3("put_object", Bucket="scans", Key="pacs/2025/IM000001", Body=data, StorageClass="GLACIER")

@@ -161,7 +161,7 @@ def test_lost_output_location_fails_cleanly_and_a_rerun_completes_once(
     with pytest.raises(OSError) as raised:
         classify(str(folder), str(output), model=tiny_model, device="cpu")
     message = str(raised.value)
-    assert "output location is gone or blocked" in message and "--output" in message
+    assert f"({blocker}); a file stands where a folder of the output must be" in message, message
     assert list(tmp_path.rglob("*.parquet")) == []
 
     blocker.unlink()

@@ -295,9 +295,9 @@ def run_shards(
                 raise LeaseLost(lease.lost)
             pending.append(classify_shard.submit(number, files, params, run_id, day, share, graphs, revision))
             if len(pending) >= slots * 2:
-                manifests.append(pending.popleft().result())
+                manifests.append(oldest_result(pending))
         while pending:
-            manifests.append(pending.popleft().result())
+            manifests.append(oldest_result(pending))
     except BaseException as stop:  # Ctrl-C, SIGTERM (Prefect's TerminationSignal), SystemExit, ...
         if isinstance(stop, Exception):  # a shard failed: the others finish and keep their rows
             raise
@@ -314,6 +314,14 @@ def run_shards(
                 future.wait()
         stopping_runs.discard(run_id)
     return manifests
+
+
+def oldest_result(pending: deque[PrefectFuture[ShardManifest]]) -> ShardManifest:
+    """The oldest shard's manifest, then it leaves `pending`: a stop that comes while waiting for it
+    finds it still there, to be stopped and waited for before the lease is released."""
+    manifest = pending[0].result()
+    pending.popleft()
+    return manifest
 
 
 def thread_future(future: PrefectFuture[Any]) -> concurrent.futures.Future[Any] | None:

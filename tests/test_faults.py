@@ -347,3 +347,43 @@ def test_a_model_folder_saved_again_during_a_run_does_not_change_the_runs_rows(
     with pytest.raises(ModelError, match="changed during the run"):
         flows.classify.classify_shard.fn(0, files[:2], params, "run", datetime.now(UTC), revision=started)
     assert not (tmp_path / "other").exists()
+
+
+def test_a_stop_while_waiting_for_a_shard_ends_it_unwritten_before_returning(
+    tmp_path: Path, tiny_model: str
+) -> None:
+    """Ctrl-C lands while the flow waits for a shard's result: that shard must still be stopped and
+    waited for (it was taken off the window before its result came: it ran on and wrote after the
+    lease was released)."""
+    import signal
+
+    from prefect import flow
+
+    from flows.classify import run_shards
+    from flows.params import ClassifyParams
+    from tasks.inference import progress_listeners
+
+    folder, output = scans(tmp_path / "scans", 30), tmp_path / "preds"
+    files = list(list_images(open_location(str(folder))))
+    params = ClassifyParams(
+        source=str(folder), output=str(output), model=tiny_model, device="cpu", batch_size=1
+    )
+    main, fired = threading.get_ident(), threading.Event()
+
+    def interrupt_after_the_first_batch(event: str, count: int) -> None:
+        if event == "advance" and not fired.is_set():
+            fired.set()
+            signal.pthread_kill(main, signal.SIGINT)
+
+    @flow
+    def one_shard() -> None:
+        run_shards([files], params, "run-stopped", slots=1)
+
+    progress_listeners.append(interrupt_after_the_first_batch)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            one_shard()
+    finally:
+        progress_listeners.remove(interrupt_after_the_first_batch)
+    time.sleep(3)  # a shard left running would write its file by now
+    assert fired.is_set() and not list(output.rglob("*.parquet"))

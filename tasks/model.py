@@ -456,6 +456,15 @@ def loading_weights(name: str, directory: str, what: str = "model") -> Iterator[
         raise ModelError(f"cannot load {what} {name!r} from {directory!r}: {exc}") from exc
 
 
+def own_weights(network: Any) -> None:
+    """Copy into this process's memory the tensors that still map the weights file (safetensors loads
+    by mmap, and `.to()` in the same dtype on the CPU copies nothing): new weights copied over the file
+    during a run (`cp` truncates it in place) would end the process with SIGBUS at the next batch."""
+    with torch.no_grad():
+        for tensor in (*network.parameters(), *network.buffers()):
+            tensor.data = tensor.data.clone()
+
+
 def _load(name: str, revision: str | None, device: Device, precision: Precision) -> LoadedModel:
     from transformers import AutoModelForImageClassification
 
@@ -472,6 +481,8 @@ def _load(name: str, revision: str | None, device: Device, precision: Precision)
         )
     check_weights(loading, name, files.directory)
     network = network.to(device=torch_device, dtype=DTYPES[chosen_precision]).eval()
+    if torch_device.type == "cpu":  # weights kept in their dtype still map the file: own a copy
+        own_weights(network)
     return LoadedModel(
         name=name,
         revision=files.revision,

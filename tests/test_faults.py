@@ -4,7 +4,9 @@ after the fix completes exactly once, and --max-error-rate fails a finished run.
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -387,3 +389,36 @@ def test_a_stop_while_waiting_for_a_shard_ends_it_unwritten_before_returning(
         progress_listeners.remove(interrupt_after_the_first_batch)
     time.sleep(3)  # a shard left running would write its file by now
     assert fired.is_set() and not list(output.rglob("*.parquet"))
+
+
+SAVE_OVER_A_LOADED_MODEL = """
+import sys
+from pathlib import Path
+import torch
+from tasks.model import load_model
+model = load_model(sys.argv[1], device="cpu", precision="fp32")
+with open(Path(sys.argv[1]) / "model.safetensors", "wb") as handle:  # `cp new.safetensors ...` truncates it
+    handle.write(b"new weights, being copied")
+size = model.processor_config["size"]["height"]
+with torch.inference_mode():
+    print(model.network(pixel_values=torch.zeros(1, 3, size, size)).logits.shape[-1])
+"""
+
+
+def test_weights_copied_over_a_loaded_model_do_not_crash_the_process(tmp_path: Path, tiny_model: str) -> None:
+    """safetensors maps the weights file, and an fp32 model on the CPU kept those pages: a copy over the
+    file during a run ended the process with SIGBUS (exit 135) at the next batch."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", SAVE_OVER_A_LOADED_MODEL, str(model)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)},
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "2", (done.returncode, done.stderr[-2000:])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import os
 import threading
 import time
 import uuid
@@ -38,7 +39,7 @@ from tasks.inference import (
     resolve_options,
     stopping_runs,
 )
-from tasks.lease import Lease, LeaseLost
+from tasks.lease import LEASE_FOLDER, Lease, LeaseLost
 from tasks.model import DEFAULT_MODEL, LoadedModel, ModelError, check_model_name, inspect_model, load_model
 from tasks.redaction import redact
 from tasks.sink import (
@@ -478,6 +479,13 @@ def plan_run(params: ClassifyParams, run_id: str, started: float) -> dict[str, A
     revision = inspect_model(params.model, params.revision, weights=False).revision
     found, selection = discover_new_images(params, revision)
     new = len(selection.files)
+    blocked = blocking_files(params.output, model_slug(params.model, revision), datetime.now(UTC))
+    if blocked:
+        get_run_logger().warning(
+            "a run would fail: %s %s a file where the output needs a folder; move it away",
+            ", ".join(blocked),
+            "is" if len(blocked) == 1 else "are",
+        )
     summary: dict[str, Any] = {
         "dry_run": True,
         "images_found": found,
@@ -486,6 +494,7 @@ def plan_run(params: ClassifyParams, run_id: str, started: float) -> dict[str, A
         "images_retried": selection.retried,
         "images_unchanged": found - new,
         "examples": [redact(file.uri) for file in selection.files[:PLAN_EXAMPLES]],
+        "blocked": blocked,
         "seconds": round(time.perf_counter() - started, 2),
         "run_id": run_id,
         "model": params.model,
@@ -504,6 +513,19 @@ def plan_run(params: ClassifyParams, run_id: str, started: float) -> dict[str, A
         f"classified{retried}); nothing was classified or written"
     )
     return summary
+
+
+def blocking_files(output: str, slug: str, day: datetime) -> list[str]:
+    """The files of a local OUTPUT that stand where a run must make or use a folder (DEST itself, its
+    lease folder, today's partition of this model revision): a dry run, which writes nothing, names
+    them instead of the run failing on them later."""
+    if "://" in output and not output.startswith("file:"):
+        return []
+    root = open_location(output).path
+    folders = [root, os.path.join(root, LEASE_FOLDER)]
+    partition = os.path.dirname(shard_path(slug, day, "plan"))
+    folders += [os.path.join(root, partition.split("/")[0]), os.path.join(root, partition)]
+    return [folder for folder in folders if os.path.lexists(folder) and not os.path.isdir(folder)]
 
 
 def check_error_rate(summary: dict[str, Any], max_error_rate: float | None) -> None:

@@ -125,6 +125,13 @@ def print_plan(summary: dict[str, Any]) -> None:
         Console().print(f"  would classify {escape(uri)}", highlight=False, soft_wrap=True)
     if summary["images_new"] > len(summary["examples"]):
         Console().print(f"  ... and {summary['images_new'] - len(summary['examples'])} more", highlight=False)
+    for path in summary.get("blocked", []):
+        console.print(
+            f"[yellow]warning:[/] a run would fail: {escape(path)} is a file where the output needs a folder; "
+            "move it away",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -948,7 +955,8 @@ def history_command(
 
 
 def mark_run_crashed(run_id: str) -> None:
-    from flows.history import mark_crashed
+    """Only for a run whose process is gone: a live run would set its own final state over it."""
+    from flows.history import mark_crashed, run_state
     from tasks.lease import is_flow_run_id
 
     if not is_flow_run_id(run_id):
@@ -962,11 +970,10 @@ def mark_run_crashed(run_id: str) -> None:
         changed = mark_crashed(
             run_id, "marked Crashed with `oncoflow history --mark-crashed`: its process was gone"
         )
+        state = None if changed else run_state(run_id)
     if not changed:
-        fail(
-            f"run {run_id} is not Running or Pending in this Prefect backend (it has finished, or is not "
-            "here): nothing changed"
-        )
+        where = f"it is {state}" if state else "this Prefect backend has no such run"
+        fail(f"run {run_id} is not Running or Pending ({where}): nothing changed")
     console.print(f"run {run_id} marked Crashed; its rows stay, and the next run classifies what it left")
 
 
@@ -1075,7 +1082,7 @@ def check_hub_model(model: str) -> None:
         if isinstance(exc.__cause__, RepositoryNotFoundError | RevisionNotFoundError):
             fail(f"invalid --model: {exc}", code=2)
         console.print(
-            f"[yellow]warning:[/] {escape(redact(str(exc)))}. Serving anyway: each run fetches the model "
+            f"[yellow]warning:[/] {escape(redact(str(exc).rstrip('.')))}. Serving anyway: each run fetches the model "
             "when it starts, and fails if it is still out of reach then",
             highlight=False,
             soft_wrap=True,

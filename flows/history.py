@@ -121,6 +121,15 @@ def mark_crashed(run_id: str, reason: str) -> bool:
         return True
 
 
+def run_state(run_id: str) -> str | None:
+    """The state name of a flow run, None when this backend has no such run."""
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_flow_run(run_id).state_name  # type: ignore[arg-type]
+        except ObjectNotFound:
+            return None
+
+
 def prune_runs(older_than: timedelta, dry_run: bool = False) -> int:
     """Delete finished flow runs that ended before now - older_than, with their task runs and artifacts."""
     cutoff = datetime.now(UTC) - older_than

@@ -580,6 +580,7 @@ def _list_remote(
     # s3fs pages through the listing (1,000 keys a request), without a delimiter: one request a page.
     listing = storage_call(location.fs, root, lambda: location.fs.find(root, detail=True))
     unnamed: list[DiscoveredFile] = []  # objects without an image extension that may be DICOM
+    archived: list[str] = []  # ... in an archive storage class: not readable, so not known as either
     for path, info in listing.items():
         relative = path[len(root) :].lstrip("/")
         if any(part.startswith(".") for part in relative.split("/")):
@@ -594,9 +595,20 @@ def _list_remote(
         if is_image_name(name):
             yield found
         elif name_extension(name) in PROBED_EXTENSIONS and name.upper() != "DICOMDIR" and size > 132:
-            unnamed.append(found)
+            if info.get("StorageClass") in ARCHIVED_STORAGE_CLASSES:  # a GET would be refused
+                archived.append(found.uri)
+            else:
+                unnamed.append(found)
         elif skipped is not None:
             skipped[DICOM_WITHOUT_IMAGES if name.upper() == "DICOMDIR" else name_extension(name)] += 1
+    if archived:
+        logger.warning(
+            "left %d object(s) without an image extension unread: they are in an archive storage class "
+            "(GLACIER, DEEP_ARCHIVE), so whether they are DICOM images cannot be seen: %s; restore them if "
+            "they are, and the next run looks again",
+            len(archived),
+            examples(archived),
+        )
     yield from _dicom_objects(location, unnamed, skipped, known)
 
 
@@ -641,8 +653,8 @@ def _dicom_objects(
     if unopened:
         logger.warning(
             "could not read %d object(s) without an image extension to see whether they are DICOM images "
-            "(access denied, or an archive storage class): %s; if they are, make them readable (or restore "
-            "them), and the next run looks again",
+            "(access denied, or an archive tier of Intelligent-Tiering): %s; if they are, make them readable "
+            "(or restore them), and the next run looks again",
             len(unopened),
             examples(unopened),
         )

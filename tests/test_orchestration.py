@@ -663,7 +663,9 @@ def test_history_marks_a_run_left_running_as_crashed() -> None:
     assert marked.exit_code == 0 and f"run {run_id} marked Crashed" in marked.output, marked.output
     assert next(run for run in recent_runs(limit=5) if run.run_id == run_id).state == "Crashed"
     again = runner.invoke(app, ["history", "--mark-crashed", run_id])
-    assert again.exit_code == 1 and "is not Running or Pending" in " ".join(again.output.split())
+    assert again.exit_code == 1 and "is not Running or Pending (it is Crashed)" in " ".join(
+        again.output.split()
+    )
     refused = runner.invoke(app, ["history", "--mark-crashed", "yesterday"])
     assert refused.exit_code == 2 and "invalid --mark-crashed 'yesterday'" in refused.output
 

@@ -1058,10 +1058,32 @@ def serve_command(
     from flows.serve import build_deployments, serve_deployments
 
     with prefect_api("and run serve again once it answers (it takes a few seconds to start)"):
+        check_served_storage(params)
         chosen = params.model_dump(exclude_defaults=True, exclude={"source", "output", "model", "device"})
         serve_deployments(
             build_deployments(params.source, params.output, model, cron, timezone, device, chosen),
             limit=limit,
+        )
+
+
+def check_served_storage(params: ClassifyParams) -> None:
+    """An S3 source or output that cannot be reached now (a missing bucket, a wrong endpoint, denied
+    access: the checks a run makes first) is a warning: serving anyway, the nightly run would fail on
+    it unless it is fixed by then (a bucket created, a network that comes up)."""
+    if not any(
+        "://" in location and not location.startswith("file:") for location in (params.source, params.output)
+    ):
+        return
+    from flows.classify import check_storage
+
+    try:
+        check_storage(params)
+    except (OSError, ValueError) as exc:
+        console.print(
+            f"[yellow]warning:[/] {escape(redact(str(exc)).rstrip('.'))}. Serving anyway: the runs check it "
+            "again when they start, and fail if it is still so",
+            highlight=False,
+            soft_wrap=True,
         )
 
 

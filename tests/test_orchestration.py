@@ -345,6 +345,14 @@ def test_serve_options_become_the_parameters_of_the_deployments(
     assert scoring.parameters == {"predictions": output, "s3_endpoint_url": "http://s3.lan:9000"}
     refused = runner.invoke(app, [*common, "--threshold", "2"])
     assert refused.exit_code == 2 and "--threshold" in refused.output
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    unreachable = ["--s3-endpoint-url", "http://127.0.0.1:9"]  # nothing answers there: a warning
+    warned = runner.invoke(
+        app, ["serve", "--source", "s3://scans/in", "-o", "s3://preds/out", *common[5:], *unreachable]
+    )
+    text = " ".join(warned.output.split())
+    assert warned.exit_code == 0 and "warning:" in text and "127.0.0.1:9" in text and "Serving anyway" in text
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ def compact_dataset(
     )
     if is_flow_run_id(report.superseded_run):  # a compaction killed while it held the lease
         reason = f"process died holding the compaction lease; superseded by run {run_id}"
-        if mark_crashed(report.superseded_run, reason):
+        if mark_crashed(report.superseded_run, reason)[0]:
             logger.warning(
                 "marked compaction run %s as Crashed: it died without reporting", report.superseded_run
             )

@@ -40,7 +40,7 @@ from tasks.inference import (
     stopping_runs,
 )
 from tasks.lease import LEASE_FOLDER, Lease, LeaseLost
-from tasks.model import DEFAULT_MODEL, LoadedModel, ModelError, check_model_name, inspect_model, load_model
+from tasks.model import DEFAULT_MODEL, LoadedModel, ModelError, inspect_model, load_model
 from tasks.redaction import redact
 from tasks.sink import (
     Selection,
@@ -60,6 +60,7 @@ from tasks.storage import (
     check_output,
     check_source,
     describe_skipped,
+    existing_part,
     is_transient,
     list_images,
     open_location,
@@ -418,7 +419,7 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
     check_storage(params)
     run_id = str(flow_run.get_id() or uuid.uuid4())
     if params.dry_run:
-        return plan_run(params, run_id, started)
+        return plan_run(params, run_id, started, day)
     # Before the lease, so a model that cannot load leaves OUTPUT untouched. With the local runner the
     # shards reuse this very load; on a cluster only the workers build the network (the flow process
     # may have no GPU), and the flow just checks the files and learns the revision.
@@ -431,7 +432,7 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
     else:
         revision, device_type = inspect_model(params.model, params.revision).revision, "workers"
         placement = f"{params.precision} precision, {params.device} device, on the runner's workers"
-        if check_model_name(params.model) is None:  # a hub id: the workers fetch this very commit
+        if not os.path.isdir(os.path.expanduser(params.model)):  # a hub id: the workers fetch this commit
             params = params.model_copy(update={"revision": revision})
     # The lease makes overlapping runs take turns: listing happens only once it is held (exactly once).
     asked = time.perf_counter()
@@ -471,7 +472,7 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
     return summary
 
 
-def plan_run(params: ClassifyParams, run_id: str, started: float) -> dict[str, Any]:
+def plan_run(params: ClassifyParams, run_id: str, started: float, day: datetime) -> dict[str, Any]:
     """--dry-run: what a run would classify now, from SOURCE's listing and OUTPUT's index. The model's
     configuration is read and its revision resolved (a hub model's weights are not downloaded), but no
     weights are loaded, no lease is taken and nothing is written; a run going on meanwhile may classify
@@ -479,7 +480,7 @@ def plan_run(params: ClassifyParams, run_id: str, started: float) -> dict[str, A
     revision = inspect_model(params.model, params.revision, weights=False).revision
     found, selection = discover_new_images(params, revision)
     new = len(selection.files)
-    blocked = blocking_files(params.output, model_slug(params.model, revision), datetime.now(UTC))
+    blocked = blocking_files(params.output, model_slug(params.model, revision), day)
     if blocked:
         get_run_logger().warning(
             "a run would fail: %s %s a file where the output needs a folder; move it away",
@@ -516,16 +517,14 @@ def plan_run(params: ClassifyParams, run_id: str, started: float) -> dict[str, A
 
 
 def blocking_files(output: str, slug: str, day: datetime) -> list[str]:
-    """The files of a local OUTPUT that stand where a run must make or use a folder (DEST itself, its
-    lease folder, today's partition of this model revision): a dry run, which writes nothing, names
-    them instead of the run failing on them later."""
-    if "://" in output and not output.startswith("file:"):
+    """The files of a local OUTPUT that stand where a run must make or use a folder (on the way to its
+    lease folder or to today's partition of this model revision): a dry run, which writes nothing,
+    names them instead of the run failing on them later."""
+    location = open_location(output)
+    if not location.is_local:
         return []
-    root = open_location(output).path
-    folders = [root, os.path.join(root, LEASE_FOLDER)]
-    partition = os.path.dirname(shard_path(slug, day, "plan"))
-    folders += [os.path.join(root, partition.split("/")[0]), os.path.join(root, partition)]
-    return [folder for folder in folders if os.path.lexists(folder) and not os.path.isdir(folder)]
+    wanted = (location.join(LEASE_FOLDER), location.join(os.path.dirname(shard_path(slug, day, "plan"))))
+    return sorted({path for path in map(existing_part, wanted) if not os.path.isdir(path)})
 
 
 def check_error_rate(summary: dict[str, Any], max_error_rate: float | None) -> None:

@@ -120,18 +120,14 @@ def print_plan(summary: dict[str, Any]) -> None:
         ("model_revision", ""),
     ):
         table.add_row(key + meaning, str(summary.get(key)))
-    Console().print(table)
+    out = Console()
+    out.print(table)
     for uri in summary["examples"]:
-        Console().print(f"  would classify {escape(uri)}", highlight=False, soft_wrap=True)
+        out.print(f"  would classify {escape(uri)}", highlight=False, soft_wrap=True)
     if summary["images_new"] > len(summary["examples"]):
-        Console().print(f"  ... and {summary['images_new'] - len(summary['examples'])} more", highlight=False)
-    for path in summary.get("blocked", []):
-        console.print(
-            f"[yellow]warning:[/] a run would fail: {escape(path)} is a file where the output needs a folder; "
-            "move it away",
-            highlight=False,
-            soft_wrap=True,
-        )
+        out.print(f"  ... and {summary['images_new'] - len(summary['examples'])} more", highlight=False)
+    for path in summary.get("blocked", []):  # the run's log warns about each too
+        out.print(f"  blocked by {escape(path)}: a file where the output needs a folder", highlight=False)
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -500,12 +496,13 @@ def run_and_report(flow: Any, placement: RunnerParams, **parameters: Any) -> Non
     from flows.runners import api_for_local_workers, with_runner
 
     quiet_expected_tracebacks((*EXPECTED_ERRORS, TooManyErrors, httpx.TransportError))
-    if parameters.get("dry_run"):  # one listing task: no cluster to start for it
-        placement = RunnerParams(runner="local", dask_address=None, dask_workers=None, ray_address=None)
+    dry = bool(parameters.get("dry_run"))
+    if dry:  # one listing task: no cluster to start for it
+        placement = RunnerParams()  # type: ignore[call-arg]
     prepare_prefect_api()
     try:
         with (
-            contextlib.nullcontext() if parameters.get("dry_run") else progress_bar(),
+            contextlib.nullcontext() if dry else progress_bar(),
             sigterm_as_ctrl_c(),
             api_for_local_workers(placement),
             prefect_api(fix=RERUN_FIX, mid_run=True),
@@ -518,9 +515,7 @@ def run_and_report(flow: Any, placement: RunnerParams, **parameters: Any) -> Non
         fail(str(exc))
     except KeyboardInterrupt:
         with contextlib.suppress(OSError):  # the terminal may be gone (a hangup)
-            console.print(
-                "stopped" if parameters.get("dry_run") else STOPPED, highlight=False, soft_wrap=True
-            )
+            console.print("stopped" if dry else STOPPED, highlight=False, soft_wrap=True)
         raise
     print_summary(summary)
 
@@ -956,7 +951,7 @@ def history_command(
 
 def mark_run_crashed(run_id: str) -> None:
     """Only for a run whose process is gone: a live run would set its own final state over it."""
-    from flows.history import mark_crashed, run_state
+    from flows.history import mark_crashed
     from tasks.lease import is_flow_run_id
 
     if not is_flow_run_id(run_id):
@@ -967,10 +962,9 @@ def mark_run_crashed(run_id: str) -> None:
     start_temporary_server()
     use_temporary_server()
     with prefect_api():
-        changed = mark_crashed(
+        changed, state = mark_crashed(
             run_id, "marked Crashed with `oncoflow history --mark-crashed`: its process was gone"
         )
-        state = None if changed else run_state(run_id)
     if not changed:
         where = f"it is {state}" if state else "this Prefect backend has no such run"
         fail(f"run {run_id} is not Running or Pending ({where}): nothing changed")

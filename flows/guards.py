@@ -42,7 +42,7 @@ def exclusive_output(params: ClassifyParams, run_id: str, revision: str) -> Iter
         dead = lease.previous
         if dead is not None and dead.run_id != run_id:
             reason = f"process died holding the output lease; superseded by run {run_id}"
-            if mark_crashed(dead.run_id, reason):
+            if mark_crashed(dead.run_id, reason)[0]:
                 logger.warning("marked %s as Crashed: it died without reporting", dead.describe())
         yield lease
         if lease.lost:

@@ -108,26 +108,18 @@ def read_summaries(client: Any, run_ids: list[Any]) -> dict[str, dict[str, int]]
     return summaries
 
 
-def mark_crashed(run_id: str, reason: str) -> bool:
-    """Set a run that is still PENDING or RUNNING to Crashed; True if it was changed."""
+def mark_crashed(run_id: str, reason: str) -> tuple[bool, str | None]:
+    """Set a run that is still PENDING or RUNNING to Crashed: (whether it was changed, the name of the
+    state it was found in, None when this backend has no such run)."""
     with get_client(sync_client=True) as client:
         try:
             run = client.read_flow_run(run_id)  # type: ignore[arg-type]
         except ObjectNotFound:
-            return False
+            return False, None
         if run.state is None or run.state.type not in (StateType.RUNNING, StateType.PENDING):
-            return False
+            return False, run.state_name
         client.set_flow_run_state(run_id, Crashed(message=reason), force=True)
-        return True
-
-
-def run_state(run_id: str) -> str | None:
-    """The state name of a flow run, None when this backend has no such run."""
-    with get_client(sync_client=True) as client:
-        try:
-            return client.read_flow_run(run_id).state_name  # type: ignore[arg-type]
-        except ObjectNotFound:
-            return None
+        return True, run.state_name
 
 
 def prune_runs(older_than: timedelta, dry_run: bool = False) -> int:

@@ -245,7 +245,7 @@ def name_extension(name: str) -> str:
 
 
 # DICOM files named otherwise than .dcm: no extension (CD exports: IM000001; PACS dumps: the SOP instance
-# UID, whose last part is a number), Siemens .IMA, .dc3. Read by content (local sources only).
+# UID, whose last part is a number), Siemens .IMA, .dc3. Read by content (S3: a ranged GET).
 PROBED_EXTENSIONS = frozenset({"no extension", ".ima", ".dc3"})
 DICOM_HEAD_BYTES = 1024  # preamble, DICM, and the file meta group up to its Media Storage SOP Class UID
 # DICOM objects that are not images to classify: DICOMDIR's class, structured reports and key object
@@ -542,16 +542,15 @@ def _followed_stat(
     except OSError as exc:
         _warn_left_out(entry.path, exc)
         return None
-    kind: str | None
-    try:
-        probed = name_extension(entry.name) in PROBED_EXTENSIONS
-        if probed and known is not None and known("file://" + printable_path(entry.path)):
-            kind = "image"  # classified before: no need to open it again
-        else:
+    kind: str | None = None
+    probed = name_extension(entry.name) in PROBED_EXTENSIONS
+    if probed and known is not None and known("file://" + printable_path(entry.path)):
+        kind = "image"  # classified before: no need to open it again
+    else:
+        try:
             kind = dicom_kind(entry)
-    except PermissionError:
-        unopened.append(entry.path)
-        kind = None
+        except PermissionError:
+            unopened.append(entry.path)
     if kind == "image":
         try:
             return entry.stat()
@@ -592,9 +591,10 @@ def _list_remote(
         etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
         fingerprint = f"{etag}:{size}" if etag else f"{size}:{info.get('mtime') or info.get('LastModified')}"
         found = DiscoveredFile(to_uri(location.fs, path), path, fingerprint, size, etag_listed=bool(etag))
-        if is_image_name(name):
+        probed = name_extension(name) in PROBED_EXTENSIONS and name.upper() != "DICOMDIR" and size > 132
+        if is_image_name(name) or (probed and known is not None and known(found.uri)):  # rows: no GET
             yield found
-        elif name_extension(name) in PROBED_EXTENSIONS and name.upper() != "DICOMDIR" and size > 132:
+        elif probed:
             if info.get("StorageClass") in ARCHIVED_STORAGE_CLASSES:  # a GET would be refused
                 archived.append(found.uri)
             else:
@@ -609,28 +609,19 @@ def _list_remote(
             len(archived),
             examples(archived),
         )
-    yield from _dicom_objects(location, unnamed, skipped, known)
+    yield from _dicom_objects(location, unnamed, skipped)
 
 
 OBJECT_PROBES = 16  # ranged GETs of object heads at once
 
 
 def _dicom_objects(
-    location: Location,
-    unnamed: list[DiscoveredFile],
-    skipped: Counter[str] | None,
-    known: Callable[[str], bool] | None,
+    location: Location, unnamed: list[DiscoveredFile], skipped: Counter[str] | None
 ) -> Iterator[DiscoveredFile]:
-    """The objects named without an image extension that are DICOM images: those DEST has rows for as
-    they are, the others by their first kB (one ranged GET each, OBJECT_PROBES at once; a PACS's
-    object store names them by UID, without extension). Objects that cannot be read (access denied, an
-    archive storage class) are left out with one warning; their next listing looks again."""
-    fresh = []
-    for file in unnamed:
-        if known is not None and known(file.uri):
-            yield file
-        else:
-            fresh.append(file)
+    """The objects named without an image extension that are DICOM images, by their first kB (one
+    ranged GET each, OBJECT_PROBES at once; a PACS's object store names them by UID, without
+    extension). Objects that cannot be read (access denied, an archive tier of Intelligent-Tiering) are
+    left out with one warning; their next listing looks again."""
 
     def kind(file: DiscoveredFile) -> str | None:
         try:
@@ -642,7 +633,7 @@ def _dicom_objects(
 
     unopened = []
     with ThreadPoolExecutor(max_workers=OBJECT_PROBES) as pool:
-        for file, found in zip(fresh, pool.map(kind, fresh), strict=True):
+        for file, found in zip(unnamed, pool.map(kind, unnamed), strict=True):
             if found == "image":
                 yield file
             elif found == "unopened":

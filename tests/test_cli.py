@@ -786,7 +786,7 @@ def test_dry_run_counts_what_a_run_would_classify_and_writes_nothing(
     (blocked / "_leases").write_text("in the way")  # the run would fail on it: the dry run says so
     warned = invoke("classify", str(source), "-o", str(blocked), "--model", tiny_model, "--dry-run")
     text = " ".join(warned.output.split())
-    assert warned.exit_code == 0 and f"a run would fail: {blocked}/_leases is a file where the output" in text
+    assert warned.exit_code == 0 and f"blocked by {blocked}/_leases: a file where the output needs" in text
 
 
 def test_a_file_in_the_way_inside_the_output_is_named(

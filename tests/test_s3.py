@@ -166,6 +166,14 @@ def test_dicom_objects_without_an_extension_are_found_by_their_marker_once(
     assert summary["images_classified"] == 2 and summary["ok"] == 2
     s3.pipe_file("scans/pacs/2026/11/29/IM000002", b"replaced: no DICOM any more " * 20)  # new ETag
     s3.pipe_file("scans/pacs/2026/11/29/IM000003", data)
+    key = f"pacs/2026/11/29/{uid}"  # classified, then moved to an archive class by a lifecycle rule
+    s3.call_s3(
+        "copy_object",
+        Bucket="scans",
+        Key=key,
+        CopySource={"Bucket": "scans", "Key": key},
+        StorageClass="GLACIER",
+    )
     again = run("s3://scans/pacs", "s3://preds/pacs", tiny_model)
     assert (again["images_found"], again["images_new"]) == (3, 2)  # IM000002 by its rows, IM000003 read
 

@@ -127,7 +127,11 @@ def print_plan(summary: dict[str, Any]) -> None:
     if summary["images_new"] > len(summary["examples"]):
         out.print(f"  ... and {summary['images_new'] - len(summary['examples'])} more", highlight=False)
     for path in summary.get("blocked", []):  # the run's log warns about each too
-        out.print(f"  blocked by {escape(path)}: a file where the output needs a folder", highlight=False)
+        out.print(
+            f"  blocked by {escape(path)}: a file where the output needs a folder",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -352,7 +352,7 @@ def test_a_model_folder_saved_again_during_a_run_does_not_change_the_runs_rows(
 
 
 def test_a_stop_while_waiting_for_a_shard_ends_it_unwritten_before_returning(
-    tmp_path: Path, tiny_model: str
+    tmp_path: Path, tiny_model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C lands while the flow waits for a shard's result: that shard must still be stopped and
     waited for (it was taken off the window before its result came: it ran on and wrote after the
@@ -361,9 +361,8 @@ def test_a_stop_while_waiting_for_a_shard_ends_it_unwritten_before_returning(
 
     from prefect import flow
 
-    from flows.classify import run_shards
+    import flows.classify
     from flows.params import ClassifyParams
-    from tasks.inference import progress_listeners
 
     folder, output = scans(tmp_path / "scans", 30), tmp_path / "preds"
     files = list(list_images(open_location(str(folder))))
@@ -371,25 +370,38 @@ def test_a_stop_while_waiting_for_a_shard_ends_it_unwritten_before_returning(
         source=str(folder), output=str(output), model=tiny_model, device="cpu", batch_size=1
     )
     main, fired = threading.get_ident(), threading.Event()
+    real = flows.classify.classify_files
 
-    def interrupt_after_the_first_batch(event: str, count: int) -> None:
-        if event == "advance" and not fired.is_set():
+    def stopped_while_the_flow_waits(files, fs, model, options, run_id, shard, unrecorded):  # type: ignore[no-untyped-def]
+        if run_id == "run-stopped" and not fired.is_set():  # this test's shard only, once
             fired.set()
-            signal.pthread_kill(main, signal.SIGINT)
-            time.sleep(1)  # the shard's thread: the stop is under way before its next batch, however loaded
+            deadline = time.monotonic() + 30
+            while not waiting_for_a_shard(main) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            signal.pthread_kill(main, signal.SIGINT)  # the flow is waiting for this shard's result
+            time.sleep(1)  # however loaded the machine, the stop is under way before the first batch
+        return real(files, fs, model, options, run_id, shard, unrecorded)
+
+    monkeypatch.setattr(flows.classify, "classify_files", stopped_while_the_flow_waits)
 
     @flow
     def one_shard() -> None:
-        run_shards([files], params, "run-stopped", slots=1)
+        flows.classify.run_shards([files], params, "run-stopped", slots=1)
 
-    progress_listeners.append(interrupt_after_the_first_batch)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            one_shard()
-    finally:
-        progress_listeners.remove(interrupt_after_the_first_batch)
+    with pytest.raises(KeyboardInterrupt):
+        one_shard()
     time.sleep(3)  # a shard left running would write its file by now
     assert fired.is_set() and not list(output.rglob("*.parquet"))
+
+
+def waiting_for_a_shard(thread: int) -> bool:
+    """Whether `thread` is inside run_shards' wait for a shard's result."""
+    frame = sys._current_frames().get(thread)
+    while frame is not None:
+        if frame.f_code.co_name == "oldest_result":
+            return True
+        frame = frame.f_back
+    return False
 
 
 SAVE_OVER_A_LOADED_MODEL = """

@@ -351,57 +351,73 @@ def test_a_model_folder_saved_again_during_a_run_does_not_change_the_runs_rows(
     assert not (tmp_path / "other").exists()
 
 
+STOP_WHILE_WAITING = """
+import signal, sys, threading, time
+from pathlib import Path
+from prefect import flow
+import flows.classify
+from flows.params import ClassifyParams
+from tasks.storage import list_images, open_location
+
+folder, output, model = sys.argv[1:4]
+files = list(list_images(open_location(folder)))
+params = ClassifyParams(source=folder, output=output, model=model, device="cpu", batch_size=1)
+main, fired = threading.get_ident(), threading.Event()
+real = flows.classify.classify_files
+
+
+def waiting_for_a_shard() -> bool:
+    frame = sys._current_frames().get(main)
+    while frame is not None and frame.f_code.co_name != "oldest_result":
+        frame = frame.f_back
+    return frame is not None
+
+
+def stopped_while_the_flow_waits(*args):
+    if not fired.is_set():
+        fired.set()
+        deadline = time.monotonic() + 30
+        while not waiting_for_a_shard() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        signal.pthread_kill(main, signal.SIGINT)  # Ctrl-C while the flow waits for this shard's result
+        time.sleep(1)  # however loaded the machine, the stop is under way before the first batch
+    return real(*args)
+
+
+flows.classify.classify_files = stopped_while_the_flow_waits
+
+
+@flow
+def one_shard() -> None:
+    flows.classify.run_shards([files], params, "run-stopped", slots=1)
+
+
+try:
+    one_shard()
+except KeyboardInterrupt:
+    print("stopped")
+time.sleep(3)  # a shard left running would write its file by now
+print(len(list(Path(output).rglob("*.parquet"))), "files")
+"""
+
+
 def test_a_stop_while_waiting_for_a_shard_ends_it_unwritten_before_returning(
-    tmp_path: Path, tiny_model: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_model: str, prefect_server: str
 ) -> None:
     """Ctrl-C lands while the flow waits for a shard's result: that shard must still be stopped and
     waited for (it was taken off the window before its result came: it ran on and wrote after the
-    lease was released)."""
-    import signal
-
-    from prefect import flow
-
-    import flows.classify
-    from flows.params import ClassifyParams
-
+    lease was released). In a process of its own: a signal to a test runner's worker is not a user's."""
     folder, output = scans(tmp_path / "scans", 30), tmp_path / "preds"
-    files = list(list_images(open_location(str(folder))))
-    params = ClassifyParams(
-        source=str(folder), output=str(output), model=tiny_model, device="cpu", batch_size=1
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", STOP_WHILE_WAITING, str(folder), str(output), tiny_model],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "PREFECT_API_URL": prefect_server},
     )
-    main, fired = threading.get_ident(), threading.Event()
-    real = flows.classify.classify_files
-
-    def stopped_while_the_flow_waits(files, fs, model, options, run_id, shard, unrecorded):  # type: ignore[no-untyped-def]
-        if run_id == "run-stopped" and not fired.is_set():  # this test's shard only, once
-            fired.set()
-            deadline = time.monotonic() + 30
-            while not waiting_for_a_shard(main) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            signal.pthread_kill(main, signal.SIGINT)  # the flow is waiting for this shard's result
-            time.sleep(1)  # however loaded the machine, the stop is under way before the first batch
-        return real(files, fs, model, options, run_id, shard, unrecorded)
-
-    monkeypatch.setattr(flows.classify, "classify_files", stopped_while_the_flow_waits)
-
-    @flow
-    def one_shard() -> None:
-        flows.classify.run_shards([files], params, "run-stopped", slots=1)
-
-    with pytest.raises(KeyboardInterrupt):
-        one_shard()
-    time.sleep(3)  # a shard left running would write its file by now
-    assert fired.is_set() and not list(output.rglob("*.parquet"))
-
-
-def waiting_for_a_shard(thread: int) -> bool:
-    """Whether `thread` is inside run_shards' wait for a shard's result."""
-    frame = sys._current_frames().get(thread)
-    while frame is not None:
-        if frame.f_code.co_name == "oldest_result":
-            return True
-        frame = frame.f_back
-    return False
+    assert done.stdout.split()[-3:] == ["stopped", "0", "files"], done.stdout[-2000:] + done.stderr[-3000:]
 
 
 SAVE_OVER_A_LOADED_MODEL = """

@@ -15,7 +15,8 @@ from prefect.runtime import flow_run
 from flows.credentials import storage_options
 from flows.history import mark_crashed
 from flows.logs import send_logs_to_prefect
-from tasks.compact import TARGET_ROWS, compact
+from tasks.compact import compact
+from tasks.defaults import TARGET_ROWS
 from tasks.lease import is_flow_run_id
 from tasks.storage import open_location
 

@@ -29,18 +29,17 @@ from flows.guards import exclusive_output, gpu_slot
 from flows.logs import send_logs_to_prefect
 from flows.params import ClassifyParams, flow_params
 from flows.runners import SHARDS_IN_FLIGHT, local_task_runner, shard_slots, shards_run_here
-from tasks.images import DEFAULT_MAX_PIXELS
+from tasks.defaults import DEFAULT_MAX_PIXELS, cuda_graphs_from_env, host_decode_share_from_env
 from tasks.inference import (
     EngineOptions,
     classify_files,
-    cuda_graphs_from_env,
-    host_decode_share_from_env,
     progress_listeners,
     resolve_options,
     stopping_runs,
 )
 from tasks.lease import LEASE_FOLDER, Lease, LeaseLost
-from tasks.model import DEFAULT_MODEL, LoadedModel, ModelError, inspect_model, load_model
+from tasks.model import LoadedModel, ModelError, inspect_model, load_model
+from tasks.model_files import DEFAULT_MODEL
 from tasks.redaction import redact
 from tasks.sink import (
     Selection,

@@ -41,11 +41,8 @@ from flows.server_guard import (
     start_temporary_server,
     use_temporary_server,
 )
-from tasks.compact import TARGET_ROWS
-from tasks.images import DEFAULT_MAX_PIXELS
-from tasks.inference import progress_listeners
-from tasks.lease import LeaseBusy, LeaseLost
-from tasks.model import DEFAULT_BASE_MODEL, DEFAULT_MODEL, ModelError, check_model_name
+from tasks.defaults import DEFAULT_MAX_PIXELS, TARGET_ROWS
+from tasks.model_files import DEFAULT_BASE_MODEL, DEFAULT_MODEL, ModelError, check_model_name
 from tasks.redaction import install_log_redaction, redact
 
 app = typer.Typer(
@@ -63,8 +60,15 @@ def main() -> None:
     install_log_redaction()  # from the first log line on: storage libraries log signed URLs and keys
 
 
-# OSError covers storage failures (full disk, lost output location), whose messages say what to do.
-EXPECTED_ERRORS = (ModelError, OSError, ValueError, LeaseBusy, LeaseLost)
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """The errors whose messages say what to do, shown as one `error:` line without a traceback. OSError
+    covers storage failures (full disk, lost output location). Imported when a command runs: --help and
+    argument errors need no storage libraries."""
+    from tasks.lease import LeaseBusy, LeaseLost
+
+    return (ModelError, OSError, ValueError, LeaseBusy, LeaseLost)
+
+
 TOO_MANY_ERRORS_EXIT = 3  # the run completed and wrote its rows, but --max-error-rate was exceeded
 ERRNO_PREFIX = re.compile(r"^\[Errno \d+\] ")  # of str(OSError): its message says what the number means
 
@@ -92,6 +96,8 @@ def progress_bar() -> Iterator[None]:
     with Progress(
         TextColumn("classifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
     ) as progress:
+        from tasks.inference import progress_listeners
+
         bar = progress.add_task("classify", total=None)
 
         def listen(event: str, count: int) -> None:
@@ -328,10 +334,14 @@ def prepare_local_run(params: ClassifyParams, placement: RunnerParams) -> None:
     Prefect starts (its temporary server is spawned first, to boot meanwhile; a dry run loads no model
     and writes nothing). On a cluster the workers check and load it (this machine may have no GPU)."""
     local = placement.runner == "local"
-    check_model_arguments(params.model, params.device if local else None, params.precision, params.compile)
+    check_model_arguments(params.model)
+    # Spawned before torch and the storage libraries are imported (~1.3 s here), so that the server's
+    # boot, the critical path of a run on it, begins sooner; a check below that fails stops it on the way out.
+    start_temporary_server()
+    if local:
+        check_model_arguments(params.model, params.device, params.precision, params.compile, folder=False)
     if not params.dry_run:  # a dry run needs read access only
         check_writable(params.output)
-    start_temporary_server()
     if local and not params.dry_run:
         from flows.classify import start_loading_model
 
@@ -371,18 +381,21 @@ def check_model_arguments(
     precision: str | None = None,
     compile: bool = False,
     option: str = "--model",
+    folder: bool = True,
 ) -> None:
     """Exit 2 before any work when the model arguments cannot work: a --model path that is no folder
-    (or a folder without safetensors weights), and, given the device the model runs on in this
-    process, --device, --precision and --compile on this machine."""
-    from tasks.model import check_compile, resolve_device, resolve_precision
-
-    try:
-        check_model_name(model, classifier=option == "--model")
-    except ModelError as exc:
-        fail(f"invalid {option}: {exc}", code=2)
+    (or a folder without safetensors weights; not checked again with `folder=False`), and, given the
+    device the model runs on in this process, --device, --precision and --compile on this machine
+    (these import torch)."""
+    if folder:
+        try:
+            check_model_name(model, classifier=option == "--model")
+        except ModelError as exc:
+            fail(f"invalid {option}: {exc}", code=2)
     if device is None:
         return
+    from tasks.model import check_compile, resolve_device, resolve_precision
+
     try:
         torch_device = resolve_device(device)  # type: ignore[arg-type]
         if precision is not None:
@@ -499,7 +512,7 @@ def run_and_report(flow: Any, placement: RunnerParams, **parameters: Any) -> Non
     from flows.classify import TooManyErrors
     from flows.runners import api_for_local_workers, with_runner
 
-    quiet_expected_tracebacks((*EXPECTED_ERRORS, TooManyErrors, httpx.TransportError))
+    quiet_expected_tracebacks((*expected_errors(), TooManyErrors, httpx.TransportError))
     dry = bool(parameters.get("dry_run"))
     if dry:  # one listing task: no cluster to start for it
         placement = RunnerParams()  # type: ignore[call-arg]
@@ -515,7 +528,7 @@ def run_and_report(flow: Any, placement: RunnerParams, **parameters: Any) -> Non
     except TooManyErrors as exc:
         print_summary(exc.summary)
         fail(str(exc), code=TOO_MANY_ERRORS_EXIT)
-    except EXPECTED_ERRORS as exc:
+    except expected_errors() as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         with contextlib.suppress(OSError):  # the terminal may be gone (a hangup)
@@ -548,11 +561,11 @@ def compact_command(
     from flows.analytics import compact_dataset
 
     prepare_prefect_api()
-    quiet_expected_tracebacks(EXPECTED_ERRORS)
+    quiet_expected_tracebacks(expected_errors())
     try:
         with sigterm_as_ctrl_c():
             report = compact_dataset(**params.model_dump())
-    except EXPECTED_ERRORS as exc:
+    except expected_errors() as exc:
         fail(str(exc))
     line = (
         f"merged {report['files_merged']} files into {report['files_written']} "
@@ -605,9 +618,10 @@ def read_dataset(
         os.path.dirname(os.path.abspath(os.path.expanduser(output))) if "://" not in output else output
     )
     storage = storage_options(params.aws_credentials_block, params.s3_endpoint_url)
+    errors: tuple[type[BaseException], ...] = (*expected_errors(), duckdb.Error)
     try:
         return action(params.dest, output, storage)
-    except (*EXPECTED_ERRORS, duckdb.Error) as exc:
+    except errors as exc:
         if (
             isinstance(exc, duckdb.Error) and "parquet" in str(exc).lower()
         ):  # a damaged file: which, and the fix
@@ -739,12 +753,12 @@ def evaluate_command(
     start_temporary_server()
     from flows.evaluate import evaluate
 
-    quiet_expected_tracebacks(EXPECTED_ERRORS)
+    quiet_expected_tracebacks(expected_errors())
     prepare_prefect_api()
     try:
         with sigterm_as_ctrl_c():
             metrics = evaluate(**params.model_dump())
-    except EXPECTED_ERRORS as exc:
+    except expected_errors() as exc:
         fail(str(exc))
     print_metrics(metrics, f"{params.output}/report.md")
 
@@ -795,12 +809,12 @@ def train_command(
     start_temporary_server()
     from flows.train import train
 
-    quiet_expected_tracebacks(EXPECTED_ERRORS)
+    quiet_expected_tracebacks(expected_errors())
     prepare_prefect_api()
     try:
         with sigterm_as_ctrl_c():
             summary = train(**params.model_dump())
-    except EXPECTED_ERRORS as exc:
+    except expected_errors() as exc:
         fail(str(exc))
     validation = summary["validation"]
     Console().print(

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from flows.quick_exit import run_command
-from tasks.model import POSITIVE_LABEL, share_model_files
+from tasks.model_files import POSITIVE_LABEL, share_model_files
 
 CLASSES = ("Normal", POSITIVE_LABEL)
 

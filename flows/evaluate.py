@@ -21,7 +21,7 @@ from flows.logs import send_logs_to_prefect
 from flows.params import EvaluateParams, flow_params
 from tasks.labels import labeled_folder, read_labels_file
 from tasks.metrics import compute_metrics, join_labels, read_predictions
-from tasks.model import DEFAULT_MODEL
+from tasks.model_files import DEFAULT_MODEL
 from tasks.report import PLOTS, metric_text, one_class_warning, render_markdown, write_report
 
 send_logs_to_prefect()  # warnings (a lease wait, a skipped file) reach the run logs in the UI

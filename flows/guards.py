@@ -22,7 +22,8 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from flows.credentials import storage_options
 from flows.history import mark_crashed
 from flows.params import ClassifyParams
-from tasks.lease import Lease, LeaseLost, acquire, lease_key, lease_wait_from_env
+from tasks.defaults import lease_wait_from_env
+from tasks.lease import Lease, LeaseLost, acquire, lease_key
 from tasks.storage import open_location
 
 logger = logging.getLogger(__name__)

@@ -19,13 +19,17 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.compact import TARGET_ROWS
-from tasks.images import DEFAULT_MAX_PIXELS, ERROR_CATEGORIES
-from tasks.inference import cuda_graphs_from_env, host_decode_share_from_env
-from tasks.lease import lease_wait_from_env
-from tasks.model import DEFAULT_BASE_MODEL, DEFAULT_MODEL
+from tasks.defaults import (
+    DEFAULT_MAX_PIXELS,
+    ERROR_CATEGORIES,
+    TARGET_ROWS,
+    cuda_graphs_from_env,
+    host_decode_share_from_env,
+    lease_wait_from_env,
+)
+from tasks.model_files import DEFAULT_BASE_MODEL, DEFAULT_MODEL
 from tasks.redaction import has_credentials, redact
-from tasks.storage import file_uri_path, full_file_uri
+from tasks.uris import file_uri_path, full_file_uri
 
 P = TypeVar("P", bound=BaseModel)
 

@@ -16,7 +16,7 @@ from prefect import flow
 from flows.classify import classify_images
 from flows.params import ClassifyParams, flow_params, location_argument
 from flows.runners import local_task_runner
-from tasks.images import DEFAULT_MAX_PIXELS
+from tasks.defaults import DEFAULT_MAX_PIXELS
 from tasks.redaction import has_credentials
 
 

@@ -17,7 +17,7 @@ from prefect.schedules import Cron
 from flows.classify import classify
 from flows.evaluate import evaluate
 from flows.reprocess import reprocess
-from tasks.model import DEFAULT_MODEL
+from tasks.model_files import DEFAULT_MODEL
 
 NIGHTLY_CRON = "0 2 * * *"  # 02:00 every day, in `timezone`
 TAGS = ["oncoflow", "research-only"]

@@ -13,7 +13,7 @@ from prefect.cache_policies import NONE
 
 from flows.logs import send_logs_to_prefect
 from flows.params import TrainParams, flow_params
-from tasks.model import DEFAULT_BASE_MODEL
+from tasks.model_files import DEFAULT_BASE_MODEL
 from tasks.training import Recipe, TrainResult, fine_tune
 
 send_logs_to_prefect()  # warnings (a lease wait, a skipped file) reach the run logs in the UI

@@ -5,7 +5,7 @@
   between a compaction's write and its deletions (tasks/compact.py), or when a shard task was retried
   after its file was compacted. The view keeps one of the copies, which hold the same prediction.
 - `revisions`: each model_revision with `first_seen`, the earliest processed_at of its rows, and `model`
-  as its first row spelled it. A revision is its weights and configs (tasks.model.weights_revision, or
+  as its first row spelled it. A revision is its weights and configs (tasks.model_files.weights_revision, or
   the hub commit), whatever path or name loaded it: `/models/A`, `/models/A/` and `./A` are one
   revision, and re-running it under another spelling does not make it newest again.
 - `latest`: one row per image_uri: the row of the revision first seen most recently that has a row for

@@ -37,13 +37,11 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.defaults import TARGET_ROWS
 from tasks.lease import acquire
 from tasks.sink import SCHEMA_VERSION, dataset_files, find_unreadable_file
 from tasks.storage import Location, check_output, missing_bucket, storage_call, write_atomic
 
-# Readers want files of ~100 MB-1 GB: at 20-30 bytes per row (measured, docs/analytics.md) 4 million
-# rows is ~80-120 MB; DuckDB, Spark and Athena then open 1 file per 4 million images instead of 4,000.
-TARGET_ROWS = 4_000_000
 ROW_GROUP_ROWS = 256_000  # readers skip row groups by min/max statistics; ~50 MB of Arrow in memory
 COMPACTED_FROM = b"oncoflow.compacted_from"
 MERGED_PREFIX = "part-c"

@@ -31,19 +31,10 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+from tasks.defaults import DEFAULT_MAX_PIXELS
+
 logger = logging.getLogger(__name__)
 
-# Every error row's `error` column starts with one of these, then ": " and a message.
-ERROR_CATEGORIES = (
-    "empty",  # zero bytes
-    "truncated",  # an image format's signature, but the data ends early or its header is damaged
-    "not_an_image",  # no image format recognised (text, HTML, random bytes, a DICOM without pixels)
-    "unsupported",  # a recognised format whose variant or codec cannot be decoded here
-    "too_large",  # more pixels than --max-pixels (decompression bombs), refused before decoding
-    "missing",  # older rows only: a file gone between listing and reading now gets no row (vanished)
-    "read_failed",  # storage kept failing after retries, or refused access
-)
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 # File signatures of the formats Pillow decodes here: a file starting with one of them is an image

@@ -29,8 +29,8 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
+from tasks.defaults import DEFAULT_MAX_PIXELS
 from tasks.images import (
-    DEFAULT_MAX_PIXELS,
     MAX_POOL_RENEWALS,
     PIL,
     SPLIT_SLACK_SECONDS,
@@ -451,41 +451,6 @@ Preprocess = Preprocessor | ProcessorFallback | DevicePreprocessor
 
 
 GPU_BATCH_SIZE, CPU_BATCH_SIZE = 256, 32
-
-
-def cuda_graphs_from_env() -> bool:
-    """EngineOptions.cuda_graphs as the flows take it: ONCOFLOW_CUDA_GRAPHS=1 (or true/yes/on) turns
-    them on; unset, empty or 0 (false/no/off) leaves them off."""
-    value = os.environ.get("ONCOFLOW_CUDA_GRAPHS", "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    if value in ("1", "true", "yes", "on"):
-        return True
-    raise ValueError(
-        f"ONCOFLOW_CUDA_GRAPHS={value!r} is not 1 or 0; set 1 to replay the model's forward as a CUDA "
-        "graph on GPUs, or unset it"
-    )
-
-
-def host_decode_share_from_env() -> float | None:
-    """EngineOptions.host_decode_share as the flows take it: ONCOFLOW_HOST_DECODE_SHARE unset, empty or 0
-    lets nvjpeg decode every JPEG (the fastest measured, and reruns on the same GPU are reproducible);
-    `auto` adapts the share per batch; a number from 0 to 1 fixes it."""
-    value = os.environ.get("ONCOFLOW_HOST_DECODE_SHARE", "0").strip().lower()
-    if value == "":
-        return 0.0
-    if value == "auto":
-        return None
-    try:
-        share = float(value)
-    except ValueError:
-        share = -1.0
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(
-            f"ONCOFLOW_HOST_DECODE_SHARE={value!r} is not `auto` or a number from 0 to 1; unset it, or set "
-            "0 to let nvjpeg decode every JPEG"
-        )
-    return share
 
 
 def resolve_options(options: EngineOptions, model: LoadedModel) -> EngineOptions:

@@ -4,7 +4,7 @@ Labels are `Normal` = 0 and `Malignant` = 1 (the seed card's ids), written eithe
 Image locations are compared as URIs, the form classify writes: a local path in a labels file becomes
 `file:///abs/path`, a relative path being taken relative to the labels file's own folder (so a labels
 file travels with its images); `s3://...` URIs are kept as they are, and `file://...` URIs are brought
-to classify's spelling (percent-encoded or not: tasks.storage.canonical_file_uri).
+to classify's spelling (percent-encoded or not: tasks.uris.canonical_file_uri).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import pandas as pd
 import pyarrow as pa
 
-from tasks.model import POSITIVE_LABEL
-from tasks.storage import canonical_file_uri, full_file_uri, list_images, open_location, printable_path
+from tasks.model_files import POSITIVE_LABEL
+from tasks.storage import list_images, open_location
+from tasks.uris import canonical_file_uri, full_file_uri, printable_path
 
 NEGATIVE_LABEL = "Normal"
 CLASS_NAMES = (NEGATIVE_LABEL, POSITIVE_LABEL)  # index = label id
@@ -41,7 +42,7 @@ def to_image_uri(location: str, base_folder: str) -> str:
     """A URI comparable with classify's image_uri; relative paths are relative to base_folder.
 
     `file://` URIs may be percent-encoded or not (`Path.as_uri()` or classify's own spelling): both
-    are brought to classify's spelling (tasks.storage.canonical_file_uri)."""
+    are brought to classify's spelling (tasks.uris.canonical_file_uri)."""
     location = full_file_uri(location)
     if location.lower().startswith("file://"):
         return canonical_file_uri(location)

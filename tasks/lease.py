@@ -45,27 +45,10 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from tasks.defaults import DEFAULT_WAIT_SECONDS
 from tasks.storage import Location, output_error, s3_error_code, storage_call
 
 LEASE_FOLDER = "_leases"
-DEFAULT_WAIT_SECONDS = 3600.0  # a nightly run waits this long behind a run still writing, then fails
-
-
-def lease_wait_from_env() -> float:
-    """ONCOFLOW_LEASE_WAIT_SECONDS (default DEFAULT_WAIT_SECONDS), checked: seconds, 0 or more."""
-    value = os.environ.get("ONCOFLOW_LEASE_WAIT_SECONDS", "").strip()
-    if not value:
-        return DEFAULT_WAIT_SECONDS
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not 0.0 <= seconds < float("inf"):
-        raise ValueError(
-            f"ONCOFLOW_LEASE_WAIT_SECONDS={value!r} is not a number of seconds (0 or more, e.g. 3600 for an "
-            "hour); unset it for the default of 3600"
-        )
-    return seconds
 
 
 DEFAULT_TTL_SECONDS = 600.0  # object stores only: a lease not renewed for this long is free to take

@@ -31,7 +31,7 @@ from sklearn.metrics import (
 
 from tasks.analytics import retry_while_compacting
 from tasks.labels import CLASS_NAMES
-from tasks.model import POSITIVE_LABEL
+from tasks.model_files import POSITIVE_LABEL
 from tasks.sink import find_unreadable_file, open_dataset
 from tasks.storage import Location, missing_bucket, open_location, storage_call
 

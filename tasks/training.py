@@ -29,15 +29,8 @@ from sklearn.model_selection import train_test_split
 from tasks.images import ImageError, Preprocessor, ProcessorFallback, decode_image, make_preprocessor
 from tasks.labels import CLASS_NAMES, LabeledImage, labeled_folder
 from tasks.metrics import classification_metrics, probability_metrics, rate_intervals
-from tasks.model import (
-    DEFAULT_BASE_MODEL,
-    ModelError,
-    check_weights,
-    fetch_model,
-    loading_weights,
-    resolve_device,
-    share_model_files,
-)
+from tasks.model import ModelError, check_weights, fetch_model, loading_weights, resolve_device
+from tasks.model_files import DEFAULT_BASE_MODEL, share_model_files
 from tasks.report import RESEARCH_NOTICE, interpretation, metric_text, seed_table, trust_notes
 
 

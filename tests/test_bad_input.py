@@ -14,8 +14,9 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
+from tasks.defaults import DEFAULT_MAX_PIXELS, ERROR_CATEGORIES
 from tasks.dicom import window
-from tasks.images import DEFAULT_MAX_PIXELS, ERROR_CATEGORIES, ImageError, decode_image
+from tasks.images import ImageError, decode_image
 from tasks.inference import MAX_FILE_BYTES, PROBE_BYTES, PROBE_FROM_BYTES, EngineOptions, classify_files
 from tasks.model import load_model
 from tasks.storage import list_images, open_location

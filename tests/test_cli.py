@@ -98,7 +98,7 @@ def test_bad_environment_values_fail_before_any_work(
 
 
 def test_host_decode_share_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.inference import host_decode_share_from_env
+    from tasks.defaults import host_decode_share_from_env
 
     for value, share in [("auto", None), (" Auto ", None), ("", 0.0), ("0", 0.0), ("0.25", 0.25), ("1", 1.0)]:
         monkeypatch.setenv("ONCOFLOW_HOST_DECODE_SHARE", value)
@@ -108,7 +108,7 @@ def test_host_decode_share_from_the_environment(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_cuda_graphs_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.inference import cuda_graphs_from_env
+    from tasks.defaults import cuda_graphs_from_env
 
     for value, wanted in [
         ("1", True),
@@ -221,6 +221,46 @@ def test_python_m_flows_cli_runs_the_cli() -> None:
         [sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and "classify" in done.stdout
+
+HEAVY_MODULES = ("torch", "transformers", "pyarrow", "s3fs", "botocore", "prefect", "PIL", "numpy")
+LOADED_AFTER = """
+import sys
+from typer.testing import CliRunner
+from flows.cli import app
+result = CliRunner().invoke(app, sys.argv[1:])
+heavy = [m for m in {heavy!r} if m in sys.modules]
+print(result.exit_code, ",".join(heavy) or "-")
+print(result.output)
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["--help"], 0),
+        (["classify", "--help"], 0),
+        (["classify", "SRC", "-o", "OUT", "--threshold", "1.5"], 2),
+        (["classify", "SRC", "-o", "OUT", "--model", "MODEL"], 2),
+        (["report", "OUT"], 2),
+    ],
+)
+def test_help_and_bad_arguments_answer_without_loading_torch_or_storage_libraries(
+    tmp_path: Path, image_folder: Path, args: list[str], code: int
+) -> None:
+    """`--help` and a mistyped argument answer in a fraction of a second: the CLI imports torch,
+    transformers, pyarrow, s3fs and Prefect (1.5 s on a 2-core machine) only once a command has work to do."""
+    (tmp_path / "not-a-model").mkdir()
+    names = {"SRC": str(image_folder), "OUT": str(tmp_path / "out"), "MODEL": str(tmp_path / "not-a-model")}
+    argv = [names.get(arg, arg) for arg in args]
+    script = LOADED_AFTER.format(heavy=HEAVY_MODULES)
+    done = subprocess.run(
+        [sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=60, cwd=Path.cwd()
+    )
+    first, _, output = done.stdout.partition("\n")
+    assert first == f"{code} -", done.stdout + done.stderr
+    if code == 2:
+        assert "error:" in output or "Error" in output, output
+    assert not (tmp_path / "out").exists()
 
 
 QUICK_EXIT_SCRIPT = """

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.images import ERROR_CATEGORIES
+from tasks.defaults import ERROR_CATEGORIES
 from tasks.inference import EngineOptions, classify_files
 from tasks.model import load_model
 from tasks.storage import list_images, open_location

@@ -33,7 +33,7 @@ from flows.guards import gpu_slot
 from flows.history import prune_runs, recent_runs
 from flows.serve import build_deployments
 from tasks.lease import LeaseBusy, acquire, lease_key
-from tasks.model import weights_revision
+from tasks.model_files import weights_revision
 from tasks.storage import RETRY_ATTEMPTS, open_location
 from tests.s3_fixtures import FaultyProxy
 

@@ -21,8 +21,16 @@ from flows.logs import send_logs_to_prefect
 from flows.params import EvaluateParams, flow_params
 from tasks.labels import labeled_folder, read_labels_file
 from tasks.metrics import compute_metrics, join_labels, read_predictions
+from tasks.model import inspect_model
 from tasks.model_files import DEFAULT_MODEL
-from tasks.report import PLOTS, metric_text, one_class_warning, render_markdown, write_report
+from tasks.report import (
+    PLOTS,
+    check_report_folder,
+    metric_text,
+    one_class_warning,
+    render_markdown,
+    write_report,
+)
 
 send_logs_to_prefect()  # warnings (a lease wait, a skipped file) reach the run logs in the UI
 
@@ -47,6 +55,11 @@ def classify_labeled_folder(params: EvaluateParams) -> tuple[str, pd.DataFrame, 
         [(image.uri, image.label) for image in labeled_folder(params.data)], columns=["image_uri", "y_true"]
     )
     destination = os.path.join(os.path.abspath(params.output), predictions_folder(params))
+    if os.path.exists(
+        os.path.join(params.output, "metrics.json")
+    ):  # before classifying: whose report is there
+        revision = inspect_model(params.model, params.revision, weights=False).revision
+        check_report_folder(params.output, [revision], destination)
     summary = classify(
         source=params.data,
         output=destination,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -320,16 +321,69 @@ def save_plots(folder: str, y_true: np.ndarray, y_pred: np.ndarray, prob: np.nda
     return paths
 
 
+def same_location(first: str, second: str) -> bool:
+    """Whether two spellings of a predictions folder name the same one (`preds`, `./preds/`, its path)."""
+
+    def plain(location: str) -> str:
+        if "://" in location:
+            return location.rstrip("/")
+        return os.path.abspath(os.path.expanduser(location)).rstrip("/")
+
+    return plain(first) == plain(second)
+
+
+def check_report_folder(folder: str, revisions: list[str], predictions: str) -> None:
+    """ValueError when REPORT already holds the report of other model revisions or of another predictions
+    folder (another --device/--precision/--compile, another DEST): writing this one would replace it,
+    and the two are compared side by side, not one instead of the other. The same revisions and
+    predictions again (new labels, more images) refresh the report. A metrics.json that is not JSON (cut
+    short by a crash) is replaced."""
+    path = os.path.join(folder, "metrics.json")
+    try:
+        with open(path) as handle:
+            earlier = json.load(handle)
+    except (OSError, ValueError):  # none yet, or not one this folder can be said to hold
+        return
+    if not isinstance(earlier, dict):
+        return
+    old_revisions = list(earlier.get("model_revisions") or [])
+    old_predictions = str(earlier.get("predictions") or "")
+    if old_revisions == list(revisions) and (
+        not old_predictions or same_location(old_predictions, predictions)
+    ):
+        return
+    raise ValueError(
+        f"report folder {folder!r} holds the report of model revision {', '.join(old_revisions) or '?'} "
+        f"(predictions {old_predictions or '?'}); this evaluation, of {', '.join(revisions)} (predictions "
+        f"{predictions}), would replace it. Give each model revision and setting its own --output, or "
+        f"delete {path} to replace that report"
+    )
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write a whole file or nothing: a crash mid-write leaves the earlier file, not half of each."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+
+
 def write_report(
     folder: str, metrics: dict[str, Any], y_true: np.ndarray, y_pred: np.ndarray, prob: np.ndarray
 ) -> dict[str, str]:
-    """REPORT/metrics.json, REPORT/report.md and the plots; returns what was written."""
+    """REPORT/metrics.json, REPORT/report.md and the plots; returns what was written. Refused (before
+    writing) when REPORT holds the report of another model revision or predictions folder."""
+    check_report_folder(
+        folder, list(metrics.get("model_revisions") or []), str(metrics.get("predictions") or "")
+    )
     os.makedirs(folder, exist_ok=True)
     written = save_plots(folder, y_true, y_pred, prob)
-    written["metrics"] = os.path.join(folder, "metrics.json")
-    with open(written["metrics"], "w") as handle:
-        json.dump(json_safe(metrics), handle, indent=2)
     written["report"] = os.path.join(folder, "report.md")
-    with open(written["report"], "w") as handle:
-        handle.write(render_markdown(metrics))
+    write_text_atomic(written["report"], render_markdown(metrics))
+    written["metrics"] = os.path.join(folder, "metrics.json")  # last: it names what the folder holds
+    write_text_atomic(written["metrics"], json.dumps(json_safe(metrics), indent=2))
     return written

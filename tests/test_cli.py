@@ -222,6 +222,7 @@ def test_python_m_flows_cli_runs_the_cli() -> None:
     )
     assert done.returncode == 0 and "classify" in done.stdout
 
+
 HEAVY_MODULES = ("torch", "transformers", "pyarrow", "s3fs", "botocore", "prefect", "PIL", "numpy")
 LOADED_AFTER = """
 import sys

@@ -175,6 +175,40 @@ def test_several_model_revisions_must_be_chosen(
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["model_revisions"] == [first["model_revision"]] and metrics["images"]["evaluated"] == 1
 
+    # The other revision into the same REPORT would replace that report: refused, the report kept.
+    report = (tmp_path / "r" / "report.md").read_text()
+    other = next(r for r in rows(predictions)["model_revision"].unique() if r != first["model_revision"])
+    replacing = runner.invoke(app, [*common, "--model-revision", other])
+    text = " ".join(replacing.output.split())
+    assert replacing.exit_code == 1 and "holds the report of model revision" in text, text
+    assert first["model_revision"] in text and "its own --output" in text
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text()) == metrics
+    assert (tmp_path / "r" / "report.md").read_text() == report
+    again = runner.invoke(app, [*common, "--model-revision", first["model_revision"]])
+    assert again.exit_code == 0, again.output  # the same report again: refreshed
+    separate = runner.invoke(app, [*common[:-1], str(tmp_path / "r2"), "--model-revision", other])
+    assert separate.exit_code == 0, separate.output
+    assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["model_revisions"] == [other]
+
+
+def test_evaluating_another_model_into_a_report_folder_refuses_before_classifying(
+    labeled: Path, tmp_path: Path, tiny_model: str, tiny_model_imagenet: str
+) -> None:
+    """--data with another model into a REPORT that holds one model's report: refused before the labelled
+    folder is classified again, the first report and its predictions kept."""
+    report = tmp_path / "report"
+    arguments = ["evaluate", "-o", str(report), "--data", str(labeled), "--device", "cpu"]
+    first = runner.invoke(app, [*arguments, "--model", tiny_model])
+    assert first.exit_code == 0, first.output
+    metrics = json.loads((report / "metrics.json").read_text())
+    before = sorted(p.name for p in report.rglob("*.parquet"))
+
+    second = runner.invoke(app, [*arguments, "--model", tiny_model_imagenet])
+    text = " ".join(second.output.split())
+    assert second.exit_code == 1 and "holds the report of model revision" in text, text
+    assert json.loads((report / "metrics.json").read_text()) == metrics
+    assert sorted(p.name for p in report.rglob("*.parquet")) == before, "nothing classified"
+
 
 @pytest.mark.parametrize(
     ("args", "expected"),
@@ -225,14 +259,14 @@ def test_evaluate_data_compiled_scores_what_the_uncompiled_model_scores(
     labeled: Path, tmp_path: Path, tiny_model: str
 ) -> None:
     """evaluate --data --compile checks the compiled path on labelled images: same counts, same AUC.
-    Into the same REPORT folder too: each setting classifies into its own predictions folder (before,
-    the second run found the first one's rows and scored them again)."""
+    Each setting classifies into its own predictions folder (one folder for both scored the first
+    one's rows again); into the same REPORT, the second would replace the first's report: refused."""
 
-    def metrics(*options: str) -> dict:
+    def metrics(*options: str, report: str = "report") -> dict:
         arguments = [
             "evaluate",
             "-o",
-            str(tmp_path / "report"),
+            str(tmp_path / report),
             "--data",
             str(labeled),
             "--model",
@@ -240,13 +274,19 @@ def test_evaluate_data_compiled_scores_what_the_uncompiled_model_scores(
         ]
         result = runner.invoke(app, [*arguments, "--device", "cpu", "--precision", "fp32", *options])
         assert result.exit_code == 0, result.output
-        return json.loads((tmp_path / "report" / "metrics.json").read_text())
+        return json.loads((tmp_path / report / "metrics.json").read_text())
 
     plain = metrics()
-    compiled = metrics("--compile", "--batch-size", "4")
+    refused = runner.invoke(
+        app,
+        ["evaluate", "-o", str(tmp_path / "report"), "--data", str(labeled), "--model", tiny_model]
+        + ["--device", "cpu", "--precision", "fp32", "--compile"],
+    )
+    assert refused.exit_code == 1 and "predictions-cpu-fp32)" in " ".join(refused.output.split())
+    compiled = metrics("--compile", "--batch-size", "4", report="compiled")
     assert plain["predictions"] == str(tmp_path / "report" / "predictions-cpu-fp32")
-    assert compiled["predictions"] == str(tmp_path / "report" / "predictions-cpu-fp32-compiled")
-    assert len(list((tmp_path / "report" / "predictions-cpu-fp32-compiled").rglob("*.parquet"))) >= 1
+    assert compiled["predictions"] == str(tmp_path / "compiled" / "predictions-cpu-fp32-compiled")
+    assert len(list((tmp_path / "compiled" / "predictions-cpu-fp32-compiled").rglob("*.parquet"))) >= 1
     assert compiled["images"]["evaluated"] == plain["images"]["evaluated"] == 16
     assert [compiled[key] for key in ("tp", "fp", "tn", "fn")] == [
         plain[key] for key in ("tp", "fp", "tn", "fn")

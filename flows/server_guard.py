@@ -19,6 +19,7 @@ up, Prefect starts its own, with its `subprocess` swapped so that it starts the 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import runpy
 import signal
@@ -28,7 +29,8 @@ import sys
 import threading
 import time
 import types
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
 POLL_SECONDS = 1.0
 HEALTH_POLL_SECONDS = 0.1
@@ -84,11 +86,36 @@ def start_temporary_server() -> None:
         "PREFECT__SERVER_EPHEMERAL": "1",
         "PREFECT__SERVER_FINAL": "1",
     }
-    env.update(get_current_settings().to_environment_variables(exclude_unset=True))
-    _early.update(process=detached_popen(args, env=env), address=f"http://127.0.0.1:{port}")
+    settings = get_current_settings()
+    env.update(settings.to_environment_variables(exclude_unset=True))
+    with server_log(settings.home) as log:
+        process = detached_popen(args, env=env, stdout=log, stderr=log)
+    _early.update(process=process, address=f"http://127.0.0.1:{port}", log=getattr(log, "name", None))
     # Registered before any of Prefect's own exit hooks: it runs after them (last in, first out), once
     # their background services have sent the run's last logs and events to this server.
     atexit.register(stop_temporary_server)
+
+
+SERVER_LOG = "temporary-server.log"
+
+
+@contextlib.contextmanager
+def server_log(home: Any) -> Iterator[IO[bytes] | None]:
+    """PREFECT_HOME/temporary-server.log, opened to append, for the early server's output: its errors
+    (it logs errors only) are kept there instead of interleaving with the command's own lines. A server
+    stopped while its services flush the run's last events printed ~150 lines of tracebacks after the
+    command's `stopped:` line (under load; the run's records were complete). None (the terminal, as
+    before) when PREFECT_HOME cannot be written."""
+    try:
+        os.makedirs(home, exist_ok=True)
+        handle: IO[bytes] | None = open(os.path.join(home, SERVER_LOG), "ab")  # noqa: SIM115
+    except OSError:
+        handle = None
+    try:
+        yield handle
+    finally:
+        if handle is not None:
+            handle.close()  # the server holds its own copy of the descriptor
 
 
 def use_temporary_server() -> None:
@@ -121,7 +148,11 @@ def use_temporary_server() -> None:
                 pass
             time.sleep(HEALTH_POLL_SECONDS)
         else:
+            log = _early.get("log")
             stop_temporary_server()
+            get_logger().warning(
+                f"the temporary server did not answer (its errors, if any: {log or 'above'}); Prefect starts its own"
+            )
             detach_temporary_server()
             return
     get_logger().info(f"Starting temporary server on {address}")  # Prefect's own words for its server

@@ -945,6 +945,32 @@ def test_an_early_server_that_did_not_start_is_replaced_by_prefects_own(tmp_path
     assert "health None http://127.0.0.1:" in result.stdout and ":1/" not in result.stdout, result.stdout
 
 
+def test_the_temporary_servers_errors_go_to_its_log_in_prefect_home_not_the_terminal(tmp_path: Path) -> None:
+    """What the early server prints (errors only: here, a database it cannot reach) is appended to
+    PREFECT_HOME/temporary-server.log; the command's terminal gets one warning naming that file (and
+    Prefect's own server would take over, as the test above shows)."""
+    code = (
+        "from flows import server_guard as g; g.start_temporary_server(); "
+        "print('exit', g._early['process'].wait(timeout=100)); "
+        "g.use_temporary_server()"
+    )
+    home = tmp_path / "prefect-home"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": "postgresql+asyncpg://nobody:x@127.0.0.1:1/none",
+    }
+    env.pop("PREFECT_API_URL", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=200
+    )
+    assert result.returncode == 0 and "exit 3" in result.stdout, result.stdout + result.stderr[-3000:]
+    log = (home / "temporary-server.log").read_text()
+    assert "Connect call failed" in log and "Application startup failed" in log, log[-2000:]
+    assert "Connect call failed" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert f"its errors, if any: {home / 'temporary-server.log'}" in " ".join(result.stderr.split())
+
+
 def test_a_compaction_killed_holding_its_lease_is_marked_crashed_by_the_next(tmp_path: Path) -> None:
     """Like classify's output lease: the next compaction takes over and records the dead run as Crashed
     instead of leaving it Running in the history for good."""

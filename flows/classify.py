@@ -113,15 +113,17 @@ def discover_new_images(params: ClassifyParams, revision: str) -> tuple[int, Sel
     report_skipped(params.source, len(listed), skipped)
     earlier = earlier_thresholds(index, params.threshold)
     if earlier:
-        decided = ", ".join(f"{rows} at {threshold:g}" for threshold, rows in sorted(earlier.items()))
+        # Thresholds as written (repr): an operating point is one image's exact prob_malignant, and a
+        # rounded-up hint would leave that image out of the query.
+        decided = ", ".join(f"{rows} at {float(threshold)!r}" for threshold, rows in sorted(earlier.items()))
         get_run_logger().warning(
             "%s already holds rows of this model revision decided at another threshold (%s); --threshold "
-            "%g applies to new and changed images only. To re-decide the others, query "
-            "`prob_malignant >= %g` (docs/analytics.md) or classify into a new --output",
+            "%r applies to new and changed images only. To re-decide the others, query "
+            "`prob_malignant >= %r` (docs/analytics.md) or classify into a new --output",
             redact(params.output),
             decided,
-            params.threshold,
-            params.threshold,
+            float(params.threshold),
+            float(params.threshold),
         )
     if other := rows_with_other_exif(index, params.exif_orientation):
         get_run_logger().warning(

@@ -200,9 +200,9 @@ def threshold_text(metrics: dict[str, Any]) -> str:
     """The decision threshold the labels were made at; several, said plainly, when rows differ."""
     thresholds = metrics.get("thresholds") or [metrics["threshold"]]
     if len(thresholds) == 1:
-        return f"decision threshold on prob_malignant: {thresholds[0]:g}."
+        return f"decision threshold on prob_malignant: {float(thresholds[0])!r}."  # as written: not rounded
     return (
-        f"decision thresholds on prob_malignant: {', '.join(f'{t:g}' for t in thresholds)} (rows were "
+        f"decision thresholds on prob_malignant: {', '.join(repr(float(t)) for t in thresholds)} (rows were "
         "classified at different --threshold values; the figures below mix their decisions)."
     )
 

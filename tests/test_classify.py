@@ -307,17 +307,22 @@ def test_files_that_are_not_images_by_their_extension_are_counted_in_the_log(
 def test_a_new_threshold_on_an_existing_output_says_what_it_applies_to(
     image_folder: Path, tmp_path: Path, tiny_model: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Rows already written keep their threshold (they are not classified again): the run says so."""
+    """Rows already written keep their threshold (they are not classified again): the run says so, with
+    the threshold as written (an operating point is one image's exact probability: a hint rounded up to
+    0.9 would leave that image out)."""
     output = tmp_path / "preds"
     classify(str(image_folder), str(output), model=tiny_model, device="cpu")
     make_image(image_folder / "later.png", seed=99)
     with caplog.at_level("WARNING"):
-        summary = classify(str(image_folder), str(output), model=tiny_model, device="cpu", threshold=0.9)
+        summary = classify(
+            str(image_folder), str(output), model=tiny_model, device="cpu", threshold=0.8999999999999999
+        )
     assert summary["images_new"] == 1
-    assert {r["threshold"] for r in read_rows(output)} == {0.5, 0.9}
+    assert {r["threshold"] for r in read_rows(output)} == {0.5, 0.8999999999999999}
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
-    assert "6 at 0.5" in warning and "--threshold 0.9 applies to new and changed images only" in warning
-    assert "prob_malignant >= 0.9" in warning
+    assert "6 at 0.5" in warning, warning
+    assert "--threshold 0.8999999999999999 applies to new and changed images only" in warning
+    assert "prob_malignant >= 0.8999999999999999`" in warning
 
 
 def test_exif_orientation_on_an_existing_output_says_what_it_applies_to(

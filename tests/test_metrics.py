@@ -505,6 +505,8 @@ def test_rows_decided_at_several_thresholds_are_said_so() -> None:
     one = compute_metrics(Joined(scored_frame(y_true, prob, 0.468), 0, 0, 0, 0))
     assert one["threshold"] == 0.468 and one["thresholds"] == [0.468]
     assert "decision threshold on prob_malignant: 0.468." in render_markdown(one)
+    exact = compute_metrics(Joined(scored_frame(y_true, prob, 0.4699999999999999), 0, 0, 0, 0))
+    assert "decision threshold on prob_malignant: 0.4699999999999999." in render_markdown(exact)  # not 0.47
     frame = scored_frame(y_true, prob, 0.468)
     frame.loc[3:, "threshold"] = 0.47
     frame["y_pred"] = (frame["prob_malignant"] >= frame["threshold"]).astype(int)

@@ -193,11 +193,25 @@ def model_labels(config: dict[str, Any], name: str) -> dict[int, str]:
 
 
 def positive_class(id2label: dict[int, str], name: str) -> int:
-    """The class id whose label is `Malignant` (case-insensitive)."""
-    for class_id, label in id2label.items():
-        if label.lower() == POSITIVE_LABEL.lower():
-            return class_id
-    raise ModelError(
-        f"model {name!r} has labels {sorted(id2label.values())}, none of them {POSITIVE_LABEL!r}; set "
-        "config.id2label to {0: 'Normal', 1: 'Malignant'} when saving it"
-    )
+    """The class id whose label is `Malignant` (case-insensitive). A classifier has exactly two classes,
+    Normal and Malignant: every row's `label` is one of them (queries and reports count
+    `label = 'Normal'`), and `--threshold` on prob_malignant decides between the two. A model whose other
+    class is `Benign`, or with a third class, would write labels the output contract does not have."""
+    labels = sorted(id2label.values())
+    fix = "set config.id2label to {0: 'Normal', 1: 'Malignant'} when saving it"
+    positive = [class_id for class_id, label in id2label.items() if label.lower() == POSITIVE_LABEL.lower()]
+    if not positive:
+        raise ModelError(f"model {name!r} has labels {labels}, none of them {POSITIVE_LABEL!r}; {fix}")
+    if len(id2label) != 2:
+        raise ModelError(
+            f"model {name!r} has {len(id2label)} classes {labels}; oncoflow classifies two, Normal and "
+            f"Malignant (a threshold on prob_malignant decides between them): fine-tune a two-class model "
+            f"(`oncoflow train`), or {fix}"
+        )
+    other = next(label for label in labels if label.lower() != POSITIVE_LABEL.lower())
+    if other != "Normal":
+        raise ModelError(
+            f"model {name!r} has labels {labels}; every row is labelled Normal or Malignant (queries and "
+            f"reports count label = 'Normal'): if {other!r} means not malignant, {fix}"
+        )
+    return positive[0]

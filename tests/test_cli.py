@@ -698,6 +698,20 @@ def test_a_model_folder_that_cannot_load_fails_before_any_work(
         result = invoke(*args)
         text = " ".join(result.output.split())
         assert result.exit_code == 2 and "none of them 'Malignant'" in text, (args, text)
+    # Exactly Normal and Malignant: rows labelled Benign, or a third class, are not the output contract.
+    for labels, expected in (
+        (["Benign", "Malignant"], "if 'Benign' means not malignant, set config.id2label"),
+        (
+            ["Normal", "Benign", "Malignant"],
+            "has 3 classes ['Benign', 'Malignant', 'Normal']; oncoflow classifies two",
+        ),
+    ):
+        config["id2label"] = dict(enumerate(labels))
+        config["label2id"] = {label: n for n, label in enumerate(labels)}
+        (unlabelled / "config.json").write_text(json.dumps(config))
+        result = invoke("classify", str(image_folder), "-o", output, "--model", str(unlabelled))
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and expected in text, (labels, text)
     result = invoke("train", "--data", str(image_folder), "-o", output, "--base-model", str(unlabelled))
     assert "Malignant'" not in result.output and "invalid --base-model" not in result.output
     if not torch.cuda.is_available():

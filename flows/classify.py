@@ -490,6 +490,8 @@ def plan_run(params: ClassifyParams, run_id: str, started: float, day: datetime)
         )
     summary: dict[str, Any] = {
         "dry_run": True,
+        "output": redact(params.output),
+        "output_exists": output_exists(params),
         "images_found": found,
         "images_new": new,
         "images_changed": selection.changed,
@@ -515,6 +517,18 @@ def plan_run(params: ClassifyParams, run_id: str, started: float, day: datetime)
         f"classified{retried}); nothing was classified or written"
     )
     return summary
+
+
+def output_exists(params: ClassifyParams) -> bool | None:
+    """Whether OUTPUT exists already (a local folder; on S3, a prefix holding objects); None when that
+    cannot be told. A dry run says when it does not: a mistyped DEST would start a second dataset."""
+    try:
+        destination = open_location(
+            params.output, storage_options(params.aws_credentials_block, params.s3_endpoint_url)
+        )
+        return bool(destination.fs.exists(destination.path))
+    except OSError:
+        return None
 
 
 def blocking_files(output: str, slug: str, day: datetime) -> list[str]:

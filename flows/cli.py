@@ -132,6 +132,13 @@ def print_plan(summary: dict[str, Any]) -> None:
         out.print(f"  would classify {escape(uri)}", highlight=False, soft_wrap=True)
     if summary["images_new"] > len(summary["examples"]):
         out.print(f"  ... and {summary['images_new'] - len(summary['examples'])} more", highlight=False)
+    if summary.get("output_exists") is False:
+        out.print(
+            f"  {escape(summary['output'])} does not exist yet: a run would start a new dataset there "
+            "(check the path if you meant an existing one)",
+            highlight=False,
+            soft_wrap=True,
+        )
     for path in summary.get("blocked", []):  # the run's log warns about each too
         out.print(
             f"  blocked by {escape(path)}: a file where the output needs a folder",

@@ -811,6 +811,9 @@ def test_dry_run_counts_what_a_run_would_classify_and_writes_nothing(
     assert table(first)["images_new"] == "5" and table(first)["images_found"] == "5", first.output
     assert "nothing was classified or written" in first.output
     assert f"would classify file://{source}/scan-0.png" in first.output  # as the image_uri column
+    assert f"{output} does not exist yet: a run would start a new dataset there" in " ".join(
+        first.output.split()
+    )
     assert not output.exists()
 
     assert invoke("classify", str(source), *common).exit_code == 0
@@ -832,8 +835,10 @@ def test_dry_run_counts_what_a_run_would_classify_and_writes_nothing(
     assert duckdb.sql(count).fetchall() == [(7,)]
 
     other_model = ["-o", str(output), "--model", tiny_model_imagenet, "--device", "cpu", "--dry-run"]
-    reprocess = table(invoke("reprocess", str(source), *other_model))
+    reprocessing = invoke("reprocess", str(source), *other_model)
+    reprocess = table(reprocessing)
     assert reprocess["images_new"] == "6" and reprocess["images_changed"] == "0"
+    assert "does not exist yet" not in reprocessing.output
     assert duckdb.sql(count).fetchall() == [(7,)]
 
     blocked = tmp_path / "blocked"

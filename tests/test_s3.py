@@ -279,12 +279,14 @@ def test_a_dry_run_on_s3_writes_no_object_and_needs_no_write_access(
     s3.call_s3("put_bucket_versioning", Bucket="preds", VersioningConfiguration={"Status": "Enabled"})
     plan = run("s3://scans/incoming", "s3://preds/out", tiny_model, dry_run=True)
     assert (plan["images_found"], plan["images_new"], plan["images_changed"]) == (6, 6, 0)
+    assert plan["output_exists"] is False and plan["output"] == "s3://preds/out"
     versions = s3.call_s3("list_object_versions", Bucket="preds")
     assert not versions.get("Versions") and not versions.get("DeleteMarkers"), versions
     run("s3://scans/incoming", "s3://preds/out", tiny_model)
     s3.pipe_file("scans/incoming/a.jpg", b"another version")
     again = run("s3://scans/incoming", "s3://preds/out", tiny_model, dry_run=True)
     assert (again["images_new"], again["images_changed"], again["images_unchanged"]) == (1, 1, 5)
+    assert again["output_exists"] is True
 
 
 @pytest.mark.slow

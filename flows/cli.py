@@ -647,7 +647,8 @@ def latest_command(
     s3_endpoint_url: S3EndpointOption = None,
     aws_credentials_block: AwsBlockOption = None,
 ) -> None:
-    """Export one row per image, from the newest model revision that classified it (docs/analytics.md)."""
+    """Export one row per image, of its current content: the row of the newest model revision (by first
+    appearance in DEST) that classified that content (docs/analytics.md)."""
     from tasks.analytics import export_latest
 
     rows = read_dataset(

@@ -89,9 +89,12 @@ def read_labels_file(path: str) -> pd.DataFrame:
     frame.columns = [str(column).strip().lower() for column in frame.columns]
     missing = {"image_uri", "label"} - set(frame.columns)
     if missing:
+        separated = next((s for s in (";", "\t") if len(frame.columns) == 1 and s in frame.columns[0]), None)
+        how = {";": "semicolons", "\t": "tabs"}.get(separated or "")
         raise LabelError(
             f"labels file {path!r} lacks column(s) {sorted(missing)}; it needs `image_uri,label` "
             f"(found {list(frame.columns)})"
+            + (f"; its columns are separated by {how}: save it with commas (Excel: CSV UTF-8)" if how else "")
         )
     if frame.empty:
         raise LabelError(f"labels file {path!r} holds no labels, only a header; add one line per image")

@@ -117,6 +117,9 @@ class Joined:
     labels_without_prediction: int
     unmatched_labels: list[str] = field(default_factory=list)  # up to EXAMPLES labels without a prediction
     labelled_error_rows_by_class: dict[str, int] = field(default_factory=dict)  # Normal, Malignant
+    labelled_error_examples: list[dict[str, str]] = field(
+        default_factory=list
+    )  # image_uri, error: up to EXAMPLES
 
 
 EXAMPLES = 5  # unmatched image_uri values quoted in messages and reports
@@ -158,7 +161,7 @@ def check_revision_choice(
 
 def revision_name(model_revision: str | None) -> str | None:
     """--model-revision as given, or the partition folder's name copied whole (`model_slug=vit-1a2b…`)."""
-    return model_revision.removeprefix("model_slug=").strip("/") if model_revision else model_revision
+    return model_revision.removeprefix("model_slug=").rstrip("/") if model_revision else model_revision
 
 
 def several_revisions(destination: str, count: int, present: list[str]) -> EvaluationError:
@@ -171,9 +174,13 @@ def several_revisions(destination: str, count: int, present: list[str]) -> Evalu
 
 
 def missing_revision(destination: str, model_revision: str, present: list[str]) -> EvaluationError:
+    path = "/" in model_revision or model_revision.startswith(("~", "."))
+    hint = (
+        " (a model folder's path is not a revision: the rows' `model` column holds the path)" if path else ""
+    )
     return EvaluationError(
         f"predictions dataset {destination!r} holds no rows for model revision {model_revision!r}; "
-        f"it holds {present or 'none'} (give a model_revision value or a model_slug partition name)"
+        f"it holds {present or 'none'} (give a model_revision value or a model_slug partition name){hint}"
     )
 
 
@@ -229,6 +236,15 @@ def join_labels(predictions: pd.DataFrame, labels: pd.DataFrame) -> Joined:
             name: int((with_both.loc[is_error, "y_true"] == class_id).sum())
             for class_id, name in enumerate(("Normal", POSITIVE_LABEL))
         },
+        labelled_error_examples=[
+            {"image_uri": str(uri), "error": str(error or "")}
+            for uri, error in with_both.loc[is_error]
+            .sort_values("image_uri")[["image_uri", "error"]]
+            .head(EXAMPLES)
+            .itertuples(index=False)
+        ]
+        if "error" in with_both
+        else [],
     )
 
 
@@ -358,6 +374,7 @@ def compute_metrics(joined: Joined, target_sensitivity: float | None = None) -> 
             "predictions_without_label": joined.predictions_without_label,
             "labels_without_prediction": joined.labels_without_prediction,
             "labels_without_prediction_examples": joined.unmatched_labels,
+            "labelled_error_examples": joined.labelled_error_examples,
         },
         "counts": {name: int((y_true == i).sum()) for i, name in enumerate(CLASS_NAMES)},
         "predicted_counts": {name: int((y_pred == i).sum()) for i, name in enumerate(CLASS_NAMES)},

@@ -223,6 +223,9 @@ def render_markdown(metrics: dict[str, Any], title: str = "oncoflow evaluation")
         f"without a label ({images['error_rows'] - images['labelled_error_rows']} of them error rows), "
         f"{images['labels_without_prediction']} labels without a prediction.",
     ]
+    if images.get("labelled_error_examples"):
+        quoted = ", ".join(f"`{e['image_uri']}` ({e['error']})" for e in images["labelled_error_examples"])
+        lines.append(f"Labelled images whose row is an error row, e.g. {quoted}.")
     if images.get("labels_without_prediction_examples"):
         quoted = ", ".join(f"`{uri}`" for uri in images["labels_without_prediction_examples"])
         lines.append(f"Labels without a prediction, e.g. {quoted}.")

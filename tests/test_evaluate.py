@@ -60,7 +60,16 @@ def test_evaluate_data_gives_the_numbers_computed_from_classify_output(
         "labels_without_prediction_examples": [],
         "labels_without_prediction": 0,
         "labelled_error_rows_by_class": {"Normal": 1, "Malignant": 0},
+        "labelled_error_examples": [
+            {
+                "image_uri": f"file://{labeled}/Normal/broken.png",
+                "error": metrics["images"]["labelled_error_examples"][0]["error"],
+            }
+        ],
     }
+    assert metrics["images"]["labelled_error_examples"][0]["error"].startswith("truncated: ")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert f"whose row is an error row, e.g. `file://{labeled}/Normal/broken.png` (truncated: " in report
     assert metrics["counts"] == {"Normal": 8, "Malignant": 8}
     assert (metrics["tp"], metrics["fp"], metrics["tn"], metrics["fn"]) == (tp, fp, tn, fn)
     assert metrics["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
@@ -168,6 +177,10 @@ def test_several_model_revisions_must_be_chosen(
     text = " ".join(unknown.output.split())
     assert unknown.exit_code == 2 and "no rows for model revision 'sha256:nope'" in text
     assert first["model_revision"] in text, "the revisions it holds are listed"
+    a_path = runner.invoke(app, [*common, "--model-revision", tiny_model])  # the model, not its revision
+    text = " ".join(a_path.output.split())
+    assert a_path.exit_code == 2 and f"no rows for model revision {tiny_model!r}" in text, text
+    assert "a model folder's path is not a revision" in text
 
     chosen = runner.invoke(app, [*common, "--model-revision", first["model_revision"]])
     assert chosen.exit_code == 0, chosen.output
@@ -450,3 +463,7 @@ def test_an_unusable_labels_file_fails_before_any_work(tmp_path: Path) -> None:
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "labels.csv row 3" in text and "'benign'" in text, text
     assert not (tmp_path / "r").exists()
+    labels.write_text("image_uri;label\na.png;Normal\n")  # European Excel's "CSV"
+    result = runner.invoke(app, [*args, "--labels", str(labels)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "separated by semicolons: save it with commas" in text, text

@@ -109,6 +109,7 @@ def test_metrics_report_and_plots_are_written(tmp_path: Path) -> None:
         "labels_without_prediction": 4,
         "labels_without_prediction_examples": [],
         "labelled_error_rows_by_class": {"Normal": 1, "Malignant": 0},
+        "labelled_error_examples": [],
     }
     assert metrics["threshold"] == 0.5 and metrics["model_revisions"] == ["sha256:abc"]
     assert 0.0 <= metrics["ece"] <= 1.0 and 0.0 <= metrics["brier"] <= 1.0

@@ -940,8 +940,8 @@ def history_command(
         ),
     ] = None,
 ) -> None:
-    """Recent runs from the Prefect backend: flow, state, start, duration, images, errors, and the run id
-    (the `run_id` column of the rows it wrote; `prefect flow-run inspect ID` shows the rest)."""
+    """Recent runs from the Prefect backend: flow, state, start, duration, images, errors, model, and the run
+    id (the `run_id` column of the rows it wrote; `prefect flow-run inspect ID` shows the rest)."""
     from flows.history import recent_runs
 
     if mark_crashed is not None:
@@ -949,7 +949,7 @@ def history_command(
         return
 
     table = Table(title="oncoflow runs (newest first)")
-    for column in ("flow", "run", "state", "start (UTC)", "duration", "images", "errors", "run id"):
+    for column in ("flow", "run", "state", "start (UTC)", "duration", "images", "errors", "model", "run id"):
         table.add_column(column, justify="right" if column in {"duration", "images", "errors"} else "left")
     start_temporary_server()
     use_temporary_server()
@@ -964,6 +964,7 @@ def history_command(
             f"{run.seconds:.1f} s" if run.seconds is not None else "-",
             "-" if run.images is None else str(run.images),
             "-" if run.errors is None else str(run.errors),
+            escape(str(run.model)) if run.model else "-",
             run.run_id,
         )
     if not runs:

@@ -43,6 +43,7 @@ class RunRow:
     images: int | None
     errors: int | None
     run_id: str
+    model: str | None = None  # the model parameter as given (train: its base model)
 
 
 PAGE = 200  # the Prefect server's largest page (PREFECT_API_DEFAULT_LIMIT)
@@ -66,9 +67,12 @@ def recent_runs(limit: int = 20) -> list[RunRow]:
             if len(page) < wanted:
                 break
         flows = {flow_id: client.read_flow(flow_id).name for flow_id in {run.flow_id for run in runs}}
+        parents = parent_flows(client, runs)
     return [
         RunRow(
-            flow=flows[run.flow_id] + (" (dry run)" if run.parameters.get("dry_run") else ""),
+            flow=flows[run.flow_id]
+            + (f" (in {parents[run.id]})" if run.id in parents else "")
+            + (" (dry run)" if run.parameters.get("dry_run") else ""),
             name=run.name,
             state=run.state_name or "unknown",
             start=run.start_time,
@@ -76,9 +80,25 @@ def recent_runs(limit: int = 20) -> list[RunRow]:
             images=summaries.get(str(run.id), {}).get("images_classified"),
             errors=summaries.get(str(run.id), {}).get("errors"),
             run_id=str(run.id),
+            model=run.parameters.get("model") or run.parameters.get("base_model"),
         )
         for run in runs
     ]
+
+
+def parent_flows(client: Any, runs: list[FlowRun]) -> dict[Any, str]:
+    """run id → the flow a subflow run ran inside (`evaluate --data` classifies through the classify
+    flow: its run is not a nightly one); runs that are not subflows are left out."""
+    names: dict[Any, str] = {}
+    for run in runs:
+        if run.parent_task_run_id is None:
+            continue
+        try:
+            parent = client.read_flow_run(client.read_task_run(run.parent_task_run_id).flow_run_id)
+            names[run.id] = client.read_flow(parent.flow_id).name
+        except ObjectNotFound:  # pruned meanwhile
+            names[run.id] = "another run"
+    return names
 
 
 def duration(run: FlowRun) -> float | None:

@@ -605,9 +605,20 @@ def test_history_lists_runs_with_their_image_counts(
     latest = recent_runs(limit=1)[0]
     assert (latest.flow, latest.state, latest.images, latest.errors) == ("classify", "Completed", 6, 0)
     assert latest.run_id == summary["run_id"] and latest.seconds is not None and latest.seconds > 0
+    assert latest.model == tiny_model
     result = runner.invoke(app, ["history", "--limit", "3"])
     assert result.exit_code == 0 and "classify" in result.output and "Completed" in result.output
     assert summary["run_id"] in result.output  # to find the run's rows: WHERE run_id = '...'
+
+    # evaluate --data classifies through the classify flow: that run is told apart from nightly ones
+    labeled = tmp_path / "labeled"
+    shutil.copytree(image_folder, labeled / "Normal")
+    shutil.copytree(image_folder, labeled / "Malignant")
+    from flows.evaluate import evaluate
+
+    evaluate(output=str(tmp_path / "report"), data=str(labeled), model=tiny_model, device="cpu")
+    flows = [run.flow for run in recent_runs(limit=3)]
+    assert flows == ["classify (in evaluate)", "evaluate", "classify"], flows
 
 
 def test_a_dry_run_of_the_flow_writes_nothing_and_history_tells_it_apart(

@@ -154,13 +154,13 @@ def listed_files(location: Location) -> list[str]:
             raise NoDatasetFiles(bucket)
         if holds_other_files(location):
             raise NoDatasetFiles(
-                f"no Parquet files under {location.uri!r}, only other files: it is no classify output (the "
+                f"no Parquet files under {location.shown!r}, only other files: it is no classify output (the "
                 "image SOURCE given by mistake?); give the --output folder of `oncoflow classify`"
             )
         check = "" if location.is_local else ", or check --s3-endpoint-url and the credentials"
         raise NoDatasetFiles(
-            f"no Parquet files under {location.uri!r}; run `oncoflow classify SOURCE --output "
-            f"{location.uri}` first{check}"
+            f"no Parquet files under {location.shown!r}; run `oncoflow classify SOURCE --output "
+            f"{location.shown}` first{check}"
         )
     return files
 

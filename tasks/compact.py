@@ -71,7 +71,7 @@ def parquet_files_by_partition(destination: Location) -> dict[str, list[str]]:
     """The dataset's Parquet files (tasks.sink.dataset_files), grouped by their folder, names sorted."""
     if not destination.fs.exists(destination.path):
         raise FileNotFoundError(
-            missing_bucket(destination) or f"dataset {destination.uri!r} does not exist; check the path"
+            missing_bucket(destination) or f"dataset {destination.shown!r} does not exist; check the path"
         )
     partitions: dict[str, list[str]] = defaultdict(list)
     for path in dataset_files(destination):
@@ -188,14 +188,14 @@ def compact(destination: Location, target_rows: int = TARGET_ROWS, run_id: str =
     # as in every other command (tasks.storage.storage_call), before the lease and before any work.
     if not storage_call(fs, root, lambda: fs.exists(root)):  # before the lease, which would create DEST
         raise FileNotFoundError(
-            missing_bucket(destination) or f"dataset {destination.uri!r} does not exist; check the path"
+            missing_bucket(destination) or f"dataset {destination.shown!r} does not exist; check the path"
         )
     names = storage_call(
         fs, root, lambda: [posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)]
     )
     if not any(name.startswith("model_slug=") for name in names):  # before the lease, which writes into it
         raise FileNotFoundError(
-            f"{destination.uri!r} holds no model_slug=… partition folders, so it is no classify output (the "
+            f"{destination.shown!r} holds no model_slug=… partition folders, so it is no classify output (the "
             "image SOURCE given by mistake?); give the --output folder of `oncoflow classify`"
         )
     check_output(destination)  # compaction writes merged files and deletes their inputs

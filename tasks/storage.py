@@ -106,6 +106,12 @@ class Location:
     def uri(self) -> str:
         return to_uri(self.fs, self.path)
 
+    @property
+    def shown(self) -> str:
+        """How messages name it: a local folder by its path (as typed, made absolute), not its file://
+        URI with percent-escapes; an object store's prefix by its URI."""
+        return self.path if self.is_local else self.uri
+
     def join(self, *parts: str) -> str:
         return "/".join([self.path.rstrip("/"), *parts])
 

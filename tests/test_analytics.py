@@ -70,7 +70,11 @@ def test_compact_refuses_a_folder_that_is_no_dataset_and_writes_nothing_into_it(
     result = CliRunner().invoke(app, ["compact", str(image_folder)])
     text = " ".join(result.output.split())
     assert result.exit_code == 1 and "holds no model_slug=… partition folders" in text, text
+    assert f"{str(image_folder)!r} holds" in text, "named as typed, not as a file:// URI"
     assert sorted(image_folder.rglob("*")) == before
+    latest = CliRunner().invoke(app, ["latest", str(image_folder), "-o", str(image_folder.parent / "l.csv")])
+    text = " ".join(latest.output.split())
+    assert f"no Parquet files under {str(image_folder)!r}, only other files" in text, text
 
 
 @pytest.mark.parametrize("command", ["latest", "report"])

@@ -413,13 +413,18 @@ def check_model_arguments(
         fail(str(exc), code=2)
 
 
+STOPPED_SHARD = "exception ShardStopped: "  # tasks.inference.ShardStopped, as the task's final state says it
+
+
 class OneLineExpectedErrors(logging.Filter):
     """On the terminal, Prefect's report of a failed run keeps one line when the error is one this CLI
     explains itself (its `error:` line follows): the first record of it without its traceback; the
     task's and the flow's later records repeating the same error ("Finished in state Failed(...)")
     are dropped, and so is Prefect's "EventsWorker - Still processing items: 1 items remaining..."
-    while it sends the failed run's last events at exit (it means nothing to do). The run's logs in the
-    Prefect API, written by another handler before this one, keep every record and the whole traceback."""
+    while it sends the failed run's last events at exit (it means nothing to do). A shard that a stop
+    (Ctrl-C, SIGTERM) ended before it wrote is not an error: its record becomes an INFO line saying so.
+    The run's logs in the Prefect API, written by another handler before this one, keep every record and
+    the whole traceback."""
 
     def __init__(self, expected: tuple[type[BaseException], ...]) -> None:
         super().__init__()
@@ -427,6 +432,16 @@ class OneLineExpectedErrors(logging.Filter):
         self.seen: set[str] = set()  # the texts of expected errors already shown
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and STOPPED_SHARD in (message := record.getMessage()):
+            said = message.split(STOPPED_SHARD, 1)[1].split("')", 1)[0]
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                f"ended by the stop: {said}",
+                (),
+                None,
+                None,
+            )
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return True
         if record.exc_info and isinstance(record.exc_info[1], self.expected):
             text = str(record.exc_info[1])
             record.exc_info = record.exc_text = None

@@ -785,6 +785,8 @@ def test_ctrl_c_in_a_terminal_stops_a_run_on_the_temporary_server_cleanly(
     written = list((tmp_path / "dest").rglob("*.parquet"))
     assert 1 <= len(written) <= 2, output[-3000:]  # the first shard, and maybe the one beside it
     assert "wrote no rows" in output, output[-3000:]  # a running shard ended at a batch, unwritten
+    assert "| INFO    | Task run 'classify-shard-" in output and "- ended by the stop: run " in output
+    assert "ShardStopped" not in output, "said as what it is, not as a failed task"
     if how == "sigterm":  # the next run classifies the rest: every image once
         again = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

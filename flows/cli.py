@@ -416,6 +416,15 @@ def check_model_arguments(
 STOPPED_SHARD = "exception ShardStopped: "  # tasks.inference.ShardStopped, as the task's final state says it
 
 
+def safe_message(record: logging.LogRecord) -> str:
+    """The record's text; "" for one whose arguments do not fit its format (the handler reports those,
+    as it always did: a filter that raised would fail the code that logged)."""
+    try:
+        return record.getMessage()
+    except (TypeError, ValueError):
+        return ""
+
+
 class OneLineExpectedErrors(logging.Filter):
     """On the terminal, Prefect's report of a failed run keeps one line when the error is one this CLI
     explains itself (its `error:` line follows): the first record of it without its traceback; the
@@ -432,7 +441,7 @@ class OneLineExpectedErrors(logging.Filter):
         self.seen: set[str] = set()  # the texts of expected errors already shown
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and STOPPED_SHARD in (message := record.getMessage()):
+        if record.levelno >= logging.ERROR and STOPPED_SHARD in (message := safe_message(record)):
             said = message.split(STOPPED_SHARD, 1)[1].split("')", 1)[0]
             record.msg, record.args, record.exc_info, record.exc_text = (
                 f"ended by the stop: {said}",
@@ -450,7 +459,7 @@ class OneLineExpectedErrors(logging.Filter):
             if text:
                 self.seen.add(text)
             return True
-        message = record.getMessage() if self.seen else ""
+        message = safe_message(record) if self.seen else ""
         if self.seen and message.startswith("Still processing items"):
             return False
         return not any(text in message for text in self.seen)

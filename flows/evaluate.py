@@ -95,7 +95,9 @@ def score(
     """Join the newest predictions of one model revision to the labels and compute the metrics."""
     joined = join_labels(read_predictions(destination, revision, storage), labels)
     metrics = compute_metrics(joined, target)
-    metrics["predictions"] = destination
+    metrics["predictions"] = (
+        destination if "://" in destination else os.path.abspath(os.path.expanduser(destination))
+    )
     warning = one_class_warning(metrics)
     if warning:
         get_run_logger().warning(warning)

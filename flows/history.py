@@ -67,7 +67,7 @@ def recent_runs(limit: int = 20) -> list[RunRow]:
             if len(page) < wanted:
                 break
         flows = {flow_id: client.read_flow(flow_id).name for flow_id in {run.flow_id for run in runs}}
-        parents = parent_flows(client, runs)
+        parents = parent_flows(client, runs, flows)
     return [
         RunRow(
             flow=flows[run.flow_id]
@@ -80,22 +80,37 @@ def recent_runs(limit: int = 20) -> list[RunRow]:
             images=summaries.get(str(run.id), {}).get("images_classified"),
             errors=summaries.get(str(run.id), {}).get("errors"),
             run_id=str(run.id),
-            model=run.parameters.get("model") or run.parameters.get("base_model"),
+            model=run_model(run.parameters),
         )
         for run in runs
     ]
 
 
-def parent_flows(client: Any, runs: list[FlowRun]) -> dict[Any, str]:
+def run_model(parameters: dict[str, Any]) -> str | None:
+    """The model a run was given: `model` (train: `base_model`); none for `evaluate --predictions`,
+    which scores rows already written (its `model` parameter is only the default, unused)."""
+    if parameters.get("predictions"):
+        return None
+    return parameters.get("model") or parameters.get("base_model")
+
+
+def parent_flows(client: Any, runs: list[FlowRun], flows: dict[Any, str]) -> dict[Any, str]:
     """run id → the flow a subflow run ran inside (`evaluate --data` classifies through the classify
-    flow: its run is not a nightly one); runs that are not subflows are left out."""
+    flow: its run is not a nightly one); runs that are not subflows are left out. `flows`: flow names
+    known already, by flow id (filled in here)."""
     names: dict[Any, str] = {}
     for run in runs:
         if run.parent_task_run_id is None:
             continue
         try:
-            parent = client.read_flow_run(client.read_task_run(run.parent_task_run_id).flow_run_id)
-            names[run.id] = client.read_flow(parent.flow_id).name
+            parent_run = client.read_task_run(run.parent_task_run_id).flow_run_id
+            if parent_run is None:  # run from a task outside any flow run
+                names[run.id] = "another run"
+                continue
+            flow_id = client.read_flow_run(parent_run).flow_id
+            if flow_id not in flows:
+                flows[flow_id] = client.read_flow(flow_id).name
+            names[run.id] = flows[flow_id]
         except ObjectNotFound:  # pruned meanwhile
             names[run.id] = "another run"
     return names

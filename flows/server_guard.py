@@ -97,6 +97,7 @@ def start_temporary_server() -> None:
 
 
 SERVER_LOG = "temporary-server.log"
+SERVER_LOG_LIMIT = 10 * 1024 * 1024  # bytes: a larger log starts again (the newest errors are what matter)
 
 
 @contextlib.contextmanager
@@ -108,7 +109,9 @@ def server_log(home: Any) -> Iterator[IO[bytes] | None]:
     before) when PREFECT_HOME cannot be written."""
     try:
         os.makedirs(home, exist_ok=True)
-        handle: IO[bytes] | None = open(os.path.join(home, SERVER_LOG), "ab")  # noqa: SIM115
+        path = os.path.join(home, SERVER_LOG)
+        mode = "wb" if os.path.exists(path) and os.path.getsize(path) > SERVER_LOG_LIMIT else "ab"
+        handle: IO[bytes] | None = open(path, mode)  # noqa: SIM115
     except OSError:
         handle = None
     try:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import shlex
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -160,7 +161,7 @@ def listed_files(location: Location) -> list[str]:
         check = "" if location.is_local else ", or check --s3-endpoint-url and the credentials"
         raise NoDatasetFiles(
             f"no Parquet files under {location.shown!r}; run `oncoflow classify SOURCE --output "
-            f"{location.shown}` first{check}"
+            f"{shlex.quote(location.shown)}` first{check}"
         )
     return files
 

@@ -110,7 +110,8 @@ def check_model_name(name: str, classifier: bool = False) -> str | None:
     """The local folder `name` names (None for a hub id), or ModelError when it cannot load: a folder
     without .safetensors weights, without config.json or preprocessor_config.json (or with one that is
     not JSON), files this account cannot read, or a name that is neither a folder nor a hub id 'org/name'.
-    `classifier`: its config.json must also name a Malignant class (a base model for train need not).
+    `classifier`: its config.json must also name exactly the classes Normal and Malignant (a base model
+    for train need not).
 
     Cheap (no hashing, no download, no weights read): the CLI runs it before Prefect starts (classify,
     reprocess, evaluate --data, train --base-model, serve) so a wrong --model exits 2 now, not at 02:00."""
@@ -202,7 +203,7 @@ def positive_class(id2label: dict[int, str], name: str) -> int:
     positive = [class_id for class_id, label in id2label.items() if label.lower() == POSITIVE_LABEL.lower()]
     if not positive:
         raise ModelError(f"model {name!r} has labels {labels}, none of them {POSITIVE_LABEL!r}; {fix}")
-    if len(id2label) != 2:
+    if len(id2label) != 2 or len(positive) != 1:
         raise ModelError(
             f"model {name!r} has {len(id2label)} classes {labels}; oncoflow classifies two, Normal and "
             f"Malignant (a threshold on prob_malignant decides between them): fine-tune a two-class model "

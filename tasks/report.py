@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from typing import Any
@@ -18,6 +17,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocC
 
 from tasks.labels import CLASS_NAMES  # noqa: E402
 from tasks.metrics import CALIBRATION_BINS, json_safe  # noqa: E402
+from tasks.storage import open_location, write_atomic  # noqa: E402
 
 RESEARCH_NOTICE = (
     "> **For research, not diagnosis.** These numbers describe a statistical model on one set of "
@@ -324,15 +324,21 @@ def save_plots(folder: str, y_true: np.ndarray, y_pred: np.ndarray, prob: np.nda
     return paths
 
 
-def same_location(first: str, second: str) -> bool:
-    """Whether two spellings of a predictions folder name the same one (`preds`, `./preds/`, its path)."""
-
-    def plain(location: str) -> str:
-        if "://" in location:
-            return location.rstrip("/")
-        return os.path.abspath(os.path.expanduser(location)).rstrip("/")
-
-    return plain(first) == plain(second)
+def predictions_key(predictions: str, folder: str) -> str | None:
+    """What identifies the predictions a report scored, for comparing two reports of one REPORT folder:
+    an object store's prefix; a local DEST by its real path; `evaluate --data`'s own folder inside
+    REPORT (`predictions-cpu-fp32`) by its name alone, so a REPORT moved or reached by another path is
+    still the same. None for a relative path (saved so by an older oncoflow: its base is unknown)."""
+    if "://" in predictions:
+        return predictions.rstrip("/")
+    if not os.path.isabs(predictions):
+        return None
+    name = os.path.basename(predictions.rstrip("/"))
+    if name.startswith("predictions") and os.path.basename(os.path.dirname(predictions.rstrip("/"))):
+        inside = os.path.realpath(os.path.dirname(predictions.rstrip("/"))) == os.path.realpath(folder)
+        if inside or not os.path.exists(predictions):  # REPORT's own folder, here or where REPORT was
+            return f"REPORT/{name}"
+    return os.path.realpath(predictions)
 
 
 def check_report_folder(folder: str, revisions: list[str], predictions: str) -> None:
@@ -351,9 +357,10 @@ def check_report_folder(folder: str, revisions: list[str], predictions: str) -> 
         return
     old_revisions = list(earlier.get("model_revisions") or [])
     old_predictions = str(earlier.get("predictions") or "")
-    if old_revisions == list(revisions) and (
-        not old_predictions or same_location(old_predictions, predictions)
-    ):
+    old_key = predictions_key(old_predictions, folder) if old_predictions else None
+    if "://" not in predictions:  # this evaluation's own: relative to where it runs
+        predictions = os.path.abspath(os.path.expanduser(predictions))
+    if old_revisions == list(revisions) and old_key in (None, predictions_key(predictions, folder)):
         return
     raise ValueError(
         f"report folder {folder!r} holds the report of model revision {', '.join(old_revisions) or '?'} "
@@ -361,18 +368,6 @@ def check_report_folder(folder: str, revisions: list[str], predictions: str) -> 
         f"{predictions}), would replace it. Give each model revision and setting its own --output, or "
         f"delete {path} to replace that report"
     )
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write a whole file or nothing: a crash mid-write leaves the earlier file, not half of each."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(temporary, "w") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
 
 
 def write_report(
@@ -385,8 +380,10 @@ def write_report(
     )
     os.makedirs(folder, exist_ok=True)
     written = save_plots(folder, y_true, y_pred, prob)
-    written["report"] = os.path.join(folder, "report.md")
-    write_text_atomic(written["report"], render_markdown(metrics))
-    written["metrics"] = os.path.join(folder, "metrics.json")  # last: it names what the folder holds
-    write_text_atomic(written["metrics"], json.dumps(json_safe(metrics), indent=2))
+    # Whole or not at all (a crash leaves the earlier file); metrics.json last: it names what REPORT holds.
+    report = open_location(folder)
+    written["report"] = write_atomic(report, "report.md", render_markdown(metrics).encode())
+    written["metrics"] = write_atomic(
+        report, "metrics.json", json.dumps(json_safe(metrics), indent=2).encode()
+    )
     return written

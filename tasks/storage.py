@@ -110,7 +110,9 @@ class Location:
     def shown(self) -> str:
         """How messages name it: a local folder by its path (as typed, made absolute), not its file://
         URI with percent-escapes; an object store's prefix by its URI."""
-        return self.path if self.is_local else self.uri
+        if self.is_local:  # bytes of a file name that are not UTF-8 as \xNN (printable, unambiguous)
+            return os.fsencode(self.path).decode("utf-8", "backslashreplace")
+        return self.uri
 
     def join(self, *parts: str) -> str:
         return "/".join([self.path.rstrip("/"), *parts])

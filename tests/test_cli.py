@@ -223,6 +223,33 @@ def test_python_m_flows_cli_runs_the_cli() -> None:
     assert done.returncode == 0 and "classify" in done.stdout
 
 
+def test_the_terminal_filter_never_fails_the_code_that_logged() -> None:
+    """A library's malformed log call (more placeholders than arguments) is the handler's to report,
+    as without the filter; the filter must not raise it into the task that logged."""
+    import logging
+
+    from flows.cli import OneLineExpectedErrors
+
+    quiet = OneLineExpectedErrors((ValueError,))
+    record = logging.LogRecord("lib", logging.ERROR, __file__, 1, "bad %s %s", ("only-one",), None)
+    assert quiet.filter(record) is True
+    stopped = logging.LogRecord(
+        "prefect.task_runs",
+        logging.ERROR,
+        __file__,
+        1,
+        "Finished in state Failed('Task run encountered an exception ShardStopped: run r was stopped: "
+        "shard s wrote no rows')",
+        (),
+        None,
+    )
+    assert quiet.filter(stopped) is True
+    assert (stopped.levelname, stopped.getMessage()) == (
+        "INFO",
+        "ended by the stop: run r was stopped: shard s wrote no rows",
+    )
+
+
 HEAVY_MODULES = ("torch", "transformers", "pyarrow", "s3fs", "botocore", "prefect", "PIL", "numpy")
 LOADED_AFTER = """
 import sys

@@ -517,3 +517,54 @@ def test_rows_decided_at_several_thresholds_are_said_so() -> None:
     assert "decision thresholds on prob_malignant: 0.468, 0.47 (rows were classified" in render_markdown(
         mixed
     )
+
+
+def test_a_report_folder_is_refreshed_by_the_same_evaluation_however_it_is_reached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One REPORT holds one report: the same revision and predictions refresh it — from another working
+    directory, after REPORT was moved, from a metrics.json an older oncoflow wrote with a relative
+    path — while another revision or another DEST is refused."""
+    from tasks.report import check_report_folder
+
+    def holding(report: Path, revisions: list[str], predictions: str) -> Path:
+        report.mkdir(parents=True, exist_ok=True)
+        (report / "metrics.json").write_text(
+            json.dumps({"model_revisions": revisions, "predictions": predictions})
+        )
+        return report
+
+    moved = holding(tmp_path / "moved", ["sha256:a"], "/where/it/was/report/predictions-cpu-fp32")
+    check_report_folder(str(moved), ["sha256:a"], str(moved / "predictions-cpu-fp32"))
+    with pytest.raises(ValueError, match="predictions-cpu-fp32"):
+        check_report_folder(str(moved), ["sha256:a"], str(moved / "predictions-cpu-fp32-compiled"))
+    with pytest.raises(ValueError, match="holds the report of model revision sha256:a"):
+        check_report_folder(str(moved), ["sha256:b"], str(moved / "predictions-cpu-fp32"))
+
+    (tmp_path / "data" / "out").mkdir(parents=True)
+    dest = holding(tmp_path / "r", ["sha256:a"], str(tmp_path / "data" / "out"))
+    monkeypatch.chdir(tmp_path / "data")
+    check_report_folder(str(dest), ["sha256:a"], "out/")  # the same DEST, spelled from elsewhere
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ValueError, match="would replace it"):
+        check_report_folder(str(dest), ["sha256:a"], str(tmp_path / "other"))
+
+    older = holding(tmp_path / "older", ["sha256:a"], "out")  # relative: its base is unknown
+    check_report_folder(str(older), ["sha256:a"], str(tmp_path / "other"))
+    on_s3 = holding(tmp_path / "s3", ["sha256:a"], "s3://bucket/preds/")
+    check_report_folder(str(on_s3), ["sha256:a"], "s3://bucket/preds")
+    with pytest.raises(ValueError):
+        check_report_folder(str(on_s3), ["sha256:a"], "s3://bucket/other")
+    holding(tmp_path / "broken", [], "")
+    (tmp_path / "broken" / "metrics.json").write_text('{"model_rev')  # cut short: replaced
+    check_report_folder(str(tmp_path / "broken"), ["sha256:b"], "s3://bucket/preds")
+
+
+def test_a_model_must_have_the_classes_normal_and_malignant_once_each() -> None:
+    from tasks.model_files import ModelError, positive_class
+
+    assert positive_class({0: "Normal", 1: "Malignant"}, "m") == 1
+    assert positive_class({0: "Malignant", 1: "Normal"}, "m") == 0
+    for labels in ({0: "Malignant", 1: "Malignant"}, {0: "Benign", 1: "Malignant"}, {0: "Normal"}):
+        with pytest.raises(ModelError, match="Normal"):
+            positive_class(labels, "m")

@@ -617,8 +617,14 @@ def test_history_lists_runs_with_their_image_counts(
     from flows.evaluate import evaluate
 
     evaluate(output=str(tmp_path / "report"), data=str(labeled), model=tiny_model, device="cpu")
-    flows = [run.flow for run in recent_runs(limit=3)]
-    assert flows == ["classify (in evaluate)", "evaluate", "classify"], flows
+    runs = recent_runs(limit=3)
+    assert [run.flow for run in runs] == ["classify (in evaluate)", "evaluate", "classify"], runs
+    assert runs[0].model == runs[1].model == tiny_model
+    labels = tmp_path / "labels.csv"
+    names = sorted(p.name for p in image_folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    labels.write_text("image_uri,label\n" + "".join(f"{image_folder / name},Normal\n" for name in names))
+    evaluate(output=str(tmp_path / "scored"), predictions=str(tmp_path / "preds"), labels=str(labels))
+    assert recent_runs(limit=1)[0].model is None, "scores rows already written: no model of its own"
 
 
 def test_a_dry_run_of_the_flow_writes_nothing_and_history_tells_it_apart(

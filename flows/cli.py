@@ -781,7 +781,9 @@ def evaluate_command(
         except (LabelError, OSError) as exc:  # OSError: unreadable (permissions), a folder, ...
             fail(str(exc), code=2)
     if params.predictions and not params.aws_credentials_block:
-        check_revision_choice(params.predictions, params.model_revision, params.s3_endpoint_url)
+        check_revision_choice(
+            params.predictions, params.model_revision, params.s3_endpoint_url, params.output
+        )
     start_temporary_server()
     from flows.evaluate import evaluate
 
@@ -795,20 +797,30 @@ def evaluate_command(
     print_metrics(metrics, f"{params.output}/report.md")
 
 
-def check_revision_choice(predictions: str, model_revision: str | None, s3_endpoint_url: str | None) -> None:
+def check_revision_choice(
+    predictions: str, model_revision: str | None, s3_endpoint_url: str | None, report: str
+) -> None:
     """Exit 2 before Prefect starts when --predictions holds several model revisions and no
-    --model-revision chooses one, or none that it names. A dataset that cannot be read here is left
-    for the flow to report."""
+    --model-revision chooses one, or none that it names, or when REPORT holds the report of another
+    revision or DEST (tasks.report.check_report_folder; the flow checks again before writing). A dataset
+    that cannot be read here is left for the flow to report."""
     from flows.credentials import storage_options
     from tasks.metrics import EvaluationError
     from tasks.metrics import check_revision_choice as check
 
     try:
-        check(predictions, model_revision, storage_options(None, s3_endpoint_url))
+        chosen = check(predictions, model_revision, storage_options(None, s3_endpoint_url))
     except EvaluationError as exc:
         fail(str(exc), code=2)
     except Exception:  # unreachable storage, a damaged file: the flow's own checks name those
         return
+    if chosen is not None:
+        from tasks.report import check_report_folder
+
+        try:
+            check_report_folder(report, [chosen], predictions)
+        except ValueError as exc:
+            fail(str(exc), code=2)
 
 
 def train_command(

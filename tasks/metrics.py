@@ -141,22 +141,27 @@ def canonical_uris(uris: pd.Series) -> pd.Series:
 
 def check_revision_choice(
     destination: str, model_revision: str | None = None, storage: dict[str, Any] | None = None
-) -> None:
-    """EvaluationError when the dataset holds several model revisions and `model_revision` is None, or
-    none that `model_revision` names (a revision or a model_slug). Reads the two columns alone (cheap,
-    so the CLI checks before Prefect starts); read_predictions says the rest."""
+) -> str | None:
+    """The model revision an evaluation of this dataset scores (None when the dataset holds no rows or
+    cannot be opened here); EvaluationError when it holds several and `model_revision` is None, or none
+    that `model_revision` names (a revision or a model_slug). Reads the two columns alone (cheap, so the
+    CLI checks before Prefect starts); read_predictions says the rest."""
     model_revision = revision_name(model_revision)
     location = open_location(destination, storage or {})
     dataset = open_dataset(location)
     if dataset is None:
-        return
+        return None
     table = dataset.to_table(columns=["model_revision", "model_slug"])
     revisions = pc.unique(table.column("model_revision")).drop_null()
     if model_revision is None and len(revisions) > 1:
         raise several_revisions(destination, len(revisions), _revisions(location))
-    names = set(revisions.to_pylist()) | set(pc.unique(table.column("model_slug")).to_pylist())
-    if model_revision is not None and model_revision not in names:
+    pairs = table.group_by(["model_revision", "model_slug"]).aggregate([]).to_pylist()
+    chosen = {
+        p["model_revision"] for p in pairs if model_revision in (None, p["model_revision"], p["model_slug"])
+    }
+    if model_revision is not None and not chosen:
         raise missing_revision(destination, model_revision, _revisions(location))
+    return next(iter(chosen)) if len(chosen) == 1 else None
 
 
 def revision_name(model_revision: str | None) -> str | None:

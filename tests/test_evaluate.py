@@ -193,7 +193,7 @@ def test_several_model_revisions_must_be_chosen(
     other = next(r for r in rows(predictions)["model_revision"].unique() if r != first["model_revision"])
     replacing = runner.invoke(app, [*common, "--model-revision", other])
     text = " ".join(replacing.output.split())
-    assert replacing.exit_code == 1 and "holds the report of model revision" in text, text
+    assert replacing.exit_code == 2 and "holds the report of model revision" in text, text  # before Prefect
     assert first["model_revision"] in text and "its own --output" in text
     assert json.loads((tmp_path / "r" / "metrics.json").read_text()) == metrics
     assert (tmp_path / "r" / "report.md").read_text() == report

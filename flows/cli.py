@@ -771,6 +771,7 @@ def evaluate_command(
                 fail(f"--data {params.data!r} holds no images under Normal/ and Malignant/", code=2)
         except (LabelError, OSError) as exc:
             fail(str(exc), code=2)
+        check_report_of_local_model(params)
     else:
         check_writable(params.output)
     if params.labels:  # its content is an argument too: a bad labels file fails before any work
@@ -795,6 +796,24 @@ def evaluate_command(
     except expected_errors() as exc:
         fail(str(exc))
     print_metrics(metrics, f"{params.output}/report.md")
+
+
+def check_report_of_local_model(params: EvaluateParams) -> None:
+    """Exit 2 before Prefect starts when REPORT holds the report of another model revision or setting and
+    --model is a local folder (its revision is a hash of its files, computed here only when REPORT holds
+    a report); a hub model's revision is known once fetched: the flow checks it then, before classifying."""
+    directory = check_model_name(params.model)
+    if directory is None or not os.path.exists(os.path.join(params.output, "metrics.json")):
+        return
+    from flows.evaluate import predictions_folder
+    from tasks.model_files import weights_revision
+    from tasks.report import check_report_folder
+
+    destination = os.path.join(os.path.abspath(params.output), predictions_folder(params))
+    try:
+        check_report_folder(params.output, [weights_revision(directory)], destination)
+    except ValueError as exc:
+        fail(str(exc), code=2)
 
 
 def check_revision_choice(

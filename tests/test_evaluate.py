@@ -208,7 +208,8 @@ def test_evaluating_another_model_into_a_report_folder_refuses_before_classifyin
     labeled: Path, tmp_path: Path, tiny_model: str, tiny_model_imagenet: str
 ) -> None:
     """--data with another model into a REPORT that holds one model's report: refused before the labelled
-    folder is classified again, the first report and its predictions kept."""
+    folder is classified again (a local model: exit 2 before Prefect starts; the flow checks a hub
+    model's revision before classifying), the first report and its predictions kept."""
     report = tmp_path / "report"
     arguments = ["evaluate", "-o", str(report), "--data", str(labeled), "--device", "cpu"]
     first = runner.invoke(app, [*arguments, "--model", tiny_model])
@@ -218,7 +219,8 @@ def test_evaluating_another_model_into_a_report_folder_refuses_before_classifyin
 
     second = runner.invoke(app, [*arguments, "--model", tiny_model_imagenet])
     text = " ".join(second.output.split())
-    assert second.exit_code == 1 and "holds the report of model revision" in text, text
+    assert second.exit_code == 2 and "holds the report of model revision" in text, text
+    assert "Beginning flow run" not in second.output
     assert json.loads((report / "metrics.json").read_text()) == metrics
     assert sorted(p.name for p in report.rglob("*.parquet")) == before, "nothing classified"
 
@@ -295,7 +297,7 @@ def test_evaluate_data_compiled_scores_what_the_uncompiled_model_scores(
         ["evaluate", "-o", str(tmp_path / "report"), "--data", str(labeled), "--model", tiny_model]
         + ["--device", "cpu", "--precision", "fp32", "--compile"],
     )
-    assert refused.exit_code == 1 and "predictions-cpu-fp32)" in " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "predictions-cpu-fp32)" in " ".join(refused.output.split())
     compiled = metrics("--compile", "--batch-size", "4", report="compiled")
     assert plain["predictions"] == str(tmp_path / "report" / "predictions-cpu-fp32")
     assert compiled["predictions"] == str(tmp_path / "compiled" / "predictions-cpu-fp32-compiled")

@@ -79,12 +79,13 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def validated(factory: Callable[..., Any], **values: Any) -> Any:
-    """Build a parameter object, turning validation problems into one clear message and exit code 2."""
+def validated(factory: Callable[..., Any], names: dict[str, str] | None = None, **values: Any) -> Any:
+    """Build a parameter object, turning validation problems into one clear message and exit code 2.
+    `names`: how this command spells a field whose spelling differs from the others' (serve's --source)."""
     try:
         return factory(**values)
     except ValidationError as exc:
-        fail(describe_validation_error(exc), code=2)
+        fail(describe_validation_error(exc, names=names), code=2)
 
 
 @contextmanager
@@ -1119,7 +1120,7 @@ def serve_command(
             code=2,
         )
     options = {k: v for k, v in locals().items() if k in ClassifyParams.model_fields}
-    params = validated(ClassifyParams, **options)
+    params = validated(ClassifyParams, names={"source": "--source"}, **options)
     # The runs execute in this process: a model folder, a hub model out of reach, or --device,
     # --precision or --compile that cannot work here would otherwise fail only at 02:00.
     check_model_arguments(params.model, params.device, params.precision, params.compile)

@@ -44,6 +44,7 @@ def _normalized(location: str) -> str:
 
 
 REMOTE_SCHEMES = ("s3", "s3a")
+URI_WITHOUT_COLON = re.compile(r"(?i)(s3a?|file)//+")  # `s3//bucket/x`: would be a local folder `s3/`
 
 
 def location_argument(value: str, local_only: bool = False) -> str:
@@ -61,6 +62,11 @@ def location_argument(value: str, local_only: bool = False) -> str:
     folder of evaluate, the training data and model folders).
     """
     value = full_file_uri(value)
+    if "://" not in value and (typo := URI_WITHOUT_COLON.match(value)):  # `s3//bucket/x`
+        raise ValueError(
+            f"{value!r} looks like a URI missing its colon; write {typo.group(1).lower()}://"
+            f"{value[typo.end() :]} (for a local folder named {typo.group(1)!r}, write ./{value})"
+        )
     if "://" not in value:
         scheme = value.split(":", 1)[0].lower() if ":" in value else ""
         if scheme in REMOTE_SCHEMES or scheme == "file":  # `s3:/bucket`, `file:relative`: a typo
@@ -83,6 +89,8 @@ def location_argument(value: str, local_only: bool = False) -> str:
             raise ValueError(f"{value!r} is on an object store; this must be a local folder or file")
         if not rest.split("/", 1)[0]:
             raise ValueError(f"{value!r} names no bucket; write s3://BUCKET/prefix")
+        if "//" in rest.rstrip("/"):  # keys would start with "/" or hold an empty part: a typo
+            raise ValueError(f"{value!r} has an empty part (`//`); write s3://{re.sub('/+', '/', rest)}")
         return f"s3://{rest}"
     if not local_only and fsspec_scheme(scheme):
         return value
@@ -304,13 +312,16 @@ class ClassifyParams(StorageParams):
         return self
 
 
-def describe_validation_error(error: ValidationError, cli: bool = True) -> str:
+def describe_validation_error(
+    error: ValidationError, cli: bool = True, names: dict[str, str] | None = None
+) -> str:
     """One line per problem, naming the CLI option (`--batch-size`), or the flow parameter
     (`batch_size`) with `cli=False`. Never the rejected value itself: it may hold credentials."""
     lines = []
     for problem in error.errors():
         field = ".".join(str(part) for part in problem["loc"])
-        name = (CLI_ARGUMENTS.get(field) or f"--{field.replace('_', '-')}") if cli else f"parameter {field}"
+        arguments = {**CLI_ARGUMENTS, **(names or {})}
+        name = (arguments.get(field) or f"--{field.replace('_', '-')}") if cli else f"parameter {field}"
         message = problem["msg"].removeprefix("Value error, ")
         # A problem of one field names it; one of the whole input (two options that clash) already
         # names what it concerns, as a sentence of its own.

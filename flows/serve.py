@@ -40,13 +40,14 @@ def build_deployments(
     # Stored in the deployment and shown in the UI's forms: a relative path would name a folder relative
     # to wherever a run happens to start (deployments/deploy.sh refuses them for that reason).
     source, output = absolute_local(source), absolute_local(output)
+    chosen_device = {} if device == "auto" else {"device": device}  # only options given are stored
     if os.path.isdir(os.path.expanduser(model)):
         model = absolute_local(model)
     defaults: dict[str, Any] = {
         "source": source,
         "output": output,
         "model": model,
-        "device": device,
+        **chosen_device,
         **options,
     }
     storage = {k: v for k, v in options.items() if k in STORAGE_PARAMETERS}
@@ -64,7 +65,7 @@ def build_deployments(
             name="reprocess-archive",
             # Not the nightly model's --threshold: an operating point belongs to one model, and a
             # reprocess runs another (the run form asks for it, 0.5 by default).
-            parameters={"source": source, "output": output, "device": device, **reprocessing},
+            parameters={"source": source, "output": output, **chosen_device, **reprocessing},
             description="Re-classify a whole archive (or one sub-folder) with a new model; resumable.",
             tags=TAGS,
         ),

@@ -583,6 +583,14 @@ def test_locations_fail_before_any_work_unless_they_name_somewhere_oncoflow_can_
         (["classify", "https://minio:9000/scans", "-o", output], "pass its URL as --s3-endpoint-url"),
         (["latest", folder, "-o", "github://x.csv"], "github:// is not supported"),
         (["classify", folder, "-o", "s3:/bucket/x"], "write s3://BUCKET/prefix"),
+        # The colon left out: before, a local folder ./s3/preds/out got the dataset and the run said nothing.
+        (["classify", folder, "-o", "s3//preds/out"], "missing its colon; write s3://preds/out"),
+        (["classify", "S3A//b/x", "-o", output], "write s3a://b/x"),
+        (
+            ["classify", "s3://scans//incoming/p", "-o", output],
+            "has an empty part (`//`); write s3://scans/incoming/p",
+        ),
+        (["serve", "--source", "s3:/b", "-o", output], "invalid --source: 's3:/b' is neither"),
         (["report", folder, "-o", "file:r.html"], "write file:///absolute/path"),
         (["evaluate", "--data", folder, "-o", "s3://b/report"], "must be a local folder"),
         (["evaluate", "--predictions", "s3://b/p", "--labels", "s3://b/l.csv", "-o", output], "--labels"),

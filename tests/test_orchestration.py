@@ -292,8 +292,7 @@ def test_served_deployments_register_with_schedule_and_parameters(
         "source": "/data/scans",
         "output": str(tmp_path / "out"),
         "model": str(tmp_path / "models" / "vit"),
-        "device": "auto",
-    }
+    }  # no device given: none stored (the run form shows the flow's default, auto)
     [schedule] = nightly.schedules
     assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "Europe/Berlin"
     assert set(nightly.parameter_openapi_schema["properties"]) >= {"source", "output", "model", "threshold"}

@@ -148,7 +148,8 @@ def print_plan(summary: dict[str, Any]) -> None:
         )
 
 
-def print_summary(summary: dict[str, Any]) -> None:
+def print_summary(summary: dict[str, Any], output: str | None = None) -> None:
+    """The run's summary table; `output`: where its rows went (DEST as given, credentials redacted)."""
     if summary.get("dry_run"):
         print_plan(summary)
         return
@@ -183,7 +184,10 @@ def print_summary(summary: dict[str, Any]) -> None:
     table.add_row("output_files", str(len(summary.get("output_files", []))))
     table.add_row("model_revision", str(summary.get("model_revision")))
     table.add_row("run_id", str(summary.get("run_id")))
-    Console().print(table)
+    out = Console()
+    out.print(table)
+    if output is not None:  # a line of its own: a table cell would cut a long path short
+        out.print(f"output: {escape(redact(output))}", highlight=False, soft_wrap=True)
 
 
 Source = Annotated[str, typer.Argument(help="Folder, file:// URI or s3://bucket/prefix holding the images.")]
@@ -558,7 +562,7 @@ def run_and_report(flow: Any, placement: RunnerParams, **parameters: Any) -> Non
         ):
             summary = with_runner(flow, placement)(**parameters)
     except TooManyErrors as exc:
-        print_summary(exc.summary)
+        print_summary(exc.summary, parameters.get("output"))
         fail(str(exc), code=TOO_MANY_ERRORS_EXIT)
     except expected_errors() as exc:
         fail(str(exc))
@@ -566,7 +570,7 @@ def run_and_report(flow: Any, placement: RunnerParams, **parameters: Any) -> Non
         with contextlib.suppress(OSError):  # the terminal may be gone (a hangup)
             console.print("stopped" if dry else STOPPED, highlight=False, soft_wrap=True)
         raise
-    print_summary(summary)
+    print_summary(summary, parameters.get("output"))
 
 
 app.command("classify")(classify_command)

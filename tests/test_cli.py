@@ -353,6 +353,7 @@ def test_classify_command_prints_a_summary(image_folder: Path, tmp_path: Path, t
     )
     assert result.exit_code == 0, result.output
     assert "images_classified" in result.output and "research use only" in result.output.lower()
+    assert f"\noutput: {tmp_path / 'out'}\n" in result.output, result.output  # where the rows went
 
 
 @pytest.mark.slow

@@ -579,7 +579,12 @@ classify_command_app = typer.Typer(add_completion=False)
 classify_command_app.command()(classify_command)
 
 
-Dest = Annotated[str, typer.Argument(help="Output dataset folder written by `oncoflow classify --output`.")]
+Dest = Annotated[
+    str,
+    typer.Argument(
+        help="The dataset `oncoflow classify --output` wrote: a folder, file:// URI or s3://bucket/prefix."
+    ),
+]
 
 
 @app.command("compact")

@@ -960,7 +960,8 @@ def _translate_error(error: Exception, fs: fsspec.AbstractFileSystem, path: str)
         return PermissionError(
             f"access denied to {uri} ({error}); check that the credentials (AWS_ACCESS_KEY_ID, "
             "AWS_PROFILE, role or --aws-credentials-block) and the bucket policy allow this "
-            "(reading the source needs s3:ListBucket and s3:GetObject; the output also s3:PutObject)",
+            "(reading needs s3:ListBucket and s3:GetObject; writing the output also s3:PutObject, and "
+            "compact s3:DeleteObject)",
         )
     if isinstance(error, TRANSIENT_ERRORS) or (
         isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS

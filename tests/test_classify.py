@@ -325,6 +325,26 @@ def test_a_new_threshold_on_an_existing_output_says_what_it_applies_to(
     assert "prob_malignant >= 0.8999999999999999`" in warning
 
 
+def test_an_output_folder_holding_other_files_and_no_dataset_is_warned_about(
+    image_folder: Path, tmp_path: Path, tiny_model: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--output pointed at another folder of images by mistake: the run goes on (a project folder may
+    hold notes) but says so, until the folder holds a dataset."""
+    other = tmp_path / "other-scans"
+    for number in range(3):
+        make_image(other / f"x{number}.png", seed=number)
+    with caplog.at_level("WARNING"):
+        summary = classify(str(image_folder), str(other), model=tiny_model, device="cpu")
+    assert summary["images_classified"] == 6 and list(other.glob("model_slug=*/date=*/*.parquet"))
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert f"{other} holds 3 files or folders and no oncoflow dataset yet" in warning, warning
+    caplog.clear()
+    make_image(image_folder / "later.png", seed=50)
+    with caplog.at_level("WARNING"):
+        classify(str(image_folder), str(other), model=tiny_model, device="cpu")
+    assert "no oncoflow dataset" not in caplog.text, "a dataset now: no warning"
+
+
 def test_exif_orientation_on_an_existing_output_says_what_it_applies_to(
     image_folder: Path, tmp_path: Path, tiny_model: str, caplog: pytest.LogCaptureFixture
 ) -> None:

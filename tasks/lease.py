@@ -46,6 +46,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tasks.defaults import DEFAULT_WAIT_SECONDS
+from tasks.redaction import redact
 from tasks.storage import Location, output_error, s3_error_code, storage_call
 
 LEASE_FOLDER = "_leases"
@@ -241,7 +242,12 @@ class ObjectLease(Lease):
             try:
                 _call(self.location, "delete_object", self.path, IfMatch=self.etag)
             except Exception as exc:  # it expires on its own; a failed delete only delays the next run
-                logger.warning("could not delete lease %s: %s", self.path, exc)
+                logger.warning(
+                    "could not delete lease %s: %s (it expires on its own within %d s)",
+                    redact(self.location.fs.unstrip_protocol(self.path)),
+                    exc,
+                    int(self.ttl),
+                )
 
 
 def acquire(

@@ -771,10 +771,10 @@ def check_source(location: Location) -> None:
         if prefix and is_one_object(fs, location.path, bucket, prefix):  # not "no objects"
             parent = location.uri.rsplit("/", 1)[0]
             raise FileNotFoundError(
-                f"{location.uri} is one object, not a prefix; give the prefix that holds it ({parent})"
+                f"{location.uri!r} is one object, not a prefix; give the prefix that holds it ({parent})"
             )
         raise FileNotFoundError(
-            f"nothing under {location.uri} at {endpoint}: the prefix holds no objects (object stores "
+            f"nothing under {location.uri!r} at {endpoint}: the prefix holds no objects (object stores "
             "have no empty folders); check the bucket and prefix, and the endpoint (--s3-endpoint-url, "
             "AWS_ENDPOINT_URL)"
         )

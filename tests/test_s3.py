@@ -353,7 +353,7 @@ def test_storage_call_retries_transient_errors_only(s3: s3fs.S3FileSystem) -> No
     ("source", "output", "expected"),
     [
         ("s3://no-such-bucket/scans", "s3://preds/out", "s3://no-such-bucket/scans not found"),
-        ("s3://scans/no-such-prefix", "s3://preds/out", "nothing under s3://scans/no-such-prefix"),
+        ("s3://scans/no-such-prefix", "s3://preds/out", "nothing under 's3://scans/no-such-prefix'"),
         ("s3://scans/incoming", "s3://no-such-bucket/out", "bucket 'no-such-bucket' .* was not found"),
     ],
 )
@@ -378,7 +378,7 @@ def test_a_source_naming_one_object_says_so(image_folder: Path, s3: s3fs.S3FileS
     with pytest.raises(FileNotFoundError) as raised:
         classify("s3://scans/incoming/a.jpg", "s3://preds/out", model="/no/such/model", device="cpu")
     assert str(raised.value) == (
-        "s3://scans/incoming/a.jpg is one object, not a prefix; give the prefix that holds it "
+        "'s3://scans/incoming/a.jpg' is one object, not a prefix; give the prefix that holds it "
         "(s3://scans/incoming)"
     )
     assert s3.find("preds") == []

@@ -70,9 +70,11 @@ def location_argument(value: str, local_only: bool = False) -> str:
     if "://" not in value:
         scheme = value.split(":", 1)[0].lower() if ":" in value else ""
         if scheme in REMOTE_SCHEMES or scheme == "file":  # `s3:/bucket`, `file:relative`: a typo
+            rest = value.split(":", 1)[1].lstrip("/")
+            meant = f"s3://{rest}" if scheme != "file" and rest else "s3://BUCKET/prefix"
             raise ValueError(
                 f"{value!r} is neither a path nor a URI; write "
-                + ("file:///absolute/path" if scheme == "file" else "s3://BUCKET/prefix")
+                + ("file:///absolute/path" if scheme == "file" else meant)
             )
         return value
     scheme, rest = value.split("://", 1)

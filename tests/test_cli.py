@@ -583,7 +583,8 @@ def test_locations_fail_before_any_work_unless_they_name_somewhere_oncoflow_can_
         (["latest", folder, "-o", "gs://b/x.csv"], "invalid --output"),
         (["classify", "https://minio:9000/scans", "-o", output], "pass its URL as --s3-endpoint-url"),
         (["latest", folder, "-o", "github://x.csv"], "github:// is not supported"),
-        (["classify", folder, "-o", "s3:/bucket/x"], "write s3://BUCKET/prefix"),
+        (["classify", folder, "-o", "s3:/bucket/x"], "write s3://bucket/x"),
+        (["latest", folder, "-o", "s3:/preds/latest.parquet"], "write s3://preds/latest.parquet"),
         # The colon left out: before, a local folder ./s3/preds/out got the dataset and the run said nothing.
         (["classify", folder, "-o", "s3//preds/out"], "missing its colon; write s3://preds/out"),
         (["classify", "S3A//b/x", "-o", output], "write s3a://b/x"),

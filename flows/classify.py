@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
-import posixpath
 import threading
 import time
 import uuid
@@ -52,12 +51,12 @@ from tasks.sink import (
     select_files,
     shard_id,
     shard_path,
+    top_level_entries,
     write_shard,
 )
 from tasks.storage import (
     IMAGE_EXTENSIONS,
     DiscoveredFile,
-    Location,
     check_output,
     check_source,
     describe_skipped,
@@ -112,7 +111,8 @@ def discover_new_images(params: ClassifyParams, revision: str) -> tuple[int, Sel
     source = open_location(params.source, options)
     destination = open_location(params.output, options)
     index = read_index(destination, revision)
-    if others := entries_beside_no_dataset(destination):
+    partitions, others = top_level_entries(destination)
+    if others and not partitions:  # another folder given by mistake? (notes beside a dataset are fine)
         get_run_logger().warning(
             "%s holds %d files or folders and no oncoflow dataset yet (no model_slug=… folder); the rows "
             "go in beside them. Check --output if you meant a new or a dataset folder (the folder of "
@@ -528,22 +528,6 @@ def plan_run(params: ClassifyParams, run_id: str, started: float, day: datetime)
         f"classified{retried}); nothing was classified or written"
     )
     return summary
-
-
-def entries_beside_no_dataset(destination: Location) -> int:
-    """How many entries DEST's top level holds when it holds no partition folder yet (classify's own,
-    `_leases` and hidden files, not counted); 0 when it has a dataset, is empty or missing, or cannot
-    be listed here (the run itself reports that)."""
-    try:
-        names = [
-            posixpath.basename(str(name).rstrip("/"))
-            for name in destination.fs.ls(destination.path, detail=False)
-        ]
-    except (OSError, ValueError):
-        return 0
-    if any(name.startswith("model_slug=") for name in names):
-        return 0
-    return sum(not name.startswith(("_", ".")) for name in names)
 
 
 def output_exists(params: ClassifyParams) -> bool | None:

@@ -33,7 +33,6 @@ docs/analytics.md gives the same views over `read_parquet` for your own DuckDB s
 from __future__ import annotations
 
 import os
-import posixpath
 import re
 import shlex
 import time
@@ -46,7 +45,14 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from tasks.sink import DATASET_SCHEMA, PARTITIONING, dataset_files, not_parquet, open_dataset
+from tasks.sink import (
+    DATASET_SCHEMA,
+    PARTITIONING,
+    dataset_files,
+    not_parquet,
+    open_dataset,
+    top_level_entries,
+)
 from tasks.storage import (
     Location,
     fetch_whole,
@@ -133,17 +139,6 @@ def prediction_files(location: Location) -> ds.Dataset:
     return fetched_files(location, listed_files(location))
 
 
-def holds_other_files(location: Location) -> bool:
-    """Whether the location's top level holds entries other than classify's own (`_leases`, hidden
-    files) or partition folders: one listing; False when it cannot be read."""
-    try:
-        names = storage_call(location.fs, location.path, lambda: location.fs.ls(location.path, detail=False))
-    except (OSError, ValueError):
-        return False
-    own = ("_", ".", "model_slug=")
-    return any(not posixpath.basename(str(name).rstrip("/")).startswith(own) for name in names)
-
-
 def listed_files(location: Location) -> list[str]:
     """The dataset's files (tasks.sink.dataset_files); NoDatasetFiles when there are none."""
     try:
@@ -153,7 +148,7 @@ def listed_files(location: Location) -> list[str]:
     if not files:
         if bucket := missing_bucket(location):
             raise NoDatasetFiles(bucket)
-        if holds_other_files(location):
+        if top_level_entries(location)[1]:
             raise NoDatasetFiles(
                 f"no Parquet files under {location.shown!r}, only other files: it is no classify output (the "
                 "image SOURCE given by mistake?); give the --output folder of `oncoflow classify`"

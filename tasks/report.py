@@ -333,12 +333,14 @@ def predictions_key(predictions: str, folder: str) -> str | None:
         return predictions.rstrip("/")
     if not os.path.isabs(predictions):
         return None
-    name = os.path.basename(predictions.rstrip("/"))
-    if name.startswith("predictions") and os.path.basename(os.path.dirname(predictions.rstrip("/"))):
-        inside = os.path.realpath(os.path.dirname(predictions.rstrip("/"))) == os.path.realpath(folder)
-        if inside or not os.path.exists(predictions):  # REPORT's own folder, here or where REPORT was
-            return f"REPORT/{name}"
-    return os.path.realpath(predictions)
+    path = predictions.rstrip("/")
+    name, parent = os.path.basename(path), os.path.dirname(path)
+    # REPORT's own folder, here or where REPORT was (moved since: gone from there)
+    if name.startswith("predictions") and (
+        os.path.realpath(parent) == os.path.realpath(folder) or not os.path.exists(path)
+    ):
+        return f"REPORT/{name}"
+    return os.path.realpath(path)
 
 
 def check_report_folder(folder: str, revisions: list[str], predictions: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import posixpath
 import re
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -159,6 +160,20 @@ def _read_index_file(destination: Location, revision: str, path: str) -> pa.Tabl
 
 PARTITION_FILE = re.compile(r"model_slug=[^/]+/date=([^/]+)/[^./][^/]*\.parquet")
 DATASET_GLOB = "model_slug=*/date=*/*.parquet"  # the same files, for DuckDB and other readers
+
+
+def top_level_entries(destination: Location) -> tuple[int, int]:
+    """(partition folders, other entries) at DEST's top level, classify's own (`_leases`, hidden files)
+    not counted: one listing; (0, 0) when DEST is missing or cannot be listed here."""
+    try:
+        names = storage_call(
+            destination.fs, destination.path, lambda: destination.fs.ls(destination.path, detail=False)
+        )
+    except (OSError, ValueError):
+        return 0, 0
+    names = [posixpath.basename(str(name).rstrip("/")) for name in names]
+    partitions = sum(name.startswith("model_slug=") for name in names)
+    return partitions, sum(not name.startswith(("_", ".", "model_slug=")) for name in names)
 
 
 def dataset_files(destination: Location) -> list[str]:

@@ -55,7 +55,11 @@ def start_classify(source: Path, output: Path, model: str, server: str) -> subpr
 
 
 def shard_files(output: Path) -> list[Path]:
-    return list(output.rglob("part-*.parquet"))
+    """The shard files so far; none while the command's write probe makes and removes the folder."""
+    try:
+        return list(output.rglob("part-*.parquet"))
+    except FileNotFoundError:
+        return []
 
 
 def lease_held(output: Path) -> bool:

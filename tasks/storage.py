@@ -20,6 +20,7 @@ import stat as stat_module
 import struct
 import tempfile
 import time
+import urllib.parse
 import uuid
 from array import array
 from collections import Counter, defaultdict
@@ -906,7 +907,18 @@ def translate_error(error: Exception, fs: fsspec.AbstractFileSystem, path: str) 
 def endpoint_name(fs: fsspec.AbstractFileSystem) -> str:
     """The object store's endpoint as messages name it: `the S3 endpoint URL`, or AWS's default."""
     url = getattr(fs, "endpoint_url", None)
-    return f"the S3 endpoint {url}" if url else "the default AWS S3 endpoint"
+    if not url:
+        return "the default AWS S3 endpoint"
+    parts = urllib.parse.urlsplit(url)
+    if parts.path.strip("/"):
+        # Kept (a reverse proxy may serve S3 under a path), but requests go to URL/bucket/key: a
+        # bucket written into the endpoint (http://minio:9000/scans) makes every bucket "not found".
+        server = f"{parts.scheme}://{parts.netloc}"
+        return (
+            f"the S3 endpoint {url} (its path {parts.path!r} comes before every bucket name in the "
+            f"requests; an endpoint is usually the server alone, {server}, with the bucket in s3://)"
+        )
+    return f"the S3 endpoint {url}"
 
 
 def missing_bucket(location: Location) -> str | None:

@@ -372,6 +372,28 @@ def test_missing_bucket_or_prefix_fails_before_the_model_loads(
     assert s3.find("preds") == []
 
 
+def test_an_endpoint_with_the_bucket_in_its_path_is_named_with_the_fix(
+    image_folder: Path, s3: s3fs.S3FileSystem, s3_server: str
+) -> None:
+    """http://minio:9000/scans sends every request to /scans/BUCKET/...: the bucket is "not found"."""
+    upload_folder(s3, image_folder, "scans/incoming")
+    with pytest.raises(FileNotFoundError) as raised:
+        classify(
+            "s3://scans/incoming",
+            "s3://preds/out",
+            model="/no/such/model",
+            device="cpu",
+            s3_endpoint_url=f"{s3_server}/scans",
+        )
+    assert f"the S3 endpoint {s3_server}/scans (its path '/scans' comes before every bucket name" in str(
+        raised.value
+    )
+    assert f"an endpoint is usually the server alone, {s3_server}, with the bucket in s3://" in str(
+        raised.value
+    )
+    assert s3.find("preds") == []
+
+
 def test_a_source_naming_one_object_says_so(image_folder: Path, s3: s3fs.S3FileSystem) -> None:
     """Not "the prefix holds no objects": the object exists, and its prefix is what to give."""
     upload_folder(s3, image_folder, "scans/incoming")

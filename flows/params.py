@@ -72,6 +72,8 @@ def location_argument(value: str, local_only: bool = False) -> str:
         if scheme in REMOTE_SCHEMES or scheme == "file":  # `s3:/bucket`, `file:relative`: a typo
             rest = value.split(":", 1)[1].lstrip("/")
             meant = f"s3://{rest}" if scheme != "file" and rest else "s3://BUCKET/prefix"
+            if scheme != "file" and rest and "/" not in rest.rstrip("/"):  # a bucket, or a key?
+                meant += f" (a bucket) or s3://BUCKET/{rest}"
             raise ValueError(
                 f"{value!r} is neither a path nor a URI; write "
                 + ("file:///absolute/path" if scheme == "file" else meant)

@@ -585,6 +585,7 @@ def test_locations_fail_before_any_work_unless_they_name_somewhere_oncoflow_can_
         (["latest", folder, "-o", "github://x.csv"], "github:// is not supported"),
         (["classify", folder, "-o", "s3:/bucket/x"], "write s3://bucket/x"),
         (["latest", folder, "-o", "s3:/preds/latest.parquet"], "write s3://preds/latest.parquet"),
+        (["latest", folder, "-o", "s3:/latest.csv"], "write s3://latest.csv (a bucket) or s3://BUCKET/latest.csv"),
         # The colon left out: before, a local folder ./s3/preds/out got the dataset and the run said nothing.
         (["classify", folder, "-o", "s3//preds/out"], "missing its colon; write s3://preds/out"),
         (["classify", "S3A//b/x", "-o", output], "write s3a://b/x"),

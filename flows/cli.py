@@ -26,6 +26,7 @@ from rich.table import Table
 from flows.params import (
     ClassifyParams,
     DatasetParams,
+    EraseParams,
     EvaluateParams,
     RunnerParams,
     TrainParams,
@@ -619,6 +620,75 @@ def compact_command(
     if report["temporaries_deleted"]:
         line += f"; {report['temporaries_deleted']} stale temporary files deleted"
     Console().print(line, soft_wrap=True)
+
+
+@app.command("erase")
+def erase_command(
+    dest: Dest,
+    uris: Annotated[
+        str | None,
+        typer.Option(
+            "--uris",
+            metavar="FILE",
+            help="A local text file naming the images whose rows to erase, one per line: an image URI "
+            "(s3://…, file://…) or a local path, or a folder or key prefix ending in / (every image "
+            "under it); # comments. A CSV with an image_uri column (a filtered `latest` export) works too.",
+        ),
+    ] = None,
+    missing_from: Annotated[
+        str | None,
+        typer.Option(
+            "--missing-from",
+            metavar="SOURCE",
+            help="Instead of --uris: erase the rows of images under SOURCE (as classify was given it) "
+            "that SOURCE no longer holds (deleted under a retention policy).",
+        ),
+    ] = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Erase. Without it, only count and name what would be erased.")
+    ] = False,
+    s3_endpoint_url: S3EndpointOption = None,
+    aws_credentials_block: AwsBlockOption = None,
+) -> None:
+    """Erase every row of some images (consent withdrawn, deleted at the source); see docs/analytics.md."""
+    params = validated(
+        EraseParams,
+        dest=dest,
+        uris=uris,
+        missing_from=missing_from,
+        apply=yes,
+        s3_endpoint_url=s3_endpoint_url,
+        aws_credentials_block=aws_credentials_block,
+    )
+    start_temporary_server()
+    from flows.analytics import erase_rows
+    from tasks.erase import EraseReport, describe
+
+    prepare_prefect_api()
+    quiet_expected_tracebacks(expected_errors())
+    try:
+        with sigterm_as_ctrl_c():
+            report = EraseReport(**erase_rows(**params.model_dump()))
+    except expected_errors() as exc:
+        fail(str(exc))
+    out = Console(highlight=False, soft_wrap=True, markup=False)  # file names may hold [brackets]
+    out.print(describe(report))
+    if report.images_listed:
+        out.print(f"({params.missing_from} holds {report.images_listed} images: their rows stay)")
+    for example in report.examples:
+        out.print(f"  {example}")
+    if report.leftovers_deleted:
+        out.print(f"{report.leftovers_deleted} inputs of an interrupted compaction deleted")
+    if not report.applied:
+        if report.rows_erased:
+            out.print("nothing was erased: run again with --yes to erase these rows")
+        return
+    if report.rows_erased:
+        out.print(
+            "the images themselves are untouched: one still under a SOURCE is classified again by its next "
+            "run. Prefect's run logs and artifacts and the files exported before (latest, report, evaluate) "
+            "may still name them (docs/analytics.md)"
+        )
 
 
 def read_dataset(

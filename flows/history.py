@@ -72,7 +72,8 @@ def recent_runs(limit: int = 20) -> list[RunRow]:
         RunRow(
             flow=flows[run.flow_id]
             + (f" (in {parents[run.id]})" if run.id in parents else "")
-            + (" (dry run)" if run.parameters.get("dry_run") else ""),
+            + (" (dry run)" if run.parameters.get("dry_run") else "")
+            + (" (plan)" if run.parameters.get("apply") is False else ""),
             name=run.name,
             state=run.state_name or "unknown",
             start=run.start_time,

@@ -27,6 +27,7 @@ from tasks.defaults import (
     host_decode_share_from_env,
     lease_wait_from_env,
 )
+from tasks.erase_list import read_erase_list
 from tasks.model_files import DEFAULT_BASE_MODEL, DEFAULT_MODEL
 from tasks.redaction import has_credentials, redact
 from tasks.uris import file_uri_path, full_file_uri
@@ -388,14 +389,13 @@ class RunnerParams(BaseModel):
         return self
 
 
-class DatasetParams(StorageParams):
-    """An existing output dataset to compact, summarize or export (`oncoflow compact|latest|report`)."""
+class DestParams(StorageParams):
+    """An existing output dataset."""
 
     dest: str = Field(min_length=1, description="Output dataset folder written by `oncoflow classify`")
-    target_rows: int = Field(TARGET_ROWS, ge=2, le=100_000_000, description="Rows per compacted file")
 
     @model_validator(mode="after")
-    def _check_dest(self) -> DatasetParams:
+    def _check_dest(self) -> DestParams:
         require_folder(self.dest, "dataset", "pass the --output of classify")
         return self
 
@@ -403,6 +403,50 @@ class DatasetParams(StorageParams):
     @classmethod
     def _a_location(cls, value: str) -> str:
         return location_argument(refuse_credentials(value) or value)
+
+
+class DatasetParams(DestParams):
+    """An existing output dataset to compact, summarize or export (`oncoflow compact|latest|report`)."""
+
+    target_rows: int = Field(TARGET_ROWS, ge=2, le=100_000_000, description="Rows per compacted file")
+
+
+class EraseParams(DestParams):
+    """Which rows `oncoflow erase` removes from DEST: the images an erase list names, or those under a
+    SOURCE that it no longer holds (tasks/erase.py)."""
+
+    uris: str | None = Field(
+        None,
+        description="Local text file naming the images, one URI, path or folder/ prefix per line "
+        "(or a CSV with an image_uri column)",
+    )
+    missing_from: str | None = Field(
+        None, description="Erase the rows of images under this SOURCE that it no longer holds"
+    )
+    apply: bool = Field(False, description="Erase; without it, only count what would be erased")
+
+    @field_validator("missing_from")
+    @classmethod
+    def _a_source(cls, value: str | None) -> str | None:
+        return None if value is None else location_argument(refuse_credentials(value) or value)
+
+    @field_validator("uris")
+    @classmethod
+    def _a_readable_list(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = location_argument(value, local_only=True)
+        read_erase_list(path)  # its errors name the line and the fix
+        return os.path.abspath(os.path.expanduser(path))
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> EraseParams:
+        if (self.uris is None) == (self.missing_from is None):
+            raise ValueError("give either --uris FILE or --missing-from SOURCE (exactly one)")
+        if self.missing_from is not None:
+            require_folder(self.missing_from, "--missing-from", "give the SOURCE classify read")
+            require_apart(self.missing_from, "--missing-from", self.dest, "DEST")
+        return self
 
 
 class EvaluateParams(StorageParams):

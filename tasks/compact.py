@@ -87,19 +87,26 @@ def merged_name(inputs: list[str]) -> str:
 
 def finish_interrupted(destination: Location, files: list[str]) -> int:
     """Delete inputs that a merged file in the same folder already holds; return how many."""
-    fs, present, deleted = destination.fs, set(files), 0
+    leftovers = leftover_inputs(destination, files)
+    for path in leftovers:
+        destination.fs.rm(path)
+    return len(leftovers)
+
+
+def leftover_inputs(destination: Location, files: list[str]) -> set[str]:
+    """The files among `files` that a merged file in the same folder already holds (an interrupted
+    compaction's inputs), each of whose rows is therefore in two files."""
+    present, leftovers = set(files), set()
     for path in files:
-        # A file deleted above (an input of a merged file) is no longer there to be read.
-        if path not in present or not MERGED_FILE.fullmatch(posixpath.basename(path)):
+        # An input of a merged file found above is not read: its own list was done with it.
+        if path in leftovers or not MERGED_FILE.fullmatch(posixpath.basename(path)):
             continue
-        metadata = pq.read_metadata(path, filesystem=fs).metadata or {}
+        metadata = pq.read_metadata(path, filesystem=destination.fs).metadata or {}
         for name in json.loads(metadata.get(COMPACTED_FROM, b"[]")):
             leftover = posixpath.join(posixpath.dirname(path), name)
             if leftover in present and leftover != path:
-                fs.rm(leftover)
-                present.discard(leftover)
-                deleted += 1
-    return deleted
+                leftovers.add(leftover)
+    return leftovers
 
 
 def local_partition_folders(destination: Location) -> list[str]:
@@ -176,16 +183,11 @@ def merge_bin(destination: Location, inputs: list[str]) -> tuple[str, int]:
     return write_atomic(destination, relative, buffer.getvalue()), rows
 
 
-COMPACTION_LEASE = "compaction"  # model leases are named <model>-<hash>, so this one cannot collide
-
-
-def compact(destination: Location, target_rows: int = TARGET_ROWS, run_id: str = "") -> CompactionReport:
-    """Merge small files in every partition of the dataset at `destination`, holding its compaction lease."""
-    if target_rows < 2:
-        raise ValueError(f"target_rows must be at least 2, got {target_rows}")
+def check_dataset(destination: Location) -> None:
+    """FileNotFoundError, before any lease or work, unless `destination` exists and holds partition
+    folders (not the image SOURCE given by mistake). Storage errors (endpoint, credentials,
+    permissions) become one message naming DEST and the fix (tasks.storage.storage_call)."""
     fs, root = destination.fs, destination.path
-    # Storage errors (endpoint, credentials, permissions) become one message naming DEST and the fix,
-    # as in every other command (tasks.storage.storage_call), before the lease and before any work.
     if not storage_call(fs, root, lambda: fs.exists(root)):  # before the lease, which would create DEST
         raise FileNotFoundError(
             missing_bucket(destination) or f"dataset {destination.shown!r} does not exist; check the path"
@@ -198,6 +200,17 @@ def compact(destination: Location, target_rows: int = TARGET_ROWS, run_id: str =
             f"{destination.shown!r} holds no model_slug=… partition folders, so it is no classify output (the "
             "image SOURCE given by mistake?); give the --output folder of `oncoflow classify`"
         )
+
+
+COMPACTION_LEASE = "compaction"  # model leases are named <model>-<hash>, so this one cannot collide
+
+
+def compact(destination: Location, target_rows: int = TARGET_ROWS, run_id: str = "") -> CompactionReport:
+    """Merge small files in every partition of the dataset at `destination`, holding its compaction lease."""
+    if target_rows < 2:
+        raise ValueError(f"target_rows must be at least 2, got {target_rows}")
+    fs, root = destination.fs, destination.path
+    check_dataset(destination)
     check_output(destination)  # compaction writes merged files and deletes their inputs
     run_id = run_id or f"compact-{uuid.uuid4().hex[:8]}"
     with acquire(destination, COMPACTION_LEASE, run_id, wait_seconds=0) as lease:

@@ -270,6 +270,7 @@ print(result.output)
         (["classify", "SRC", "-o", "OUT", "--threshold", "1.5"], 2),
         (["classify", "SRC", "-o", "OUT", "--model", "MODEL"], 2),
         (["report", "OUT"], 2),
+        (["erase", "SRC", "--uris", "SRC"], 2),
     ],
 )
 def test_help_and_bad_arguments_answer_without_loading_torch_or_storage_libraries(
@@ -585,7 +586,10 @@ def test_locations_fail_before_any_work_unless_they_name_somewhere_oncoflow_can_
         (["latest", folder, "-o", "github://x.csv"], "github:// is not supported"),
         (["classify", folder, "-o", "s3:/bucket/x"], "write s3://bucket/x"),
         (["latest", folder, "-o", "s3:/preds/latest.parquet"], "write s3://preds/latest.parquet"),
-        (["latest", folder, "-o", "s3:/latest.csv"], "write s3://latest.csv (a bucket) or s3://BUCKET/latest.csv"),
+        (
+            ["latest", folder, "-o", "s3:/latest.csv"],
+            "write s3://latest.csv (a bucket) or s3://BUCKET/latest.csv",
+        ),
         # The colon left out: before, a local folder ./s3/preds/out got the dataset and the run said nothing.
         (["classify", folder, "-o", "s3//preds/out"], "missing its colon; write s3://preds/out"),
         (["classify", "S3A//b/x", "-o", output], "write s3a://b/x"),

@@ -1,0 +1,206 @@
+"""`oncoflow erase`: every row of the named images goes, every other row stays, once."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import duckdb
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tasks.analytics import connect
+from tasks.compact import compact, parquet_files_by_partition
+from tasks.erase import Matcher, rewrite_without
+from tasks.erase_list import read_erase_list
+from tasks.storage import open_location
+from tests.analytics_data import make_dataset
+from tests.s3_fixtures import upload_folder
+
+
+def all_rows(dest: Path | str, filesystem: s3fs.S3FileSystem | None = None) -> list[tuple]:
+    table = ds.dataset(str(dest), filesystem=filesystem, format="parquet", partitioning="hive").to_table()
+    return sorted(tuple(str(v) for v in row.values()) for row in table.to_pylist())
+
+
+def uri_of(row: tuple) -> str:
+    return row[0]  # image_uri is the contract's first column
+
+
+def test_erase_counts_first_then_removes_every_row_of_the_named_images(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    make_dataset(dest)  # site-a images 0-59 (old revision), 0-39 again (new); site-b 0-39 (old)
+    before = all_rows(dest)
+    files_before = sorted(dest.rglob("*.parquet"))
+    wanted = "file:///scans/site-a/img_00003.jpg"  # rows of both revisions
+    erase_list = tmp_path / "withdrawn.txt"
+    erase_list.write_text(f"# consent withdrawn 2026-11-29\n{wanted}\n\nfile:///scans/site-b/\n")
+
+    plan = CliRunner().invoke(app, ["erase", str(dest), "--uris", str(erase_list)])
+    assert plan.exit_code == 0, plan.output
+    text = " ".join(plan.output.split())
+    assert "would erase 42 rows of 41 images" in text, text
+    assert "2 files rewritten without them, 2 deleted" in text
+    assert wanted in text and "run again with --yes" in text
+    assert all_rows(dest) == before and sorted(dest.rglob("*.parquet")) == files_before, (
+        "a plan touches nothing"
+    )
+
+    done = CliRunner().invoke(app, ["erase", str(dest), "--uris", str(erase_list), "--yes"])
+    assert done.exit_code == 0, done.output
+    history = CliRunner().invoke(app, ["history", "--limit", "2"])
+    assert [line.split()[1:3] for line in history.output.splitlines() if "erase" in line] == [
+        ["erase", "│"],
+        ["erase", "(plan)"],
+    ], history.output
+    assert "erased 42 rows of 41 images" in " ".join(done.output.split())
+    after = all_rows(dest)
+    expected = [
+        r for r in before if uri_of(r) != wanted and not uri_of(r).startswith("file:///scans/site-b/")
+    ]
+    assert after == expected and len(after) == 140 - 42, "the others stay, values and all, once"
+    assert not [p for p in dest.rglob(".*") if p.is_file()], "no temporary file left"
+    assert connect(str(dest)).sql(
+        f"select count(*) from predictions where image_uri = '{wanted}'"
+    ).fetchall() == [(0,)]
+    again = CliRunner().invoke(app, ["erase", str(dest), "--uris", str(erase_list), "--yes"])
+    assert again.exit_code == 0 and "no rows to erase" in again.output
+    assert all_rows(dest) == after
+
+
+def test_a_latest_export_filtered_to_some_images_is_an_erase_list(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    make_dataset(dest)
+    export = tmp_path / "latest.csv"
+    assert CliRunner().invoke(app, ["latest", str(dest), "-o", str(export)]).exit_code == 0
+    lines = export.read_text().splitlines()
+    header, site_b = lines[0], [line for line in lines[1:] if "/site-b/" in line]
+    (tmp_path / "site-b.csv").write_text("\n".join([header, *site_b]) + "\n")
+    selection = read_erase_list(str(tmp_path / "site-b.csv"))
+    assert len(selection.uris) == 40 and all("/site-b/" in uri for uri in selection.uris)
+
+
+def test_an_interrupted_erase_never_double_counts_and_the_next_erase_or_compact_finishes_it(
+    tmp_path: Path,
+) -> None:
+    dest = tmp_path / "dest"
+    make_dataset(dest)
+    location = open_location(str(dest))
+    wanted = "file:///scans/site-a/img_00001.jpg"
+    files = [path for paths in parquet_files_by_partition(location).values() for path in paths]
+    path = next(p for p in files if wanted in pq.read_table(p, columns=["image_uri"]).column(0).to_pylist())
+    uris = pq.read_table(path, columns=["image_uri"]).column(0)
+    mask = Matcher(read_erase_list_of(tmp_path, wanted)).mask(uris)
+    rewrite_without(location, path, mask)  # the crash: rewritten file there, the old one not yet deleted
+
+    views = connect(str(dest))
+    assert views.sql("select count(*) from predictions").fetchall() == [(140,)], "no row counted twice"
+    raw = duckdb.sql(f"select count(*) from read_parquet('{dest}/**/*.parquet')").fetchall()[0][0]
+    assert raw == 140 + 19, "for now the file's other rows are in two files"
+    report = compact(location, target_rows=2)  # target 2: finishes, merges nothing
+    assert report.leftovers_deleted == 1
+    assert duckdb.sql(f"select count(*) from read_parquet('{dest}/**/*.parquet')").fetchall()[0][0] == 139
+
+
+def read_erase_list_of(folder: Path, *entries: str):  # noqa: ANN201 (a Selection)
+    listed = folder / "list.txt"
+    listed.write_text("\n".join(entries) + "\n")
+    return read_erase_list(str(listed))
+
+
+def test_erase_missing_from_removes_the_rows_of_images_deleted_at_the_source(
+    image_folder: Path, tiny_model: str, tmp_path: Path
+) -> None:
+    dest = tmp_path / "preds"
+    run = ["classify", str(image_folder), "-o", str(dest), "--model", tiny_model, "--device", "cpu"]
+    assert CliRunner().invoke(app, run).exit_code == 0
+    before = all_rows(dest)
+    assert len(before) == 6
+    gone = image_folder / "sub" / "f.bmp"
+    gone.unlink()
+    shutil.rmtree(image_folder / "sub" / "deeper")  # a whole folder deleted under a retention policy
+
+    plan = CliRunner().invoke(app, ["erase", str(dest), "--missing-from", str(image_folder)])
+    text = " ".join(plan.output.split())
+    assert plan.exit_code == 0 and "would erase 2 rows of 2 images" in text, text
+    assert "holds 4 images: their rows stay" in text and gone.as_uri() in text
+
+    other = tmp_path / "other-source"  # a SOURCE these rows never came from: nothing to erase
+    other.mkdir()
+    (other / "x.png").write_bytes((image_folder / "c.png").read_bytes())
+    unrelated = CliRunner().invoke(app, ["erase", str(dest), "--missing-from", str(other), "--yes"])
+    assert unrelated.exit_code == 0 and "no rows to erase" in unrelated.output
+    assert all_rows(dest) == before
+
+    done = CliRunner().invoke(app, ["erase", str(dest), "--missing-from", str(image_folder), "--yes"])
+    assert done.exit_code == 0, done.output
+    after = all_rows(dest)
+    assert len(after) == 4 and all(row in before for row in after)
+    assert not any("/sub/f.bmp" in uri_of(r) or "/deeper/" in uri_of(r) for r in after)
+    rerun = CliRunner().invoke(app, run)
+    assert rerun.exit_code == 0 and all_rows(dest) == after, "nothing new to classify"
+
+
+def test_erase_refuses_bad_arguments_before_any_work(image_folder: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    make_dataset(dest)
+    before = all_rows(dest)
+    bad_line = tmp_path / "bad.txt"
+    bad_line.write_text("file:///scans/site-a/img_00001.jpg\nhttps://pacs.example/img_2.jpg\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing yet\n\n")
+    good = tmp_path / "good.txt"
+    good.write_text("file:///scans/site-a/img_00001.jpg\n")
+    cases = [
+        (["erase", str(dest)], 2, "give either --uris FILE or --missing-from SOURCE"),
+        (
+            ["erase", str(dest), "--uris", str(good), "--missing-from", str(image_folder)],
+            2,
+            "exactly one",
+        ),
+        (
+            ["erase", str(dest), "--uris", str(bad_line)],
+            2,
+            "line 2: 'https://pacs.example/img_2.jpg' is neither",
+        ),
+        (["erase", str(dest), "--uris", str(empty)], 2, "names no image"),
+        (["erase", str(dest), "--uris", str(tmp_path / "missing.txt")], 2, "invalid --uris"),
+        (
+            ["erase", str(dest), "--missing-from", str(tmp_path / "nowhere")],
+            2,
+            "is not an existing folder; give the SOURCE classify read",
+        ),
+        (["erase", str(image_folder), "--uris", str(bad_line)], 2, "line 2"),
+        (
+            ["erase", str(tmp_path / "nowhere"), "--uris", str(good)],
+            2,
+            "is not an existing folder; pass the --output of classify",
+        ),
+    ]
+    for args, code, message in cases:
+        result = CliRunner().invoke(app, args)
+        text = " ".join(result.output.split())
+        assert result.exit_code == code and message in text, (args, text)
+    wrong_dest = CliRunner().invoke(app, ["erase", str(image_folder), "--uris", str(good), "--yes"])
+    assert wrong_dest.exit_code == 1 and "holds no model_slug=… partition folders" in wrong_dest.output
+    assert all_rows(dest) == before
+
+
+@pytest.mark.s3
+def test_erase_on_s3_keeps_every_other_row_once(s3: s3fs.S3FileSystem, tmp_path: Path) -> None:
+    make_dataset(tmp_path / "dest")
+    upload_folder(s3, tmp_path / "dest", "preds/erase")
+    before = all_rows("preds/erase", s3)
+    erase_list = tmp_path / "list.txt"
+    erase_list.write_text("file:///scans/site-a/img_00002.jpg\n")
+    result = CliRunner().invoke(app, ["erase", "s3://preds/erase", "--uris", str(erase_list), "--yes"])
+    assert result.exit_code == 0 and "erased 2 rows of 1 images" in " ".join(result.output.split()), (
+        result.output
+    )
+    s3.invalidate_cache()
+    after = all_rows("preds/erase", s3)
+    assert after == [r for r in before if uri_of(r) != "file:///scans/site-a/img_00002.jpg"]

@@ -30,6 +30,7 @@ from flows.logs import send_logs_to_prefect
 from flows.params import ClassifyParams, flow_params
 from flows.runners import SHARDS_IN_FLIGHT, local_task_runner, shard_slots, shards_run_here
 from tasks.defaults import DEFAULT_MAX_PIXELS, cuda_graphs_from_env, host_decode_share_from_env
+from tasks.dicom import NON_IMAGE_ERROR
 from tasks.inference import (
     EngineOptions,
     classify_files,
@@ -100,6 +101,7 @@ class ShardManifest:
     malignant: int
     errors: dict[str, int] = field(default_factory=dict)
     unrecorded: dict[str, int] = field(default_factory=dict)  # files without a row, by reason (Prepared)
+    non_images: int = 0  # error rows of DICOM objects that hold no image (tasks.dicom.NON_IMAGE_ERROR)
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient, cache_policy=NONE)
@@ -215,7 +217,8 @@ def classify_shard(
             table,
         )
     statuses = table.column("status").to_pylist()
-    errors = Counter(e.split(":", 1)[0] for e in table.column("error").to_pylist() if e)
+    messages = table.column("error").to_pylist()
+    errors = Counter(e.split(":", 1)[0] for e in messages if e)
     return ShardManifest(
         shard=shard,
         path=path,
@@ -224,6 +227,7 @@ def classify_shard(
         malignant=table.column("label_id").to_pylist().count(model.positive_id),
         errors=dict(errors),
         unrecorded=dict(unrecorded),
+        non_images=messages.count(NON_IMAGE_ERROR),
     )
 
 
@@ -363,6 +367,7 @@ def summarize(
         "ok": ok,
         "errors": sum(errors.values()),
         "errors_by_category": dict(sorted(errors.items())),
+        "dicom_without_images": sum(m.non_images for m in manifests),  # part of errors: not_an_image
         "error_share": round(sum(errors.values()) / classified, 4) if classified else 0.0,
         "malignant": malignant,
         "malignant_share": round(malignant / ok, 4) if ok else None,  # n/a: no row was ok
@@ -556,11 +561,14 @@ def blocking_files(output: str, slug: str, day: datetime) -> list[str]:
 def check_error_rate(summary: dict[str, Any], max_error_rate: float | None) -> None:
     """Fail a finished run whose share of error rows exceeds the limit (its rows are already written)."""
     # On the counts, not the rounded error_share: 1 error in 20,002 images is over --max-error-rate 0.
-    classified = summary["images_classified"]
-    if max_error_rate is not None and classified and summary["errors"] / classified > max_error_rate:
+    # DICOM objects that hold no image (reports, presentation states) are neither failures nor images.
+    others = summary.get("dicom_without_images", 0)
+    classified, failed = summary["images_classified"] - others, summary["errors"] - others
+    if max_error_rate is not None and classified and failed / classified > max_error_rate:
+        not_counted = f", not counting {others} DICOM objects without images" if others else ""
         raise TooManyErrors(
-            f"{summary['errors']} of {summary['images_classified']} images failed "
-            f"({summary['error_share']:.1%}), more than --max-error-rate {max_error_rate:g} allows; "
+            f"{failed} of {classified} images failed ({failed / classified:.1%}{not_counted}), more than "
+            f"--max-error-rate {max_error_rate:g} allows; "
             f"by category: {summary['errors_by_category']}. Every row was written; see the `error` column",
             summary,
         )

@@ -182,6 +182,8 @@ def print_summary(summary: dict[str, Any], output: str | None = None) -> None:
         table.add_row("images_vanished (moved or deleted during the run)", str(summary["images_vanished"]))
     for category, count in summary.get("errors_by_category", {}).items():
         table.add_row(f"errors: {category}", str(count))
+    if summary.get("dicom_without_images"):  # reports, presentation states: not counted as failures
+        table.add_row("  of which DICOM without images", str(summary["dicom_without_images"]))
     table.add_row("output_files", str(len(summary.get("output_files", []))))
     table.add_row("model_revision", str(summary.get("model_revision")))
     table.add_row("run_id", str(summary.get("run_id")))

@@ -27,6 +27,12 @@ DICOM_EXTRA = "`pip install 'oncoflow[dicom]'`"
 # pydicom logs an ERROR per undecodable file, naming no file: the file's error row says it, with its name.
 logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 
+# The error of a DICOM object that holds no image (a structured report, a presentation state, a key
+# object selection: PACS exports mix them in with the images). Its row is kept (so the file is not read
+# again each night) but it is no failed image: `--max-error-rate` leaves it out (flows/classify.py).
+NON_IMAGE_OBJECT = "a DICOM object without pixel data (a report or similar)"
+NON_IMAGE_ERROR = f"not_an_image: {NON_IMAGE_OBJECT}"
+
 
 def decode_dicom(data: bytes, max_pixels: int) -> Image.Image:
     """DICOM bytes → RGB PIL image, or ImageError with a category."""
@@ -46,7 +52,7 @@ def decode_dicom(data: bytes, max_pixels: int) -> Image.Image:
             raise ImageError("not_an_image", "neither a DICOM image nor a recognised image format")
         if _is_image_object(dataset):
             raise ImageError("truncated", "the DICOM image ends before its pixel data")
-        raise ImageError("not_an_image", "a DICOM object without pixel data (a report or similar)")
+        raise ImageError("not_an_image", NON_IMAGE_OBJECT)
     try:
         rows, columns = int(dataset.Rows), int(dataset.Columns)
     except Exception as exc:

@@ -4,7 +4,9 @@ after the fix completes exactly once, and --max-error-rate fails a finished run.
 from __future__ import annotations
 
 import errno
+import io
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -199,6 +201,37 @@ def test_max_error_rate_fails_after_writing_every_row(tmp_path: Path, tiny_model
     )
     assert result.exit_code == TOO_MANY_ERRORS_EXIT
     assert "--max-error-rate" in result.output and "errors: empty" in result.output
+
+
+def test_dicom_objects_without_images_keep_their_row_but_are_no_failed_images(
+    tmp_path: Path, tiny_model: str
+) -> None:
+    """A PACS export mixes structured reports in with the images, named .dcm like them: each gets its
+    not_an_image row (so it is not read again each night), and --max-error-rate leaves them out."""
+    import pydicom
+
+    from tests import corpus
+
+    folder = scans(tmp_path / "scans", 2)
+    report = pydicom.dcmread(io.BytesIO(corpus.dicom_report(corpus.make_dicom(corpus.dicom_ramp()))))
+    for keyword in ("PixelData", "Rows", "Columns"):  # a real structured report holds text, not pixels
+        delattr(report, keyword)
+    report.save_as(folder / "sr.dcm", enforce_file_format=True)
+    (folder / "broken.jpg").write_bytes(b"")
+    run = ["classify", str(folder), "-o", str(tmp_path / "out"), "--model", tiny_model, "--device", "cpu"]
+
+    result = CliRunner().invoke(app, [*run, "--max-error-rate", "0.34"])
+    assert result.exit_code == 0, result.output  # 1 of 3 images failed; 2 of 4 rows are errors
+    assert re.search(r"of which DICOM without images +│ +1 │", result.output), result.output
+    rows = {Path(r["image_uri"]).name: r["error"] for r in read_rows(tmp_path / "out")}
+    assert rows["sr.dcm"] == "not_an_image: a DICOM object without pixel data (a report or similar)"
+
+    (folder / "broken2.jpg").write_bytes(b"")
+    run[3] = str(tmp_path / "out2")
+    failed = CliRunner().invoke(app, [*run, "--max-error-rate", "0.34"])
+    text = " ".join(failed.output.split())
+    assert failed.exit_code == TOO_MANY_ERRORS_EXIT, text
+    assert "2 of 4 images failed (50.0%, not counting 1 DICOM objects without images)" in text, text
 
 
 def test_max_error_rate_compares_the_counts_not_the_rounded_share() -> None:

@@ -616,6 +616,8 @@ def compact_command(
         f"({report['rows_merged']} rows, {report['partitions']} partitions)"
         if report["files_merged"]
         else f"nothing to merge: {report['partitions']} partition(s), none with files to merge"
+        if report["partitions"]
+        else "nothing to merge: the dataset holds no rows yet"
     )
     if report["leftovers_deleted"]:
         line += f"; {report['leftovers_deleted']} inputs of an interrupted compaction deleted"

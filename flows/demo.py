@@ -161,8 +161,8 @@ def main() -> None:
     print(f"Parquet dataset: {output}")
     print("Query it with DuckDB:")
     print(
-        f'  {os.path.relpath(sys.executable)} -c "import duckdb; duckdb.sql(\\"select label, count(*) n, avg(confidence) conf from '
-        f"read_parquet('{output}/model_slug=*/date=*/*.parquet', hive_partitioning=true) group by label\\\").show()\""
+        f'  {sys.executable} -c "import duckdb; duckdb.sql(\\"select label, count(*) n, avg(confidence) conf from '
+        f"read_parquet('{output}/model_slug=*/date=*/*.parquet') group by label\\\").show()\""
     )
 
 

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.defaults import TARGET_ROWS
-from tasks.lease import acquire
+from tasks.lease import LEASE_FOLDER, acquire
 from tasks.sink import SCHEMA_VERSION, dataset_files, find_unreadable_file
 from tasks.storage import Location, check_output, missing_bucket, storage_call, write_atomic
 
@@ -185,7 +185,7 @@ def merge_bin(destination: Location, inputs: list[str]) -> tuple[str, int]:
 
 def check_dataset(destination: Location) -> None:
     """FileNotFoundError, before any lease or work, unless `destination` exists and holds partition
-    folders (not the image SOURCE given by mistake). Storage errors (endpoint, credentials,
+    folders or a lease folder (not the image SOURCE given by mistake; the lease is written into it). Storage errors (endpoint, credentials,
     permissions) become one message naming DEST and the fix (tasks.storage.storage_call)."""
     fs, root = destination.fs, destination.path
     if not storage_call(fs, root, lambda: fs.exists(root)):  # before the lease, which would create DEST
@@ -195,7 +195,8 @@ def check_dataset(destination: Location) -> None:
     names = storage_call(
         fs, root, lambda: [posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)]
     )
-    if not any(name.startswith("model_slug=") for name in names):  # before the lease, which writes into it
+    # A classify run that found no image yet leaves only its lease folder: a dataset with no rows.
+    if not any(name.startswith("model_slug=") or name == LEASE_FOLDER for name in names):
         raise FileNotFoundError(
             f"{destination.shown!r} holds no model_slug=… partition folders, so it is no classify output (the "
             "image SOURCE given by mistake?); give the --output folder of `oncoflow classify`"

@@ -168,6 +168,8 @@ def rewrite_without(destination: Location, path: str, mask: pa.ChunkedArray) -> 
 
 def describe(report: EraseReport) -> str:
     """One line: what was (or would be) erased."""
+    if not report.partitions:
+        return "no rows to erase: the dataset holds no rows yet"
     if not report.rows_erased:
         return f"no rows to erase: none of the {report.partitions} partition(s) holds a row of those images"
     return (

@@ -77,6 +77,26 @@ def test_compact_refuses_a_folder_that_is_no_dataset_and_writes_nothing_into_it(
     assert f"no Parquet files under {str(image_folder)!r}, only other files" in text, text
 
 
+def test_compact_after_a_first_night_that_found_no_image_has_nothing_to_merge(
+    tmp_path: Path, tiny_model: str
+) -> None:
+    """classify of an empty night leaves DEST holding only its lease folder: a dataset with no rows
+    yet, not "the image SOURCE given by mistake" (a scheduled compaction failed on it)."""
+    source = tmp_path / "scans"
+    source.mkdir()
+    (source / "README.txt").write_text("images arrive here nightly")
+    dest = tmp_path / "preds"
+    run = ["classify", str(source), "-o", str(dest), "--model", tiny_model, "--device", "cpu"]
+    assert CliRunner().invoke(app, run).exit_code == 0
+    assert [p.name for p in dest.iterdir()] == ["_leases"]
+    result = CliRunner().invoke(app, ["compact", str(dest)])
+    assert result.exit_code == 0 and "nothing to merge: the dataset holds no rows yet" in result.output
+    listed = tmp_path / "list.txt"
+    listed.write_text("file:///scans/a.png\n")
+    erased = CliRunner().invoke(app, ["erase", str(dest), "--uris", str(listed), "--yes"])
+    assert erased.exit_code == 0 and "no rows to erase: the dataset holds no rows yet" in erased.output
+
+
 @pytest.mark.parametrize("command", ["latest", "report"])
 def test_latest_and_report_name_an_image_folder_given_for_the_dataset(
     image_folder: Path, tmp_path: Path, command: str

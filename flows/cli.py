@@ -55,8 +55,25 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+def print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version("oncoflow")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            installed = "not installed (run from a source checkout)"
+        print(f"oncoflow {installed}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=print_version, help="Print the version and exit."),
+    ] = False,
+) -> None:
     """oncoflow: classify medical images in bulk. Research use only, not a diagnosis."""
     install_log_redaction()  # from the first log line on: storage libraries log signed URLs and keys
 
@@ -193,7 +210,9 @@ def print_summary(summary: dict[str, Any], output: str | None = None) -> None:
         out.print(f"output: {escape(redact(output))}", highlight=False, soft_wrap=True)
 
 
-Source = Annotated[str, typer.Argument(help="Folder, file:// URI or s3://bucket/prefix holding the images.")]
+Source = Annotated[
+    str, typer.Argument(metavar="SOURCE", help="Folder, file:// URI or s3://bucket/prefix holding the images.")
+]
 Output = Annotated[
     str,
     typer.Option(
@@ -585,7 +604,8 @@ classify_command_app.command()(classify_command)
 Dest = Annotated[
     str,
     typer.Argument(
-        help="The dataset `oncoflow classify --output` wrote: a folder, file:// URI or s3://bucket/prefix."
+        metavar="DEST",
+        help="The dataset `oncoflow classify --output` wrote: a folder, file:// URI or s3://bucket/prefix.",
     ),
 ]
 

@@ -266,6 +266,7 @@ print(result.output)
     ("args", "code"),
     [
         (["--help"], 0),
+        (["--version"], 0),
         (["classify", "--help"], 0),
         (["classify", "SRC", "-o", "OUT", "--threshold", "1.5"], 2),
         (["classify", "SRC", "-o", "OUT", "--model", "MODEL"], 2),
@@ -289,6 +290,8 @@ def test_help_and_bad_arguments_answer_without_loading_torch_or_storage_librarie
     assert first == f"{code} -", done.stdout + done.stderr
     if code == 2:
         assert "error:" in output or "Error" in output, output
+    if args == ["--version"]:
+        assert output.startswith("oncoflow 0."), output
     assert not (tmp_path / "out").exists()
 
 

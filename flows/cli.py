@@ -211,7 +211,8 @@ def print_summary(summary: dict[str, Any], output: str | None = None) -> None:
 
 
 Source = Annotated[
-    str, typer.Argument(metavar="SOURCE", help="Folder, file:// URI or s3://bucket/prefix holding the images.")
+    str,
+    typer.Argument(metavar="SOURCE", help="Folder, file:// URI or s3://bucket/prefix holding the images."),
 ]
 Output = Annotated[
     str,
@@ -807,13 +808,22 @@ def report_command(
 
 def print_metrics(metrics: dict[str, Any], written: str) -> None:
     """The seed card's table, the confusion counts and the operating point, on stdout."""
-    from tasks.report import SEED_ROWS, metric_text  # matplotlib, scikit-learn: only once there is a report
+    # matplotlib, scikit-learn: only once there is a report
+    from tasks.report import SEED_ROWS, interval_text, metric_text, threshold_text
 
     table = Table(title="oncoflow evaluation (research use only, not a diagnosis)")
     table.add_column("Metric")
     table.add_column("Value", justify="right")
+    counts = metrics["counts"]
+    share = metrics.get("malignant_share")  # precision, accuracy and F1 hold at this share only
+    table.add_row(
+        "images: Normal / Malignant",
+        f"{counts['Normal']} / {counts['Malignant']}"
+        + (f" ({share:.2%} Malignant)" if share is not None else ""),
+    )
     for name, key in SEED_ROWS:
-        table.add_row(name, metric_text(metrics, key))  # "n/a (no Malignant images)" where undefined
+        # "n/a (no Malignant images)" where undefined; the 95% interval of the two rates
+        table.add_row(name, metric_text(metrics, key) + interval_text(metrics, key))
     table.add_row(
         "TP / FN / FP / TN", f"{metrics['tp']} / {metrics['fn']} / {metrics['fp']} / {metrics['tn']}"
     )
@@ -831,7 +841,9 @@ def print_metrics(metrics: dict[str, Any], written: str) -> None:
     table.add_row("not evaluated: predictions without label", str(images["predictions_without_label"]))
     table.add_row("not evaluated: labels without prediction", str(images["labels_without_prediction"]))
     Console().print(table)
-    Console().print(f"report: {written}", highlight=False, soft_wrap=True)
+    out = Console(highlight=False, soft_wrap=True)
+    out.print(threshold_text(metrics)[0].upper() + threshold_text(metrics)[1:])
+    out.print(f"report: {written}")
 
 
 def evaluate_command(

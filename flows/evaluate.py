@@ -26,8 +26,10 @@ from tasks.model_files import DEFAULT_MODEL
 from tasks.report import (
     PLOTS,
     check_report_folder,
+    few_images_warning,
     metric_text,
     one_class_warning,
+    plural,
     render_markdown,
     write_report,
 )
@@ -98,9 +100,9 @@ def score(
     metrics["predictions"] = (
         destination if "://" in destination else os.path.abspath(os.path.expanduser(destination))
     )
-    warning = one_class_warning(metrics)
-    if warning:
-        get_run_logger().warning(warning)
+    for warning in (one_class_warning(metrics), few_images_warning(metrics)):
+        if warning:
+            get_run_logger().warning(warning)
     return {"metrics": metrics, "scored": joined.scored}
 
 
@@ -169,11 +171,11 @@ def evaluate(
     publish_report(metrics, written)
     images = metrics["images"]
     print(
-        f"evaluated {images['evaluated']} images: accuracy {metric_text(metrics, 'accuracy')}, recall "
-        f"{metric_text(metrics, 'recall')}, specificity {metric_text(metrics, 'specificity')}; "
-        f"not evaluated: {images['labelled_error_rows']} labelled error rows, "
-        f"{images['predictions_without_label']} predictions without label, "
-        f"{images['labels_without_prediction']} labels without prediction. Report: {written['report']}"
+        f"evaluated {plural(images['evaluated'], 'image')}: accuracy {metric_text(metrics, 'accuracy')}, "
+        f"recall {metric_text(metrics, 'recall')}, specificity {metric_text(metrics, 'specificity')}; "
+        f"not evaluated: {plural(images['labelled_error_rows'], 'labelled error row')}, "
+        f"{plural(images['predictions_without_label'], 'prediction')} without label, "
+        f"{plural(images['labels_without_prediction'], 'label')} without prediction. Report: {written['report']}"
     )
     return metrics
 

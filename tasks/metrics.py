@@ -382,10 +382,14 @@ def compute_metrics(joined: Joined, target_sensitivity: float | None = None) -> 
             "labelled_error_examples": joined.labelled_error_examples,
         },
         "counts": {name: int((y_true == i).sum()) for i, name in enumerate(CLASS_NAMES)},
+        # Precision, accuracy, F1 and PR AUC depend on it: compare them only at the same share.
+        "malignant_share": float(y_true.mean()) if len(y_true) else None,
         "predicted_counts": {name: int((y_pred == i).sum()) for i, name in enumerate(CLASS_NAMES)},
         **decisions,
         "wilson_95": rate_intervals(decisions),
         **probability_metrics(y_true, prob),
+        # The Brier score of always answering the Malignant share: the no-skill reference.
+        "brier_reference": float(y_true.mean() * (1 - y_true.mean())) if len(y_true) else None,
         "operating_point": None,
     }
     if target_sensitivity is not None:

@@ -100,6 +100,44 @@ def seed_table(metrics: dict[str, Any]) -> str:
     )
 
 
+FEW_IMAGES = 30  # per class: below it a 95% interval spans ±15 points or more (Wilson, near 75%)
+LOW_PREVALENCE = 0.05  # the share at which precision is restated: rarer disease than in a curated set
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def interval_text(metrics: dict[str, Any], key: str) -> str:
+    """` (95% CI a–b)` for recall or specificity, or nothing when undefined."""
+    bounds = (metrics.get("wilson_95") or {}).get(key)
+    return "" if bounds is None else f" (95% CI {percent(bounds[0])}–{percent(bounds[1])})"
+
+
+def precision_at(metrics: dict[str, Any], share: float) -> float | None:
+    """The precision these sensitivity and specificity give where `share` of the images are Malignant."""
+    sensitivity, specificity = metrics["recall"], metrics["specificity"]
+    if sensitivity is None or specificity is None:
+        return None
+    called = sensitivity * share + (1 - specificity) * (1 - share)
+    return sensitivity * share / called if called else None
+
+
+def few_images_warning(metrics: dict[str, Any]) -> str | None:
+    """A sentence when a class has fewer than FEW_IMAGES images (and more than none); else None."""
+    counts = metrics["counts"]
+    small = [name for name in ("Malignant", "Normal") if 0 < counts[name] < FEW_IMAGES]
+    if not small:
+        return None
+    which = " and ".join(f"{plural(counts[name], name + ' image')}" for name in small)
+    return (
+        f"These figures rest on {which}: each percentage could be far off the model's true rate "
+        f"(sensitivity{interval_text(metrics, 'recall')}, specificity"
+        f"{interval_text(metrics, 'specificity')}). Evaluate on at least {FEW_IMAGES} images of each "
+        "class, many more to compare models."
+    )
+
+
 def interpretation(metrics: dict[str, Any]) -> str:
     """What the error rates mean for a user, in the seed card's words, with the images behind each."""
     tp, fp, tn, fn = (metrics[k] for k in ("tp", "fp", "tn", "fn"))
@@ -112,8 +150,9 @@ def interpretation(metrics: dict[str, Any]) -> str:
     else:
         fnr = metrics["false_negative_rate"]
         lines.append(
-            f"- Catches {percent(metrics['recall'])} of the {tp + fn} Malignant images: **false negative "
-            f"rate {percent(fnr)}** — it misses about {100 * fnr:.0f} of every 100 malignant images."
+            f"- Catches {percent(metrics['recall'])}{interval_text(metrics, 'recall')} of the {tp + fn} "
+            f"Malignant images: **false negative rate {percent(fnr)}** — it misses about {100 * fnr:.0f} "
+            "of every 100 malignant images."
         )
     if metrics["specificity"] is None:
         lines.append(
@@ -124,17 +163,30 @@ def interpretation(metrics: dict[str, Any]) -> str:
         fpr = metrics["false_positive_rate"]
         lines.append(
             f"- **False positive rate {percent(fpr)}** — it flags about {100 * fpr:.0f} of every 100 "
-            f"normal images as Malignant ({fp} of the {tn + fp} Normal images)."
+            f"normal images as Malignant ({fp} of the {tn + fp} Normal images); specificity "
+            f"{percent(metrics['specificity'])}{interval_text(metrics, 'specificity')}."
         )
     if metrics["precision"] is None:
         lines.append(
             f"- Precision: {metric_text(metrics, 'precision')} — it calls none of these images Malignant."
         )
     else:
-        lines.append(
+        share = metrics.get("malignant_share")
+        line = (
             f"- Of the {tp + fp} images it calls Malignant, {percent(metrics['precision'])} are Malignant "
-            f"and {percent(fp / (tp + fp))} are in fact Normal."
+            f"and {percent(fp / (tp + fp))} are in fact Normal"
         )
+        rare = precision_at(metrics, LOW_PREVALENCE)
+        if share is not None and rare is not None:
+            line += (
+                f", with {percent(share)} of these images Malignant. That share sets precision (and "
+                "accuracy, F1, PR AUC): where malignant images are rarer, more of the Malignant calls are "
+                f"Normal — with this sensitivity and specificity, where {LOW_PREVALENCE:.0%} of images are "
+                f"Malignant, about {100 * (1 - rare):.0f} in 100 Malignant calls would be Normal."
+            )
+        else:
+            line += "."
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -217,11 +269,12 @@ def render_markdown(metrics: dict[str, Any], title: str = "oncoflow evaluation")
         "",
         f"Model: {', '.join(metrics['models'])} (revision {', '.join(metrics['model_revisions'])}); "
         + threshold_text(metrics),
-        f"Evaluated {images['evaluated']} labelled images ({metrics['counts']['Normal']} Normal, "
-        f"{metrics['counts']['Malignant']} Malignant). Not evaluated: {images['labelled_error_rows']} "
-        f"labelled images whose row is an error row, {images['predictions_without_label']} predictions "
-        f"without a label ({images['error_rows'] - images['labelled_error_rows']} of them error rows), "
-        f"{images['labels_without_prediction']} labels without a prediction.",
+        f"Evaluated {plural(images['evaluated'], 'labelled image')} ({metrics['counts']['Normal']} Normal, "
+        f"{metrics['counts']['Malignant']} Malignant). Not evaluated: "
+        f"{plural(images['labelled_error_rows'], 'labelled image')} whose row is an error row, "
+        f"{plural(images['predictions_without_label'], 'prediction')} without a label "
+        f"({images['error_rows'] - images['labelled_error_rows']} of them error rows), "
+        f"{plural(images['labels_without_prediction'], 'label')} without a prediction.",
     ]
     if images.get("labelled_error_examples"):
         quoted = ", ".join(f"`{e['image_uri']}` ({e['error']})" for e in images["labelled_error_examples"])
@@ -232,6 +285,9 @@ def render_markdown(metrics: dict[str, Any], title: str = "oncoflow evaluation")
     warning = one_class_warning(metrics)
     if warning:
         lines += ["", f"> **One class only.** {warning}"]
+    few = few_images_warning(metrics)
+    if few:
+        lines += ["", f"> **Few images.** {few}"]
     lines += [
         "",
         "## Performance",
@@ -257,6 +313,11 @@ def render_markdown(metrics: dict[str, Any], title: str = "oncoflow evaluation")
         f"| ROC AUC | {metric_text(metrics, 'roc_auc')} |",
         f"| PR AUC (average precision) | {metric_text(metrics, 'pr_auc')} |",
         f"| Brier score (lower is better) | {metrics['brier']:.4f} |",
+        *(
+            [f"| Brier score of always answering the Malignant share (no skill) | {reference:.4f} |"]
+            if (reference := metrics.get("brier_reference")) is not None
+            else []
+        ),
         f"| ECE, {CALIBRATION_BINS} bins (lower is better) | {metrics['ece']:.4f} |",
     ]
     point = metrics.get("operating_point")

@@ -262,7 +262,7 @@ def test_report_counts_of_what_was_not_evaluated_add_up() -> None:
     text = render_markdown(metrics)
     assert (
         "Not evaluated: 0 labelled images whose row is an error row, 18 predictions without a label "
-        "(2 of them error rows), 1 labels without a prediction." in text
+        "(2 of them error rows), 1 label without a prediction." in text
     )
     assert "Labels without a prediction, e.g. `gone`." in text
     assert metrics["images"]["labels_without_prediction_examples"] == ["gone"]
@@ -355,6 +355,34 @@ def test_interpretation_never_says_zero_percent_of_nothing() -> None:
     card = interpretation(classification_metrics(y_true, y_pred))
     assert "Catches 72.25% of the 191 Malignant images" in card and "(55 of the 459 Normal images)" in card
     assert "Of the 193 images it calls Malignant, 71.50% are Malignant" in card
+
+
+def test_the_report_ties_precision_to_the_malignant_share_and_warns_of_few_images() -> None:
+    """Precision holds only at the evaluated set's Malignant share: report.md says the share and what
+    the same sensitivity and specificity give where malignant images are rare; a class of a handful of
+    images gets a warning with the intervals; the Brier score comes with its no-skill reference."""
+    y_true, y_pred = seed_card_predictions()
+    prob = np.where(y_pred == 1, 0.8, 0.2)
+    card = compute_metrics(Joined(scored_frame(y_true, prob), 0, 0, 0, 0))
+    text = render_markdown(card)
+    # sensitivity 0.7225, specificity 0.8802 at 5%: 0.0361 / (0.0361 + 0.1138) = 24% of calls Malignant
+    assert "with 29.38% of these images Malignant" in text, text
+    assert "where 5% of images are Malignant, about 76 in 100 Malignant calls would be Normal" in text
+    assert "Catches 72.25% (95% CI 65.51%–78.12%) of the 191 Malignant images" in text
+    assert "Few images" not in text
+    share = 191 / 650
+    assert (
+        f"| Brier score of always answering the Malignant share (no skill) | {share * (1 - share):.4f} |"
+        in text
+    )
+
+    few = compute_metrics(
+        Joined(scored_frame(np.array([1, 1, 0, 0, 0]), np.array([0.9, 0.8, 0.1, 0.2, 0.3])), 0, 0, 0, 0)
+    )
+    text = render_markdown(few)
+    assert "> **Few images.** These figures rest on 2 Malignant images and 3 Normal images" in text, text
+    assert "sensitivity (95% CI 34.24%–100.00%)" in text
+    assert "Evaluated 5 labelled images" in text
 
 
 def test_wilson_intervals_match_published_values() -> None:

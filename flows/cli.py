@@ -877,6 +877,12 @@ def evaluate_command(
 ) -> None:
     """Compare predictions with true labels: the seed card's metrics, plots and an operating point."""
     params = validated(EvaluateParams, **{k: v for k, v in locals().items()})
+    from tasks.report import check_not_among_images
+
+    try:
+        check_not_among_images(params.output)
+    except ValueError as exc:
+        fail(str(exc), code=2)
     if params.data is not None:  # classified here first: the classify checks, before any work
         check_model_arguments(params.model, params.device, params.precision, params.compile)
         check_writable(params.output)

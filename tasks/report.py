@@ -17,7 +17,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocC
 
 from tasks.labels import CLASS_NAMES  # noqa: E402
 from tasks.metrics import CALIBRATION_BINS, json_safe  # noqa: E402
-from tasks.storage import open_location, write_atomic  # noqa: E402
+from tasks.storage import is_image_name, open_location, write_atomic  # noqa: E402
 
 RESEARCH_NOTICE = (
     "> **For research, not diagnosis.** These numbers describe a statistical model on one set of "
@@ -404,12 +404,33 @@ def predictions_key(predictions: str, folder: str) -> str | None:
     return os.path.realpath(path)
 
 
+def check_not_among_images(folder: str) -> None:
+    """ValueError when REPORT holds image files and no report (metrics.json): an image folder given by
+    mistake. The plots would go in among the images, replacing any of the same name, and be classified
+    with them the next night if the folder is a classify SOURCE."""
+    if os.path.exists(os.path.join(folder, "metrics.json")):
+        return
+    try:
+        with os.scandir(folder) as entries:
+            images = sorted(e.name for e in entries if is_image_name(e.name) and e.is_file())
+    except OSError:  # none yet (it is created), or not a folder: check_writable says so
+        return
+    if images:
+        raise ValueError(
+            f"report folder {folder!r} holds {len(images)} image file(s) (e.g. {images[0]!r}) and no "
+            f"report: the plots ({', '.join(PLOTS.values())}) would go in among them, replacing any of the "
+            "same name, and be classified with them if the folder is a classify SOURCE. Give a new or "
+            "empty --output folder"
+        )
+
+
 def check_report_folder(folder: str, revisions: list[str], predictions: str) -> None:
     """ValueError when REPORT already holds the report of other model revisions or of another predictions
     folder (another --device/--precision/--compile, another DEST): writing this one would replace it,
     and the two are compared side by side, not one instead of the other. The same revisions and
     predictions again (new labels, more images) refresh the report. A metrics.json that is not JSON (cut
-    short by a crash) is replaced."""
+    short by a crash) is replaced. A folder of images and no report is refused (check_not_among_images)."""
+    check_not_among_images(folder)
     path = os.path.join(folder, "metrics.json")
     try:
         with open(path) as handle:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import timedelta
 from pathlib import Path
 
@@ -202,6 +203,23 @@ def test_several_model_revisions_must_be_chosen(
     separate = runner.invoke(app, [*common[:-1], str(tmp_path / "r2"), "--model-revision", other])
     assert separate.exit_code == 0, separate.output
     assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["model_revisions"] == [other]
+
+
+def test_a_folder_of_images_is_refused_as_report_folder(
+    labeled: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    """--output given an image folder: the plots would go in among the scans (and a nightly run of that
+    folder would classify them): exit 2 before any work, the folder untouched."""
+    scans = tmp_path / "scans"
+    shutil.copytree(labeled / "Normal", scans)
+    before = sorted(p.name for p in scans.iterdir())
+    result = runner.invoke(
+        app, ["evaluate", "-o", str(scans), "--data", str(labeled), "--model", tiny_model, "--device", "cpu"]
+    )
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"report folder {str(scans)!r} holds" in text, text
+    assert "and no report: the plots (roc.png" in text and "Give a new or empty --output folder" in text
+    assert sorted(p.name for p in scans.iterdir()) == before
 
 
 def test_evaluating_another_model_into_a_report_folder_refuses_before_classifying(

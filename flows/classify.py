@@ -29,7 +29,7 @@ from flows.guards import exclusive_output, gpu_slot
 from flows.logs import send_logs_to_prefect
 from flows.params import ClassifyParams, flow_params
 from flows.runners import SHARDS_IN_FLIGHT, local_task_runner, shard_slots, shards_run_here
-from tasks.defaults import DEFAULT_MAX_PIXELS, cuda_graphs_from_env, host_decode_share_from_env
+from tasks.defaults import DEFAULT_MAX_PIXELS, cuda_graphs_from_env, host_decode_share_from_env, plural
 from tasks.dicom import NON_IMAGE_ERROR
 from tasks.inference import (
     EngineOptions,
@@ -469,7 +469,7 @@ def classify_images(params: ClassifyParams) -> dict[str, Any]:
     summary.update(run_id=run_id, model=params.model, model_revision=revision)
     publish_summary(summary, params, f"{params.model} @ {revision} ({placement})")
     print(
-        f"classified {summary['images_classified']} of {found} images ({summary['errors']} errors, "
+        f"classified {summary['images_classified']} of {found} images ({plural(summary['errors'], 'error')}, "
         f"{summary['malignant']} Malignant) at {summary['images_per_second']} img/s"
     )
     if summary["images_archived"]:

@@ -19,9 +19,11 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.default_styles import DEFAULT_STYLES
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.theme import Theme
 
 from flows.params import (
     ClassifyParams,
@@ -42,7 +44,7 @@ from flows.server_guard import (
     start_temporary_server,
     use_temporary_server,
 )
-from tasks.defaults import DEFAULT_MAX_PIXELS, TARGET_ROWS
+from tasks.defaults import DEFAULT_MAX_PIXELS, TARGET_ROWS, plural
 from tasks.model_files import DEFAULT_BASE_MODEL, DEFAULT_MODEL, ModelError, check_model_name
 from tasks.redaction import install_log_redaction, redact
 
@@ -112,24 +114,43 @@ def progress_bar() -> Iterator[None]:
     if not sys.stderr.isatty():
         yield
         return
-    with Progress(
-        TextColumn("classifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
-    ) as progress:
-        from tasks.inference import progress_listeners
+    live = log_console()
+    # Prefect's console has a theme of its own, without rich's progress styles: lend them for the bar.
+    live.push_theme(Theme({k: v for k, v in DEFAULT_STYLES.items() if k.startswith(("bar.", "progress."))}))
+    try:
+        with Progress(
+            TextColumn("classifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=live
+        ) as progress:
+            from tasks.inference import progress_listeners
 
-        bar = progress.add_task("classify", total=None)
+            bar = progress.add_task("classify", total=None)
 
-        def listen(event: str, count: int) -> None:
-            if event == "total":
-                progress.update(bar, total=count)
-            else:
-                progress.advance(bar, count)
+            def listen(event: str, count: int) -> None:
+                if event == "total":
+                    progress.update(bar, total=count)
+                else:
+                    progress.advance(bar, count)
 
-        progress_listeners.append(listen)
-        try:
-            yield
-        finally:
-            progress_listeners.remove(listen)
+            progress_listeners.append(listen)
+            try:
+                yield
+            finally:
+                progress_listeners.remove(listen)
+    finally:
+        live.pop_theme()
+
+
+def log_console() -> Console:
+    """The rich Console Prefect's log handler prints to the terminal with, else the CLI's own.
+
+    The progress bar draws on this one: a console knows to print a line above its own live display, not
+    above another's (two consoles put Prefect's records at the end of the bar's line:
+    `classifying ━━ 0/?  22:07:13.882 | INFO ...`)."""
+    for handler in logging.getLogger().handlers:
+        own = getattr(handler, "console", None)
+        if isinstance(own, Console) and own.is_terminal:
+            return own
+    return console
 
 
 def print_plan(summary: dict[str, Any]) -> None:
@@ -634,7 +655,7 @@ def compact_command(
         fail(str(exc))
     line = (
         f"merged {report['files_merged']} files into {report['files_written']} "
-        f"({report['rows_merged']} rows, {report['partitions']} partitions)"
+        f"({plural(report['rows_merged'], 'row')}, {plural(report['partitions'], 'partition')})"
         if report["files_merged"]
         else f"nothing to merge: {report['partitions']} partition(s), none with files to merge"
         if report["partitions"]

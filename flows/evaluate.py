@@ -19,6 +19,7 @@ from flows.classify import classify
 from flows.credentials import storage_options
 from flows.logs import send_logs_to_prefect
 from flows.params import EvaluateParams, flow_params
+from tasks.defaults import plural
 from tasks.labels import labeled_folder, read_labels_file
 from tasks.metrics import compute_metrics, join_labels, read_predictions
 from tasks.model import inspect_model
@@ -29,7 +30,6 @@ from tasks.report import (
     few_images_warning,
     metric_text,
     one_class_warning,
-    plural,
     render_markdown,
     write_report,
 )

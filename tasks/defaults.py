@@ -79,3 +79,8 @@ def lease_wait_from_env() -> float:
             "hour); unset it for the default of 3600"
         )
     return seconds
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 error`, `2 errors`, `0 errors`: counts in messages (nouns whose plural adds an s)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

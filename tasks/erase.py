@@ -44,6 +44,7 @@ from tasks.compact import (
     merged_name,
     parquet_files_by_partition,
 )
+from tasks.defaults import plural
 from tasks.erase_list import Selection
 from tasks.lease import acquire
 from tasks.sink import SCHEMA_VERSION, find_unreadable_file
@@ -171,9 +172,9 @@ def describe(report: EraseReport) -> str:
     if not report.partitions:
         return "no rows to erase: the dataset holds no rows yet"
     if not report.rows_erased:
-        return f"no rows to erase: none of the {report.partitions} partition(s) holds a row of those images"
+        return f"no rows to erase: none of the {plural(report.partitions, 'partition')} holds a row of those images"
     return (
-        f"{'erased' if report.applied else 'would erase'} {report.rows_erased} rows of "
-        f"{report.images_erased} images: {report.files_rewritten} files rewritten without them, "
-        f"{report.files_deleted} deleted (of {report.partitions} partitions)"
+        f"{'erased' if report.applied else 'would erase'} {plural(report.rows_erased, 'row')} of "
+        f"{plural(report.images_erased, 'image')}: {plural(report.files_rewritten, 'file')} rewritten "
+        f"without them, {report.files_deleted} deleted (of {plural(report.partitions, 'partition')})"
     )

@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 from sklearn.calibration import CalibrationDisplay  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay  # noqa: E402
 
+from tasks.defaults import plural  # noqa: E402
 from tasks.labels import CLASS_NAMES  # noqa: E402
 from tasks.metrics import CALIBRATION_BINS, json_safe  # noqa: E402
 from tasks.storage import is_image_name, open_location, write_atomic  # noqa: E402
@@ -102,10 +103,6 @@ def seed_table(metrics: dict[str, Any]) -> str:
 
 FEW_IMAGES = 30  # per class: below it a 95% interval spans ±15 points or more (Wilson, near 75%)
 LOW_PREVALENCE = 0.05  # the share at which precision is restated: rarer disease than in a curated set
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def interval_text(metrics: dict[str, Any], key: str) -> str:

@@ -921,3 +921,40 @@ def test_the_message_names_the_file_in_the_way_deep_inside_the_output(tmp_path: 
     )
     message = str(output_error(error, f"file://{tmp_path}/preds"))
     assert f"({tmp_path}/preds/model_slug=m); a file stands where a folder" in message, message
+
+
+def test_log_lines_on_a_terminal_get_lines_of_their_own_above_the_progress_bar(
+    tmp_path: Path, image_folder: Path, tiny_model: str, prefect_server: str
+) -> None:
+    """On a terminal, Prefect's log records went to the end of the progress bar's line
+    (`classifying ━━ 0/?  22:07:13.882 | INFO ...`): each must start a line of its own."""
+    import pty
+
+    primary, secondary = pty.openpty()
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_LOGGING_LEVEL": "INFO", "COLUMNS": "120"}
+    oncoflow = str(Path(sys.executable).parent / "oncoflow")
+    command = [oncoflow, "classify", str(image_folder), "-o", str(tmp_path / "out"), "--model", tiny_model]
+    process = subprocess.Popen(
+        [*command, "--device", "cpu", "--shard-size", "2"], stdout=secondary, stderr=secondary, env=env
+    )
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert process.wait(timeout=240) == 0
+    os.close(primary)
+    text = b"".join(chunks).decode(errors="replace")
+    ansi = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+    # What stays visible of each line: the terminal's \r\n ends it; a \r before returns to its start.
+    shown = [ansi.sub("", line.removesuffix("\r").rsplit("\r", 1)[-1]) for line in text.split("\n")]
+    records = [line for line in shown if "| INFO" in line]
+    assert any("classified 6 of 6 images" in line for line in records), text
+    assert "classifying" in text, "a progress bar was shown"
+    stuck = [line for line in records if not re.match(r"\d\d:\d\d:\d\d\.\d{3} \| INFO", line)]
+    assert not stuck, stuck

@@ -198,7 +198,7 @@ def test_erase_on_s3_keeps_every_other_row_once(s3: s3fs.S3FileSystem, tmp_path:
     erase_list = tmp_path / "list.txt"
     erase_list.write_text("file:///scans/site-a/img_00002.jpg\n")
     result = CliRunner().invoke(app, ["erase", "s3://preds/erase", "--uris", str(erase_list), "--yes"])
-    assert result.exit_code == 0 and "erased 2 rows of 1 images" in " ".join(result.output.split()), (
+    assert result.exit_code == 0 and "erased 2 rows of 1 image" in " ".join(result.output.split()), (
         result.output
     )
     s3.invalidate_cache()

@@ -91,7 +91,9 @@ def _decode_with_pillow(data: bytes, max_pixels: int, exif_orientation: bool) ->
     if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
         Image.MAX_IMAGE_PIXELS = max_pixels
     webp = is_webp(data)
-    damaged = "truncated" if data.startswith(SIGNATURES) or webp else "not_an_image"
+    # A file cut short within its signature (`FF D8`: a JPEG's first two bytes) starts like one too.
+    cut = len(data) < max(map(len, SIGNATURES)) and any(sign.startswith(data) for sign in SIGNATURES)
+    damaged = "truncated" if data.startswith(SIGNATURES) or webp or cut else "not_an_image"
     try:
         image: Image.Image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
         width, height = image.size
@@ -126,6 +128,8 @@ def _decode_with_pillow(data: bytes, max_pixels: int, exif_orientation: bool) ->
         damaged_data |= (data.startswith(b"\x89PNG") and "unrecognized data stream" in message) or (
             webp and "failed to read next frame" in message
         )
+        if "decoder object" in message:  # libwebp's words for data it cannot start decoding
+            message = f"the image data is damaged or ends early ({message})"
         raise ImageError(
             "truncated" if isinstance(exc, EOFError) or damaged_data else "unsupported", message
         ) from exc
@@ -166,7 +170,10 @@ def unsupported_tiff_compression(data: bytes) -> str | None:
 
 
 def pixel_limit_message(size: str, max_pixels: int) -> str:
-    return f"{size} pixels exceeds the limit of {max_pixels} (--max-pixels)"
+    return (
+        f"{size} pixels exceeds the limit of {max_pixels} (--max-pixels; to classify it, raise the limit "
+        "and run once with --retry-errors too_large)"
+    )
 
 
 def bomb_message(error: Exception, max_pixels: int) -> str:

@@ -146,6 +146,8 @@ def bad_files() -> dict[str, tuple[bytes, str | None]]:
         "empty.jpg": (b"", "empty"),
         "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
         "header-only.png": (png[:40], "truncated"),
+        "soi-only.jpg": (jpeg[:2], "truncated"),  # cut within the JPEG signature (FF D8)
+        "cut-webp.webp": (encode(random_rgb((64, 48), 3), "WEBP")[:40], "truncated"),
         "truncated.dcm": (dicom[: len(dicom) - 1000], "truncated"),
         "notes.png": (b"meeting notes, not a scan\n" * 20, "not_an_image"),
         "error-page.jpg": (b"<html><body>403 Forbidden</body></html>", "not_an_image"),

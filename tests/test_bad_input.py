@@ -116,7 +116,8 @@ def test_messages_name_the_option_and_the_codec() -> None:
     with pytest.raises(ImageError) as raised:
         decode_image(corpus.png_bomb(), max_pixels=DEFAULT_MAX_PIXELS)
     assert str(raised.value) == (
-        f"too_large: 10000000000 pixels exceeds the limit of {DEFAULT_MAX_PIXELS} (--max-pixels)"
+        f"too_large: 10000000000 pixels exceeds the limit of {DEFAULT_MAX_PIXELS} (--max-pixels; to "
+        "classify it, raise the limit and run once with --retry-errors too_large)"
     )
     with pytest.raises(ImageError) as raised:
         decode_image(corpus.tiff_with_unknown_compression(34712), max_pixels=DEFAULT_MAX_PIXELS)

@@ -169,7 +169,7 @@ def test_exact_path_decoded_in_workers_gives_the_very_same_rows(
     monkeypatch.setattr(inference, "decode_prepared", not_in_this_process)
     processes = classify_files(files, location.fs, model, in_workers, "r", "s")
     assert rows_without_time(processes) == rows_without_time(threads)
-    assert len(files) == 23 and threads.column("status").to_pylist().count("error") == 11
+    assert len(files) == 25 and threads.column("status").to_pylist().count("error") == 13
 
 
 def counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:

@@ -204,3 +204,25 @@ def test_erase_on_s3_keeps_every_other_row_once(s3: s3fs.S3FileSystem, tmp_path:
     s3.invalidate_cache()
     after = all_rows("preds/erase", s3)
     assert after == [r for r in before if uri_of(r) != "file:///scans/site-a/img_00002.jpg"]
+
+
+@pytest.mark.s3
+def test_erase_missing_from_an_s3_source(
+    image_folder: Path, tiny_model: str, s3: s3fs.S3FileSystem, tmp_path: Path
+) -> None:
+    """Objects deleted under a lifecycle rule: their rows go; the rows of objects still there stay."""
+    upload_folder(s3, image_folder, "scans/erase-src")
+    run = ["classify", "s3://scans/erase-src", "-o", "s3://preds/erase-out", "--model", tiny_model]
+    assert CliRunner().invoke(app, [*run, "--device", "cpu"]).exit_code == 0
+    s3.invalidate_cache()
+    before = all_rows("preds/erase-out", s3)
+    assert len(before) == 6
+    s3.rm("scans/erase-src/sub/f.bmp")
+    erase = ["erase", "s3://preds/erase-out", "--missing-from", "s3://scans/erase-src", "--yes"]
+    result = CliRunner().invoke(app, erase)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and "erased 1 row of 1 image" in text, text
+    assert "holds 5 images: their rows stay" in text
+    s3.invalidate_cache()
+    after = all_rows("preds/erase-out", s3)
+    assert after == [r for r in before if uri_of(r) != "s3://scans/erase-src/sub/f.bmp"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import textwrap
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -142,8 +143,10 @@ def render_png(data: ReportData, title: str) -> bytes:
     error_ax.set_xlabel("rows")
 
     figure.suptitle(title, fontsize=14)
-    figure.text(0.5, 0.01, DISCLAIMER, ha="center", fontsize=9, style="italic")
-    figure.tight_layout(rect=(0, 0.03, 1, 0.96))
+    # The PNG travels alone (a slide, a chat): it carries what the error rates mean, like the HTML page.
+    notice = "\n".join(textwrap.wrap(f"{DISCLAIMER} {ERROR_RATES}", 190))
+    figure.text(0.5, 0.005, notice, ha="center", va="bottom", fontsize=8.5, style="italic")
+    figure.tight_layout(rect=(0, 0.07, 1, 0.96))
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)

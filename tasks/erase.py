@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import posixpath
 import uuid
 from dataclasses import dataclass, field
@@ -87,10 +88,43 @@ class EraseReport:
     examples: list[str] = field(default_factory=list)  # the first image URIs, a plan only
 
 
+class IncompleteListing(OSError):
+    """SOURCE's listing left entries out: the images in them may exist, so their rows must stay."""
+
+
+class _LeftOut(logging.Handler):
+    """Counts the warnings the listing gives for what it leaves out (tasks.storage: a sub-folder or image
+    it may not read, a broken link, a special file, an archived object it cannot look into)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
 def source_selection(source: Location) -> Selection:
     """Rows under `source` whose image it no longer holds. Every file it lists counts as present (one
-    without an image extension is not opened to look for DICOM: a row for it means it was an image)."""
-    present = frozenset(image.uri for image in list_images(source, known=lambda _uri: True))
+    without an image extension is not opened to look for DICOM: a row for it means it was an image).
+
+    IncompleteListing when the listing left anything out with a warning (an unreadable sub-folder, a
+    broken link, ...): those images may well exist, and classify would list them again once readable,
+    so their rows are not to be erased; nothing is erased then."""
+    listing_log = logging.getLogger(list_images.__module__)
+    left_out = _LeftOut()
+    listing_log.addHandler(left_out)
+    try:
+        present = frozenset(image.uri for image in list_images(source, known=lambda _uri: True))
+    finally:
+        listing_log.removeHandler(left_out)
+    if left_out.count:
+        raise IncompleteListing(
+            f"the listing of {source.shown!r} left entries out (the warnings above: unreadable folders or "
+            "files, broken links, ...), and the rows of the images in them would be erased although they "
+            "may still be there; make them readable (or remove them) and run again, or name the images "
+            "with --uris. Nothing was erased"
+        )
     return Selection(missing_under=to_uri(source.fs, source.path).rstrip("/") + "/", present=present)
 
 

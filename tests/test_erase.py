@@ -136,6 +136,16 @@ def test_erase_missing_from_removes_the_rows_of_images_deleted_at_the_source(
     assert unrelated.exit_code == 0 and "no rows to erase" in unrelated.output
     assert all_rows(dest) == before
 
+    # A listing that leaves something out (an unreadable folder, here a broken link) could make images
+    # that exist look deleted: nothing is erased until it is whole.
+    broken = image_folder / "sub" / "moved.jpg"
+    broken.symlink_to(tmp_path / "nowhere.jpg")
+    refused = CliRunner().invoke(app, ["erase", str(dest), "--missing-from", str(image_folder), "--yes"])
+    text = " ".join(refused.output.split())
+    assert refused.exit_code == 1 and "left entries out" in text and "Nothing was erased" in text, text
+    assert all_rows(dest) == before
+    broken.unlink()
+
     done = CliRunner().invoke(app, ["erase", str(dest), "--missing-from", str(image_folder), "--yes"])
     assert done.exit_code == 0, done.output
     after = all_rows(dest)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import base64
 import html
 import io
-import textwrap
 import os
+import textwrap
 from dataclasses import dataclass
 from typing import Any
 

@@ -720,19 +720,33 @@ def erase_command(
     out = Console(highlight=False, soft_wrap=True, markup=False)  # file names may hold [brackets]
     out.print(describe(report))
     if report.images_listed:
-        out.print(f"({params.missing_from} holds {report.images_listed} images: their rows stay)")
+        out.print(f"({params.missing_from} lists {plural(report.images_listed, 'image')}: their rows stay)")
+    if report.images_still_there:
+        out.print(
+            f"{plural(report.images_still_there, 'image')} under {params.missing_from} that its listing does "
+            "not name still exist (in a hidden folder, or reached through a link): their rows stay"
+        )
     for example in report.examples:
         out.print(f"  {example}")
+    if report.entries_unmatched:
+        shown = ", ".join(report.entries_unmatched[:5])
+        more = len(report.entries_unmatched) - 5
+        out.print(
+            f"{len(report.entries_unmatched)} of the {report.entries} entries of {params.uris} match no row "
+            f"(erased before? a typo, or another spelling of the path than image_uri's?): {shown}"
+            + (f" and {more} more" if more > 0 else "")
+        )
     if report.leftovers_deleted:
-        out.print(f"{report.leftovers_deleted} inputs of an interrupted compaction deleted")
+        out.print(f"{plural(report.leftovers_deleted, 'input')} of an interrupted compaction deleted")
     if not report.applied:
-        if report.rows_erased:
+        if report.rows_erased or report.leftover_rows:
             out.print("nothing was erased: run again with --yes to erase these rows")
         return
     if report.rows_erased:
         out.print(
             "the images themselves are untouched: one still under a SOURCE is classified again by its next "
-            "run. Prefect's run logs and artifacts and the files exported before (latest, report, evaluate) "
+            "run, and a classify run in progress may still write a row of one: run erase again after it. "
+            "Prefect's run logs and artifacts and the files exported before (latest, report, evaluate) "
             "may still name them (docs/analytics.md)"
         )
 

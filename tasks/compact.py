@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.defaults import TARGET_ROWS
-from tasks.lease import LEASE_FOLDER, acquire
+from tasks.lease import LEASE_FOLDER, Lease, LeaseLost, acquire
 from tasks.sink import SCHEMA_VERSION, dataset_files, find_unreadable_file
 from tasks.storage import Location, check_output, missing_bucket, storage_call, write_atomic
 
@@ -217,7 +217,7 @@ def compact(destination: Location, target_rows: int = TARGET_ROWS, run_id: str =
     with acquire(destination, COMPACTION_LEASE, run_id, wait_seconds=0) as lease:
         # A transient error is retried from the top: each step is safe to repeat (finish_interrupted).
         try:
-            report = storage_call(fs, root, lambda: _compact(destination, target_rows))
+            report = storage_call(fs, root, lambda: _compact(destination, target_rows, lease))
         except pa.ArrowInvalid as exc:  # a damaged or foreign file: name it, and what to do
             raise (find_unreadable_file(destination) or exc) from exc
     dead = lease.previous
@@ -226,7 +226,7 @@ def compact(destination: Location, target_rows: int = TARGET_ROWS, run_id: str =
     return report
 
 
-def _compact(destination: Location, target_rows: int) -> CompactionReport:
+def _compact(destination: Location, target_rows: int, lease: Lease | None = None) -> CompactionReport:
     report = CompactionReport()
     partitions = parquet_files_by_partition(destination)
     for folder in local_partition_folders(destination):
@@ -238,6 +238,9 @@ def _compact(destination: Location, target_rows: int) -> CompactionReport:
         report.temporaries_deleted += remove_stale_temporaries(destination, folder)
         files = [path for path in files if destination.fs.exists(path)]
         for inputs in plan_bins(destination, files, target_rows):
+            # An object store's lease lost (renewals failed): another compaction or erase may hold it now.
+            if lease is not None and lease.lost:
+                raise LeaseLost(lease.lost)
             path, rows = merge_bin(destination, inputs)
             for leftover in inputs:
                 destination.fs.rm(leftover)

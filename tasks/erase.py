@@ -13,9 +13,18 @@ and every later compaction already understands the intermediate states):
    only then is the old file deleted. A crash between the two leaves both: the views keep one row per
    (image_uri, fingerprint, model_revision), and the next `erase` or `compact` deletes the old file
    (finish_interrupted) before anything else.
-It holds the compaction lease, so it never runs alongside a compaction. Classify runs may write
-meanwhile: they only add files. An image still present in a SOURCE is classified again by the next
-run of that SOURCE (it has no row any more): remove the image first.
+It holds the compaction lease, so it never runs alongside a compaction (and stops, LeaseLost, if an
+object store's lease is lost meanwhile). Classify runs may write meanwhile: they only add files; the
+files that appear during the pass are read too, but a run still going on after it may write a row of
+an image it listed before the image was removed: erase when no classify run is in progress, or run it
+again. An image still present in a SOURCE is classified again by the next run of that SOURCE (it has
+no row any more): remove the image first.
+
+With a SOURCE, a row goes only when its image is certainly gone: the listing must be whole (nothing
+left out with a warning) and hold at least one image; only rows written before the listing started are
+candidates (a concurrent run may classify an image added since); and a candidate under a hidden folder
+(never listed), or whose local file still exists (reached through a link the listing did not follow
+to it), stays.
 
 What it does not reach: the images themselves, Prefect's logs and artifacts (a warning naming a
 corrupt file, a dry run's examples: `oncoflow prune` deletes old runs), exports written earlier
@@ -27,9 +36,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import posixpath
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -40,37 +52,75 @@ from tasks.compact import (
     COMPACTION_LEASE,
     ROW_GROUP_ROWS,
     check_dataset,
-    finish_interrupted,
     leftover_inputs,
     merged_name,
     parquet_files_by_partition,
 )
 from tasks.defaults import plural
 from tasks.erase_list import Selection
-from tasks.lease import acquire
-from tasks.sink import SCHEMA_VERSION, find_unreadable_file
+from tasks.lease import LeaseLost, acquire
+from tasks.sink import find_unreadable_file
 from tasks.storage import Location, check_output, list_images, storage_call, to_uri, write_atomic
+from tasks.uris import file_uri_path
 
 EXAMPLES = 5
 
 
 class Matcher:
-    """A Selection as Arrow value sets, built once per erase: mask(image_uri) selects its rows."""
+    """A Selection as Arrow value sets, built once per erase: mask(table) selects its rows. It remembers
+    which entries of an erase list matched a row, and which SOURCE candidates it kept as still there."""
 
     def __init__(self, selection: Selection) -> None:
         self.selection = selection
         self.uris = pa.array(sorted(selection.uris), pa.string())
         self.present = pa.array(sorted(selection.present), pa.string())
+        self.matched: set[str] = set()  # entries of the list (URIs, prefixes) that matched a row
+        self.there: dict[str, bool] = {}  # SOURCE candidates checked: True = the image still exists
 
-    def mask(self, image_uri: pa.ChunkedArray) -> pa.ChunkedArray:
-        selected = pc.is_in(image_uri, value_set=self.uris)
+    def columns(self) -> list[str]:
+        return ["image_uri", "processed_at"] if self.selection.missing_under else ["image_uri"]
+
+    def mask(self, table: pa.Table) -> pa.ChunkedArray:
+        image_uri = table.column("image_uri")
+        selected = pc.fill_null(pc.is_in(image_uri, value_set=self.uris), False)
+        self.matched.update(pc.unique(pc.filter(image_uri, selected)).to_pylist())
         for prefix in self.selection.prefixes:
-            selected = pc.or_(selected, pc.starts_with(image_uri, prefix))
-        if self.selection.missing_under is not None:
-            gone = pc.invert(pc.is_in(image_uri, value_set=self.present))
-            under = pc.starts_with(image_uri, self.selection.missing_under)
-            selected = pc.or_(selected, pc.and_(under, gone))
-        return pc.fill_null(selected, False)
+            hit = pc.fill_null(pc.starts_with(image_uri, prefix), False)
+            if pc.any(hit).as_py():
+                self.matched.add(prefix)
+                selected = pc.or_(selected, hit)
+        under = self.selection.missing_under
+        if under is not None and self.selection.listed_at is not None:
+            listed_at = pa.scalar(self.selection.listed_at, table.column("processed_at").type)
+            candidates = pc.and_(
+                pc.and_(
+                    pc.starts_with(image_uri, under), pc.invert(pc.is_in(image_uri, value_set=self.present))
+                ),
+                pc.less(table.column("processed_at"), listed_at),  # a row of an image added since: stays
+            )
+            candidates = pc.fill_null(candidates, False)
+            staying = [
+                uri
+                for uri in pc.unique(pc.filter(image_uri, candidates)).to_pylist()
+                if self.still_there(uri)
+            ]
+            if staying:
+                candidates = pc.and_(
+                    candidates, pc.invert(pc.is_in(image_uri, value_set=pa.array(staying, pa.string())))
+                )
+            selected = pc.or_(selected, candidates)
+        return selected
+
+    def still_there(self, uri: str) -> bool:
+        """Whether an image under SOURCE that its listing did not name may exist all the same: under a
+        hidden folder (never listed), or a local file that exists (behind a link to a folder listed
+        under its own path)."""
+        if uri not in self.there:
+            relative = uri[len(self.selection.missing_under or "") :]
+            hidden = any(part.startswith(".") for part in relative.split("/")[:-1])
+            path = file_uri_path(uri) if uri.startswith("file://") else None
+            self.there[uri] = hidden or (path is not None and os.path.lexists(path))
+        return self.there[uri]
 
 
 @dataclass
@@ -83,13 +133,17 @@ class EraseReport:
     files_deleted: int = 0
     rows_erased: int = 0
     images_erased: int = 0
-    images_listed: int = 0  # with a SOURCE: the images it holds, whose rows stay
-    leftovers_deleted: int = 0
+    images_listed: int = 0  # with a SOURCE: the images its listing names, whose rows stay
+    images_still_there: int = 0  # with a SOURCE: unlisted, but there (a hidden folder, a link): kept
+    leftovers_deleted: int = 0  # inputs of an interrupted compaction
+    leftover_rows: int = 0  # a plan: rows to erase in files an interrupted erase or compaction left
+    entries: int = 0  # with --uris: the list's entries (URIs and prefixes)
+    entries_unmatched: list[str] = field(default_factory=list)  # the first entries that matched no row
     examples: list[str] = field(default_factory=list)  # the first image URIs, a plan only
 
 
 class IncompleteListing(OSError):
-    """SOURCE's listing left entries out: the images in them may exist, so their rows must stay."""
+    """SOURCE's listing left entries out, or found no image: the images may exist, so their rows stay."""
 
 
 class _LeftOut(logging.Handler):
@@ -105,19 +159,23 @@ class _LeftOut(logging.Handler):
 
 
 def source_selection(source: Location) -> Selection:
-    """Rows under `source` whose image it no longer holds. Every file it lists counts as present (one
-    without an image extension is not opened to look for DICOM: a row for it means it was an image).
+    """Rows under `source` whose image it no longer holds, among the rows written before the listing
+    started. Every file it lists counts as present (one without an image extension is not opened to look
+    for DICOM: a row for it means it was an image).
 
     IncompleteListing when the listing left anything out with a warning (an unreadable sub-folder, a
-    broken link, ...): those images may well exist, and classify would list them again once readable,
-    so their rows are not to be erased; nothing is erased then."""
+    broken link, ...: those images may well exist, and classify lists them again once readable) or
+    found no image at all (an unmounted share holding a hidden marker file, a mistyped prefix that
+    holds other objects); nothing is erased then."""
     listing_log = logging.getLogger(list_images.__module__)
     left_out = _LeftOut()
     listing_log.addHandler(left_out)
+    listed_at = datetime.now(UTC)
     try:
         present = frozenset(image.uri for image in list_images(source, known=lambda _uri: True))
     finally:
         listing_log.removeHandler(left_out)
+    prefix = to_uri(source.fs, source.path).rstrip("/") + "/"
     if left_out.count:
         raise IncompleteListing(
             f"the listing of {source.shown!r} left entries out (the warnings above: unreadable folders or "
@@ -125,72 +183,126 @@ def source_selection(source: Location) -> Selection:
             "may still be there; make them readable (or remove them) and run again, or name the images "
             "with --uris. Nothing was erased"
         )
-    return Selection(missing_under=to_uri(source.fs, source.path).rstrip("/") + "/", present=present)
+    if not present:
+        raise IncompleteListing(
+            f"the listing of {source.shown!r} holds no image, so every row under it would be erased (an "
+            "unmounted share? a mistyped path?). Nothing was erased. If every image under it is really "
+            f"gone, erase their rows with --uris and a file holding the line {prefix}"
+        )
+    return Selection(missing_under=prefix, present=present, listed_at=listed_at)
 
 
 def erase(destination: Location, selection: Selection, apply: bool = False, run_id: str = "") -> EraseReport:
     """Erase (apply) or count (plan) the selected rows of the dataset at `destination`."""
     check_dataset(destination)
-    report = EraseReport(applied=apply, images_listed=len(selection.present))
-    erased: set[str] = set()
     fs, root = destination.fs, destination.path
+    done: dict[str, tuple[int, list[str]]] = {}  # rewritten or deleted: old path → (rows, images)
     try:
         if not apply:
-            storage_call(fs, root, lambda: _erase(destination, selection, report, erased, apply=False))
+            report = storage_call(fs, root, lambda: _erase(destination, selection, done))
         else:
             check_output(destination)  # erasing writes files and deletes others
-            with acquire(
-                destination, COMPACTION_LEASE, run_id or f"erase-{uuid.uuid4().hex[:8]}", wait_seconds=0
-            ):
-                # A transient error is retried from the top: each file is counted once it is done, and
-                # a file rewritten but not yet deleted is finished by finish_interrupted.
-                storage_call(fs, root, lambda: _erase(destination, selection, report, erased, apply=True))
+            run_id = run_id or f"erase-{uuid.uuid4().hex[:8]}"
+            with acquire(destination, COMPACTION_LEASE, run_id, wait_seconds=0) as lease:
+
+                def guard() -> None:  # before each write and delete: never alongside a compaction
+                    if lease.lost:
+                        raise LeaseLost(lease.lost)
+
+                # A transient error is retried from the top, with a fresh count: a file rewritten but
+                # not yet deleted is finished by the retry, and counted from `done`.
+                report = storage_call(fs, root, lambda: _erase(destination, selection, done, guard))
     except pa.ArrowInvalid as exc:  # a damaged or foreign file: name it, and what to do
         raise (find_unreadable_file(destination) or exc) from exc
-    report.images_erased = len(erased)
-    if not apply:
-        report.examples = sorted(erased)[:EXAMPLES]
     return report
 
 
 def _erase(
-    destination: Location, selection: Selection, report: EraseReport, erased: set[str], apply: bool
-) -> None:
+    destination: Location,
+    selection: Selection,
+    done: dict[str, tuple[int, list[str]]],
+    guard: Callable[[], None] | None = None,
+) -> EraseReport:
+    """One pass (apply when `guard` is given): every partition, then the files that appeared meanwhile."""
     fs, matcher = destination.fs, Matcher(selection)
-    partitions = parquet_files_by_partition(destination)
-    report.partitions = len(partitions)
-    for files in partitions.values():
-        if apply:
-            report.leftovers_deleted += finish_interrupted(destination, files)
-            files = [path for path in files if fs.exists(path)]
-        else:  # a plan reads what is there: an interrupted compaction's inputs are rows counted twice
-            leftovers = leftover_inputs(destination, files)
-            files = [path for path in files if path not in leftovers]
-        for path in files:
-            uris = pq.read_table(path, columns=["image_uri"], filesystem=fs, partitioning=None).column(0)
-            mask = matcher.mask(uris)
-            count = pc.sum(pc.cast(mask, pa.int64())).as_py() or 0
-            if not count:
-                continue
-            if apply:
-                if count < len(uris):
-                    rewrite_without(destination, path, mask)
+    report = EraseReport(applied=guard is not None, images_listed=len(selection.present))
+    erased: set[str] = set()
+    seen: set[str] = set()
+    while True:
+        partitions = parquet_files_by_partition(destination)
+        report.partitions = len(partitions)
+        fresh = {folder: [p for p in files if p not in seen] for folder, files in partitions.items()}
+        if not any(fresh.values()):
+            break
+        for folder, files in fresh.items():
+            seen.update(files)
+            leftovers = leftover_inputs(destination, partitions[folder])
+            for path in [p for p in files if p in leftovers]:
+                if guard is None:  # a plan: what deleting it erases, counted apart (its rows may be twice)
+                    table = pq.read_table(path, columns=matcher.columns(), filesystem=fs, partitioning=None)
+                    mask = matcher.mask(table)
+                    report.leftover_rows += pc.sum(pc.cast(mask, pa.int64())).as_py() or 0
+                    erased.update(pc.unique(pc.filter(table.column("image_uri"), mask)).to_pylist())
+                    continue
+                guard()
                 fs.rm(path)
-            erased.update(pc.unique(pc.filter(uris, mask)).to_pylist())
-            report.rows_erased += count
-            if count < len(uris):
-                report.files_rewritten += 1
-            else:
-                report.files_deleted += 1
+                if path in done:  # rewritten by the attempt a transient error interrupted
+                    rows, images = done[path]
+                    report.rows_erased += rows
+                    report.files_rewritten += 1
+                    erased.update(images)
+                else:
+                    report.leftovers_deleted += 1
+            for path in [p for p in files if p not in leftovers]:
+                _erase_file(destination, path, matcher, report, erased, done, guard)
+    report.images_erased = len(erased)
+    report.images_still_there = sum(matcher.there.values())
+    entries = sorted(selection.uris | set(selection.prefixes))
+    report.entries = len(entries)
+    report.entries_unmatched = [e for e in entries if e not in matcher.matched]
+    if guard is None:
+        report.examples = sorted(erased)[:EXAMPLES]
+    return report
+
+
+def _erase_file(
+    destination: Location,
+    path: str,
+    matcher: Matcher,
+    report: EraseReport,
+    erased: set[str],
+    done: dict[str, tuple[int, list[str]]],
+    guard: Callable[[], None] | None,
+) -> None:
+    fs = destination.fs
+    table = pq.read_table(path, columns=matcher.columns(), filesystem=fs, partitioning=None)
+    mask = matcher.mask(table)
+    count = pc.sum(pc.cast(mask, pa.int64())).as_py() or 0
+    if not count:
+        return
+    images = pc.unique(pc.filter(table.column("image_uri"), mask)).to_pylist()
+    if guard is not None:
+        guard()
+        if count < table.num_rows:
+            rewrite_without(destination, path, mask)
+            done[path] = (count, images)  # a retry that finds it left over counts it from here
+        guard()
+        fs.rm(path)
+    erased.update(images)
+    report.rows_erased += count
+    if count < table.num_rows:
+        report.files_rewritten += 1
+    else:
+        report.files_deleted += 1
 
 
 def rewrite_without(destination: Location, path: str, mask: pa.ChunkedArray) -> str:
     """Write the rows of `path` that `mask` does not select to `part-c<hash of its name>.parquet`,
-    listing `path` as its input; `path` stays (the caller deletes it)."""
+    listing `path` as its input; `path` stays (the caller deletes it). Its metadata is kept as it is
+    (its schema version included), plus that list."""
     fs = destination.fs
     table = pq.read_table(path, filesystem=fs, partitioning=None)
     metadata = dict(table.schema.metadata or {})
-    metadata.setdefault(b"oncoflow.schema_version", SCHEMA_VERSION.encode())
     metadata[COMPACTED_FROM] = json.dumps([posixpath.basename(path)]).encode()
     kept = table.filter(pc.invert(mask)).replace_schema_metadata(metadata)
     buffer = io.BytesIO()
@@ -205,10 +317,16 @@ def describe(report: EraseReport) -> str:
     """One line: what was (or would be) erased."""
     if not report.partitions:
         return "no rows to erase: the dataset holds no rows yet"
-    if not report.rows_erased:
+    if not report.rows_erased and not report.leftover_rows:
         return f"no rows to erase: none of the {plural(report.partitions, 'partition')} holds a row of those images"
-    return (
+    line = (
         f"{'erased' if report.applied else 'would erase'} {plural(report.rows_erased, 'row')} of "
         f"{plural(report.images_erased, 'image')}: {plural(report.files_rewritten, 'file')} rewritten "
         f"without them, {report.files_deleted} deleted (of {plural(report.partitions, 'partition')})"
     )
+    if report.leftover_rows:
+        line += (
+            f", and {plural(report.leftover_rows, 'row')} in files an interrupted erase or compaction left "
+            "(deleted with them)"
+        )
+    return line

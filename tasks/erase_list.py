@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 from dataclasses import dataclass
+from datetime import datetime
 
 from tasks.uris import canonical_file_uri, full_file_uri, printable_path
 
@@ -17,12 +18,13 @@ class EraseListError(ValueError):
 @dataclass(frozen=True)
 class Selection:
     """The rows to erase: image_uri in `uris`, or starting with one of `prefixes`, or (with
-    `missing_under`) starting with it and not in `present`."""
+    `missing_under`) starting with it, not in `present` and written before `listed_at`."""
 
     uris: frozenset[str] = frozenset()
     prefixes: tuple[str, ...] = ()
     missing_under: str | None = None
     present: frozenset[str] = frozenset()
+    listed_at: datetime | None = None  # with missing_under: only rows written before the listing count
 
 
 def read_erase_list(path: str) -> Selection:

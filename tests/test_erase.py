@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from tasks.analytics import connect
 from tasks.compact import compact, parquet_files_by_partition
-from tasks.erase import Matcher, rewrite_without
+from tasks.erase import Matcher, describe, erase, rewrite_without
 from tasks.erase_list import read_erase_list
 from tasks.storage import open_location
 from tests.analytics_data import make_dataset
@@ -38,7 +38,8 @@ def test_erase_counts_first_then_removes_every_row_of_the_named_images(tmp_path:
     files_before = sorted(dest.rglob("*.parquet"))
     wanted = "file:///scans/site-a/img_00003.jpg"  # rows of both revisions
     erase_list = tmp_path / "withdrawn.txt"
-    erase_list.write_text(f"# consent withdrawn 2026-11-29\n{wanted}\n\nfile:///scans/site-b/\n")
+    typo = "file:///scans/site-a/img_0003.jpg"
+    erase_list.write_text(f"# consent withdrawn 2026-11-29\n{wanted}\n\nfile:///scans/site-b/\n{typo}\n")
 
     plan = CliRunner().invoke(app, ["erase", str(dest), "--uris", str(erase_list)])
     assert plan.exit_code == 0, plan.output
@@ -46,6 +47,9 @@ def test_erase_counts_first_then_removes_every_row_of_the_named_images(tmp_path:
     assert "would erase 42 rows of 41 images" in text, text
     assert "2 files rewritten without them, 2 deleted" in text
     assert wanted in text and "run again with --yes" in text
+    assert f"1 of the 3 entries of {erase_list} match no row" in text and text.endswith(
+        f"{typo} nothing was erased: run again with --yes to erase these rows"
+    ), text
     assert all_rows(dest) == before and sorted(dest.rglob("*.parquet")) == files_before, (
         "a plan touches nothing"
     )
@@ -93,14 +97,17 @@ def test_an_interrupted_erase_never_double_counts_and_the_next_erase_or_compact_
     wanted = "file:///scans/site-a/img_00001.jpg"
     files = [path for paths in parquet_files_by_partition(location).values() for path in paths]
     path = next(p for p in files if wanted in pq.read_table(p, columns=["image_uri"]).column(0).to_pylist())
-    uris = pq.read_table(path, columns=["image_uri"]).column(0)
-    mask = Matcher(read_erase_list_of(tmp_path, wanted)).mask(uris)
+    mask = Matcher(read_erase_list_of(tmp_path, wanted)).mask(pq.read_table(path, columns=["image_uri"]))
     rewrite_without(location, path, mask)  # the crash: rewritten file there, the old one not yet deleted
 
     views = connect(str(dest))
     assert views.sql("select count(*) from predictions").fetchall() == [(140,)], "no row counted twice"
     raw = duckdb.sql(f"select count(*) from read_parquet('{dest}/**/*.parquet')").fetchall()[0][0]
     assert raw == 140 + 19, "for now the file's other rows are in two files"
+    plan = erase(location, read_erase_list_of(tmp_path, wanted))
+    # one row in the other revision's file, one still in the left-over file: the plan names both
+    assert (plan.rows_erased, plan.leftover_rows) == (1, 1), "the plan says the erased row is still there"
+    assert "and 1 row in files an interrupted erase or compaction left" in describe(plan)
     report = compact(location, target_rows=2)  # target 2: finishes, merges nothing
     assert report.leftovers_deleted == 1
     assert duckdb.sql(f"select count(*) from read_parquet('{dest}/**/*.parquet')").fetchall()[0][0] == 139
@@ -127,7 +134,7 @@ def test_erase_missing_from_removes_the_rows_of_images_deleted_at_the_source(
     plan = CliRunner().invoke(app, ["erase", str(dest), "--missing-from", str(image_folder)])
     text = " ".join(plan.output.split())
     assert plan.exit_code == 0 and "would erase 2 rows of 2 images" in text, text
-    assert "holds 4 images: their rows stay" in text and gone.as_uri() in text
+    assert "lists 4 images: their rows stay" in text and gone.as_uri() in text
 
     other = tmp_path / "other-source"  # a SOURCE these rows never came from: nothing to erase
     other.mkdir()
@@ -232,7 +239,84 @@ def test_erase_missing_from_an_s3_source(
     result = CliRunner().invoke(app, erase)
     text = " ".join(result.output.split())
     assert result.exit_code == 0 and "erased 1 row of 1 image" in text, text
-    assert "holds 5 images: their rows stay" in text
+    assert "lists 5 images: their rows stay" in text
     s3.invalidate_cache()
     after = all_rows("preds/erase-out", s3)
     assert after == [r for r in before if uri_of(r) != "s3://scans/erase-src/sub/f.bmp"]
+
+
+def test_a_transient_storage_error_mid_erase_is_retried_and_counted_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first delete after a rewrite fails (a dropped connection): the retry finishes that file and
+    the counts are those of a clean run."""
+    dest = tmp_path / "dest"
+    make_dataset(dest)
+    location = open_location(str(dest))
+    before = all_rows(dest)
+    selection = read_erase_list_of(tmp_path, "file:///scans/site-a/img_00003.jpg", "file:///scans/site-b/")
+    real_rm, failures = location.fs.rm, []
+
+    def flaky_rm(path: str, *args: object, **kwargs: object) -> None:
+        if not failures:
+            failures.append(path)
+            raise TimeoutError("the connection dropped")
+        real_rm(path, *args, **kwargs)
+
+    monkeypatch.setattr(location.fs, "rm", flaky_rm)
+    report = erase(location, selection, apply=True)
+    assert failures, "the fault was injected"
+    assert (report.rows_erased, report.images_erased) == (42, 41)
+    assert (report.files_rewritten, report.files_deleted, report.leftovers_deleted) == (2, 2, 0)
+    wanted = "file:///scans/site-a/img_00003.jpg"
+    assert all_rows(dest) == [r for r in before if uri_of(r) != wanted and "/site-b/" not in uri_of(r)]
+
+
+def test_missing_from_erases_only_images_that_are_certainly_gone(tmp_path: Path) -> None:
+    """Rows under SOURCE that its listing does not name, but whose image is there all the same (in a
+    hidden folder, behind a folder link the listing reached by its real path) or that a run wrote after
+    the listing began, stay; an empty listing (an unmounted share with a marker file) erases nothing."""
+    from datetime import UTC, datetime, timedelta
+
+    import pyarrow as pa
+
+    from tests.analytics_data import OLD, rows, write
+    from tests.conftest import make_image
+
+    source = tmp_path / "src"
+    for name in ("kept.jpg", ".incoming/hidden.jpg", "real/linked.jpg"):
+        make_image(source / name)
+    (source / "link").symlink_to(source / "real")
+    uris = {
+        "kept": (source / "kept.jpg").as_uri(),
+        "hidden": (source / ".incoming" / "hidden.jpg").as_uri(),
+        "through the link": (source / "link" / "linked.jpg").as_uri(),
+        "gone": (source / "gone.jpg").as_uri(),
+        "added since": (source / "added.jpg").as_uri(),
+    }
+    dest = tmp_path / "dest"
+    now = datetime.now(UTC)
+    for number, (name, uri) in enumerate(uris.items()):
+        when = now + timedelta(days=1) if name == "added since" else now - timedelta(days=1)
+        table = rows(range(1), OLD, when, number, f"s{number}")
+        table = table.set_column(0, "image_uri", pa.array([uri])).set_column(
+            table.schema.get_field_index("processed_at"),
+            "processed_at",
+            pa.array([when], table.schema.field("processed_at").type),
+        )
+        write(dest, table, OLD, when, f"s{number}")
+
+    result = CliRunner().invoke(app, ["erase", str(dest), "--missing-from", str(source), "--yes"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and "erased 1 row of 1 image" in text, text
+    assert "2 images under" in text and "still exist (in a hidden folder, or reached through a link)" in text
+    assert sorted(uri_of(r) for r in all_rows(dest)) == sorted(u for n, u in uris.items() if n != "gone")
+
+    unmounted = tmp_path / "mnt"
+    unmounted.mkdir()
+    (unmounted / ".not-mounted").write_text("")
+    before = all_rows(dest)
+    refused = CliRunner().invoke(app, ["erase", str(dest), "--missing-from", str(unmounted), "--yes"])
+    text = " ".join(refused.output.split())
+    assert refused.exit_code == 1 and "holds no image" in text and "Nothing was erased" in text, text
+    assert all_rows(dest) == before

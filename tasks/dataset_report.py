@@ -75,6 +75,13 @@ def _gather(destination: str, storage: dict[str, Any] | None) -> ReportData:
         "select count(*), count(*) filter (status = 'ok'), count(*) filter (label = 'Malignant'), "
         "count(distinct model_revision) from latest"
     ).fetchall()[0]
+    # The Malignant share counts decisions: name the threshold(s) they were made at (as written, repr).
+    thresholds = [
+        row[0]
+        for row in db.sql(
+            "select distinct threshold from latest where status = 'ok' order by threshold"
+        ).fetchall()
+    ]
     totals = {
         "images (latest row each)": images,
         "classified ok": ok,
@@ -82,6 +89,7 @@ def _gather(destination: str, storage: dict[str, Any] | None) -> ReportData:
         "error share": f"{(images - ok) / images:.1%}" if images else "n/a",
         "Malignant": malignant,
         "Malignant share": f"{malignant / ok:.1%}" if ok else "n/a",
+        "decision threshold(s) on prob_malignant": ", ".join(repr(float(t)) for t in thresholds) or "n/a",
         "rows in dataset": db.sql("select count(*) from predictions").fetchall()[0][0],
         "model revisions in latest": revisions,
     }

@@ -413,6 +413,7 @@ def test_report_renders_the_four_plots(tmp_path: Path, extension: str) -> None:
     assert "100 images, 10 error rows (10.0%)" in " ".join(result.output.split())
     data = gather(str(dest))
     assert data.totals["error rows (latest row each)"] == 10 and data.totals["error share"] == "10.0%"
+    assert data.totals["decision threshold(s) on prob_malignant"] == "0.5"
     assert sum(rows for _, rows in data.errors) == 10  # the plot counts what the totals count
     if extension == ".html":
         page = output.read_text()

@@ -116,7 +116,8 @@ def progress_bar() -> Iterator[None]:
         return
     live = log_console()
     # Prefect's console has a theme of its own, without rich's progress styles: lend them for the bar.
-    live.push_theme(Theme({k: v for k, v in DEFAULT_STYLES.items() if k.startswith(("bar.", "progress."))}))
+    bar_styles = {k: v for k, v in DEFAULT_STYLES.items() if k.startswith(("bar.", "progress."))}
+    live.push_theme(Theme(bar_styles, inherit=False))  # on top of its own: only the styles it lacks
     try:
         with Progress(
             TextColumn("classifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=live

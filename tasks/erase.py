@@ -155,7 +155,8 @@ class _LeftOut(logging.Handler):
         self.count = 0
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.count += 1
+        if getattr(record, "oncoflow_left_out", False):  # not a retried storage error, for one
+            self.count += 1
 
 
 def source_selection(source: Location) -> Selection:
@@ -168,13 +169,16 @@ def source_selection(source: Location) -> Selection:
     found no image at all (an unmounted share holding a hidden marker file, a mistyped prefix that
     holds other objects); nothing is erased then."""
     listing_log = logging.getLogger(list_images.__module__)
-    left_out = _LeftOut()
+    left_out, level = _LeftOut(), listing_log.level
     listing_log.addHandler(left_out)
+    if listing_log.getEffectiveLevel() > logging.WARNING:  # a quieter logging setup must not hide them
+        listing_log.setLevel(logging.WARNING)
     listed_at = datetime.now(UTC)
     try:
         present = frozenset(image.uri for image in list_images(source, known=lambda _uri: True))
     finally:
         listing_log.removeHandler(left_out)
+        listing_log.setLevel(level)
     prefix = to_uri(source.fs, source.path).rstrip("/") + "/"
     if left_out.count:
         raise IncompleteListing(

@@ -90,6 +90,8 @@ LOCAL_TRANSIENT_ERRNOS = frozenset(
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
+# Marks the warnings of a listing that leaves something out (tasks.erase refuses such a listing).
+LEFT_OUT = {"oncoflow_left_out": True}
 
 
 @dataclass(frozen=True)
@@ -356,6 +358,7 @@ def _list_local(
                     "left %s out of the listing: it is a %s, not a regular file",
                     printable_path(entry.path),
                     SPECIAL_FILE_KINDS.get(stat_module.S_IFMT(st.st_mode), "special file"),
+                    extra=LEFT_OUT,
                 )
     yield from _unlisted_targets(file_links, listed)
     if unreadable:
@@ -392,6 +395,7 @@ def _warn_unreadable(paths: list[str]) -> None:
         "by this user, and the next run lists and classifies them",
         len(paths),
         examples(paths),
+        extra=LEFT_OUT,
     )
 
 
@@ -414,6 +418,7 @@ def _warn_unopened(paths: list[str]) -> None:
         "(Permission denied): %s; if they are, make them readable by this user",
         len(paths),
         examples(paths),
+        extra=LEFT_OUT,
     )
 
 
@@ -524,7 +529,13 @@ def _warn_left_out(path: str, error: OSError) -> None:
         fix = "it was deleted while the source was being listed"
     else:
         fix = "make it readable; the next run then lists it"
-    logger.warning("left %s out of the listing (%s): %s", printable_path(path), error.strerror or error, fix)
+    logger.warning(
+        "left %s out of the listing (%s): %s",
+        printable_path(path),
+        error.strerror or error,
+        fix,
+        extra=LEFT_OUT,
+    )
 
 
 def _list_remote(
@@ -563,6 +574,7 @@ def _list_remote(
             "they are, and the next run looks again",
             len(archived),
             examples(archived),
+            extra=LEFT_OUT,
         )
     yield from _dicom_objects(location, unnamed, skipped)
 
@@ -603,6 +615,7 @@ def _dicom_objects(
             "(or restore them), and the next run looks again",
             len(unopened),
             examples(unopened),
+            extra=LEFT_OUT,
         )
 
 
@@ -881,7 +894,17 @@ def storage_call(fs: fsspec.AbstractFileSystem, path: str, operation: Callable[[
             )
             if unreachable or attempt >= RETRY_ATTEMPTS or not is_transient(exc):
                 raise
-            time.sleep(min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2**attempt) * random.uniform(0.5, 1.0))
+            pause = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2**attempt) * random.uniform(0.5, 1.0)
+            # Said, so that a store that stalls (each request waits for botocore's timeouts) shows in the log.
+            logger.warning(
+                "storage error on %s (attempt %d of %d), trying again in %.1f s: %s",
+                to_uri(fs, path),
+                attempt,
+                RETRY_ATTEMPTS,
+                pause,
+                exc,
+            )
+            time.sleep(pause)
 
 
 def is_transient(error: BaseException) -> bool:

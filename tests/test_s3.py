@@ -327,7 +327,9 @@ def test_an_interrupted_upload_leaves_no_object(
     assert s3.find("preds") == []
 
 
-def test_storage_call_retries_transient_errors_only(s3: s3fs.S3FileSystem) -> None:
+def test_storage_call_retries_transient_errors_only(
+    s3: s3fs.S3FileSystem, caplog: pytest.LogCaptureFixture
+) -> None:
     fs = open_location("s3://scans").fs
     attempts: list[int] = []
 
@@ -337,7 +339,13 @@ def test_storage_call_retries_transient_errors_only(s3: s3fs.S3FileSystem) -> No
             raise ConnectionResetError("connection reset by peer")
         return "done"
 
-    assert storage_call(fs, "scans/x", flaky) == "done" and len(attempts) == 3
+    with caplog.at_level(logging.WARNING, logger="tasks.storage"):
+        assert storage_call(fs, "scans/x", flaky) == "done" and len(attempts) == 3
+    retries = [r.getMessage() for r in caplog.records if r.name == "tasks.storage"]
+    assert len(retries) == 2 and retries[0].startswith(
+        "storage error on s3://scans/x (attempt 1 of 3), trying again in"
+    )
+    assert "s3://scans/x" in retries[0], "a stalled store shows in the log, naming what it was doing"
 
     def missing() -> None:
         attempts.append(1)

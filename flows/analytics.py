@@ -28,6 +28,18 @@ logger = logging.getLogger(__name__)
 send_logs_to_prefect()  # warnings (a lease wait, a skipped file) reach the run logs in the UI
 
 
+def mark_superseded(dead: str, run_id: str) -> None:
+    """Mark the run (a compaction or an erase) that died holding the compaction lease as Crashed."""
+    if is_flow_run_id(dead):
+        reason = f"process died holding the compaction lease; superseded by run {run_id}"
+        if mark_crashed(dead, reason)[0]:
+            logger.warning(
+                "marked run %s, which died holding the compaction lease (a compaction or an erase), as "
+                "Crashed: it died without reporting",
+                dead,
+            )
+
+
 @flow(name="compact", log_prints=True)
 def compact_dataset(
     dest: str,
@@ -42,12 +54,7 @@ def compact_dataset(
         target_rows,
         run_id=run_id,
     )
-    if is_flow_run_id(report.superseded_run):  # a compaction killed while it held the lease
-        reason = f"process died holding the compaction lease; superseded by run {run_id}"
-        if mark_crashed(report.superseded_run, reason)[0]:
-            logger.warning(
-                "marked compaction run %s as Crashed: it died without reporting", report.superseded_run
-            )
+    mark_superseded(report.superseded_run, run_id)
     print(
         f"compacted {report.files_merged} files into {report.files_written} "
         f"({report.rows_merged} rows) across {report.partitions} partitions"
@@ -75,8 +82,8 @@ def erase_rows(
         source = open_location(str(params.missing_from), options)
         check_source(source)  # an unmounted share or a mistyped prefix would hold no image: all rows go
         selection = source_selection(source)
-    report = erase(
-        open_location(params.dest, options), selection, apply=apply, run_id=str(flow_run.get_id() or "")
-    )
+    run_id = str(flow_run.get_id() or "")
+    report = erase(open_location(params.dest, options), selection, apply=apply, run_id=run_id)
+    mark_superseded(report.superseded_run, run_id)
     print(describe(report))
     return asdict(report)

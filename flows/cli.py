@@ -734,11 +734,20 @@ def erase_command(
         more = len(report.entries_unmatched) - 5
         out.print(
             f"{len(report.entries_unmatched)} of the {report.entries} entries of {params.uris} match no row "
-            f"(erased before? a typo, or another spelling of the path than image_uri's?): {shown}"
-            + (f" and {more} more" if more > 0 else "")
+            "(erased before? a typo, or another spelling of the path than image_uri's? a folder or key "
+            f"prefix ends in /): {shown}" + (f" and {more} more" if more > 0 else "")
+        )
+    if report.images_under_empty_folders:
+        out.print(
+            f"{plural(report.images_under_empty_folders, 'image')} under {params.missing_from} that its "
+            "listing does not name lie under an empty folder (an unmounted share?): their rows stay; if "
+            "they are really gone, remove the empty folders (find SOURCE -type d -empty -delete) and run "
+            "again, or name them with --uris"
         )
     if report.leftovers_deleted:
-        out.print(f"{plural(report.leftovers_deleted, 'input')} of an interrupted compaction deleted")
+        out.print(
+            f"{plural(report.leftovers_deleted, 'file')} an interrupted erase or compaction left deleted"
+        )
     if not report.applied:
         if report.rows_erased or report.leftover_rows:
             out.print("nothing was erased: run again with --yes to erase these rows")

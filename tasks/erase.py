@@ -75,7 +75,8 @@ class Matcher:
         self.uris = pa.array(sorted(selection.uris), pa.string())
         self.present = pa.array(sorted(selection.present), pa.string())
         self.matched: set[str] = set()  # entries of the list (URIs, prefixes) that matched a row
-        self.there: dict[str, bool] = {}  # SOURCE candidates checked: True = the image still exists
+        # SOURCE candidates checked: why the row stays ("there", "empty folder"), or None: it goes
+        self.there: dict[str, str | None] = {}
 
     def columns(self) -> list[str]:
         return ["image_uri", "processed_at"] if self.selection.missing_under else ["image_uri"]
@@ -113,14 +114,40 @@ class Matcher:
 
     def still_there(self, uri: str) -> bool:
         """Whether an image under SOURCE that its listing did not name may exist all the same: under a
-        hidden folder (never listed), or a local file that exists (behind a link to a folder listed
-        under its own path)."""
+        hidden folder (never listed), a local file that exists (behind a link to a folder listed under
+        its own path), or under an empty folder (where a share per patient or per year is mounted:
+        unmounted, it is empty; a retention job that leaves empty folders behind must remove them)."""
         if uri not in self.there:
-            relative = uri[len(self.selection.missing_under or "") :]
+            under = self.selection.missing_under or ""
+            relative = uri[len(under) :]
             hidden = any(part.startswith(".") for part in relative.split("/")[:-1])
             path = file_uri_path(uri) if uri.startswith("file://") else None
-            self.there[uri] = hidden or (path is not None and os.path.lexists(path))
-        return self.there[uri]
+            reason = "there" if hidden or (path is not None and os.path.lexists(path)) else None
+            if reason is None and path is not None:
+                reason = (
+                    "empty folder"
+                    if under_empty_folder(path, file_uri_path(under.rstrip("/")) or "/")
+                    else None
+                )
+            self.there[uri] = reason
+        return self.there[uri] is not None
+
+    def count(self, reason: str) -> int:
+        return sum(1 for why in self.there.values() if why == reason)
+
+
+def under_empty_folder(path: str, root: str) -> bool:
+    """Whether the nearest folder of `path` that exists, below `root`, is empty."""
+    folder = os.path.dirname(path)
+    while len(folder) > len(root) and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    if len(folder) <= len(root):
+        return False
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is None
+    except OSError:  # unreadable: the listing said so already
+        return False
 
 
 @dataclass
@@ -135,11 +162,17 @@ class EraseReport:
     images_erased: int = 0
     images_listed: int = 0  # with a SOURCE: the images its listing names, whose rows stay
     images_still_there: int = 0  # with a SOURCE: unlisted, but there (a hidden folder, a link): kept
-    leftovers_deleted: int = 0  # inputs of an interrupted compaction
-    leftover_rows: int = 0  # a plan: rows to erase in files an interrupted erase or compaction left
+    leftovers_deleted: int = 0  # files an interrupted erase or compaction left
+    leftover_rows: int = 0  # rows to erase in those files (counted apart: some are in two files)
+    images_under_empty_folders: int = 0  # with a SOURCE: unlisted, under an empty folder (unmounted?): kept
+    superseded_run: str = ""  # the run id of an erase or compaction that died holding the lease, if any
     entries: int = 0  # with --uris: the list's entries (URIs and prefixes)
     entries_unmatched: list[str] = field(default_factory=list)  # the first entries that matched no row
     examples: list[str] = field(default_factory=list)  # the first image URIs, a plan only
+
+
+class EraseInterrupted(OSError):
+    """An erase that failed after it had rewritten or deleted files: run it again to finish."""
 
 
 class IncompleteListing(OSError):
@@ -200,25 +233,36 @@ def erase(destination: Location, selection: Selection, apply: bool = False, run_
     """Erase (apply) or count (plan) the selected rows of the dataset at `destination`."""
     check_dataset(destination)
     fs, root = destination.fs, destination.path
-    done: dict[str, tuple[int, list[str]]] = {}  # rewritten or deleted: old path → (rows, images)
+    done: dict[str, tuple[int, list[str]]] = {}  # rewritten, not yet deleted: old path → (rows, images)
+    changed: list[str] = []
     try:
         if not apply:
-            report = storage_call(fs, root, lambda: _erase(destination, selection, done))
-        else:
-            check_output(destination)  # erasing writes files and deletes others
-            run_id = run_id or f"erase-{uuid.uuid4().hex[:8]}"
-            with acquire(destination, COMPACTION_LEASE, run_id, wait_seconds=0) as lease:
+            return storage_call(fs, root, lambda: _erase(destination, selection, done))
+        check_output(destination)  # erasing writes files and deletes others
+        run_id = run_id or f"erase-{uuid.uuid4().hex[:8]}"
+        with acquire(destination, COMPACTION_LEASE, run_id, wait_seconds=0) as lease:
 
-                def guard() -> None:  # before each write and delete: never alongside a compaction
-                    if lease.lost:
-                        raise LeaseLost(lease.lost)
+            def guard() -> None:  # before each write and delete: never alongside a compaction
+                if lease.lost:
+                    raise LeaseLost(lease.lost)
 
-                # A transient error is retried from the top, with a fresh count: a file rewritten but
-                # not yet deleted is finished by the retry, and counted from `done`.
-                report = storage_call(fs, root, lambda: _erase(destination, selection, done, guard))
-    except pa.ArrowInvalid as exc:  # a damaged or foreign file: name it, and what to do
-        raise (find_unreadable_file(destination) or exc) from exc
-    return report
+            # A transient error is retried from the top, with a fresh count: a file rewritten but not
+            # yet deleted is finished by the retry, and counted from `done`.
+            report = storage_call(fs, root, lambda: _erase(destination, selection, done, guard, changed))
+        dead = lease.previous
+        if dead is not None and dead.run_id != run_id:
+            report.superseded_run = dead.run_id
+        return report
+    except Exception as exc:
+        failure = (find_unreadable_file(destination) or exc) if isinstance(exc, pa.ArrowInvalid) else exc
+        if not changed:
+            if failure is exc:
+                raise
+            raise failure from exc
+        raise EraseInterrupted(
+            f"{failure} — the erase stopped part way: {plural(len(changed), 'file')} had already been "
+            "rewritten or deleted (those rows are gone); fix this and run the same erase again to finish"
+        ) from exc
 
 
 def _erase(
@@ -226,9 +270,11 @@ def _erase(
     selection: Selection,
     done: dict[str, tuple[int, list[str]]],
     guard: Callable[[], None] | None = None,
+    changed: list[str] | None = None,
 ) -> EraseReport:
     """One pass (apply when `guard` is given): every partition, then the files that appeared meanwhile."""
     fs, matcher = destination.fs, Matcher(selection)
+    changed = [] if changed is None else changed  # the files rewritten or deleted so far, every attempt
     report = EraseReport(applied=guard is not None, images_listed=len(selection.present))
     erased: set[str] = set()
     seen: set[str] = set()
@@ -242,25 +288,31 @@ def _erase(
             seen.update(files)
             leftovers = leftover_inputs(destination, partitions[folder])
             for path in [p for p in files if p in leftovers]:
-                if guard is None:  # a plan: what deleting it erases, counted apart (its rows may be twice)
-                    table = pq.read_table(path, columns=matcher.columns(), filesystem=fs, partitioning=None)
-                    mask = matcher.mask(table)
-                    report.leftover_rows += pc.sum(pc.cast(mask, pa.int64())).as_py() or 0
-                    erased.update(pc.unique(pc.filter(table.column("image_uri"), mask)).to_pylist())
-                    continue
-                guard()
-                fs.rm(path)
-                if path in done:  # rewritten by the attempt a transient error interrupted
+                if path in done:  # rewritten by the attempt a transient error interrupted: finish it
+                    assert guard is not None
+                    guard()
+                    fs.rm(path)
                     rows, images = done[path]
                     report.rows_erased += rows
                     report.files_rewritten += 1
                     erased.update(images)
-                else:
+                    continue
+                # Left by an interrupted erase or compaction: what deleting it erases is counted apart
+                # (a compaction's input holds rows its merged file holds too), the same in plan and apply.
+                table = pq.read_table(path, columns=matcher.columns(), filesystem=fs, partitioning=None)
+                mask = matcher.mask(table)
+                report.leftover_rows += pc.sum(pc.cast(mask, pa.int64())).as_py() or 0
+                erased.update(pc.unique(pc.filter(table.column("image_uri"), mask)).to_pylist())
+                if guard is not None:
+                    guard()
+                    fs.rm(path)
+                    changed.append(path)
                     report.leftovers_deleted += 1
             for path in [p for p in files if p not in leftovers]:
-                _erase_file(destination, path, matcher, report, erased, done, guard)
+                _erase_file(destination, path, matcher, report, erased, done, guard, changed)
     report.images_erased = len(erased)
-    report.images_still_there = sum(matcher.there.values())
+    report.images_still_there = matcher.count("there")
+    report.images_under_empty_folders = matcher.count("empty folder")
     entries = sorted(selection.uris | set(selection.prefixes))
     report.entries = len(entries)
     report.entries_unmatched = [e for e in entries if e not in matcher.matched]
@@ -277,6 +329,7 @@ def _erase_file(
     erased: set[str],
     done: dict[str, tuple[int, list[str]]],
     guard: Callable[[], None] | None,
+    changed: list[str],
 ) -> None:
     fs = destination.fs
     table = pq.read_table(path, columns=matcher.columns(), filesystem=fs, partitioning=None)
@@ -292,6 +345,7 @@ def _erase_file(
             done[path] = (count, images)  # a retry that finds it left over counts it from here
         guard()
         fs.rm(path)
+        changed.append(path)
     erased.update(images)
     report.rows_erased += count
     if count < table.num_rows:

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime
 
-from tasks.uris import canonical_file_uri, full_file_uri, printable_path
+from tasks.uris import canonical_file_uri, file_uri_path, full_file_uri, printable_path
 
 
 class EraseListError(ValueError):
@@ -32,7 +32,8 @@ def read_erase_list(path: str) -> Selection:
     path as classify writes it (relative paths are relative to the list's folder), or a prefix: a line
     ending in `/`, or naming an existing local folder, stands for every image under it. Blank lines and
     lines starting with `#` are skipped. A CSV whose header has an `image_uri` column (what `oncoflow
-    latest` exports, filtered) is read by that column."""
+    latest` exports, filtered; delimited by `,`, `;` or tabs) is read by that column. A `file://` URI of
+    an existing folder is a prefix like the folder's path."""
     path = os.path.expanduser(path)
     try:
         with open(path, encoding="utf-8-sig", newline="") as handle:
@@ -41,10 +42,19 @@ def read_erase_list(path: str) -> Selection:
         raise EraseListError(f"{path!r} cannot be read ({exc}); give a UTF-8 text file") from exc
     lines = text.splitlines()
     first = next((n for n, line in enumerate(lines) if line.strip()), 0)
-    header = [name.strip() for name in next(csv.reader(lines[first : first + 1]), [])]
-    if "image_uri" in header:  # a CSV: its image_uri column
+    # A CSV: its image_uri column, whatever the delimiter (Excel writes `;` in many locales)
+    delimiter = next(
+        (
+            d
+            for d in ",;\t"
+            if "image_uri" in [n.strip() for n in next(csv.reader(lines[first : first + 1], delimiter=d), [])]
+        ),
+        None,
+    )
+    if delimiter is not None:
+        header = [name.strip() for name in next(csv.reader(lines[first : first + 1], delimiter=delimiter))]
         column = header.index("image_uri")
-        rows = csv.reader(lines[first + 1 :])
+        rows = csv.reader(lines[first + 1 :], delimiter=delimiter)
         entries = [(first + 2 + n, row[column] if len(row) > column else "") for n, row in enumerate(rows)]
     else:
         entries = list(enumerate(lines, start=1))
@@ -72,6 +82,8 @@ def entry_uri(entry: str, base: str, where: str) -> tuple[str, bool]:
         scheme, rest = entry.split("://", 1)
         if scheme.lower() == "file":
             uri = canonical_file_uri(entry)
+            local = file_uri_path(uri)
+            prefix = prefix or (local is not None and os.path.isdir(local))  # a folder, like its path
             if len(uri) > len("file:///"):
                 uri = uri.rstrip("/")
             if not uri.startswith("file:///"):

@@ -287,12 +287,14 @@ def test_missing_from_erases_only_images_that_are_certainly_gone(tmp_path: Path)
     for name in ("kept.jpg", ".incoming/hidden.jpg", "real/linked.jpg"):
         make_image(source / name)
     (source / "link").symlink_to(source / "real")
+    (source / "patient-7").mkdir()  # where a share is mounted: unmounted, an empty folder
     uris = {
         "kept": (source / "kept.jpg").as_uri(),
         "hidden": (source / ".incoming" / "hidden.jpg").as_uri(),
         "through the link": (source / "link" / "linked.jpg").as_uri(),
         "gone": (source / "gone.jpg").as_uri(),
         "added since": (source / "added.jpg").as_uri(),
+        "unmounted": (source / "patient-7" / "2024" / "scan.jpg").as_uri(),
     }
     dest = tmp_path / "dest"
     now = datetime.now(UTC)
@@ -310,7 +312,11 @@ def test_missing_from_erases_only_images_that_are_certainly_gone(tmp_path: Path)
     text = " ".join(result.output.split())
     assert result.exit_code == 0 and "erased 1 row of 1 image" in text, text
     assert "2 images under" in text and "still exist (in a hidden folder, or reached through a link)" in text
+    assert "1 image under" in text and "lie under an empty folder (an unmounted share?)" in text, text
     assert sorted(uri_of(r) for r in all_rows(dest)) == sorted(u for n, u in uris.items() if n != "gone")
+    (source / "patient-7").rmdir()  # really gone: the folder goes too
+    again = CliRunner().invoke(app, ["erase", str(dest), "--missing-from", str(source), "--yes"])
+    assert again.exit_code == 0 and "erased 1 row of 1 image" in " ".join(again.output.split())
 
     unmounted = tmp_path / "mnt"
     unmounted.mkdir()
@@ -320,3 +326,31 @@ def test_missing_from_erases_only_images_that_are_certainly_gone(tmp_path: Path)
     text = " ".join(refused.output.split())
     assert refused.exit_code == 1 and "holds no image" in text and "Nothing was erased" in text, text
     assert all_rows(dest) == before
+
+
+def test_an_erase_that_fails_part_way_says_so_and_a_rerun_finishes(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    make_dataset(dest)
+    before = all_rows(dest)
+    last_folder = sorted(p.parent for p in dest.rglob("*.parquet"))[-1]
+    (last_folder / "part-zzzz.parquet").write_bytes(b"not parquet")  # read last
+    listed = tmp_path / "list.txt"
+    listed.write_text("file:///scans/site-a/\n")
+    result = CliRunner().invoke(app, ["erase", str(dest), "--uris", str(listed), "--yes"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "part-zzzz.parquet" in text, text
+    assert "the erase stopped part way" in text and "run the same erase again to finish" in text, text
+    (last_folder / "part-zzzz.parquet").unlink()
+    rerun = CliRunner().invoke(app, ["erase", str(dest), "--uris", str(listed), "--yes"])
+    assert rerun.exit_code == 0, rerun.output
+    assert all_rows(dest) == [r for r in before if not uri_of(r).startswith("file:///scans/site-a/")]
+
+
+def test_erase_lists_in_other_spellings(tmp_path: Path) -> None:
+    """An Excel CSV delimited by `;`, and a file:// URI of a folder without its trailing slash."""
+    (tmp_path / "scans" / "p1").mkdir(parents=True)
+    semicolons = tmp_path / "export.csv"
+    semicolons.write_text("label;image_uri;confidence\nNormal;file:///scans/site-a/img_00001.jpg;0.9\n")
+    assert read_erase_list(str(semicolons)).uris == {"file:///scans/site-a/img_00001.jpg"}
+    folder = (tmp_path / "scans" / "p1").as_uri()
+    assert read_erase_list_of(tmp_path, folder).prefixes == (folder + "/",)

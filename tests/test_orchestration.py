@@ -989,9 +989,12 @@ def test_the_temporary_servers_errors_go_to_its_log_in_prefect_home_not_the_term
     assert f"its errors, if any: {home / 'temporary-server.log'}" in " ".join(result.stderr.split())
 
 
-def test_a_compaction_killed_holding_its_lease_is_marked_crashed_by_the_next(tmp_path: Path) -> None:
-    """Like classify's output lease: the next compaction takes over and records the dead run as Crashed
-    instead of leaving it Running in the history for good."""
+@pytest.mark.parametrize("next_command", ["compact", "erase"])
+def test_a_compaction_killed_holding_its_lease_is_marked_crashed_by_the_next(
+    tmp_path: Path, next_command: str
+) -> None:
+    """Like classify's output lease: the next compaction (or erase: they share the lease) takes over and
+    records the dead run as Crashed instead of leaving it Running in the history for good."""
     from prefect.client.schemas.objects import StateType
     from prefect.states import Running
 
@@ -1015,8 +1018,13 @@ def test_a_compaction_killed_holding_its_lease_is_marked_crashed_by_the_next(tmp
     holder.send_signal(signal.SIGKILL)
     holder.wait()
 
-    result = CliRunner().invoke(app, ["compact", str(dest)])
-    assert result.exit_code == 0 and "merged 7 files into 3" in result.output, result.output
+    if next_command == "compact":
+        result = CliRunner().invoke(app, ["compact", str(dest)])
+        assert result.exit_code == 0 and "merged 7 files into 3" in result.output, result.output
+    else:
+        (tmp_path / "list.txt").write_text("file:///scans/site-b/\n")
+        result = CliRunner().invoke(app, ["erase", str(dest), "--uris", str(tmp_path / "list.txt"), "--yes"])
+        assert result.exit_code == 0 and "erased 40 rows of 40 images" in result.output, result.output
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(dead.id).state
     assert (

@@ -292,6 +292,7 @@ def _erase(
                     assert guard is not None
                     guard()
                     fs.rm(path)
+                    changed.append(path)
                     rows, images = done[path]
                     report.rows_erased += rows
                     report.files_rewritten += 1

@@ -122,6 +122,13 @@ def test_analytics_read_bench_runs(tmp_path: Path) -> None:
     assert 0 < requests <= 16
 
 
+def test_erase_bench_runs(tmp_path: Path) -> None:
+    """bench/erase.py on a small dataset: the plan and the erase agree on what goes."""
+    record = run_bench(tmp_path, "erase.py", "--rows", "4000", "--files", "2", timeout=300)
+    assert record["plan_rows_erased"] == record["apply_rows_erased"] == 4, record
+    assert record["apply_files_rewritten"] == 2 and record["apply_seconds"] >= 0, record
+
+
 def test_decode_memory_bench_runs(tmp_path: Path) -> None:
     """bench/decode_memory.py on small images: a traced peak and a time for every kind of image."""
     run_bench(tmp_path, "decode_memory.py", "--width", "96", "--height", "64", timeout=300)

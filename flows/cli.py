@@ -697,7 +697,7 @@ def erase_command(
     s3_endpoint_url: S3EndpointOption = None,
     aws_credentials_block: AwsBlockOption = None,
 ) -> None:
-    """Erase every row of some images (consent withdrawn, deleted at the source); see docs/analytics.md."""
+    """Erase every row of some images (consent withdrawn, deleted at the source): README, "Erasing the rows"."""
     params = validated(
         EraseParams,
         dest=dest,

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import posixpath
 import uuid
@@ -60,7 +59,15 @@ from tasks.defaults import plural
 from tasks.erase_list import Selection
 from tasks.lease import LeaseLost, acquire
 from tasks.sink import find_unreadable_file
-from tasks.storage import Location, check_output, list_images, storage_call, to_uri, write_atomic
+from tasks.storage import (
+    Location,
+    check_output,
+    counting_left_out,
+    list_images,
+    storage_call,
+    to_uri,
+    write_atomic,
+)
 from tasks.uris import file_uri_path
 
 EXAMPLES = 5
@@ -137,15 +144,15 @@ class Matcher:
 
 
 def under_empty_folder(path: str, root: str) -> bool:
-    """Whether the nearest folder of `path` that exists, below `root`, is empty."""
+    """Whether the nearest folder of `path` that exists, below `root`, is empty (hidden names aside)."""
     folder = os.path.dirname(path)
     while len(folder) > len(root) and not os.path.isdir(folder):
         folder = os.path.dirname(folder)
     if len(folder) <= len(root):
         return False
-    try:
+    try:  # hidden names do not count: the listing skips them, and a mount point may hold a marker file
         with os.scandir(folder) as entries:
-            return next(entries, None) is None
+            return next((e for e in entries if not e.name.startswith(".")), None) is None
     except OSError:  # unreadable: the listing said so already
         return False
 
@@ -179,19 +186,6 @@ class IncompleteListing(OSError):
     """SOURCE's listing left entries out, or found no image: the images may exist, so their rows stay."""
 
 
-class _LeftOut(logging.Handler):
-    """Counts the warnings the listing gives for what it leaves out (tasks.storage: a sub-folder or image
-    it may not read, a broken link, a special file, an archived object it cannot look into)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if getattr(record, "oncoflow_left_out", False):  # not a retried storage error, for one
-            self.count += 1
-
-
 def source_selection(source: Location) -> Selection:
     """Rows under `source` whose image it no longer holds, among the rows written before the listing
     started. Every file it lists counts as present (one without an image extension is not opened to look
@@ -201,19 +195,11 @@ def source_selection(source: Location) -> Selection:
     broken link, ...: those images may well exist, and classify lists them again once readable) or
     found no image at all (an unmounted share holding a hidden marker file, a mistyped prefix that
     holds other objects); nothing is erased then."""
-    listing_log = logging.getLogger(list_images.__module__)
-    left_out, level = _LeftOut(), listing_log.level
-    listing_log.addHandler(left_out)
-    if listing_log.getEffectiveLevel() > logging.WARNING:  # a quieter logging setup must not hide them
-        listing_log.setLevel(logging.WARNING)
     listed_at = datetime.now(UTC)
-    try:
+    with counting_left_out() as left_out:
         present = frozenset(image.uri for image in list_images(source, known=lambda _uri: True))
-    finally:
-        listing_log.removeHandler(left_out)
-        listing_log.setLevel(level)
     prefix = to_uri(source.fs, source.path).rstrip("/") + "/"
-    if left_out.count:
+    if left_out[0]:
         raise IncompleteListing(
             f"the listing of {source.shown!r} left entries out (the warnings above: unreadable folders or "
             "files, broken links, ...), and the rows of the images in them would be erased although they "
@@ -233,11 +219,13 @@ def erase(destination: Location, selection: Selection, apply: bool = False, run_
     """Erase (apply) or count (plan) the selected rows of the dataset at `destination`."""
     check_dataset(destination)
     fs, root = destination.fs, destination.path
-    done: dict[str, tuple[int, list[str]]] = {}  # rewritten, not yet deleted: old path → (rows, images)
-    changed: list[str] = []
+    state = Pass(
+        destination, Matcher(selection), EraseReport(applied=apply, images_listed=len(selection.present))
+    )
     try:
         if not apply:
-            return storage_call(fs, root, lambda: _erase(destination, selection, done))
+            storage_call(fs, root, state.run)
+            return state.finish()
         check_output(destination)  # erasing writes files and deletes others
         run_id = run_id or f"erase-{uuid.uuid4().hex[:8]}"
         with acquire(destination, COMPACTION_LEASE, run_id, wait_seconds=0) as lease:
@@ -246,113 +234,128 @@ def erase(destination: Location, selection: Selection, apply: bool = False, run_
                 if lease.lost:
                     raise LeaseLost(lease.lost)
 
-            # A transient error is retried from the top, with a fresh count: a file rewritten but not
-            # yet deleted is finished by the retry, and counted from `done`.
-            report = storage_call(fs, root, lambda: _erase(destination, selection, done, guard, changed))
+            state.guard = guard
+            # A transient error is retried: the pass goes on where it stopped (what it did is counted
+            # once), first finishing a file whose rewrite or deletion was under way.
+            storage_call(fs, root, state.run)
+        report = state.finish()
         dead = lease.previous
         if dead is not None and dead.run_id != run_id:
             report.superseded_run = dead.run_id
         return report
     except Exception as exc:
         failure = (find_unreadable_file(destination) or exc) if isinstance(exc, pa.ArrowInvalid) else exc
-        if not changed:
+        if not state.changed:
             if failure is exc:
                 raise
             raise failure from exc
         raise EraseInterrupted(
-            f"{failure} — the erase stopped part way: {plural(len(changed), 'file')} had already been "
-            "rewritten or deleted (those rows are gone); fix this and run the same erase again to finish"
+            f"{failure} — the erase stopped part way: {plural(len(state.changed), 'file')} had already been "
+            "rewritten or deleted; fix this and run the same erase again to finish"
         ) from exc
 
 
-def _erase(
-    destination: Location,
-    selection: Selection,
-    done: dict[str, tuple[int, list[str]]],
-    guard: Callable[[], None] | None = None,
-    changed: list[str] | None = None,
-) -> EraseReport:
-    """One pass (apply when `guard` is given): every partition, then the files that appeared meanwhile."""
-    fs, matcher = destination.fs, Matcher(selection)
-    changed = [] if changed is None else changed  # the files rewritten or deleted so far, every attempt
-    report = EraseReport(applied=guard is not None, images_listed=len(selection.present))
-    erased: set[str] = set()
-    seen: set[str] = set()
-    while True:
-        partitions = parquet_files_by_partition(destination)
-        report.partitions = len(partitions)
-        fresh = {folder: [p for p in files if p not in seen] for folder, files in partitions.items()}
-        if not any(fresh.values()):
-            break
-        for folder, files in fresh.items():
-            seen.update(files)
-            leftovers = leftover_inputs(destination, partitions[folder])
-            for path in [p for p in files if p in leftovers]:
-                if path in done:  # rewritten by the attempt a transient error interrupted: finish it
-                    assert guard is not None
-                    guard()
-                    fs.rm(path)
-                    changed.append(path)
-                    rows, images = done[path]
-                    report.rows_erased += rows
-                    report.files_rewritten += 1
-                    erased.update(images)
-                    continue
-                # Left by an interrupted erase or compaction: what deleting it erases is counted apart
-                # (a compaction's input holds rows its merged file holds too), the same in plan and apply.
-                table = pq.read_table(path, columns=matcher.columns(), filesystem=fs, partitioning=None)
-                mask = matcher.mask(table)
-                report.leftover_rows += pc.sum(pc.cast(mask, pa.int64())).as_py() or 0
-                erased.update(pc.unique(pc.filter(table.column("image_uri"), mask)).to_pylist())
-                if guard is not None:
-                    guard()
-                    fs.rm(path)
-                    changed.append(path)
-                    report.leftovers_deleted += 1
-            for path in [p for p in files if p not in leftovers]:
-                _erase_file(destination, path, matcher, report, erased, done, guard, changed)
-    report.images_erased = len(erased)
-    report.images_still_there = matcher.count("there")
-    report.images_under_empty_folders = matcher.count("empty folder")
-    entries = sorted(selection.uris | set(selection.prefixes))
-    report.entries = len(entries)
-    report.entries_unmatched = [e for e in entries if e not in matcher.matched]
-    if guard is None:
-        report.examples = sorted(erased)[:EXAMPLES]
-    return report
+@dataclass
+class Pass:
+    """One erase's pass over the dataset, resumable after a transient error: the files done, the one under
+    way (`pending`: rewritten or about to be deleted, not yet counted) and the counts."""
 
+    destination: Location
+    matcher: Matcher
+    report: EraseReport
+    guard: Callable[[], None] | None = None  # apply: checks the lease before each write and delete
+    seen: set[str] = field(default_factory=set)  # files read (and, applying, dealt with)
+    folders: set[str] = field(default_factory=set)  # partition folders ever listed
+    erased: set[str] = field(default_factory=set)  # images whose rows went (or would go)
+    pending: dict[str, tuple[int, list[str], bool]] = field(
+        default_factory=dict
+    )  # path → rows, images, rewritten
+    changed: set[str] = field(default_factory=set)  # files rewritten or deleted
 
-def _erase_file(
-    destination: Location,
-    path: str,
-    matcher: Matcher,
-    report: EraseReport,
-    erased: set[str],
-    done: dict[str, tuple[int, list[str]]],
-    guard: Callable[[], None] | None,
-    changed: list[str],
-) -> None:
-    fs = destination.fs
-    table = pq.read_table(path, columns=matcher.columns(), filesystem=fs, partitioning=None)
-    mask = matcher.mask(table)
-    count = pc.sum(pc.cast(mask, pa.int64())).as_py() or 0
-    if not count:
-        return
-    images = pc.unique(pc.filter(table.column("image_uri"), mask)).to_pylist()
-    if guard is not None:
-        guard()
-        if count < table.num_rows:
-            rewrite_without(destination, path, mask)
-            done[path] = (count, images)  # a retry that finds it left over counts it from here
-        guard()
-        fs.rm(path)
-        changed.append(path)
-    erased.update(images)
-    report.rows_erased += count
-    if count < table.num_rows:
-        report.files_rewritten += 1
-    else:
-        report.files_deleted += 1
+    def run(self) -> None:
+        """Every partition, then the files that appeared meanwhile, until a listing brings nothing new."""
+        for path, (rows, images, rewritten) in list(self.pending.items()):  # a retry: finish it first
+            self.remove(path)
+            self.count(rows, images, rewritten)
+            del self.pending[path]
+        while True:
+            partitions = parquet_files_by_partition(self.destination)
+            self.folders.update(partitions)
+            fresh = {folder: [p for p in files if p not in self.seen] for folder, files in partitions.items()}
+            if not any(fresh.values()):
+                return
+            for folder, files in fresh.items():
+                leftovers = leftover_inputs(self.destination, partitions[folder])
+                for path in files:
+                    if path in leftovers:
+                        self.leftover(path)
+                    else:
+                        self.file(path)
+                    self.seen.add(path)
+
+    def read(self, path: str) -> tuple[pa.Table, pa.ChunkedArray, int]:
+        table = pq.read_table(
+            path, columns=self.matcher.columns(), filesystem=self.destination.fs, partitioning=None
+        )
+        mask = self.matcher.mask(table)
+        return table, mask, pc.sum(pc.cast(mask, pa.int64())).as_py() or 0
+
+    def leftover(self, path: str) -> None:
+        """A file an interrupted erase or compaction left (another file lists it as its input): what
+        deleting it erases is counted apart (a compaction's input holds rows its merged file holds too),
+        the same in plan and apply."""
+        table, mask, count = self.read(path)
+        self.report.leftover_rows += count
+        self.erased.update(pc.unique(pc.filter(table.column("image_uri"), mask)).to_pylist())
+        if self.guard is not None:
+            self.remove(path)
+            self.report.leftovers_deleted += 1
+
+    def file(self, path: str) -> None:
+        table, mask, count = self.read(path)
+        if not count:
+            return
+        images = pc.unique(pc.filter(table.column("image_uri"), mask)).to_pylist()
+        rewritten = count < table.num_rows
+        if self.guard is not None:
+            if rewritten:
+                self.guard()
+                rewrite_without(self.destination, path, mask)
+                self.changed.add(path)
+            self.pending[path] = (count, images, rewritten)
+            self.remove(path)
+            del self.pending[path]
+        self.count(count, images, rewritten)
+
+    def remove(self, path: str) -> None:
+        """Delete `path` (gone already: a delete that failed after the store had done it)."""
+        assert self.guard is not None
+        self.guard()
+        fs = self.destination.fs
+        if fs.exists(path):
+            fs.rm(path)
+        self.changed.add(path)
+
+    def count(self, rows: int, images: list[str], rewritten: bool) -> None:
+        self.erased.update(images)
+        self.report.rows_erased += rows
+        if rewritten:
+            self.report.files_rewritten += 1
+        else:
+            self.report.files_deleted += 1
+
+    def finish(self) -> EraseReport:
+        report, matcher, selection = self.report, self.matcher, self.matcher.selection
+        report.partitions = len(self.folders)
+        report.images_erased = len(self.erased)
+        report.images_still_there = matcher.count("there")
+        report.images_under_empty_folders = matcher.count("empty folder")
+        entries = sorted(selection.uris | set(selection.prefixes))
+        report.entries = len(entries)
+        report.entries_unmatched = [e for e in entries if e not in matcher.matched]
+        if self.guard is None:
+            report.examples = sorted(self.erased)[:EXAMPLES]
+        return report
 
 
 def rewrite_without(destination: Location, path: str, mask: pa.ChunkedArray) -> str:
@@ -374,9 +377,9 @@ def rewrite_without(destination: Location, path: str, mask: pa.ChunkedArray) -> 
 
 def describe(report: EraseReport) -> str:
     """One line: what was (or would be) erased."""
-    if not report.partitions:
-        return "no rows to erase: the dataset holds no rows yet"
     if not report.rows_erased and not report.leftover_rows:
+        if not report.partitions:
+            return "no rows to erase: the dataset holds no rows yet"
         return f"no rows to erase: none of the {plural(report.partitions, 'partition')} holds a row of those images"
     line = (
         f"{'erased' if report.applied else 'would erase'} {plural(report.rows_erased, 'row')} of "
@@ -386,6 +389,6 @@ def describe(report: EraseReport) -> str:
     if report.leftover_rows:
         line += (
             f", and {plural(report.leftover_rows, 'row')} in files an interrupted erase or compaction left "
-            "(deleted with them)"
+            + ("(deleted with them)" if report.applied else "(which --yes deletes)")
         )
     return line

@@ -27,6 +27,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from http.client import IncompleteRead as HttpIncompleteRead
 from typing import Any, TypeVar
@@ -90,8 +91,28 @@ LOCAL_TRANSIENT_ERRNOS = frozenset(
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
-# Marks the warnings of a listing that leaves something out (tasks.erase refuses such a listing).
-LEFT_OUT = {"oncoflow_left_out": True}
+# What a listing left out with a warning, counted for whoever asks (tasks.erase refuses such a listing):
+# counted here, not read back from the log, which a logging setup may silence.
+LEFT_OUT_COUNT: ContextVar[list[int] | None] = ContextVar("oncoflow_left_out", default=None)
+
+
+def left_out(count: int) -> dict[str, Any]:
+    """Count `count` entries left out of a listing (see LEFT_OUT_COUNT); the warning's `extra`."""
+    counter = LEFT_OUT_COUNT.get()
+    if counter is not None:
+        counter[0] += count
+    return {"oncoflow_left_out": count}
+
+
+@contextmanager
+def counting_left_out() -> Iterator[list[int]]:
+    """`[n]`: how many entries the listings inside the block left out with a warning."""
+    counter = [0]
+    token = LEFT_OUT_COUNT.set(counter)
+    try:
+        yield counter
+    finally:
+        LEFT_OUT_COUNT.reset(token)
 
 
 @dataclass(frozen=True)
@@ -358,7 +379,7 @@ def _list_local(
                     "left %s out of the listing: it is a %s, not a regular file",
                     printable_path(entry.path),
                     SPECIAL_FILE_KINDS.get(stat_module.S_IFMT(st.st_mode), "special file"),
-                    extra=LEFT_OUT,
+                    extra=left_out(1),
                 )
     yield from _unlisted_targets(file_links, listed)
     if unreadable:
@@ -395,7 +416,7 @@ def _warn_unreadable(paths: list[str]) -> None:
         "by this user, and the next run lists and classifies them",
         len(paths),
         examples(paths),
-        extra=LEFT_OUT,
+        extra=left_out(len(paths)),
     )
 
 
@@ -418,7 +439,7 @@ def _warn_unopened(paths: list[str]) -> None:
         "(Permission denied): %s; if they are, make them readable by this user",
         len(paths),
         examples(paths),
-        extra=LEFT_OUT,
+        extra=left_out(len(paths)),
     )
 
 
@@ -534,7 +555,7 @@ def _warn_left_out(path: str, error: OSError) -> None:
         printable_path(path),
         error.strerror or error,
         fix,
-        extra=LEFT_OUT,
+        extra=left_out(1),
     )
 
 
@@ -574,7 +595,7 @@ def _list_remote(
             "they are, and the next run looks again",
             len(archived),
             examples(archived),
-            extra=LEFT_OUT,
+            extra=left_out(len(archived)),
         )
     yield from _dicom_objects(location, unnamed, skipped)
 
@@ -615,7 +636,7 @@ def _dicom_objects(
             "(or restore them), and the next run looks again",
             len(unopened),
             examples(unopened),
-            extra=LEFT_OUT,
+            extra=left_out(len(unopened)),
         )
 
 

@@ -245,11 +245,12 @@ def test_erase_missing_from_an_s3_source(
     assert after == [r for r in before if uri_of(r) != "s3://scans/erase-src/sub/f.bmp"]
 
 
+@pytest.mark.parametrize("failing", [1, 2, 3, 4])
 def test_a_transient_storage_error_mid_erase_is_retried_and_counted_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: int
 ) -> None:
-    """The first delete after a rewrite fails (a dropped connection): the retry finishes that file and
-    the counts are those of a clean run."""
+    """The n-th delete fails (a dropped connection): the retry finishes that file and goes on where the
+    pass stopped; the counts are those of a clean run, whatever the files done before."""
     dest = tmp_path / "dest"
     make_dataset(dest)
     location = open_location(str(dest))
@@ -257,8 +258,11 @@ def test_a_transient_storage_error_mid_erase_is_retried_and_counted_once(
     selection = read_erase_list_of(tmp_path, "file:///scans/site-a/img_00003.jpg", "file:///scans/site-b/")
     real_rm, failures = location.fs.rm, []
 
+    calls = []
+
     def flaky_rm(path: str, *args: object, **kwargs: object) -> None:
-        if not failures:
+        calls.append(path)
+        if len(calls) == failing:
             failures.append(path)
             raise TimeoutError("the connection dropped")
         real_rm(path, *args, **kwargs)
@@ -268,6 +272,7 @@ def test_a_transient_storage_error_mid_erase_is_retried_and_counted_once(
     assert failures, "the fault was injected"
     assert (report.rows_erased, report.images_erased) == (42, 41)
     assert (report.files_rewritten, report.files_deleted, report.leftovers_deleted) == (2, 2, 0)
+    assert report.entries_unmatched == [] and report.partitions == 3
     wanted = "file:///scans/site-a/img_00003.jpg"
     assert all_rows(dest) == [r for r in before if uri_of(r) != wanted and "/site-b/" not in uri_of(r)]
 
@@ -288,6 +293,7 @@ def test_missing_from_erases_only_images_that_are_certainly_gone(tmp_path: Path)
         make_image(source / name)
     (source / "link").symlink_to(source / "real")
     (source / "patient-7").mkdir()  # where a share is mounted: unmounted, an empty folder
+    (source / "patient-7" / ".not-mounted").write_text("")  # (a marker file does not make it full)
     uris = {
         "kept": (source / "kept.jpg").as_uri(),
         "hidden": (source / ".incoming" / "hidden.jpg").as_uri(),
@@ -314,7 +320,7 @@ def test_missing_from_erases_only_images_that_are_certainly_gone(tmp_path: Path)
     assert "2 images under" in text and "still exist (in a hidden folder, or reached through a link)" in text
     assert "1 image under" in text and "lie under an empty folder (an unmounted share?)" in text, text
     assert sorted(uri_of(r) for r in all_rows(dest)) == sorted(u for n, u in uris.items() if n != "gone")
-    (source / "patient-7").rmdir()  # really gone: the folder goes too
+    shutil.rmtree(source / "patient-7")  # really gone: the folder goes too
     again = CliRunner().invoke(app, ["erase", str(dest), "--missing-from", str(source), "--yes"])
     assert again.exit_code == 0 and "erased 1 row of 1 image" in " ".join(again.output.split())
 
@@ -354,3 +360,35 @@ def test_erase_lists_in_other_spellings(tmp_path: Path) -> None:
     assert read_erase_list(str(semicolons)).uris == {"file:///scans/site-a/img_00001.jpg"}
     folder = (tmp_path / "scans" / "p1").as_uri()
     assert read_erase_list_of(tmp_path, folder).prefixes == (folder + "/",)
+
+
+def test_erasing_every_row_says_how_many_partitions_it_emptied(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    make_dataset(dest)
+    listed = tmp_path / "all.txt"
+    listed.write_text("file:///scans/\n")
+    result = CliRunner().invoke(app, ["erase", str(dest), "--uris", str(listed), "--yes"])
+    text = " ".join(result.output.split())
+    assert (
+        result.exit_code == 0 and "erased 140 rows of 100 images" in text and "(of 3 partitions)" in text
+    ), text
+    assert not list(dest.rglob("*.parquet"))
+
+
+def test_a_silenced_log_does_not_hide_what_the_listing_left_out(tmp_path: Path) -> None:
+    """The refusal counts what the listing left out itself: a logging setup that drops warnings (or
+    disables the storage logger) cannot make an incomplete listing look whole."""
+    import logging
+
+    from tasks.erase import IncompleteListing, source_selection
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.png").write_bytes(b"x")
+    (source / "moved.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    logging.disable(logging.WARNING)
+    try:
+        with pytest.raises(IncompleteListing, match="left entries out"):
+            source_selection(open_location(str(source)))
+    finally:
+        logging.disable(logging.NOTSET)

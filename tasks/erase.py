@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tasks.analytics import retry_while_compacting
 from tasks.compact import (
     COMPACTED_FROM,
     COMPACTION_LEASE,
@@ -219,13 +220,24 @@ def erase(destination: Location, selection: Selection, apply: bool = False, run_
     """Erase (apply) or count (plan) the selected rows of the dataset at `destination`."""
     check_dataset(destination)
     fs, root = destination.fs, destination.path
-    state = Pass(
-        destination, Matcher(selection), EraseReport(applied=apply, images_listed=len(selection.present))
-    )
-    try:
-        if not apply:
+
+    def new_pass() -> Pass:
+        report = EraseReport(applied=apply, images_listed=len(selection.present))
+        return Pass(destination, Matcher(selection), report)
+
+    if not apply:  # read only, without the lease: a file a compaction merged meanwhile means a new count
+
+        def plan() -> EraseReport:
+            state = new_pass()
             storage_call(fs, root, state.run)
             return state.finish()
+
+        try:
+            return retry_while_compacting(plan)
+        except pa.ArrowInvalid as exc:  # a damaged or foreign file: name it, and what to do
+            raise (find_unreadable_file(destination) or exc) from exc
+    state = new_pass()
+    try:
         check_output(destination)  # erasing writes files and deletes others
         run_id = run_id or f"erase-{uuid.uuid4().hex[:8]}"
         with acquire(destination, COMPACTION_LEASE, run_id, wait_seconds=0) as lease:

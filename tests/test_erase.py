@@ -392,3 +392,28 @@ def test_a_silenced_log_does_not_hide_what_the_listing_left_out(tmp_path: Path) 
             source_selection(open_location(str(source)))
     finally:
         logging.disable(logging.NOTSET)
+
+
+def test_a_plan_during_a_compaction_counts_again_when_a_file_vanishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plan takes no lease: a file a concurrent compaction merged and deleted under it means a new
+    count from a new listing, not a failure and not rows counted twice."""
+    from tasks.erase import Pass
+
+    dest = tmp_path / "dest"
+    make_dataset(dest)
+    location = open_location(str(dest))
+    real_read, reads = Pass.read, []
+
+    def read_during_a_compaction(self: Pass, path: str):  # noqa: ANN202
+        reads.append(path)
+        if len(reads) == 2:
+            compact(location, target_rows=1000)  # merges and deletes the files listed
+            return real_read(self, path)  # this one is gone now
+        return real_read(self, path)
+
+    monkeypatch.setattr(Pass, "read", read_during_a_compaction)
+    selection = read_erase_list_of(tmp_path, "file:///scans/site-a/img_00003.jpg", "file:///scans/site-b/")
+    report = erase(location, selection)
+    assert (report.rows_erased, report.images_erased, report.leftover_rows) == (42, 41, 0), report

@@ -887,7 +887,8 @@ def print_metrics(metrics: dict[str, Any], written: str) -> None:
     table.add_row("not evaluated: labels without prediction", str(images["labels_without_prediction"]))
     Console().print(table)
     out = Console(highlight=False, soft_wrap=True)
-    out.print(threshold_text(metrics)[0].upper() + threshold_text(metrics)[1:])
+    threshold = threshold_text(metrics)
+    out.print(threshold[0].upper() + threshold[1:])
     out.print(f"report: {written}")
 
 

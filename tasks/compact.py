@@ -185,8 +185,9 @@ def merge_bin(destination: Location, inputs: list[str]) -> tuple[str, int]:
 
 def check_dataset(destination: Location) -> None:
     """FileNotFoundError, before any lease or work, unless `destination` exists and holds partition
-    folders or a lease folder (not the image SOURCE given by mistake; the lease is written into it). Storage errors (endpoint, credentials,
-    permissions) become one message naming DEST and the fix (tasks.storage.storage_call)."""
+    folders or a lease folder (not the image SOURCE given by mistake; the lease is written into it).
+    Storage errors (endpoint, credentials, permissions) become one message naming DEST and the fix
+    (tasks.storage.storage_call)."""
     fs, root = destination.fs, destination.path
     if not storage_call(fs, root, lambda: fs.exists(root)):  # before the lease, which would create DEST
         raise FileNotFoundError(

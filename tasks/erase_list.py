@@ -43,20 +43,18 @@ def read_erase_list(path: str) -> Selection:
     lines = text.splitlines()
     first = next((n for n, line in enumerate(lines) if line.strip()), 0)
     # A CSV: its image_uri column, whatever the delimiter (Excel writes `;` in many locales)
-    delimiter = next(
-        (
-            d
-            for d in ",;\t"
-            if "image_uri" in [n.strip() for n in next(csv.reader(lines[first : first + 1], delimiter=d), [])]
-        ),
-        None,
-    )
-    if delimiter is not None:
-        header = [name.strip() for name in next(csv.reader(lines[first : first + 1], delimiter=delimiter))]
-        column = header.index("image_uri")
-        rows = csv.reader(lines[first + 1 :], delimiter=delimiter)
-        entries = [(first + 2 + n, row[column] if len(row) > column else "") for n, row in enumerate(rows)]
-    else:
+    for delimiter in ",;\t":
+        header = [
+            name.strip() for name in next(csv.reader(lines[first : first + 1], delimiter=delimiter), [])
+        ]
+        if "image_uri" in header:
+            column = header.index("image_uri")
+            rows = csv.reader(lines[first + 1 :], delimiter=delimiter)
+            entries = [
+                (first + 2 + n, row[column] if len(row) > column else "") for n, row in enumerate(rows)
+            ]
+            break
+    else:  # plain lines
         entries = list(enumerate(lines, start=1))
     base = os.path.dirname(os.path.abspath(path))
     uris: set[str] = set()
